@@ -1,0 +1,109 @@
+"""Command line: parses options and hands them to the package; no experiment logic lives here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from bnrepro import recipes
+from bnrepro.engine.trainer import Interrupted
+from bnrepro.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Reproduce Ioffe & Szegedy (2015), Batch Normalization: experiments, figures, tables.")
+recipes_app = typer.Typer(no_args_is_help=True, help="List, show and compare recipes.")
+app.add_typer(recipes_app, name="recipes")
+console = Console()
+errors = Console(stderr=True)
+
+Overrides = Annotated[list[str], typer.Option("--set", help="Override a recipe value: dotted.key=value.")]
+DataDir = Annotated[Path | None, typer.Option(help="Folder with mnist/raw/*.gz (default: $BNREPRO_DATA or cache).")]
+
+
+@app.command()
+def mnist(
+    recipe: Annotated[list[str], typer.Option(help="Variants to train together.")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per variant (initial weights).")] = 1,
+    data_seed: Annotated[int, typer.Option(help="Seed of the mini-batch order, shared by all models.")] = 0,
+    steps: Annotated[int | None, typer.Option(help="Training steps (default: the recipe's 50,000).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    out: Annotated[Path, typer.Option(help="Results folder; the run goes to OUT/mnist/<time>.")] = Path("results"),
+    data_dir: DataDir = None,
+    set_: Overrides = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run folder.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """The MNIST diagnostic (Fig. 1): a 3x100 sigmoid network with and without BN."""
+    from bnrepro.experiments import mnist as experiment
+
+    if resume is not None:
+        run_dir = experiment.resume(resume, device, data_dir, show_progress=progress)
+    else:
+        if steps is not None and steps < 0:
+            raise UserError(f"--steps must be 0 or more, not {steps}")
+        overrides = list(set_ or []) + ([f"train.steps={steps}"] if steps is not None else [])
+        run_dir = experiment.run(recipe or experiment.DEFAULT_VARIANTS, overrides, seeds, data_seed, device, out,
+                                 data_dir, show_progress=progress)
+    from bnrepro.report.mnist import summary_table
+
+    console.print(summary_table(run_dir))
+    console.print(f"results: {run_dir}")
+
+
+@app.command()
+def report(
+    results: Annotated[Path, typer.Option(help="Folder holding the runs.")] = Path("results"),
+    out: Annotated[Path | None, typer.Option(help="Where figures and tables go (default RESULTS/report).")] = None,
+) -> None:
+    """Regenerate every figure and table from the runs under RESULTS, with the paper's numbers beside them."""
+    from bnrepro.report import build
+
+    written = build(results, out or results / "report")
+    for path in written:
+        console.print(f"wrote {path}")
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """Every recipe, with its description."""
+    for name in recipes.available():
+        console.print(f"[bold]{name}[/bold]  {recipes.load(name).description}")
+
+
+@recipes_app.command("show")
+def recipes_show(name: str, set_: Overrides = None) -> None:
+    """The fully resolved recipe (after extends: and --set)."""
+    recipe = recipes.load(name, set_ or [])
+    console.print(f"# {name}  (digest {recipe.digest})", highlight=False)
+    console.print(recipes.to_yaml(recipe), highlight=False, markup=False)
+
+
+def main() -> None:
+    """Entry point: user errors and interruptions become one line and an exit code, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except UserError as err:
+        errors.print(f"[red]error:[/red] {err}", highlight=False)
+        sys.exit(2)
+    except Interrupted as stop:
+        errors.print(f"interrupted at step {stop.step}; checkpoint saved. Continue with: "
+                     f"bnrepro mnist --resume {stop.path.parent}", highlight=False)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        errors.print("interrupted before the first checkpoint; nothing to resume")
+        sys.exit(130)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as err:
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise

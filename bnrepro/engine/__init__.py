@@ -1,0 +1,1 @@
+"""The shared training machinery: loop, checkpoints, progress. It knows no experiment."""

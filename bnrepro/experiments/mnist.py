@@ -1,0 +1,224 @@
+"""The MNIST diagnostic of Sec. 4.1 (Fig. 1): every seed of every variant trained as one stack.
+
+All members see the same sequence of mini-batches (drawn from ``data_seed``), so "with BN" and
+"without BN" are compared on identical data, and seeds differ in their initial weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import yaml
+from torch import Tensor
+
+from bnrepro import recipes as recipe_io
+from bnrepro.data import mnist
+from bnrepro.engine.trainer import Schedule, train
+from bnrepro.errors import UserError
+from bnrepro.models.binary import BinaryBatch
+from bnrepro.models.mlp import MLPStack
+from bnrepro.recipes import MnistRecipe
+from bnrepro.runs import atomic_write, device_name, git_commit, new_run_dir, now, versions, write_json
+
+DEFAULT_VARIANTS = ["mnist/baseline", "mnist/bn"]
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class Member:
+    variant: str  # the recipe's short name, e.g. "bn"
+    seed: int
+
+
+class MnistTask:
+    """What the shared trainer needs: each step's losses, and the Fig. 1 measurements at each evaluation."""
+
+    def __init__(self, recipe: MnistRecipe, stack: MLPStack, members: list[Member], data: mnist.MnistArrays,
+                 data_seed: int, device: torch.device):
+        threshold = recipe.data.binarize_threshold
+        self.model, self.members, self.recipe = stack, members, recipe
+        self.train_bits = mnist.binarize(data.train_images, threshold).to(device)
+        self.train_labels = data.train_labels.to(device)
+        self.test = BinaryBatch(mnist.binarize(data.test_images, threshold).to(device))
+        self.test_labels = data.test_labels.to(device)
+        self.batches = mnist.EpochBatches(len(self.train_labels), recipe.train.batch_size, data_seed)
+        self.quantiles = torch.tensor([p / 100 for p in recipe.eval.percentiles], device=device)
+        self.rows: list[dict[str, Any]] = []
+
+    def losses(self, step: int) -> Tensor:
+        index = self.batches.indices(step).to(self.train_bits.device)
+        return self.model.losses(BinaryBatch(self.train_bits[index]), self.train_labels[index])
+
+    def evaluate(self, step: int, train_loss: Tensor) -> dict[str, float]:
+        logits, pre = self.model.predict(self.test)  # population statistics (Alg. 2)
+        accuracy = (logits.argmax(2) == self.test_labels[:, None]).float().mean(0)
+        probe = pre[:, :, self.recipe.eval.probe_unit]  # one fixed sigmoid of the last hidden layer
+        percentiles = torch.quantile(probe, self.quantiles, dim=0)  # (percentiles, members)
+        finite = torch.isfinite(logits).all(2).all(0) & torch.isfinite(probe).all(0)
+        accuracy, percentiles = accuracy.where(finite, math.nan).cpu(), percentiles.where(finite, math.nan).cpu()
+        for i, member in enumerate(self.members):
+            row = {"variant": member.variant, "seed": member.seed, "step": step,
+                   "test_accuracy": float(accuracy[i]), "train_loss": float(train_loss[i])}
+            row.update({f"p{p:g}": float(percentiles[j, i]) for j, p in enumerate(self.recipe.eval.percentiles)})
+            self.rows.append(row)
+        return {"loss": float(train_loss.nanmean()), "accuracy": float(accuracy.nanmean())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = list(state["rows"])
+
+
+def variant_name(recipe_name: str) -> str:
+    return Path(recipe_name).stem
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, not '{name}'")
+    return torch.device(name)
+
+
+def _check_trainable_together(variants: dict[str, MnistRecipe]) -> MnistRecipe:
+    """Variants share one stack and one optimizer, so they may differ only in ``model.batch_norm``."""
+    def comparable(recipe: MnistRecipe) -> dict[str, Any]:
+        tree = recipe.model_dump(exclude={"label", "description", "paper", "assumptions"})
+        tree["model"].pop("batch_norm")
+        return tree
+
+    (first_name, first), *rest = variants.items()
+    for name, recipe in rest:
+        a, b = recipe_io.flatten(comparable(first)), recipe_io.flatten(comparable(recipe))
+        differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        if differ:
+            raise UserError(f"variants '{first_name}' and '{name}' are trained together and may differ only "
+                            f"in model.batch_norm, but also differ in {', '.join(differ)}; run them separately")
+    return first
+
+
+def _build(variants: dict[str, MnistRecipe], seeds: list[int], data: mnist.MnistArrays, data_seed: int,
+           device: torch.device) -> tuple[MnistTask, torch.optim.Optimizer, list[Member]]:
+    shared = _check_trainable_together(variants)
+    ordered = sorted(variants.items(), key=lambda item: not item[1].model.batch_norm)  # BN members first
+    members = [Member(name, seed) for name, _ in ordered for seed in seeds]
+    m = shared.model
+    stack = MLPStack(
+        [member.seed for member in members], [28 * 28, *m.hidden, 10],
+        batch_norm=[recipe.model.batch_norm for _, recipe in ordered for _ in seeds],
+        nonlinearity=m.nonlinearity, init=m.init, init_std=m.init_std, bn_eps=m.bn_eps, bn_momentum=m.bn_momentum,
+    ).to(device)
+    t = shared.train
+    optimizer = torch.optim.SGD([stack.flat], lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return MnistTask(shared, stack, members, data, data_seed, device), optimizer, members
+
+
+def run(
+    recipe_names: list[str],
+    overrides: list[str],
+    seeds: int,
+    data_seed: int,
+    device_name_: str,
+    out: Path,
+    data_dir: Path | None,
+    show_progress: bool = True,
+) -> Path:
+    """Train every variant for ``seeds`` seeds in a new run folder under ``out/mnist``; returns the folder."""
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, not {seeds}")
+    variants = {variant_name(name): recipe_io.load(name, overrides) for name in recipe_names}
+    for name, recipe in variants.items():
+        if recipe.experiment != "mnist":
+            raise UserError(f"recipe '{name}' is a {recipe.experiment} recipe, not an MNIST one")
+    _check_trainable_together(variants)
+    device = resolve_device(device_name_)
+    data = mnist.load(data_dir)
+    run_dir = new_run_dir(Path(out) / "mnist")  # only now: every check that can fail has passed
+    resolved = {name: recipe.model_dump(mode="json") for name, recipe in variants.items()}
+    atomic_write(run_dir / "recipes.yaml", yaml.safe_dump(resolved, sort_keys=False, width=100))
+    manifest = {
+        "experiment": "mnist", "status": "running", "started": now(),
+        "recipes": {name: {"source": src, "digest": variants[name].digest}
+                    for name, src in zip(variants, recipe_names)},
+        "overrides": list(overrides), "seeds": list(range(seeds)), "data_seed": data_seed,
+        "data": {"source": data.source, "matches_official_md5": data.official},
+        "device": device_name(device), "versions": versions(), "git_commit": git_commit(),
+    }
+    write_json(run_dir / "manifest.json", manifest)
+    return _train(run_dir, variants, manifest, data, device, resume=False, show_progress=show_progress)
+
+
+def resume(run_dir: Path, device_name_: str, data_dir: Path | None, show_progress: bool = True) -> Path:
+    """Continue an interrupted run exactly where its checkpoint left it."""
+    run_dir = Path(run_dir)
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        resolved = yaml.safe_load((run_dir / "recipes.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        raise UserError(f"{run_dir} is not an MNIST run folder (no readable manifest.json/recipes.yaml)") from None
+    if manifest.get("status") == "complete":
+        raise UserError(f"run {run_dir} is already complete; start a new one instead")
+    variants = {name: MnistRecipe.model_validate(tree) for name, tree in resolved.items()}
+    device = resolve_device(device_name_)
+    data = mnist.load(data_dir)
+    manifest["resumed"] = [*manifest.get("resumed", []), now()]
+    return _train(run_dir, variants, manifest, data, device, resume=True, show_progress=show_progress)
+
+
+def _train(run_dir: Path, variants: dict[str, MnistRecipe], manifest: dict[str, Any], data: mnist.MnistArrays,
+           device: torch.device, resume: bool, show_progress: bool) -> Path:
+    seeds = manifest["seeds"]
+    task, optimizer, members = _build(variants, seeds, data, manifest["data_seed"], device)
+    recipe = task.recipe
+    schedule = Schedule(recipe.train.steps, recipe.eval.every, checkpoint_every=max(recipe.eval.every, 10_000))
+    started = time.perf_counter()
+    manifest["status"] = "interrupted"  # what the folder says if the process dies without finishing
+    write_json(run_dir / "manifest.json", manifest)
+    log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=len(members), resume=resume,
+                show_progress=show_progress,
+                describe=lambda s: f"loss {s.get('loss', math.nan):.3f}  acc {s.get('accuracy', math.nan):.4f}")
+    metrics = pd.DataFrame(task.rows)
+    divergences = [{"variant": m.variant, "seed": m.seed, "step": step}
+                   for m, step in zip(members, log.diverged_at) if step is not None]
+    summary = summarize(metrics, variants, divergences)
+    atomic_write(run_dir / "metrics.csv", metrics.to_csv(index=False))
+    write_json(run_dir / "summary.json", summary)
+    manifest.update(status="complete", finished=now(),
+                    wall_seconds=round(manifest.get("wall_seconds", 0) + time.perf_counter() - started, 2))
+    write_json(run_dir / "manifest.json", manifest)
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    return run_dir
+
+
+def summarize(metrics: pd.DataFrame, variants: dict[str, MnistRecipe], divergences: list[dict]) -> dict[str, Any]:
+    """Per variant: final test accuracy (mean, std over seeds) and the first step at which its mean curve
+    reaches the no-BN baseline's final mean accuracy (how much sooner BN gets there, Fig. 1a)."""
+    curves = metrics.groupby(["variant", "step"])["test_accuracy"].mean()
+    last = metrics["step"].max()
+    final = metrics[metrics["step"] == last].groupby("variant")["test_accuracy"]
+    baseline = next((name for name, r in variants.items() if not r.model.batch_norm), None)
+    target = float(curves[baseline][last]) if baseline else None
+    summary: dict[str, Any] = {"steps": int(last), "baseline": baseline, "variants": {}, "divergences": divergences}
+    for name, recipe in variants.items():
+        curve = curves[name]
+        reached = curve[curve >= target] if target is not None else curve.iloc[:0]
+        summary["variants"][name] = {
+            "label": recipe.label,
+            "seeds": int(final.get_group(name).count()),
+            "final_test_accuracy_mean": float(final.get_group(name).mean()),
+            "final_test_accuracy_std": float(final.get_group(name).std(ddof=1)) if final.get_group(name).count() > 1
+            else 0.0,
+            "steps_to_baseline_final_accuracy": int(reached.index[0]) if len(reached) else None,
+        }
+    return summary

@@ -1,0 +1,1 @@
+"""Networks of the paper and the BN layer they share."""

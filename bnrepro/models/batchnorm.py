@@ -1,0 +1,132 @@
+"""Batch Normalization as the paper defines it (Alg. 1 and 2), owned by this project.
+
+Training normalizes with the mini-batch's own mean and *biased* variance (Alg. 1) and back-propagates
+through those statistics with the gradients of Sec. 3.1. Inference uses population statistics,
+Var[x] = m/(m-1) * E_B[sigma_B^2] (Alg. 2, unbiased), here tracked as moving averages of the batch
+statistics during training, as Sec. 3.1 allows. With frozen statistics BN is an affine map, which
+``fold_linear`` merges into the preceding linear layer (Alg. 2, step 11).
+
+One module serves every layout: the statistics are taken over ``reduce_dims`` and ``gamma``/``beta``
+have size 1 there, so (batch, features) uses ``(0,)``, convolutions (N, C, H, W) use ``(0, 2, 3)``
+(one gamma/beta per feature map, statistics over batch and space), and a stack of independent models
+(models, batch, features) uses ``(1,)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def bn_forward(x: Tensor, gamma: Tensor, beta: Tensor, dims: tuple[int, ...], eps: float):
+    """Alg. 1: normalize over ``dims`` with the batch mean and biased variance, then scale and shift.
+
+    Returns ``y`` and what the backward pass and the moving averages need:
+    ``(y, mean, var, x_hat, inv_std)``. (Sums rather than ``torch.var_mean``, which is several times
+    slower on CPU for these shapes; the variance is still taken about the mean, not as E[x^2]-E[x]^2.)
+    """
+    m = x.numel() // gamma.numel()
+    mean = x.sum(dims, keepdim=True).div_(m)
+    centered = x - mean
+    var = centered.square().sum(dims, keepdim=True).div_(m)
+    inv_std = (var + eps).rsqrt_()
+    x_hat = centered.mul_(inv_std)
+    return torch.addcmul(beta, gamma, x_hat), mean, var, x_hat, inv_std
+
+
+def bn_backward(grad_y: Tensor, x_hat: Tensor, gamma: Tensor, inv_std: Tensor, dims: tuple[int, ...]):
+    """The gradients of Sec. 3.1, in closed form: returns ``(grad_x, grad_gamma, grad_beta)``.
+
+    dl/dx = gamma/sigma * (dl/dy - mean(dl/dy) - x_hat * mean(dl/dy * x_hat)), which is the paper's
+    chain through dl/dsigma^2 and dl/dmu collected into one expression.
+    """
+    m = grad_y.numel() // gamma.numel()
+    grad_beta = grad_y.sum(dims, keepdim=True)
+    grad_gamma = (grad_y * x_hat).sum(dims, keepdim=True)
+    correction = torch.addcmul(grad_beta, x_hat, grad_gamma).div_(m)
+    return (grad_y - correction).mul_(gamma * inv_std), grad_gamma, grad_beta
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    """Autograd wrapper so any network can use ``bn_forward``/``bn_backward`` as one node."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gamma: Tensor, beta: Tensor, dims: tuple[int, ...], eps: float):
+        y, mean, var, x_hat, inv_std = bn_forward(x, gamma, beta, dims, eps)
+        ctx.save_for_backward(x_hat, gamma, inv_std)
+        ctx.dims = dims
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor):
+        x_hat, gamma, inv_std = ctx.saved_tensors
+        return *bn_backward(grad_y, x_hat, gamma, inv_std, ctx.dims), None, None
+
+
+def batch_norm_train(x: Tensor, gamma: Tensor, beta: Tensor, dims: tuple[int, ...], eps: float):
+    """Normalize ``x`` over ``dims`` with batch statistics; returns (y, batch mean, biased batch variance)."""
+    return _BatchNormTrain.apply(x, gamma, beta, dims, eps)
+
+
+class BatchNorm(nn.Module):
+    """BN over ``reduce_dims`` of an input whose other dims match ``shape`` (which has 1 at ``reduce_dims``)."""
+
+    def __init__(self, shape: tuple[int, ...], reduce_dims: tuple[int, ...], eps: float, momentum: float):
+        super().__init__()
+        if any(shape[d] != 1 for d in reduce_dims):
+            raise ValueError(f"shape {shape} must have size 1 at the reduced dims {reduce_dims}")
+        self.reduce_dims, self.eps, self.momentum = tuple(reduce_dims), eps, momentum
+        self.gamma = nn.Parameter(torch.ones(shape))
+        self.beta = nn.Parameter(torch.zeros(shape))
+        # E_B[mu_B] and E_B[sigma_B^2] (biased), tracked as moving averages; m is the batch's value count
+        self.register_buffer("mean_avg", torch.zeros(shape))
+        self.register_buffer("var_avg", torch.ones(shape))
+        self.register_buffer("m", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            scale, shift = self.affine()
+            return torch.addcmul(shift, x, scale)
+        y, mean, var = batch_norm_train(x, self.gamma, self.beta, self.reduce_dims, self.eps)
+        self.track(mean, var, x.numel() // mean.numel())
+        return y
+
+    @torch.no_grad()
+    def track(self, mean: Tensor, var: Tensor, m: int) -> None:
+        """Fold one mini-batch's statistics into the moving averages (Alg. 2 allows these for tracking)."""
+        self.mean_avg.lerp_(mean, self.momentum)
+        self.var_avg.lerp_(var, self.momentum)
+        self.m.fill_(m)
+
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """The inference transform y = scale * x + shift (Alg. 2, step 11)."""
+        return inference_affine(self.gamma, self.beta, self.mean_avg, self.var_avg, int(self.m), self.eps)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.gamma.shape)}, reduce_dims={self.reduce_dims}, eps={self.eps}"
+
+
+def population(mean_avg: Tensor, var_avg: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """E[x] and the unbiased Var[x] = m/(m-1) E_B[sigma_B^2] of Alg. 2, from averaged batch statistics."""
+    m = max(m, 2)
+    return mean_avg, var_avg * (m / (m - 1))
+
+
+def inference_affine(
+    gamma: Tensor, beta: Tensor, mean_avg: Tensor, var_avg: Tensor, m: int, eps: float
+) -> tuple[Tensor, Tensor]:
+    """BN with frozen population statistics as y = scale * x + shift (Alg. 2, step 11)."""
+    mean, var = population(mean_avg, var_avg, m)
+    scale = gamma * torch.rsqrt(var + eps)
+    return scale, beta - mean * scale
+
+
+@torch.no_grad()
+def fold_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge an inference-mode BN (``scale * z + shift``) into the linear map before it: W' = W*scale, b' = ...
+
+    ``scale`` and ``shift`` must broadcast against the weight's output-feature axis (and the bias); the
+    caller reshapes them to its layout, e.g. ``(C, 1, 1, 1)`` for a conv weight.
+    """
+    return weight * scale, shift if bias is None else shift + scale * bias

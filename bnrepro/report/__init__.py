@@ -1,0 +1,20 @@
+"""Figures and tables, regenerated from the run folders alone (nothing is recomputed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bnrepro.errors import UserError
+
+
+def build(results: Path, out: Path) -> list[Path]:
+    """Write every figure and table the runs under ``results`` support; returns the files written."""
+    from bnrepro.report import mnist
+
+    results = Path(results)
+    if not results.is_dir():
+        raise UserError(f"no results folder at {results}; run an experiment first or pass --results")
+    written = mnist.build(results, Path(out))
+    if not written:
+        raise UserError(f"no complete runs under {results}; run `bnrepro mnist` first")
+    return written

@@ -1,0 +1,129 @@
+"""Fig. 1 and the MNIST summary table, from the files of complete ``bnrepro mnist`` runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from bnrepro.runs import atomic_write, check_writable  # noqa: E402
+
+# What the paper and the one public reproduction it cites report (shared/paper/README.md, section 2).
+PAPER_NOTE = ("The paper prints no MNIST accuracies: Fig. 1(a) shows the BN network's test accuracy rising "
+              "faster and ending higher; (b, c) show the sigmoid input drifting without BN and steady with it.")
+PUBLIC_REPRODUCTION = {"baseline": "0.977 / 0.975", "bn": "0.980 / 0.9776"}
+
+
+def complete_runs(results: Path) -> list[Path]:
+    """MNIST run folders whose manifest says complete, oldest first."""
+    runs = []
+    for manifest in sorted((results / "mnist").glob("*/manifest.json")):
+        if json.loads(manifest.read_text()).get("status") == "complete":
+            runs.append(manifest.parent)
+    return runs
+
+
+def load(run_dir: Path) -> tuple[pd.DataFrame, dict, dict]:
+    return (pd.read_csv(run_dir / "metrics.csv"), json.loads((run_dir / "summary.json").read_text()),
+            json.loads((run_dir / "manifest.json").read_text()))
+
+
+def summary_table(run_dir: Path) -> Table:
+    """The end-of-run table: final test accuracy per variant and how soon it reaches the baseline's."""
+    _, summary, _ = load(run_dir)
+    table = Table(title=f"MNIST after {summary['steps']:,} steps")
+    for column in ("variant", "seeds", "final test accuracy", f"steps to {summary['baseline']}'s final"):
+        table.add_column(column)
+    for name, v in summary["variants"].items():
+        reached = v["steps_to_baseline_final_accuracy"]
+        table.add_row(f"{name} ({v['label']})", str(v["seeds"]),
+                      f"{v['final_test_accuracy_mean']:.4f} ± {v['final_test_accuracy_std']:.4f}",
+                      "never" if reached is None else f"{reached:,}")
+    for d in summary["divergences"]:
+        table.add_row(f"{d['variant']} seed {d['seed']}", "", f"diverged at step {d['step']:,}", "")
+    return table
+
+
+def figure_1(run_dir: Path, out: Path) -> list[Path]:
+    """Fig. 1: (a) test accuracy vs steps (mean and min-max band over seeds); (b, c) the 15/50/85th
+    percentiles of one sigmoid input of the last hidden layer, without and with BN (first seed)."""
+    metrics, summary, _ = load(run_dir)
+    names = list(summary["variants"])
+    percentiles = [c for c in metrics.columns if c.startswith("p") and c[1:].replace(".", "").isdigit()]
+    fig, axes = plt.subplots(1, 1 + len(names), figsize=(4.2 * (1 + len(names)), 3.4))
+    styles = {True: dict(color="tab:blue"), False: dict(color="tab:gray", linestyle="--")}
+    for name in names:
+        is_baseline = name == summary["baseline"]
+        curve = metrics[metrics.variant == name].groupby("step")["test_accuracy"]
+        label = summary["variants"][name]["label"]
+        axes[0].plot(curve.mean().index, curve.mean(), label=label, **styles[not is_baseline])
+        axes[0].fill_between(curve.min().index, curve.min(), curve.max(), alpha=0.25,
+                             color=styles[not is_baseline]["color"])
+    axes[0].set(title="(a) test accuracy", xlabel="training steps", ylim=(0.7, 1.0), yticks=[0.7, 0.8, 0.9, 1.0])
+    axes[0].legend(loc="lower right")
+    first_seed = int(metrics.seed.min())
+    for ax, name, letter in zip(axes[1:], names, "bcdefg"):
+        one = metrics[(metrics.variant == name) & (metrics.seed == first_seed)]
+        for column, shade in zip(percentiles, ("0.55", "0.0", "0.55")):
+            ax.plot(one.step, one[column], color=shade, linewidth=1.2)
+        ax.set(title=f"({letter}) {summary['variants'][name]['label']}: sigmoid input",
+               xlabel="training steps", ylim=(-4, 4), yticks=[-2, 0, 2])
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(3, 3))
+    fig.suptitle(f"Fig. 1 reproduced: {len(metrics.seed.unique())} seed(s), run {run_dir.name}; "
+                 f"(b, c) show percentiles {', '.join(p[1:] for p in percentiles)} of unit 0, seed {first_seed}",
+                 fontsize=9)
+    fig.tight_layout()
+    written = []
+    for suffix in ("png", "svg"):
+        path = out / f"fig1_mnist.{suffix}"
+        tmp = out / f".fig1_mnist.tmp.{suffix}"
+        fig.savefig(tmp, dpi=150)
+        tmp.replace(path)
+        written.append(path)
+    plt.close(fig)
+    return written
+
+
+def markdown(runs: list[Path]) -> str:
+    latest = runs[-1]
+    _, summary, manifest = load(latest)
+    lines = ["# MNIST (paper Sec. 4.1, Fig. 1)", "", PAPER_NOTE, "",
+             f"Latest complete run: `{latest.name}` ({summary['steps']:,} steps, seeds {manifest['seeds']}, "
+             f"device {manifest['device']}, commit `{manifest['git_commit'][:12]}`, "
+             f"{manifest.get('wall_seconds', float('nan')):.0f} s).", "",
+             "| variant | seeds | final test accuracy (mean ± std) | steps to the baseline's final accuracy "
+             "| public reproduction cited by the paper's notes |",
+             "|---|---|---|---|---|"]
+    for name, v in summary["variants"].items():
+        reached = v["steps_to_baseline_final_accuracy"]
+        lines.append(f"| {v['label']} (`{name}`) | {v['seeds']} | {v['final_test_accuracy_mean']:.4f} ± "
+                     f"{v['final_test_accuracy_std']:.4f} | {'never' if reached is None else f'{reached:,}'} | "
+                     f"{PUBLIC_REPRODUCTION.get(name, '—')} |")
+    if summary["divergences"]:
+        lines += ["", "Diverged (NaN/inf loss): " + ", ".join(
+            f"{d['variant']} seed {d['seed']} at step {d['step']:,}" for d in summary["divergences"])]
+    lines += ["", "![Fig. 1](fig1_mnist.png)", "", "## Every complete MNIST run", "",
+              "| run | steps | seeds | variant: final accuracy |", "|---|---|---|---|"]
+    for run in runs:
+        _, s, m = load(run)
+        finals = "; ".join(f"{n}: {v['final_test_accuracy_mean']:.4f}" for n, v in s["variants"].items())
+        lines.append(f"| `{run.name}` | {s['steps']:,} | {len(m['seeds'])} | {finals} |")
+    return "\n".join(lines) + "\n"
+
+
+def build(results: Path, out: Path) -> list[Path]:
+    runs = complete_runs(results)
+    if not runs:
+        return []
+    check_writable(out)
+    written = figure_1(runs[-1], out)
+    atomic_write(out / "mnist.md", markdown(runs))
+    return [*written, out / "mnist.md"]
