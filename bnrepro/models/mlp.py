@@ -15,6 +15,7 @@ table whose rows a binary input sums (``embedding_bag``), exactly and ~7x cheape
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,17 @@ from torch import Tensor, nn
 
 from bnrepro.models.batchnorm import bn_backward, bn_forward, fold_linear, inference_affine
 from bnrepro.models.binary import BinaryBatch
+
+
+@dataclass
+class StackParams:
+    """Views into one flat tensor (the parameters, or a gradient buffer of the same size), per layer."""
+
+    weights: list[Tensor]  # weights[0]: (in, members * width); the others (members, in, out)
+    gamma: list[Tensor]  # per hidden layer, (1, BN members * width)
+    beta: list[Tensor]
+    bias: list[Tensor]  # per hidden layer, (1, plain members * width)
+    bias_out: Tensor  # (1, members * classes)
 
 _ACTIVATIONS = {
     "sigmoid": (torch.sigmoid, torch.ops.aten.sigmoid_backward),  # backward(grad, output)
@@ -58,9 +70,10 @@ class MLPStack(nn.Module):
         self.shapes = self._layout()
         self.flat = nn.Parameter(torch.zeros(sum(math.prod(s) for s in self.shapes.values())))
         self._initialise(seeds, init, init_std)
-        for layer, width in enumerate(self.hidden):
-            self.register_buffer(f"mean_avg{layer}", torch.zeros(1, self.normalized * width))
-            self.register_buffer(f"var_avg{layer}", torch.ones(1, self.normalized * width))
+        self._avg_names = [(f"mean_avg{layer}", f"var_avg{layer}") for layer in range(len(self.hidden))]
+        for (mean_name, var_name), width in zip(self._avg_names, self.hidden):
+            self.register_buffer(mean_name, torch.zeros(1, self.normalized * width))
+            self.register_buffer(var_name, torch.ones(1, self.normalized * width))
         self.register_buffer("bn_batch", torch.zeros((), dtype=torch.long))  # m, for Var's m/(m-1)
 
     @property
@@ -69,20 +82,27 @@ class MLPStack(nn.Module):
 
     def _layout(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every parameter, in their order within ``flat``."""
-        members, widths = self.members, self.widths
+        members, widths, layers = self.members, self.widths, range(len(self.widths) - 2)
         shapes = {"weight0": (widths[0], members * widths[1])}
-        for layer in range(1, len(widths) - 1):
-            shapes[f"weight{layer}"] = (members, widths[layer], widths[layer + 1])
-        for layer, width in enumerate(self.hidden):
-            shapes[f"gamma{layer}"] = shapes[f"beta{layer}"] = (1, self.normalized * width)
-            shapes[f"bias{layer}"] = (1, (members - self.normalized) * width)
+        shapes.update({f"weight{i + 1}": (members, widths[i + 1], widths[i + 2]) for i in layers})
+        shapes.update({f"gamma{i}": (1, self.normalized * widths[i + 1]) for i in layers})
+        shapes.update({f"beta{i}": (1, self.normalized * widths[i + 1]) for i in layers})
+        shapes.update({f"bias{i}": (1, (members - self.normalized) * widths[i + 1]) for i in layers})
         shapes["bias_out"] = (1, members * widths[-1])
         return shapes
 
-    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        """Views of ``flat`` (the parameters, or a gradient buffer of the same size) by name."""
-        parts = flat.split([math.prod(s) for s in self.shapes.values()])
-        return {name: part.view(shape) for (name, shape), part in zip(self.shapes.items(), parts)}
+    def unflatten(self, flat: Tensor) -> StackParams:
+        """Per-layer views of ``flat`` (the parameters, or a gradient buffer of the same size)."""
+        parts = [part.view(shape) for part, shape in
+                 zip(flat.split([math.prod(s) for s in self.shapes.values()]), self.shapes.values())]
+        n = len(self.hidden)
+        return StackParams(parts[: n + 1], parts[n + 1 : 2 * n + 1], parts[2 * n + 1 : 3 * n + 1],
+                           parts[3 * n + 1 : 4 * n + 1], parts[-1])
+
+    def averages(self, layer: int) -> tuple[Tensor, Tensor]:
+        """The moving averages E_B[mu_B], E_B[sigma_B^2] of a hidden layer's BN members."""
+        mean_name, var_name = self._avg_names[layer]
+        return self._buffers[mean_name], self._buffers[var_name]
 
     @torch.no_grad()
     def _initialise(self, seeds: list[int], init: str, std: float) -> None:
@@ -96,11 +116,11 @@ class MLPStack(nn.Module):
                 else:
                     nn.init.normal_(w, std=std, generator=generator)
                 if layer == 0:
-                    params["weight0"][:, member * fan_out : (member + 1) * fan_out] = w
+                    params.weights[0][:, member * fan_out : (member + 1) * fan_out] = w
                 else:
-                    params[f"weight{layer}"][member] = w
-        for layer in range(len(self.hidden)):
-            params[f"gamma{layer}"].fill_(1.0)
+                    params.weights[layer][member] = w
+        for gamma in params.gamma:
+            gamma.fill_(1.0)
 
     def losses(self, x: BinaryBatch, targets: Tensor) -> Tensor:
         """Mean cross-entropy of each member on the batch, (members,); back-propagates into ``flat``.
@@ -116,17 +136,17 @@ class MLPStack(nn.Module):
         logits, _, pre = self._forward(self.unflatten(self.flat), x, train=False)
         return logits, pre.view(x.shape[0], self.members, -1)
 
-    def _forward(self, params: dict[str, Tensor], x: BinaryBatch, train: bool):
+    def _forward(self, params: StackParams, x: BinaryBatch, train: bool):
         """Logits (batch, members, classes), per-layer caches for the backward pass, last pre-activation."""
         batch, members = x.shape[0], self.members
-        z = x.matmul(params["weight0"])  # x @ W0 for every member at once
+        z = x.matmul(params.weights[0])  # x @ W0 for every member at once
         caches = []
         for layer, width in enumerate(self.hidden):
             split, cache = self.normalized * width, None  # columns [0, split) belong to BN members
-            parts = [z[:, split:] + params[f"bias{layer}"]] if split < z.shape[1] else []
+            parts = [z[:, split:] + params.bias[layer]] if split < z.shape[1] else []
             if split and train:
-                y, mean, var, x_hat, inv_std = bn_forward(z[:, :split], params[f"gamma{layer}"], params[f"beta{layer}"],
-                                                          (0,), self.bn_eps)
+                y, mean, var, x_hat, inv_std = bn_forward(z[:, :split], params.gamma[layer], params.beta[layer], (0,),
+                                                          self.bn_eps)
                 self._track(layer, mean, var, batch)
                 parts, cache = [y, *parts], (x_hat, inv_std)
             elif split:
@@ -135,60 +155,61 @@ class MLPStack(nn.Module):
             pre = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
             h = self.activation(pre)
             caches.append((h, cache))
-            z = _batched_matmul(h, params[f"weight{layer + 1}"], members)
-        logits = (z + params["bias_out"]).view(batch, members, -1)
+            z = _batched_matmul(h, params.weights[layer + 1], members)
+        logits = (z + params.bias_out).view(batch, members, -1)
         return logits, caches, pre
 
     @torch.no_grad()
     def _track(self, layer: int, mean: Tensor, var: Tensor, batch: int) -> None:
-        getattr(self, f"mean_avg{layer}").lerp_(mean, self.bn_momentum)
-        getattr(self, f"var_avg{layer}").lerp_(var, self.bn_momentum)
-        self.bn_batch.fill_(batch)
+        mean_avg, var_avg = self.averages(layer)
+        mean_avg.lerp_(mean, self.bn_momentum)
+        var_avg.lerp_(var, self.bn_momentum)
+        if layer == 0:
+            self.bn_batch.fill_(batch)
 
-    def _affine(self, params: dict[str, Tensor], layer: int) -> tuple[Tensor, Tensor]:
-        return inference_affine(params[f"gamma{layer}"], params[f"beta{layer}"], getattr(self, f"mean_avg{layer}"),
-                                getattr(self, f"var_avg{layer}"), int(self.bn_batch), self.bn_eps)
+    def _affine(self, params: StackParams, layer: int) -> tuple[Tensor, Tensor]:
+        return inference_affine(params.gamma[layer], params.beta[layer], *self.averages(layer), int(self.bn_batch),
+                                self.bn_eps)
 
-    def _backward(self, params, grads, x: BinaryBatch, caches, grad_logits: Tensor) -> None:
+    def _backward(self, params: StackParams, grads: StackParams, x: BinaryBatch, caches, grad_logits: Tensor) -> None:
         """Write d(loss)/d(parameter) into ``grads`` (views of one flat buffer), last layer first."""
         members = self.members
         grad_z = grad_logits.view(x.shape[0], -1)
-        torch.sum(grad_z, 0, keepdim=True, out=grads["bias_out"])
+        torch.sum(grad_z, 0, keepdim=True, out=grads.bias_out)
         for layer in reversed(range(len(self.hidden))):
             h, cache = caches[layer]
-            weight = params[f"weight{layer + 1}"]
+            weight = params.weights[layer + 1]
             torch.bmm(_by_member(h, members).transpose(1, 2), _by_member(grad_z, members),
-                      out=grads[f"weight{layer + 1}"])
+                      out=grads.weights[layer + 1])
             grad_pre = self.activation_backward(_batched_matmul(grad_z, weight.transpose(1, 2), members), h)
             split = self.normalized * self.hidden[layer]
             parts = []
             if split:
                 x_hat, inv_std = cache
-                grad_bn, grad_gamma, grad_beta = bn_backward(grad_pre[:, :split], x_hat, params[f"gamma{layer}"],
-                                                             inv_std, (0,))
-                grads[f"gamma{layer}"].copy_(grad_gamma)
-                grads[f"beta{layer}"].copy_(grad_beta)
+                grad_bn, grad_gamma, grad_beta = bn_backward(grad_pre[:, :split], x_hat, params.gamma[layer], inv_std,
+                                                             (0,))
+                grads.gamma[layer].copy_(grad_gamma)
+                grads.beta[layer].copy_(grad_beta)
                 parts.append(grad_bn)
             if split < grad_pre.shape[1]:
-                torch.sum(grad_pre[:, split:], 0, keepdim=True, out=grads[f"bias{layer}"])
+                torch.sum(grad_pre[:, split:], 0, keepdim=True, out=grads.bias[layer])
                 parts.append(grad_pre[:, split:])
             grad_z = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-        grads["weight0"].copy_(x.t_matmul(grad_z))
+        grads.weights[0].copy_(x.t_matmul(grad_z))
 
     @torch.no_grad()
     def folded(self) -> list[tuple[Tensor, Tensor]]:
         """The inference network with every BN merged into its layer (Alg. 2): [(W (members, in, out),
         b (members, 1, out))] per layer, for a plain ``act(h @ W + b)`` evaluation."""
         params, members = self.unflatten(self.flat), self.members
-        weights = [params["weight0"].view(self.widths[0], members, -1).transpose(0, 1)]
-        weights += [params[f"weight{layer}"] for layer in range(1, len(self.widths) - 1)]
+        weights = [params.weights[0].view(self.widths[0], members, -1).transpose(0, 1), *params.weights[1:]]
         layers = []
         for layer, weight in enumerate(weights[:-1]):
             scale, shift = self._affine(params, layer)
-            plain = torch.ones_like(params[f"bias{layer}"])
-            scale, shift = torch.cat([scale, plain], 1), torch.cat([shift, params[f"bias{layer}"]], 1)
+            plain = torch.ones_like(params.bias[layer])
+            scale, shift = torch.cat([scale, plain], 1), torch.cat([shift, params.bias[layer]], 1)
             layers.append(fold_linear(weight, None, scale.view(members, 1, -1), shift.view(members, 1, -1)))
-        return [*layers, (weights[-1], params["bias_out"].view(members, 1, -1))]
+        return [*layers, (weights[-1], params.bias_out.view(members, 1, -1))]
 
 
 def _by_member(a: Tensor, members: int) -> Tensor:
@@ -222,6 +243,6 @@ class _StackLoss(torch.autograd.Function):
         # d(mean CE)/d(logits) = (softmax - onehot) / batch, per member scaled by its incoming gradient
         grad_logits = log_probs.exp().sub_(F.one_hot(targets, log_probs.shape[2]).unsqueeze(1))
         grad_logits.mul_(grad_losses.view(1, -1, 1) / len(targets))
-        grad_flat = log_probs.new_empty(ctx.numel)
+        grad_flat = log_probs.new_empty(ctx.numel)  # every element is written below
         ctx.stack._backward(ctx.params, ctx.stack.unflatten(grad_flat), ctx.x, ctx.caches, grad_logits)
         return grad_flat, None, None, None

@@ -1,0 +1,127 @@
+"""MNIST speed: `bnrepro mnist` against a plain eager PyTorch loop doing the same work, in one invocation.
+
+The reference is what one would write first: an ``nn.Sequential`` per variant (Linear, [BatchNorm1d],
+Sigmoid) x3 + Linear, SGD, binary MNIST held in memory as float tensors (no DataLoader), the same
+mini-batch order, and a full 10,000-image test evaluation every 500 steps; one model after the other.
+bnrepro trains every model of the run as one stack (see bnrepro/models/mlp.py).
+
+    python benchmarks/bench_mnist.py --data-dir ../shared/data            # 50,000 steps, 1 and 10 seeds
+    python benchmarks/bench_mnist.py --data-dir ../shared/data --steps 5000 --seeds 1
+
+Also prints the compute bound: FLOPs per step and the machine's measured fp32 GEMM rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bnrepro import recipes
+from bnrepro.data import mnist
+from bnrepro.experiments import mnist as experiment
+
+
+def plain_loop(data: mnist.MnistArrays, recipe: recipes.MnistRecipe, batch_norm: bool, seed: int, steps: int) -> float:
+    """Train one model the ordinary way; returns its final test accuracy."""
+    torch.manual_seed(seed)
+    layers, width = [], 784
+    for hidden in recipe.model.hidden:
+        layers += [nn.Linear(width, hidden, bias=not batch_norm)]
+        if batch_norm:
+            layers += [nn.BatchNorm1d(hidden, eps=recipe.model.bn_eps, momentum=recipe.model.bn_momentum)]
+        layers += [nn.Sigmoid()]
+        width = hidden
+    model = nn.Sequential(*layers, nn.Linear(width, 10))
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=recipe.model.init_std, a=-0.2, b=0.2)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.train.lr)
+    threshold = recipe.data.binarize_threshold
+    train_x = mnist.binarize(data.train_images, threshold).float()
+    test_x = mnist.binarize(data.test_images, threshold).float()
+    batches = mnist.EpochBatches(len(train_x), recipe.train.batch_size, seed=0)
+    accuracy = 0.0
+    for step in range(steps):
+        index = batches.indices(step)
+        model.train()
+        loss = nn.functional.cross_entropy(model(train_x[index]), data.train_labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % recipe.eval.every == 0 or step + 1 == steps:
+            model.eval()
+            with torch.no_grad():
+                accuracy = (model(test_x).argmax(1) == data.test_labels).float().mean().item()
+    return accuracy
+
+
+def gemm_gflops() -> float:
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    return 20 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
+
+
+def step_flops(recipe: recipes.MnistRecipe, density: float) -> tuple[float, float]:
+    """FLOPs of one training step of one model: dense, and with the binary input layer done sparsely."""
+    widths, batch = [784, *recipe.model.hidden, 10], recipe.train.batch_size
+    first, rest = widths[0] * widths[1], sum(a * b for a, b in zip(widths[1:-1], widths[2:]))
+    dense = 2 * batch * (2 * first + 3 * rest)  # forward + weight gradient for all, input gradient past layer 1
+    sparse = 2 * batch * (2 * density * first + 3 * rest)
+    return dense, sparse
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--steps", type=int, default=50_000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--skip-plain", action="store_true", help="only time bnrepro")
+    args = parser.parse_args()
+
+    data = mnist.load(args.data_dir)
+    recipe = recipes.load("mnist/baseline")
+    density = mnist.binarize(data.train_images, recipe.data.binarize_threshold).float().mean().item()
+    dense, sparse = step_flops(recipe, density)
+    rate = gemm_gflops()
+    print(f"machine: {torch.get_num_threads()} threads, fp32 GEMM {rate:.0f} GFLOP/s (1024^3)")
+    print(f"one model-step: {dense / 1e6:.1f} MFLOP dense, {sparse / 1e6:.1f} MFLOP with the sparse binary input "
+          f"(density {density:.3f}); {args.steps:,} steps of 2 models = {2 * args.steps * sparse / rate / 1e9:.1f} s "
+          "at that rate, before evaluation")
+
+    rows = []
+    for seeds in args.seeds:
+        plain = None
+        if not args.skip_plain:
+            start = time.perf_counter()
+            accuracies = [plain_loop(data, recipe, bn, seed, args.steps)
+                          for seed in range(seeds) for bn in (False, True)]
+            plain = time.perf_counter() - start
+            print(f"plain eager loop, {seeds} seed(s) x 2 variants: {plain:.1f} s (final accuracies "
+                  f"{', '.join(f'{a:.4f}' for a in accuracies)})")
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            experiment.run(experiment.DEFAULT_VARIANTS, [f"train.steps={args.steps}"], seeds, 0, "cpu", Path(out),
+                           args.data_dir, show_progress=False)
+            ours = time.perf_counter() - start
+        print(f"bnrepro mnist, {seeds} seed(s) x 2 variants: {ours:.1f} s")
+        rows.append((seeds, plain, ours))
+
+    print("\n| seeds per variant | plain eager loop (s) | bnrepro (s) | speed-up |")
+    print("|---|---|---|---|")
+    for seeds, plain, ours in rows:
+        ratio = f"{plain / ours:.1f}x" if plain else "-"
+        print(f"| {seeds} | {plain:.1f} | {ours:.1f} | {ratio} |" if plain else f"| {seeds} | - | {ours:.1f} | - |")
+
+
+if __name__ == "__main__":
+    main()
