@@ -54,7 +54,8 @@ class MnistTask:
 
     def losses(self, step: int) -> Tensor:
         index = self.batches.indices(step).to(self.train_bits.device)
-        return self.model.losses(BinaryBatch(self.train_bits[index]), self.train_labels[index])
+        return self.model.losses(BinaryBatch(self.train_bits.index_select(0, index)),
+                                 self.train_labels.index_select(0, index))
 
     def evaluate(self, step: int, train_loss: Tensor) -> dict[str, float]:
         logits, pre = self.model.predict(self.test)  # population statistics (Alg. 2)
