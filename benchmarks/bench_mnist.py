@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--steps", type=int, default=50_000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--plain-steps", type=int, default=None,
+                        help="time the plain loop on this many steps per model and scale to --steps "
+                             "(its cost per step is constant); default: all --steps")
     parser.add_argument("--skip-plain", action="store_true", help="only time bnrepro")
     args = parser.parse_args()
 
@@ -102,11 +105,13 @@ def main() -> None:
     for seeds in args.seeds:
         plain = None
         if not args.skip_plain:
+            plain_steps = min(args.plain_steps or args.steps, args.steps)
             start = time.perf_counter()
-            accuracies = [plain_loop(data, recipe, bn, seed, args.steps)
+            accuracies = [plain_loop(data, recipe, bn, seed, plain_steps)
                           for seed in range(seeds) for bn in (False, True)]
-            plain = time.perf_counter() - start
-            print(f"plain eager loop, {seeds} seed(s) x 2 variants: {plain:.1f} s (final accuracies "
+            plain = (time.perf_counter() - start) * args.steps / plain_steps
+            scaled = f", measured on {plain_steps:,} steps and scaled" if plain_steps < args.steps else ""
+            print(f"plain eager loop, {seeds} seed(s) x 2 variants: {plain:.1f} s{scaled} (final accuracies "
                   f"{', '.join(f'{a:.4f}' for a in accuracies)})")
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from bnrepro import recipes
 from bnrepro.engine.trainer import Interrupted
@@ -18,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 recipes_app = typer.Typer(no_args_is_help=True, help="List, show and compare recipes.")
 app.add_typer(recipes_app, name="recipes")
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)  # one line, however long
 
 Overrides = Annotated[list[str], typer.Option("--set", help="Override a recipe value: dotted.key=value.")]
 DataDir = Annotated[Path | None, typer.Option(help="Folder with mnist/raw/*.gz (default: $BNREPRO_DATA or cache).")]
@@ -80,6 +81,18 @@ def recipes_show(name: str, set_: Overrides = None) -> None:
     recipe = recipes.load(name, set_ or [])
     console.print(f"# {name}  (digest {recipe.digest})", highlight=False)
     console.print(recipes.to_yaml(recipe), highlight=False, markup=False)
+
+
+@recipes_app.command("diff")
+def recipes_diff(a: str, b: str, set_: Overrides = None) -> None:
+    """What recipe B changes against recipe A, key by key (both fully resolved)."""
+    left, right = recipes.load(a, set_ or []), recipes.load(b, set_ or [])
+    table = Table(title=f"{a} -> {b}")
+    for column in ("key", a, b):
+        table.add_column(column, overflow="fold")
+    for key, x, y in recipes.diff(left, right):
+        table.add_row(key, "—" if x is None else str(x), "—" if y is None else str(y))
+    console.print(table)
 
 
 def main() -> None:

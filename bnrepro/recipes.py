@@ -13,10 +13,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from bnrepro.errors import UserError
 
@@ -58,21 +58,19 @@ class MnistEval(Strict):
     percentiles: list[float] = Field(min_length=1)
 
 
-class MnistRecipe(Strict):
-    experiment: Literal["mnist"]
+class RecipeBase(Strict):
+    """What every recipe carries besides its experiment's sections."""
+
     label: str = Field(description="short name in tables and figures")
     description: str
     paper: str = Field(description="where in the paper this recipe comes from")
-    model: MLPModel
-    data: MnistData
-    train: SGD
-    eval: MnistEval
     assumptions: dict[str, str] = Field(description="dotted key -> source, for every value the paper leaves open")
 
     @model_validator(mode="after")
-    def _assumptions_name_real_keys(self) -> MnistRecipe:
+    def _assumptions_name_real_keys(self) -> RecipeBase:
         flat = flatten(self.model_dump(exclude={"assumptions"}))
-        missing = [key for key in self.assumptions if key not in flat]
+        sections = {prefix for key in flat for prefix in _prefixes(key)}
+        missing = [key for key in self.assumptions if key not in flat and key not in sections]
         if missing:
             raise ValueError(f"assumptions name keys that do not exist: {', '.join(missing)}")
         return self
@@ -84,7 +82,97 @@ class MnistRecipe(Strict):
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-Recipe = MnistRecipe
+class MnistRecipe(RecipeBase):
+    experiment: Literal["mnist"]
+    model: MLPModel
+    data: MnistData
+    train: SGD
+    eval: MnistEval
+
+
+class InceptionModel(Strict):
+    """Switches of the Fig. 5 network (see bnrepro.models.inception)."""
+
+    batch_norm: bool = Field(description="BN before every nonlinearity, conv bias dropped")
+    nonlinearity: Literal["relu", "sigmoid"]
+    lrn: bool = Field(description="Local Response Normalization in the stem (removed by Sec. 4.2.1 change 5)")
+    lrn_size: int = Field(gt=0)
+    lrn_alpha: float = Field(ge=0)
+    lrn_beta: float = Field(ge=0)
+    lrn_k: float = Field(ge=0)
+    dropout: float = Field(ge=0, lt=1, description="before the classifier (Sec. 4.2.1 change 2 removes it)")
+    per_activation_bn: bool = Field(description="non-convolutional BN on the last hidden layer (Sec. 4.2.3)")
+    init_scale: float = Field(gt=0, description="multiplies the initial conv weights (Sec. 4.2.3)")
+    stem: Literal["plain", "separable"]
+    depth_multiplier: int = Field(gt=0)
+    bn_eps: float = Field(gt=0)
+    bn_momentum: float = Field(gt=0, le=1)
+
+
+class LrDecay(Strict):
+    """Exponential decay: lr * rate ** (epoch / (every_epochs / speedup)), stepwise."""
+
+    rate: float = Field(gt=0, le=1)
+    every_epochs: float = Field(gt=0)
+    speedup: float = Field(ge=1, description="Sec. 4.2.1 change 4: decay 6x faster")
+
+
+class ImagenetTrain(Strict):
+    lr: float = Field(gt=0, description="initial learning rate (Sec. 4.2.1 change 1)")
+    momentum: float = Field(ge=0, lt=1)
+    l2_base: float = Field(ge=0, description="the baseline Inception's L2 weight")
+    l2_multiplier: float = Field(ge=0, description="Sec. 4.2.1 change 3: 0.2 = reduced 5x")
+    lr_decay: LrDecay
+    shuffle: Literal["shards", "within_shard"] = Field(description="Sec. 4.2.1 change 6")
+    distortions: Literal["full", "reduced"] = Field(description="Sec. 4.2.1 change 7")
+
+    @property
+    def weight_decay(self) -> float:
+        return self.l2_base * self.l2_multiplier
+
+
+class Photometric(Strict):
+    """Colour jitter strengths (torchvision ColorJitter arguments)."""
+
+    brightness: float = Field(ge=0)
+    contrast: float = Field(ge=0)
+    saturation: float = Field(ge=0)
+    hue: float = Field(ge=0, le=0.5)
+
+
+class ImagenetData(Strict):
+    crop_min_area: float = Field(gt=0, le=1, description="random-size crop, smallest fraction of the area")
+    crop_aspect: tuple[float, float] = Field(description="random-size crop aspect-ratio range")
+    flip: bool
+    photometric: dict[Literal["full", "reduced"], Photometric]
+    eval_resize: float = Field(gt=1, description="evaluation: resize the shorter side to resolution * this")
+
+
+class Profile(Strict):
+    """A scale at which a recipe runs: data set, resolution, batch and budgets, all in steps."""
+
+    dataset: str = Field(description="imagenet, fashion-mnist, or generated (tests)")
+    resolution: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    train_examples: int = Field(gt=0, description="size of the training set, to convert steps to epochs")
+    steps: int = Field(ge=0)
+    eval_every: int = Field(gt=0)
+    checkpoint_every: int = Field(gt=0)
+
+    def epochs(self, steps: int) -> float:
+        return steps * self.batch_size / self.train_examples
+
+
+class ImagenetRecipe(RecipeBase):
+    experiment: Literal["imagenet"]
+    model: InceptionModel
+    train: ImagenetTrain
+    data: ImagenetData
+    profiles: dict[Literal["paper", "proxy", "smoke"], Profile]
+
+
+Recipe = Annotated[MnistRecipe | ImagenetRecipe, Field(discriminator="experiment")]
+_RECIPE = TypeAdapter(Recipe)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -96,6 +184,12 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _prefixes(key: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a", "a.b"]``: the sections a dotted key lies in."""
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def available() -> list[str]:
@@ -159,19 +253,34 @@ def _apply(tree: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load(name: str, overrides: list[str] = ()) -> Recipe:
+def load(name: str, overrides: list[str] = ()) -> MnistRecipe | ImagenetRecipe:
     """Resolve ``extends:``, apply ``--set`` overrides, and validate; any problem is one clear line."""
     tree = _read(name)
     for text in overrides:
         _apply(tree, *parse_override(text))
     try:
-        return Recipe.model_validate(tree)
+        return _RECIPE.validate_python(tree)
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "recipe"
+        loc = first["loc"][1:] if first["loc"] and first["loc"][0] in ("mnist", "imagenet") else first["loc"]
+        where = ".".join(str(part) for part in loc) or "recipe"
         more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
         raise UserError(f"recipe '{name}': {where}: {first['msg']}{more}") from None
 
 
-def to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, width=100)
+def to_yaml(recipe: RecipeBase) -> str:
+    tree = recipe.model_dump(mode="json")
+    head = {key: tree.pop(key) for key in ("experiment", "label", "description", "paper")}
+    notes = {"assumptions": tree.pop("assumptions")}
+    return yaml.safe_dump({**head, **tree, **notes}, sort_keys=False, width=100)
+
+
+def diff(a: RecipeBase, b: RecipeBase) -> list[tuple[str, Any, Any]]:
+    """Every dotted key whose value differs between two resolved recipes: (key, value in a, value in b).
+
+    Assumption notes are left out: they explain values, they are not values.
+    """
+    left, right = (flatten(r.model_dump(mode="json", exclude={"assumptions"})) for r in (a, b))
+    missing = object()
+    rows = [(key, left.get(key, missing), right.get(key, missing)) for key in sorted(left.keys() | right.keys())]
+    return [(k, None if x is missing else x, None if y is missing else y) for k, x, y in rows if x != y]

@@ -212,14 +212,19 @@ def summarize(metrics: pd.DataFrame, variants: dict[str, MnistRecipe], divergenc
     target = float(curves[baseline][last]) if baseline else None
     summary: dict[str, Any] = {"steps": int(last), "baseline": baseline, "variants": {}, "divergences": divergences}
     for name, recipe in variants.items():
-        curve = curves[name]
+        curve, finals = curves[name], final.get_group(name)
         reached = curve[curve >= target] if target is not None else curve.iloc[:0]
         summary["variants"][name] = {
             "label": recipe.label,
-            "seeds": int(final.get_group(name).count()),
-            "final_test_accuracy_mean": float(final.get_group(name).mean()),
-            "final_test_accuracy_std": float(final.get_group(name).std(ddof=1)) if final.get_group(name).count() > 1
-            else 0.0,
+            "seeds": int(len(finals)),
+            "seeds_finite": int(finals.count()),  # seeds that did not diverge
+            "final_test_accuracy_mean": _number(finals.mean()),
+            "final_test_accuracy_std": _number(finals.std(ddof=1)) if finals.count() > 1 else 0.0,
             "steps_to_baseline_final_accuracy": int(reached.index[0]) if len(reached) else None,
         }
     return summary
+
+
+def _number(value: float) -> float | None:
+    """JSON has no NaN: a quantity that does not exist (every seed diverged) is null."""
+    return None if math.isnan(value) else float(value)

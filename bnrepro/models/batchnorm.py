@@ -85,12 +85,14 @@ class BatchNorm(nn.Module):
         self.register_buffer("m", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: Tensor) -> Tensor:
+        # statistics in float32 whatever the input (bf16 autocast would lose the variance), output as input
+        dtype, x = x.dtype, x.to(torch.promote_types(x.dtype, torch.float32))
         if not self.training:
             scale, shift = self.affine()
-            return torch.addcmul(shift, x, scale)
+            return torch.addcmul(shift, x, scale).to(dtype)
         y, mean, var = batch_norm_train(x, self.gamma, self.beta, self.reduce_dims, self.eps)
         self.track(mean, var, x.numel() // mean.numel())
-        return y
+        return y.to(dtype)
 
     @torch.no_grad()
     def track(self, mean: Tensor, var: Tensor, m: int) -> None:

@@ -1,0 +1,241 @@
+"""The paper's Inception network (Appendix, Fig. 5), with and without BN, from one table of widths.
+
+This is *not* GoogLeNet: the 5x5 convolutions are replaced by two 3x3 (the "double 3x3" branch), the
+filter counts differ, 3c and 4e downsample inside the module, and there are no auxiliary classifiers.
+The switches cover every variant of Secs. 4.2-4.2.3: BN before every nonlinearity (convolutional BN,
+conv bias dropped) or none; ReLU or sigmoid; LRN after the stem's first and third convolutions (the
+baseline's GoogLeNet heritage) or none; dropout before the classifier; per-activation BN in the last
+hidden layer (ensemble members); a scale on the initial conv weights; a plain or separable stem conv.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from bnrepro.models.batchnorm import BatchNorm, fold_linear
+
+
+@dataclass(frozen=True)
+class Module:
+    """One row of the Fig. 5 table. ``pool`` is "avg"/"max" with a 1x1 projection of ``proj`` filters, or
+    "pass" (max pool, stride 2, no projection) in the downsampling modules, whose 1x1 branch is absent."""
+
+    name: str
+    n1x1: int
+    n3x3_reduce: int
+    n3x3: int
+    double_reduce: int
+    double: int
+    pool: Literal["avg", "max", "pass"]
+    proj: int
+
+    @property
+    def stride(self) -> int:
+        return 2 if self.pool == "pass" else 1
+
+    def out_channels(self, in_channels: int) -> int:
+        return self.n1x1 + self.n3x3 + self.double + (in_channels if self.pool == "pass" else self.proj)
+
+
+# Fig. 5 of the paper, as given in shared/paper/README.md section 5 (4c/4d sum to 608, 4e to 1056).
+FIG5 = (
+    Module("3a", 64, 64, 64, 64, 96, "avg", 32),
+    Module("3b", 64, 64, 96, 64, 96, "avg", 64),
+    Module("3c", 0, 128, 160, 64, 96, "pass", 0),
+    Module("4a", 224, 64, 96, 96, 128, "avg", 128),
+    Module("4b", 192, 96, 128, 96, 128, "avg", 128),
+    Module("4c", 160, 128, 160, 128, 160, "avg", 128),
+    Module("4d", 96, 128, 192, 160, 192, "avg", 128),
+    Module("4e", 0, 128, 192, 192, 256, "pass", 0),
+    Module("5a", 352, 192, 320, 160, 224, "avg", 128),
+    Module("5b", 352, 192, 320, 192, 224, "max", 128),
+)
+PAPER_PARAMETERS = 13.6e6  # stated in Sec. 4.2; the table above counts to fewer (see README)
+
+
+@dataclass(frozen=True)
+class InceptionConfig:
+    batch_norm: bool = True
+    nonlinearity: Literal["relu", "sigmoid"] = "relu"
+    lrn: bool = False
+    lrn_size: int = 5
+    lrn_alpha: float = 1e-4
+    lrn_beta: float = 0.75
+    lrn_k: float = 1.0
+    dropout: float = 0.0
+    per_activation_bn: bool = False  # BN on the 1024 pooled features before the classifier
+    init_scale: float = 1.0  # multiplies the initial conv weights
+    stem: Literal["plain", "separable"] = "plain"
+    depth_multiplier: int = 8
+    num_classes: int = 1000
+    in_channels: int = 3
+    bn_eps: float = 1e-3
+    bn_momentum: float = 0.01
+
+
+def _nonlinearity(name: str) -> nn.Module:
+    return nn.ReLU(inplace=True) if name == "relu" else nn.Sigmoid()
+
+
+class ConvUnit(nn.Sequential):
+    """conv -> [BN] -> nonlinearity: with BN the conv has no bias (beta replaces it, Sec. 3.2)."""
+
+    def __init__(self, cfg: InceptionConfig, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1):
+        conv = nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, bias=not cfg.batch_norm, groups=groups)
+        layers: list[nn.Module] = [conv]
+        if cfg.batch_norm:
+            layers.append(BatchNorm((1, cout, 1, 1), (0, 2, 3), cfg.bn_eps, cfg.bn_momentum))
+        layers.append(_nonlinearity(cfg.nonlinearity))
+        super().__init__(*layers)
+
+
+class SeparableStem(nn.Sequential):
+    """The paper's first layer: a depthwise 7x7 (``depth_multiplier`` filters per input channel) followed by
+    a pointwise 1x1 to 64 maps; BN and the nonlinearity come after the pair."""
+
+    def __init__(self, cfg: InceptionConfig, cin: int, cout: int):
+        depthwise = nn.Conv2d(cin, cin * cfg.depth_multiplier, 7, 2, padding=3, groups=cin, bias=False)
+        pointwise = ConvUnit(cfg, cin * cfg.depth_multiplier, cout, 1)
+        super().__init__(depthwise, pointwise)
+
+
+class InceptionModule(nn.Module):
+    """Four parallel branches concatenated along channels (Fig. 5 row ``spec``)."""
+
+    def __init__(self, cfg: InceptionConfig, spec: Module, cin: int):
+        super().__init__()
+        s = spec.stride
+        self.branches = nn.ModuleList()
+        if spec.n1x1:
+            self.branches.append(ConvUnit(cfg, cin, spec.n1x1, 1))
+        self.branches.append(nn.Sequential(ConvUnit(cfg, cin, spec.n3x3_reduce, 1),
+                                           ConvUnit(cfg, spec.n3x3_reduce, spec.n3x3, 3, s)))
+        self.branches.append(nn.Sequential(ConvUnit(cfg, cin, spec.double_reduce, 1),
+                                           ConvUnit(cfg, spec.double_reduce, spec.double, 3),
+                                           ConvUnit(cfg, spec.double, spec.double, 3, s)))
+        if spec.pool == "pass":
+            self.branches.append(nn.MaxPool2d(3, 2, padding=1))
+        else:
+            pool = nn.AvgPool2d(3, 1, padding=1, count_include_pad=False) if spec.pool == "avg" \
+                else nn.MaxPool2d(3, 1, padding=1)
+            self.branches.append(nn.Sequential(pool, ConvUnit(cfg, cin, spec.proj, 1)))
+        self.out_channels = spec.out_channels(cin)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([branch(x) for branch in self.branches], 1)
+
+
+class Inception(nn.Module):
+    """Fig. 5: stem, modules 3a-5b, global average pooling, [dropout], [per-activation BN], softmax layer.
+
+    Any input resolution works (the final pool is global), so the same network trains on small proxy data.
+    """
+
+    def __init__(self, cfg: InceptionConfig):
+        super().__init__()
+        self.cfg = cfg
+        stem: list[nn.Module] = [SeparableStem(cfg, cfg.in_channels, 64) if cfg.stem == "separable"
+                                 else ConvUnit(cfg, cfg.in_channels, 64, 7, 2),
+                                 nn.MaxPool2d(3, 2, padding=1)]
+        if cfg.lrn:
+            stem.append(nn.LocalResponseNorm(cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k))
+        stem += [ConvUnit(cfg, 64, 64, 1), ConvUnit(cfg, 64, 192, 3)]
+        if cfg.lrn:
+            stem.append(nn.LocalResponseNorm(cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k))
+        stem.append(nn.MaxPool2d(3, 2, padding=1))
+        self.stem = nn.Sequential(*stem)
+        modules, channels = [], 192
+        for spec in FIG5:
+            module = InceptionModule(cfg, spec, channels)
+            modules.append(module)
+            channels = module.out_channels
+        self.inception = nn.Sequential(*modules)
+        self.features = channels
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.head_bn = BatchNorm((1, channels), (0,), cfg.bn_eps, cfg.bn_momentum) if cfg.per_activation_bn else None
+        self.classifier = nn.Linear(channels, cfg.num_classes)
+        self._initialise()
+
+    def _initialise(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                m.weight.data.mul_(self.cfg.init_scale)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(self.inception(self.stem(x))).flatten(1)
+        x = self.dropout(x)
+        if self.head_bn is not None:
+            x = self.head_bn(x)
+        return self.classifier(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, resolution: int) -> int:
+    """Multiply-adds of convolutions and the classifier for one image (the usual "FLOPs" of the papers)."""
+    total = 0
+
+    def conv_hook(module: nn.Conv2d, _inp, out: Tensor) -> None:
+        nonlocal total
+        k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+        total += out.shape[1] * out.shape[2] * out.shape[3] * k
+
+    def linear_hook(module: nn.Linear, _inp, _out) -> None:
+        nonlocal total
+        total += module.in_features * module.out_features
+
+    hooks = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, model.cfg.in_channels, resolution, resolution))
+    model.train(training)
+    for hook in hooks:
+        hook.remove()
+    return total
+
+
+@torch.no_grad()
+def fold(model: Inception) -> Inception:
+    """The inference network of Alg. 2: every BN merged into the convolution before it (a new model)."""
+    folded_cfg = InceptionConfig(**{**model.cfg.__dict__, "batch_norm": False, "per_activation_bn": False})
+    folded = Inception(folded_cfg).to(next(model.parameters()))  # same device and dtype
+    source = [m for m in model.modules() if isinstance(m, ConvUnit)]
+    target = [m for m in folded.modules() if isinstance(m, ConvUnit)]
+    for unit, plain in zip(source, target, strict=True):
+        conv, bn, out = unit[0], unit[1], plain[0]
+        scale, shift = bn.affine()
+        weight, bias = fold_linear(conv.weight, None, scale.view(-1, 1, 1, 1), shift.view(-1))
+        out.weight.copy_(weight)
+        out.bias.copy_(bias)
+    if model.cfg.stem == "separable":  # the depthwise conv has no BN of its own: copied as it is
+        folded.stem[0][0].weight.copy_(model.stem[0][0].weight)
+    classifier_weight, classifier_bias = model.classifier.weight, model.classifier.bias
+    if model.head_bn is not None:  # y = W(scale*x + shift) + b
+        scale, shift = model.head_bn.affine()
+        classifier_bias = classifier_bias + classifier_weight @ shift.view(-1)
+        classifier_weight = classifier_weight * scale.view(1, -1)
+    folded.classifier.weight.copy_(classifier_weight)
+    folded.classifier.bias.copy_(classifier_bias)
+    return folded.eval()
+
+
+def describe(cfg: InceptionConfig, resolution: int = 224) -> dict[str, float]:
+    model = Inception(cfg)
+    return {"parameters": count_parameters(model), "paper_parameters": PAPER_PARAMETERS,
+            "multiply_adds": count_flops(model, resolution), "resolution": resolution}
+
+

@@ -1,0 +1,90 @@
+"""The ImageNet recipes: each paper variant is exactly the paper's changes, as data."""
+
+import subprocess
+
+import pytest
+
+from bnrepro import recipes
+from bnrepro.errors import UserError
+from bnrepro.models.inception import Inception, InceptionConfig
+
+NAMES = ["inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid", "inception-sigmoid", "inception-x5"]
+SEC_421 = {"train.lr", "model.dropout", "train.l2_multiplier", "train.lr_decay.speedup", "model.lrn",
+           "train.shuffle", "train.distortions"}
+
+
+def changed(a: str, b: str) -> dict[str, tuple]:
+    rows = recipes.diff(recipes.load(f"imagenet/{a}"), recipes.load(f"imagenet/{b}"))
+    return {key: (x, y) for key, x, y in rows if key not in ("label", "description")}
+
+
+def test_every_recipe_loads_and_builds_a_model():
+    for name in NAMES:
+        recipe = recipes.load(f"imagenet/{name}")
+        model = Inception(InceptionConfig(**recipe.model.model_dump(), num_classes=10))
+        assert model.cfg.batch_norm == name.startswith("bn")
+
+
+def test_paper_learning_rates():
+    lrs = {name: recipes.load(f"imagenet/{name}").train.lr for name in NAMES}
+    assert lrs == {"inception": 0.0015, "bn-baseline": 0.0015, "bn-x5": 0.0075, "bn-x30": 0.045,
+                   "bn-x5-sigmoid": 0.0075, "inception-sigmoid": 0.0015, "inception-x5": 0.0075}
+
+
+def test_bn_x5_is_exactly_the_section_421_changes():
+    diff = changed("bn-baseline", "bn-x5")
+    assert set(diff) == SEC_421
+    assert diff["model.dropout"] == (0.4, 0.0) and diff["model.lrn"] == (True, False)
+    assert diff["train.l2_multiplier"] == (1.0, 0.2) and diff["train.lr_decay.speedup"] == (1.0, 6.0)
+    assert diff["train.shuffle"] == ("shards", "within_shard")
+    assert diff["train.distortions"] == ("full", "reduced")
+    x5 = recipes.load("imagenet/bn-x5")
+    assert x5.train.weight_decay == pytest.approx(x5.train.l2_base / 5)
+
+
+@pytest.mark.parametrize("a,b,keys", [
+    ("inception", "bn-baseline", {"model.batch_norm"}),
+    ("bn-x5", "bn-x30", {"train.lr"}),
+    ("bn-x5", "bn-x5-sigmoid", {"model.nonlinearity"}),
+    ("inception", "inception-sigmoid", {"model.nonlinearity"}),
+    ("inception", "inception-x5", {"train.lr"}),
+])
+def test_each_variant_changes_only_what_the_paper_changed(a, b, keys):
+    assert set(changed(a, b)) == keys
+
+
+def test_open_values_are_marked_as_assumptions():
+    recipe = recipes.load("imagenet/bn-x30")
+    for key in ("train.momentum", "train.l2_base", "train.lr_decay.rate", "model.lrn_alpha", "model.bn_eps",
+                "data.photometric"):
+        assert key in recipe.assumptions
+
+
+def test_profiles_are_in_steps_with_epochs_derivable():
+    paper = recipes.load("imagenet/inception").profiles["paper"]
+    assert paper.batch_size == 32 and paper.resolution == 224
+    assert paper.epochs(31_000_000) == pytest.approx(774.3, abs=0.1)  # ~775 epochs, as section 3 notes
+    assert set(recipes.load("imagenet/bn-x5").profiles) == {"paper", "proxy", "smoke"}
+
+
+@pytest.mark.parametrize("override", ["train.shuffle=random", "model.dropout=1.5", "model.lrnn=true",
+                                      "train.lr_decay.speedup=0.5", "model.stem=fancy"])
+def test_bad_values_are_one_clear_error(override):
+    with pytest.raises(UserError) as err:
+        recipes.load("imagenet/bn-x5", [override])
+    assert "\n" not in str(err.value) and override.split("=")[0].split(".")[-1] in str(err.value)
+
+
+def test_cli_diff_and_errors():
+    out = subprocess.run(["bnrepro", "recipes", "diff", "imagenet/bn-baseline", "imagenet/bn-x5"],
+                         capture_output=True, text=True, env={"COLUMNS": "160", "PATH": _path()})
+    assert out.returncode == 0 and "within_shard" in out.stdout and "train.lr_decay.speedup" in out.stdout
+    bad = subprocess.run(["bnrepro", "recipes", "show", "imagenet/bn-x5", "--set", "train.shuffle=random"],
+                         capture_output=True, text=True, env={"PATH": _path()})
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def _path() -> str:
+    import os
+
+    return os.environ["PATH"]

@@ -1,0 +1,129 @@
+"""The Fig. 5 network: shapes, parameter counts from the table, BN placement, switches, folding."""
+
+import pytest
+import torch
+from torch import nn
+
+from bnrepro.models.batchnorm import BatchNorm
+from bnrepro.models.inception import FIG5, ConvUnit, Inception, InceptionConfig, count_flops, count_parameters, fold
+
+MODULE_OUT = [256, 320, 576, 576, 576, 608, 608, 1056, 1024, 1024]
+
+
+def table_parameters(num_classes: int, bias: bool) -> int:
+    """Parameters counted by hand from the Fig. 5 table (plain stem), independently of the model code."""
+    def conv(k, cin, cout):
+        return k * k * cin * cout + (cout if bias else 2 * cout)  # a conv bias, or BN's gamma and beta
+
+    total = conv(7, 3, 64) + conv(1, 64, 64) + conv(3, 64, 192)
+    cin = 192
+    for m, out in zip(FIG5, MODULE_OUT):
+        if m.n1x1:
+            total += conv(1, cin, m.n1x1)
+        total += conv(1, cin, m.n3x3_reduce) + conv(3, m.n3x3_reduce, m.n3x3)
+        total += conv(1, cin, m.double_reduce) + conv(3, m.double_reduce, m.double) + conv(3, m.double, m.double)
+        if m.pool != "pass":
+            total += conv(1, cin, m.proj)
+        cin = out
+    return total + cin * num_classes + num_classes
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_parameter_count_matches_the_table(batch_norm):
+    model = Inception(InceptionConfig(batch_norm=batch_norm, stem="plain"))
+    assert count_parameters(model) == table_parameters(1000, bias=not batch_norm)
+    assert 11.2e6 < count_parameters(model) < 11.4e6  # the table counts ~11.3M, not the paper's 13.6M
+
+
+def test_channel_flow_and_spatial_sizes_at_224():
+    model = Inception(InceptionConfig(stem="plain")).eval()
+    sizes = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(tuple(out.shape[1:])))
+             for m in model.inception]
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 1000)
+    for h in hooks:
+        h.remove()
+    assert [s[0] for s in sizes] == MODULE_OUT
+    assert [s[1] for s in sizes] == [28, 28, 14, 14, 14, 14, 14, 7, 7, 7]
+    assert 1.9e9 < count_flops(model, 224) < 2.2e9  # multiply-adds per image
+
+
+@pytest.mark.parametrize("resolution,classes", [(32, 10), (64, 7), (96, 3)])
+def test_small_resolutions(resolution, classes):
+    model = Inception(InceptionConfig(num_classes=classes, in_channels=1))
+    assert model(torch.randn(2, 1, resolution, resolution)).shape == (2, classes)
+
+
+def test_one_bn_per_nonlinearity_and_no_conv_bias_under_bn():
+    model = Inception(InceptionConfig(batch_norm=True, stem="plain"))
+    units = [m for m in model.modules() if isinstance(m, ConvUnit)]
+    norms = [m for m in model.modules() if isinstance(m, BatchNorm)]
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    assert len(units) == len(norms) == len(relus) > 50
+    for unit in units:
+        conv, bn, act = unit
+        assert conv.bias is None and isinstance(bn, BatchNorm) and bn.gamma.shape == (1, conv.out_channels, 1, 1)
+    plain = Inception(InceptionConfig(batch_norm=False, stem="plain"))
+    assert not any(isinstance(m, BatchNorm) for m in plain.modules())
+    assert all(m.bias is not None for m in plain.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_switches():
+    count = lambda model, kind: sum(isinstance(m, kind) for m in model.modules())  # noqa: E731
+    assert count(Inception(InceptionConfig(lrn=True)), nn.LocalResponseNorm) == 2
+    assert count(Inception(InceptionConfig(lrn=False)), nn.LocalResponseNorm) == 0
+    assert Inception(InceptionConfig(dropout=0.4)).dropout.p == 0.4
+    sigmoid = Inception(InceptionConfig(nonlinearity="sigmoid"))
+    assert count(sigmoid, nn.Sigmoid) > 50 and count(sigmoid, nn.ReLU) == 0
+    assert Inception(InceptionConfig(per_activation_bn=True)).head_bn.gamma.shape == (1, 1024)
+    assert Inception(InceptionConfig()).head_bn is None
+    separable = Inception(InceptionConfig(stem="separable", depth_multiplier=8))
+    depthwise = separable.stem[0][0]
+    assert depthwise.groups == 3 and depthwise.out_channels == 24 and depthwise.kernel_size == (7, 7)
+    torch.manual_seed(0)
+    a = Inception(InceptionConfig(init_scale=1.0))
+    torch.manual_seed(0)
+    b = Inception(InceptionConfig(init_scale=2.0))
+    first_a, first_b = (next(m for m in x.modules() if isinstance(m, nn.Conv2d)) for x in (a, b))
+    torch.testing.assert_close(first_b.weight, 2 * first_a.weight)
+
+
+@pytest.mark.parametrize("cfg", [InceptionConfig(num_classes=5, stem="plain"),
+                                 InceptionConfig(num_classes=5, stem="separable", per_activation_bn=True)])
+def test_fold_matches_the_bn_network(cfg):
+    torch.manual_seed(0)
+    model = Inception(cfg).double()
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):  # populate the moving averages, and move gamma/beta off 1/0
+            model(torch.randn(6, 3, 32, 32, dtype=torch.float64))
+        for m in model.modules():
+            if isinstance(m, BatchNorm):
+                m.gamma.uniform_(0.5, 1.5)
+                m.beta.normal_(0, 0.1)
+    model.eval()
+    folded = fold(model).double()
+    assert not any(isinstance(m, BatchNorm) for m in folded.modules())
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_channels_last_and_bf16_autocast():
+    model = Inception(InceptionConfig(num_classes=10)).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    y.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    model = Inception(InceptionConfig(num_classes=10, stem="plain")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-4)
