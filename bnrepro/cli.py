@@ -18,7 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Reproduce Ioffe & Szegedy (2015), Batch Normalization: experiments, figures, tables.")
 recipes_app = typer.Typer(no_args_is_help=True, help="List, show and compare recipes.")
 app.add_typer(recipes_app, name="recipes")
-console = Console()
+console = Console(soft_wrap=True)  # piped output (e.g. recipes show | yaml) is never re-wrapped
 errors = Console(stderr=True, soft_wrap=True)  # one line, however long
 
 Overrides = Annotated[list[str], typer.Option("--set", help="Override a recipe value: dotted.key=value.")]
@@ -98,7 +98,9 @@ def recipes_diff(a: str, b: str, set_: Overrides = None) -> None:
 def main() -> None:
     """Entry point: user errors and interruptions become one line and an exit code, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click answers Ctrl-C outside the training loop with 130
+        if code == 130:
+            raise KeyboardInterrupt
     except UserError as err:
         errors.print(f"[red]error:[/red] {err}", highlight=False)
         sys.exit(2)
@@ -107,7 +109,8 @@ def main() -> None:
                      f"bnrepro mnist --resume {stop.path.parent}", highlight=False)
         sys.exit(130)
     except KeyboardInterrupt:
-        errors.print("interrupted before the first checkpoint; nothing to resume")
+        errors.print("interrupted; no checkpoint was written now (a run folder holding an earlier "
+                     "checkpoint.pt can still be continued with --resume)", highlight=False)
         sys.exit(130)
     except typer.Exit as done:
         sys.exit(done.exit_code)

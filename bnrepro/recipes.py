@@ -55,7 +55,7 @@ class SGD(Strict):
 class MnistEval(Strict):
     every: int = Field(gt=0, description="evaluate on the whole test set every this many steps")
     probe_unit: int = Field(ge=0, description="which unit of the last hidden layer Fig. 1(b, c) follows")
-    percentiles: list[float] = Field(min_length=1)
+    percentiles: list[Annotated[float, Field(ge=0, le=100)]] = Field(min_length=1)
 
 
 class RecipeBase(Strict):
@@ -88,6 +88,13 @@ class MnistRecipe(RecipeBase):
     data: MnistData
     train: SGD
     eval: MnistEval
+
+    @model_validator(mode="after")
+    def _probe_unit_exists(self) -> MnistRecipe:
+        if self.eval.probe_unit >= self.model.hidden[-1]:
+            raise ValueError(f"eval.probe_unit {self.eval.probe_unit} is not a unit of the last hidden layer "
+                             f"(it has {self.model.hidden[-1]})")
+        return self
 
 
 class InceptionModel(Strict):

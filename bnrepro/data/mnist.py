@@ -12,6 +12,7 @@ import gzip
 import os
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def _extract(folder: Path, name: str, target: Path) -> None:
                 shutil.copyfileobj(src, dst)
         else:
             shutil.copyfile(unpacked, target)
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
         raise UserError(f"cannot read {packed if packed.is_file() else unpacked}: it is corrupt or "
                         f"truncated ({err.__class__.__name__}); replace it with the original") from None
 

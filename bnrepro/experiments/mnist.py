@@ -142,9 +142,9 @@ def run(
     for name, recipe in variants.items():
         if recipe.experiment != "mnist":
             raise UserError(f"recipe '{name}' is a {recipe.experiment} recipe, not an MNIST one")
-    _check_trainable_together(variants)
     device = resolve_device(device_name_)
     data = mnist.load(data_dir)
+    built = _build(variants, list(range(seeds)), data, data_seed, device)
     run_dir = new_run_dir(Path(out) / "mnist")  # only now: every check that can fail has passed
     resolved = {name: recipe.model_dump(mode="json") for name, recipe in variants.items()}
     atomic_write(run_dir / "recipes.yaml", yaml.safe_dump(resolved, sort_keys=False, width=100))
@@ -157,7 +157,7 @@ def run(
         "device": device_name(device), "versions": versions(), "git_commit": git_commit(),
     }
     write_json(run_dir / "manifest.json", manifest)
-    return _train(run_dir, variants, manifest, data, device, resume=False, show_progress=show_progress)
+    return _train(run_dir, variants, manifest, built, resume=False, show_progress=show_progress)
 
 
 def resume(run_dir: Path, device_name_: str, data_dir: Path | None, show_progress: bool = True) -> Path:
@@ -173,30 +173,33 @@ def resume(run_dir: Path, device_name_: str, data_dir: Path | None, show_progres
     variants = {name: MnistRecipe.model_validate(tree) for name, tree in resolved.items()}
     device = resolve_device(device_name_)
     data = mnist.load(data_dir)
+    built = _build(variants, manifest["seeds"], data, manifest["data_seed"], device)
     manifest["resumed"] = [*manifest.get("resumed", []), now()]
-    return _train(run_dir, variants, manifest, data, device, resume=True, show_progress=show_progress)
+    return _train(run_dir, variants, manifest, built, resume=True, show_progress=show_progress)
 
 
-def _train(run_dir: Path, variants: dict[str, MnistRecipe], manifest: dict[str, Any], data: mnist.MnistArrays,
-           device: torch.device, resume: bool, show_progress: bool) -> Path:
-    seeds = manifest["seeds"]
-    task, optimizer, members = _build(variants, seeds, data, manifest["data_seed"], device)
+def _train(run_dir: Path, variants: dict[str, MnistRecipe], manifest: dict[str, Any],
+           built: tuple[MnistTask, torch.optim.Optimizer, list[Member]], resume: bool, show_progress: bool) -> Path:
+    task, optimizer, members = built
     recipe = task.recipe
     schedule = Schedule(recipe.train.steps, recipe.eval.every, checkpoint_every=max(recipe.eval.every, 10_000))
     started = time.perf_counter()
     manifest["status"] = "interrupted"  # what the folder says if the process dies without finishing
     write_json(run_dir / "manifest.json", manifest)
-    log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=len(members), resume=resume,
-                show_progress=show_progress,
-                describe=lambda s: f"loss {s.get('loss', math.nan):.3f}  acc {s.get('accuracy', math.nan):.4f}")
+    try:
+        log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=len(members), resume=resume,
+                    show_progress=show_progress,
+                    describe=lambda s: f"loss {s.get('loss', math.nan):.3f}  acc {s.get('accuracy', math.nan):.4f}")
+    finally:  # interrupted or not, the time spent so far counts
+        manifest["wall_seconds"] = round(manifest.get("wall_seconds", 0) + time.perf_counter() - started, 2)
+        write_json(run_dir / "manifest.json", manifest)
     metrics = pd.DataFrame(task.rows)
     divergences = [{"variant": m.variant, "seed": m.seed, "step": step}
                    for m, step in zip(members, log.diverged_at) if step is not None]
     summary = summarize(metrics, variants, divergences)
     atomic_write(run_dir / "metrics.csv", metrics.to_csv(index=False))
     write_json(run_dir / "summary.json", summary)
-    manifest.update(status="complete", finished=now(),
-                    wall_seconds=round(manifest.get("wall_seconds", 0) + time.perf_counter() - started, 2))
+    manifest.update(status="complete", finished=now())
     write_json(run_dir / "manifest.json", manifest)
     (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return run_dir

@@ -128,7 +128,9 @@ def inference_affine(
 def fold_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
     """Merge an inference-mode BN (``scale * z + shift``) into the linear map before it: W' = W*scale, b' = ...
 
-    ``scale`` and ``shift`` must broadcast against the weight's output-feature axis (and the bias); the
-    caller reshapes them to its layout, e.g. ``(C, 1, 1, 1)`` for a conv weight.
+    ``scale`` must broadcast against the weight's output-feature axis (the caller reshapes it to its
+    layout, e.g. ``(C, 1, 1, 1)`` for a conv weight); the new bias comes back in ``shift``'s shape.
     """
-    return weight * scale, shift if bias is None else shift + scale * bias
+    if bias is not None:  # BN(Wu + b) = scale*Wu + (scale*b + shift), one value per output feature
+        shift = shift + scale.reshape(shift.shape) * bias.reshape(shift.shape)
+    return weight * scale, shift

@@ -23,7 +23,7 @@ PUBLIC_REPRODUCTION = {"baseline": "0.977 / 0.975", "bn": "0.980 / 0.9776"}
 def accuracy_text(v: dict) -> str:
     """``0.9812 ± 0.0011`` over the seeds that did not diverge, or why there is no number."""
     if v["final_test_accuracy_mean"] is None:
-        return "all seeds diverged"
+        return "no finite result (every seed diverged or gave non-finite outputs)"
     text = f"{v['final_test_accuracy_mean']:.4f} ± {v['final_test_accuracy_std']:.4f}"
     lost = v["seeds"] - v.get("seeds_finite", v["seeds"])
     return text + (f" ({lost} diverged)" if lost else "")

@@ -1,0 +1,228 @@
+"""The project's own BN (Alg. 1 and 2) against torch.nn.functional.batch_norm, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnrepro.models.batchnorm import BatchNorm, batch_norm_train, fold_linear, inference_affine
+
+EPS = 1e-5
+LAYOUTS = {
+    "2d": ((32, 6), (0,), (1, 6)),
+    "4d": ((8, 5, 4, 3), (0, 2, 3), (1, 5, 1, 1)),
+}
+
+
+def _inputs(layout: str, seed: int = 0):
+    size, dims, shape = LAYOUTS[layout]
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(size, generator=g, dtype=torch.float64) * 3 + 1.5).requires_grad_()
+    gamma = (torch.rand(shape, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    beta = torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_()
+    return x, gamma, beta, dims, shape
+
+
+def _reference(x, gamma, beta, training=True, running_mean=None, running_var=None):
+    """torch's batch norm with our (1, C, ...) parameters flattened to (C,)."""
+    return F.batch_norm(x, running_mean, running_var, gamma.reshape(-1), beta.reshape(-1), training=training,
+                        eps=EPS)
+
+
+def _biased_stats(x, dims):
+    return x.mean(dims, keepdim=True), x.var(dims, keepdim=True, unbiased=False)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_forward_and_backward_match_torch(layout):
+    x, gamma, beta, dims, _ = _inputs(layout)
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    y, mean, var = batch_norm_train(x, gamma, beta, dims, EPS)
+    grads = torch.autograd.grad((y * upstream).sum(), (x, gamma, beta))
+
+    y_ref = _reference(x, gamma, beta)
+    grads_ref = torch.autograd.grad((y_ref * upstream).sum(), (x, gamma, beta))
+
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, grads_ref):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    mean_ref, var_ref = _biased_stats(x.detach(), dims)
+    torch.testing.assert_close(mean, mean_ref)
+    torch.testing.assert_close(var, var_ref)  # Alg. 1 normalizes with the biased variance
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_training_normalizes_with_the_biased_variance(layout):
+    x, gamma, beta, dims, _ = _inputs(layout)
+    y, _, var = batch_norm_train(x, gamma, beta, dims, EPS)
+    m = x.numel() // gamma.numel()
+    x = x.detach()
+    biased = ((x - x.mean(dims, keepdim=True)) ** 2).sum(dims, keepdim=True) / m
+    torch.testing.assert_close(var, biased)
+    expected = gamma * (x - x.mean(dims, keepdim=True)) / torch.sqrt(biased + EPS) + beta
+    torch.testing.assert_close(y, expected)
+    # and the normalized values have (biased) variance ~1: with the unbiased estimate it would be (m-1)/m
+    x_hat = (y - beta) / gamma
+    torch.testing.assert_close(x_hat.var(dims, unbiased=False), torch.ones_like(x_hat.var(dims)), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_gradcheck(layout):
+    size, dims, shape = LAYOUTS[layout]
+    small = (6, 3) if layout == "2d" else (3, 2, 2, 2)
+    shape = (1, small[1]) + (1,) * (len(small) - 2)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(small, generator=g, dtype=torch.float64, requires_grad=True)
+    gamma = (torch.rand(shape, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    beta = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: batch_norm_train(a, b, c, dims, 1e-3)[0], (x, gamma, beta))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_module_forward_backward_matches_torch(layout):
+    torch.manual_seed(0)
+    x, _, _, dims, shape = _inputs(layout)
+    bn = BatchNorm(shape, dims, eps=EPS, momentum=0.1).double()
+    with torch.no_grad():
+        bn.gamma.copy_(torch.rand(shape, dtype=torch.float64) + 0.5)
+        bn.beta.copy_(torch.randn(shape, dtype=torch.float64))
+    torch_bn = (nn.BatchNorm1d if layout == "2d" else nn.BatchNorm2d)(shape[1], eps=EPS).double()
+    with torch.no_grad():
+        torch_bn.weight.copy_(bn.gamma.reshape(-1))
+        torch_bn.bias.copy_(bn.beta.reshape(-1))
+    x2 = x.detach().clone().requires_grad_()
+    y, y_ref = bn(x), torch_bn(x2)
+    torch.testing.assert_close(y, y_ref)
+    upstream = torch.randn_like(y)
+    (y * upstream).sum().backward()
+    (y_ref * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(bn.gamma.grad.reshape(-1), torch_bn.weight.grad)
+    torch.testing.assert_close(bn.beta.grad.reshape(-1), torch_bn.bias.grad)
+    assert bn.gamma.grad.shape == shape
+
+
+def test_shape_must_have_size_one_at_reduced_dims():
+    with pytest.raises(ValueError):
+        BatchNorm((4, 6), (0,), eps=EPS, momentum=0.1)
+
+
+def _trained(layout: str, momentum: float, batches: int = 3):
+    _, dims, shape = LAYOUTS[layout]
+    torch.manual_seed(1)
+    bn = BatchNorm(shape, dims, eps=EPS, momentum=momentum).double()
+    with torch.no_grad():
+        bn.gamma.copy_(torch.rand(shape, dtype=torch.float64) + 0.5)
+        bn.beta.copy_(torch.randn(shape, dtype=torch.float64))
+    seen = []
+    for seed in range(batches):
+        x, *_ = _inputs(layout, seed=10 + seed)
+        x = x.detach()
+        seen.append(x)
+        bn.train()
+        bn(x)
+    return bn, seen, dims
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_population_variance_is_unbiased(layout):
+    """Alg. 2: Var[x] = m/(m-1) E_B[sigma_B^2]; with momentum 1 the averages are the last batch's statistics."""
+    bn, seen, dims = _trained(layout, momentum=1.0)
+    last = seen[-1]
+    m = last.numel() // bn.gamma.numel()
+    assert int(bn.m) == m
+    mean_b, var_b = _biased_stats(last, dims)
+    torch.testing.assert_close(bn.mean_avg, mean_b)
+    torch.testing.assert_close(bn.var_avg, var_b)
+    scale, shift = bn.affine()
+    want_scale = bn.gamma / torch.sqrt(m / (m - 1) * var_b + EPS)
+    torch.testing.assert_close(scale, want_scale)
+    torch.testing.assert_close(shift, bn.beta - mean_b * want_scale)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_moving_averages(layout):
+    momentum = 0.3
+    bn, seen, dims = _trained(layout, momentum=momentum)
+    mean, var = torch.zeros_like(bn.mean_avg), torch.ones_like(bn.var_avg)
+    for x in seen:
+        mean_b, var_b = _biased_stats(x, dims)
+        mean, var = (1 - momentum) * mean + momentum * mean_b, (1 - momentum) * var + momentum * var_b
+    torch.testing.assert_close(bn.mean_avg, mean)
+    torch.testing.assert_close(bn.var_avg, var)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_eval_mode_matches_torch_with_population_statistics(layout):
+    bn, seen, dims = _trained(layout, momentum=1.0)
+    last = seen[-1]
+    m = last.numel() // bn.gamma.numel()
+    mean_b, var_b = _biased_stats(last, dims)
+    bn.eval()
+    x, *_ = _inputs(layout, seed=99)
+    x = x.detach()
+    y = bn(x)
+    y_ref = _reference(x, bn.gamma.detach(), bn.beta.detach(), training=False,
+                       running_mean=mean_b.reshape(-1), running_var=(var_b * m / (m - 1)).reshape(-1))
+    torch.testing.assert_close(y, y_ref)
+    # eval mode neither uses nor changes the batch statistics
+    before = bn.mean_avg.clone(), bn.var_avg.clone()
+    torch.testing.assert_close(bn(x[:2]), y[:2])
+    assert torch.equal(bn.mean_avg, before[0]) and torch.equal(bn.var_avg, before[1])
+
+
+def test_inference_affine_formula():
+    gamma, beta = torch.tensor([[2.0, 0.5]], dtype=torch.float64), torch.tensor([[0.1, -1.0]], dtype=torch.float64)
+    mean, var = torch.tensor([[1.0, -2.0]], dtype=torch.float64), torch.tensor([[4.0, 0.25]], dtype=torch.float64)
+    scale, shift = inference_affine(gamma, beta, mean, var, 5, 0.0)
+    unbiased = var * 5 / 4
+    torch.testing.assert_close(scale, gamma / unbiased.sqrt())
+    torch.testing.assert_close(shift, beta - mean * gamma / unbiased.sqrt())
+
+
+def _linear_and_bn(bias: bool):
+    torch.manual_seed(0)
+    linear = nn.Linear(7, 4, bias=bias).double()
+    bn = BatchNorm((1, 4), (0,), eps=EPS, momentum=0.5).double()
+    with torch.no_grad():
+        bn.gamma.copy_(torch.rand(1, 4, dtype=torch.float64) + 0.5)
+        bn.beta.copy_(torch.randn(1, 4, dtype=torch.float64))
+        for _ in range(3):
+            bn(linear(torch.randn(16, 7, dtype=torch.float64) * 2 + 1))
+    bn.eval()
+    return linear, bn
+
+
+def test_fold_linear_in_input_by_output_layout():
+    """The layout MLPStack uses: W (in, out), scale/shift (1, out), bias (out,)."""
+    linear, bn = _linear_and_bn(bias=True)
+    x = torch.randn(10, 7, dtype=torch.float64)
+    want = bn(linear(x)).detach()
+    scale, shift = bn.affine()
+    weight, bias = fold_linear(linear.weight.detach().T, linear.bias.detach(), scale, shift)
+    torch.testing.assert_close(x @ weight + bias, want)
+
+
+def test_fold_linear_in_torch_layout_without_bias():
+    """nn.Linear's layout, W (out, in): scale as a column; no bias before BN (Sec. 3.2 drops it)."""
+    linear, bn = _linear_and_bn(bias=False)
+    x = torch.randn(10, 7, dtype=torch.float64)
+    want = bn(linear(x)).detach()
+    scale, shift = bn.affine()
+    weight, bias = fold_linear(linear.weight.detach(), None, scale.view(-1, 1), shift.view(-1))
+    assert weight.shape == linear.weight.shape
+    torch.testing.assert_close(x @ weight.T + bias, want)
+
+
+def test_fold_linear_in_torch_layout_with_bias():
+    linear, bn = _linear_and_bn(bias=True)
+    x = torch.randn(10, 7, dtype=torch.float64)
+    want = bn(linear(x)).detach()
+    scale, shift = bn.affine()
+    weight, bias = fold_linear(linear.weight.detach(), linear.bias.detach(), scale.view(-1, 1), shift.view(-1))
+    assert bias.shape == (4,)
+    torch.testing.assert_close(F.linear(x, weight, bias), want)

@@ -1,0 +1,498 @@
+"""The real command line, each command its own process (exit codes, stdout/stderr, run folders).
+
+The Ctrl-C tests start the `bnrepro` console script itself; the other commands are forked from one process
+that has already imported the package (forked_cli.py), which does what the console script does and saves
+the ~4 s torch/torchvision import per command. Every process gets its own BNREPRO_CACHE (nothing downloads)
+and one CPU thread, and runs with stdin from /dev/null and no COLUMNS, i.e. as in a pipe, a log file or
+CI, where rich formats for 80 columns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import REPO, write_mnist
+
+from bnrepro import recipes
+from bnrepro.errors import UserError
+from bnrepro.experiments.mnist import resolve_device
+from bnrepro.runs import new_run_dir
+
+BNREPRO = shutil.which("bnrepro", path=str(Path(sys.executable).parent)) or shutil.which("bnrepro")
+pytestmark = pytest.mark.skipif(BNREPRO is None, reason="the bnrepro console script is not installed")
+
+COLUMNS = ["variant", "seed", "step", "test_accuracy", "train_loss", "p15", "p50", "p85"]
+
+
+def cli_env(cache: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "BNREPRO_DATA")}
+    env.update(BNREPRO_CACHE=str(cache), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+def bnrepro(*args, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([BNREPRO, *map(str, args)], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def start(*args, env: dict[str, str]) -> subprocess.Popen:
+    """Start `bnrepro` with the default SIGINT disposition (as from a terminal), whatever pytest inherited."""
+    return subprocess.Popen([BNREPRO, *map(str, args)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def runs_under(out: Path) -> list[Path]:
+    folder = Path(out) / "mnist"
+    return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
+def squeeze(text: str) -> str:
+    """``text`` without any whitespace: finds a message however the console wrapped it."""
+    return re.sub(r"\s+", "", text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One short end-to-end run, a second run, and the report.
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    data, out, env = write_mnist(root / "data"), root / "out", cli_env(root / "cache")
+    common = ["--data-dir", str(data), "--out", str(out), "--no-progress", "--device", "cpu"]
+    done = run_many({  # one after the other
+        "first": ["mnist", "--steps", "300", "--seeds", "2", *common, "--set", "eval.every=100"],
+        "second": ["mnist", "--steps", "0", *common],
+        "report": ["report", "--results", str(out)],
+    }, env)
+    first, second = runs_under(out)  # folder names sort by start time
+    return SimpleNamespace(root=root, data=data, out=out, overrides=["eval.every=100", "train.steps=300"],
+                           first=done["first"], second=done["second"], report=done["report"], run=first,
+                           other=second)
+
+
+def test_mnist_run_prints_the_summary_and_its_folder(e2e):
+    assert e2e.first.returncode == 0
+    assert "Traceback" not in e2e.first.stderr
+    assert e2e.first.stderr.strip() == ""
+    assert e2e.first.stdout.count("results:") == 1
+    assert squeeze(str(e2e.run)) in squeeze(e2e.first.stdout)
+    assert "With BN" in e2e.first.stdout and "Without BN" in e2e.first.stdout
+
+
+def test_metrics_csv(e2e):
+    metrics = pd.read_csv(e2e.run / "metrics.csv")
+    assert list(metrics.columns) == COLUMNS
+    assert sorted(metrics.step.unique()) == [0, 100, 200, 300]
+    assert sorted(metrics.variant.unique()) == ["baseline", "bn"]
+    assert sorted(metrics.seed.unique()) == [0, 1]
+    assert len(metrics) == 4 * 2 * 2
+    assert not metrics.duplicated(["variant", "seed", "step"]).any()
+    trained = metrics[metrics.step > 0]
+    for column in COLUMNS[3:]:
+        assert trained[column].map(math.isfinite).all(), column
+    assert trained.test_accuracy.between(0, 1).all()
+    assert (trained.train_loss > 0).all()
+    assert (trained.p15 <= trained.p50).all() and (trained.p50 <= trained.p85).all()
+    final = metrics[metrics.step == 300]
+    assert (final.test_accuracy > 0.2).all()  # learnable fake data: well above chance (0.1)
+
+
+def test_summary_json(e2e):
+    summary = json.loads((e2e.run / "summary.json").read_text())
+    assert summary["steps"] == 300
+    assert summary["baseline"] == "baseline"
+    assert set(summary["variants"]) == {"baseline", "bn"}
+    assert summary["divergences"] == []
+    metrics = pd.read_csv(e2e.run / "metrics.csv")
+    for name, v in summary["variants"].items():
+        assert v["seeds"] == 2
+        finals = metrics[(metrics.variant == name) & (metrics.step == 300)].test_accuracy
+        assert math.isfinite(v["final_test_accuracy_mean"]) and math.isfinite(v["final_test_accuracy_std"])
+        assert v["final_test_accuracy_mean"] > 0.2
+        assert v["final_test_accuracy_mean"] == pytest.approx(finals.mean(), abs=1e-9)
+        assert v["final_test_accuracy_std"] == pytest.approx(finals.std(ddof=1), abs=1e-9)
+    assert summary["variants"]["bn"]["label"] == "With BN"
+    assert summary["variants"]["baseline"]["label"] == "Without BN"
+
+
+def test_recipes_yaml_is_the_resolved_recipes(e2e):
+    resolved = yaml.safe_load((e2e.run / "recipes.yaml").read_text())
+    assert set(resolved) == {"baseline", "bn"}
+    for name in resolved:
+        assert resolved[name] == recipes.load(f"mnist/{name}", e2e.overrides).model_dump(mode="json")
+    assert resolved["bn"]["train"]["steps"] == 300 and resolved["bn"]["eval"]["every"] == 100
+
+
+def test_manifest_json(e2e):
+    manifest = json.loads((e2e.run / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["experiment"] == "mnist"
+    assert manifest["seeds"] == [0, 1]
+    assert manifest["data_seed"] == 0
+    for name in ("baseline", "bn"):
+        entry = manifest["recipes"][name]
+        assert entry["source"] == f"mnist/{name}"
+        assert entry["digest"] == recipes.load(f"mnist/{name}", e2e.overrides).digest
+    assert manifest["data"]["matches_official_md5"] is False
+    assert manifest["data"]["source"] == str(e2e.data / "mnist" / "raw")
+    for package in ("python", "torch", "bnrepro"):
+        assert manifest["versions"][package] not in ("", "absent")
+    assert manifest["versions"]["torch"] == metadata.version("torch")
+    assert "CPU" in manifest["device"]
+    if (REPO / ".git").exists() and shutil.which("git"):
+        assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", manifest["git_commit"]), manifest["git_commit"]
+    else:
+        assert manifest["git_commit"]
+    assert isinstance(manifest["wall_seconds"], (int, float)) and manifest["wall_seconds"] >= 0
+    assert manifest["started"] and manifest["finished"]
+
+
+def test_no_checkpoint_or_temporary_file_left(e2e):
+    for run in (e2e.run, e2e.other):
+        assert sorted(p.name for p in run.iterdir()) == ["manifest.json", "metrics.csv", "recipes.yaml",
+                                                         "summary.json"]
+
+
+def test_a_second_run_gets_a_new_folder(e2e):
+    assert e2e.second.returncode == 0, e2e.second.stderr
+    assert runs_under(e2e.out) == [e2e.run, e2e.other]
+    assert squeeze(str(e2e.other)) in squeeze(e2e.second.stdout)
+    assert json.loads((e2e.other / "summary.json").read_text())["steps"] == 0
+    assert sorted(pd.read_csv(e2e.other / "metrics.csv").step.unique()) == [0]
+    # the first run is untouched
+    assert json.loads((e2e.run / "summary.json").read_text())["steps"] == 300
+    assert sorted(pd.read_csv(e2e.run / "metrics.csv").step.unique()) == [0, 100, 200, 300]
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError):
+            resolve_device("cuda")
+
+
+def test_new_run_dir_never_reuses_a_folder(tmp_path):
+    made = [new_run_dir(tmp_path) for _ in range(3)]
+    assert len(set(made)) == 3
+    assert all(p.is_dir() and p.parent == tmp_path and not any(p.iterdir()) for p in made)
+
+
+def test_report(e2e):
+    assert e2e.report.returncode == 0, e2e.report.stderr
+    folder = e2e.out / "report"
+    png, svg, md = folder / "fig1_mnist.png", folder / "fig1_mnist.svg", folder / "mnist.md"
+    for path in (png, svg, md):
+        assert path.is_file() and path.stat().st_size > 0
+        assert squeeze(str(path)) in squeeze(e2e.report.stdout)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<svg" in svg.read_text()
+    text = md.read_text()
+    assert "With BN" in text and "Without BN" in text
+    for run in runs_under(e2e.out):
+        assert run.name in text
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Short commands and every user error, forked one after the other from one process (see run_many).
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _bad_deflate(path: Path) -> None:
+    import gzip
+
+    path.write_bytes(gzip.compress(b"x")[:10] + b"\xff" * 64)
+
+
+ERRORS = {
+    # name: (arguments after `mnist`, words the message must contain)
+    "unknown-key": (["--set", "train.lrr=1"], ["train.lrr"]),
+    "wrong-type": (["--set", "train.steps=abc"], ["train.steps"]),
+    "bad-set-syntax": (["--set", "k"], ["'k'"]),
+    "negative-steps": (["--steps", "-1"], ["--steps", "-1"]),
+    "zero-seeds": (["--seeds", "0"], ["--seeds"]),
+    "unknown-recipe": (["--recipe", "nope"], ["nope"]),
+    "missing-data": (["--data-dir", "{root}/nowhere"], ["{root}/nowhere/mnist/raw", "{root}/nowhere/MNIST/raw"]),
+    "truncated-data": (["--data-dir", "{root}/truncated"], ["train-images-idx3-ubyte.gz"]),
+    "corrupt-deflate": (["--data-dir", "{root}/deflate"], ["t10k-labels-idx1-ubyte.gz"]),
+    "unwritable-out": (["--out", "{root}/a-file/out"], ["{root}/a-file/out"]),
+    "no-cuda": (["--device", "cuda"], ["cuda"]),
+    "resume-complete": (["--resume", "{root}/complete-run"], ["already complete"]),
+    "resume-not-a-run": (["--resume", "{root}/data"], ["not an MNIST run folder"]),
+    "resume-no-checkpoint": (["--resume", "{root}/no-checkpoint-run"], ["{root}/no-checkpoint-run/checkpoint.pt"]),
+    "batch-larger-than-data": (["--set", "train.batch_size=601"], ["601", "600"]),
+    "probe-unit-out-of-range": (["--set", "eval.probe_unit=100"], ["probe_unit"]),
+    "percentile-out-of-range": (["--set", "eval.percentiles=[150]"], ["percentiles"]),
+}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quick")
+    env = cli_env(root / "cache")
+    data = write_mnist(root / "data")
+    _truncate(write_mnist(root / "truncated") / "mnist" / "raw" / "train-images-idx3-ubyte.gz")
+    _bad_deflate(write_mnist(root / "deflate") / "mnist" / "raw" / "t10k-labels-idx1-ubyte.gz")
+    (root / "a-file").write_text("a regular file, not a folder\n")
+    (root / "complete-run").mkdir()
+    (root / "complete-run" / "manifest.json").write_text(json.dumps({"experiment": "mnist", "status": "complete"}))
+    (root / "complete-run" / "recipes.yaml").write_text("{}\n")
+    (root / "no-checkpoint-run").mkdir()  # a run that died before its first checkpoint
+    resolved = {name: recipes.load(f"mnist/{name}").model_dump(mode="json") for name in ("baseline", "bn")}
+    (root / "no-checkpoint-run" / "recipes.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    (root / "no-checkpoint-run" / "manifest.json").write_text(json.dumps(
+        {"experiment": "mnist", "status": "interrupted", "seeds": [0], "data_seed": 0}))
+
+    commands = {"recipes-list": ["recipes", "list"], "recipes-show": ["recipes", "show", "mnist/bn"],
+                "recipes-show-set": ["recipes", "show", "mnist/baseline", "--set", "train.lr=0.1"],
+                "report-nothing": ["report", "--results", str(root / "no-results")],
+                # a learning rate that overflows float32 within two steps, for every member
+                "diverge": ["mnist", "--steps", "100", "--seeds", "2", "--data-dir", str(data), "--out",
+                            str(root / "diverge"), "--no-progress", "--device", "cpu", "--set", "eval.every=50",
+                            "--set", "train.lr=1e38"]}
+    for name, (args, _) in ERRORS.items():
+        args = [a.format(root=root) for a in args]
+        out = [] if "--out" in args else ["--out", str(root / name / "out")]
+        data_dir = [] if "--data-dir" in args else ["--data-dir", str(data)]
+        device = [] if "--device" in args else ["--device", "cpu"]
+        steps = [] if any("steps" in a for a in args) else ["--steps", "5"]  # --steps would win over --set
+        commands[name] = ["mnist", "--no-progress", *steps, *out, *data_dir, *device, *args]
+    return SimpleNamespace(root=root, results=run_many(commands, env))
+
+
+def run_many(commands: dict[str, list[str]], env: dict[str, str]) -> dict[str, subprocess.CompletedProcess]:
+    """Each command as its own `bnrepro` process: forked from one process that has imported the package (see
+    forked_cli.py), which saves the ~4 s import per command; without os.fork, plain subprocesses."""
+    if not hasattr(os, "fork"):
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            return dict(zip(commands, pool.map(lambda args: bnrepro(*args, env=env), commands.values())))
+    driver = subprocess.run([sys.executable, str(Path(__file__).with_name("forked_cli.py"))],
+                            input=json.dumps(commands), capture_output=True, text=True, env=env, timeout=600)
+    assert driver.returncode == 0, driver.stderr
+    return {name: subprocess.CompletedProcess(commands[name], r["returncode"], r["stdout"], r["stderr"])
+            for name, r in json.loads(driver.stdout).items()}
+
+
+def test_recipes_list(quick):
+    result = quick.results["recipes-list"]
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for name in ("mnist/baseline", "mnist/bn"):
+        assert any(line.startswith(name + " ") for line in lines), result.stdout
+
+
+def test_recipes_show(quick):
+    result = quick.results["recipes-show"]
+    assert result.returncode == 0, result.stderr
+    assert f"digest {recipes.load('mnist/bn').digest}" in result.stdout
+    assert re.search(r"^\s+batch_norm: true$", result.stdout, re.M)
+    assert re.search(r"^label: With BN$", result.stdout, re.M)
+    shown = quick.results["recipes-show-set"]
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"^\s+lr: 0\.1$", shown.stdout, re.M)
+    assert re.search(r"^\s+batch_norm: false$", shown.stdout, re.M)
+
+
+def test_recipes_show_prints_the_resolved_recipe_as_yaml(quick):
+    shown = yaml.safe_load(quick.results["recipes-show"].stdout)
+    assert shown == recipes.load("mnist/bn").model_dump(mode="json")
+
+
+def test_report_without_runs_is_a_user_error(quick):
+    result = quick.results["report-nothing"]
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
+
+
+def _error_params():
+    for name in ERRORS:
+        extra = [pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible")] * (name == "no-cuda")
+        yield pytest.param(name, marks=extra, id=name)
+
+
+@pytest.mark.parametrize("name", list(_error_params()))
+def test_user_error_exit_code_message_and_no_run_folder(quick, name):
+    result = quick.results[name]
+    _, words = ERRORS[name]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ")
+    assert result.stderr.count("error:") == 1
+    assert result.stdout.strip() == ""
+    for word in words:
+        assert squeeze(word.format(root=quick.root)) in squeeze(result.stderr), (word, result.stderr)
+    assert runs_under(quick.root / name / "out") == []
+    if name == "unwritable-out":
+        assert (quick.root / "a-file").is_file()
+
+
+@pytest.mark.parametrize("name", list(_error_params()))
+def test_user_error_is_exactly_one_line(quick, name):
+    result = quick.results[name]
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.endswith("\n")
+
+
+def test_ctrl_c_before_the_first_checkpoint_exits_130(monkeypatch, capsys):
+    from bnrepro import cli
+    from bnrepro.experiments import mnist as experiment
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "run", interrupted)
+    monkeypatch.setattr(sys, "argv", ["bnrepro", "mnist", "--no-progress"])
+    with pytest.raises(SystemExit) as caught:
+        cli.main()
+    assert caught.value.code == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Divergence: a learning rate that overflows float32 within two steps, for every member.
+
+def test_divergence_is_recorded_not_a_crash(quick):
+    result = quick.results["diverge"]
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    (run,) = runs_under(quick.root / "diverge")
+    summary = json.loads((run / "summary.json").read_text())
+    members = {(d["variant"], d["seed"]) for d in summary["divergences"]}
+    assert members == {("baseline", 0), ("baseline", 1), ("bn", 0), ("bn", 1)}
+    for d in summary["divergences"]:
+        assert set(d) == {"variant", "seed", "step"}
+        assert isinstance(d["step"], int) and 1 <= d["step"] <= 50
+    assert summary["steps"] == 50  # every member diverged: training stopped at the next evaluation
+    assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
+    assert not (run / "checkpoint.pt").exists()
+    assert (run / "metrics.csv").is_file()
+    assert "diverged" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ctrl-C: a checkpoint at the next step boundary, exit code 130, and an exact resume.
+
+STEPS = 1000
+
+
+def _wait_for_training(out: Path, proc: subprocess.Popen, deadline: float) -> Path | None:
+    """The run folder, once its manifest says training has started (status 'interrupted' until it ends)."""
+    while time.monotonic() < deadline and proc.poll() is None:
+        for manifest in Path(out).glob("mnist/*/manifest.json"):
+            try:
+                if json.loads(manifest.read_text()).get("status") == "interrupted":
+                    return manifest.parent
+            except ValueError:
+                pass  # being replaced right now
+        time.sleep(0.05)
+    return None
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sigint")
+    data, env = write_mnist(root / "data"), cli_env(root / "cache")
+    args = ["mnist", "--steps", STEPS, "--seeds", 1, "--data-seed", 3, "--data-dir", data, "--no-progress",
+            "--device", "cpu", "--set", "eval.every=250"]
+    started: list[subprocess.Popen] = []
+    try:
+        reference = start(*args, "--out", root / "reference", env=env)  # the same run, never interrupted
+        started.append(reference)
+        cut = _interrupt(args, root, env, started)
+        resumed = bnrepro("mnist", "--resume", cut.run, "--data-dir", data, "--no-progress", "--device", "cpu",
+                          env=env)
+        _, ref_err = reference.communicate(timeout=300)
+        assert reference.returncode == 0, ref_err
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    (ref_run,) = runs_under(root / "reference")
+    return SimpleNamespace(cut=cut, resumed=resumed, run=cut.run, reference=ref_run)
+
+
+def _interrupt(args, root: Path, env, started: list) -> SimpleNamespace:
+    """Start the run, wait until it is training, send one SIGINT; retried with another delay if the signal
+    came before the training loop (or after the run ended), which timing alone cannot rule out."""
+    delay, attempts = 0.5, []
+    for attempt in range(5):
+        out = root / f"cut{attempt}"
+        proc = start(*args, "--out", out, env=env)
+        started.append(proc)
+        if _wait_for_training(out, proc, time.monotonic() + 180) is not None:
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=180)
+        runs = runs_under(out)
+        run = runs[0] if runs else None
+        attempts.append((delay, proc.returncode, stderr[-1000:]))
+        if proc.returncode == 130 and run is not None and (run / "checkpoint.pt").exists():
+            return SimpleNamespace(returncode=proc.returncode, stderr=stderr, run=run,
+                                   checkpoint=(run / "checkpoint.pt").is_file(),
+                                   has_metrics=(run / "metrics.csv").exists(),
+                                   manifest=json.loads((run / "manifest.json").read_text()))
+        delay = delay / 4 if run is not None and (run / "metrics.csv").exists() else delay * 2
+    pytest.fail(f"could not interrupt a run inside its training loop: {attempts}")
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(interrupted):
+    cut = interrupted.cut
+    assert cut.returncode == 130
+    assert cut.checkpoint
+    assert not cut.has_metrics
+    assert cut.manifest["status"] == "interrupted"
+    assert "Traceback" not in cut.stderr
+    step = int(re.search(r"interrupted at step (\d+)", cut.stderr).group(1))
+    assert 0 < step <= STEPS
+    assert f"bnrepromnist--resume{squeeze(str(cut.run))}" in squeeze(cut.stderr)
+
+
+def test_ctrl_c_message_is_one_line_with_the_resume_command(interrupted):
+    stderr = interrupted.cut.stderr
+    assert len(stderr.splitlines()) == 1, stderr
+    assert f"bnrepro mnist --resume {interrupted.run}" in stderr
+
+
+def test_resume_finishes_the_run(interrupted):
+    result = interrupted.resumed
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((interrupted.run / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert len(manifest["resumed"]) == 1
+    assert not (interrupted.run / "checkpoint.pt").exists()
+    assert sorted(pd.read_csv(interrupted.run / "metrics.csv").step.unique()) == list(range(0, STEPS + 1, 250))
+
+
+def test_resumed_run_equals_the_uninterrupted_run(interrupted):
+    assert interrupted.resumed.returncode == 0, interrupted.resumed.stderr
+    got = pd.read_csv(interrupted.run / "metrics.csv")
+    want = pd.read_csv(interrupted.reference / "metrics.csv")
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=0, atol=1e-6)
+    got_summary = json.loads((interrupted.run / "summary.json").read_text())
+    want_summary = json.loads((interrupted.reference / "summary.json").read_text())
+    assert got_summary == want_summary

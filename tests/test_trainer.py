@@ -1,0 +1,159 @@
+"""The shared training loop: divergence bookkeeping, and an interrupt at a chosen step that resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from bnrepro.engine.trainer import Interrupted, Schedule, train
+from bnrepro.experiments import mnist as experiment
+
+
+class ToyTask:
+    """Members fit w[i] to a target that moves with the step; member ``bad`` turns NaN at step ``nan_step``."""
+
+    def __init__(self, members: int, bad: tuple[int, ...] = (), nan_step: int | None = None):
+        self.model = nn.Module()
+        self.model.w = nn.Parameter(torch.zeros(members, dtype=torch.float64))
+        self.members, self.bad, self.nan_step = members, bad, nan_step
+        self.evaluations: list[tuple[int, list[float]]] = []
+
+    def target(self, step: int) -> torch.Tensor:
+        return torch.arange(self.members, dtype=torch.float64) + step % 3
+
+    def losses(self, step: int) -> torch.Tensor:
+        loss = (self.model.w - self.target(step)) ** 2
+        if step == self.nan_step:
+            poison = torch.ones(self.members, dtype=torch.float64)
+            poison[list(self.bad)] = math.nan
+            loss = loss * poison
+        return loss
+
+    def evaluate(self, step: int, train_loss: torch.Tensor) -> dict[str, float]:
+        self.evaluations.append((step, train_loss.tolist()))
+        return {}
+
+    def state_dict(self):
+        return {"evaluations": self.evaluations}
+
+    def load_state_dict(self, state):
+        self.evaluations = list(state["evaluations"])
+
+
+def _train(task, tmp_path, steps=20, every=5):
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.1)
+    return train(task, optimizer, Schedule(steps, every, checkpoint_every=1000), tmp_path / "ckpt.pt",
+                 members=task.members, show_progress=False)
+
+
+def test_train_loss_is_the_mean_over_the_interval(tmp_path):
+    task = ToyTask(2)
+    reference = ToyTask(2)
+    optimizer = torch.optim.SGD(reference.model.parameters(), lr=0.1)
+    expected = []
+    for step in range(5):
+        loss = reference.losses(step)
+        expected.append(loss.detach().clone())
+        optimizer.zero_grad()
+        loss.sum().backward()
+        optimizer.step()
+    _train(task, tmp_path, steps=5, every=5)
+    assert [step for step, _ in task.evaluations] == [0, 5]
+    assert all(math.isnan(v) for v in task.evaluations[0][1])  # nothing trained yet at step 0
+    torch.testing.assert_close(torch.tensor(task.evaluations[1][1], dtype=torch.float64),
+                               torch.stack(expected).mean(0))
+    torch.testing.assert_close(task.model.w.detach(), reference.model.w.detach())
+
+
+def test_one_member_diverges_and_the_others_go_on(tmp_path):
+    task = ToyTask(3, bad=(1,), nan_step=7)
+    log = _train(task, tmp_path)
+    assert log.diverged_at == [None, 8, None]  # the 8th step (index 7) produced the NaN
+    assert [step for step, _ in task.evaluations] == [0, 5, 10, 15, 20]
+    last = task.evaluations[-1][1]
+    assert math.isfinite(last[0]) and math.isfinite(last[2]) and math.isnan(last[1])
+    assert torch.isfinite(task.model.w[[0, 2]]).all()
+
+
+def test_training_stops_once_every_member_has_diverged(tmp_path):
+    task = ToyTask(2, bad=(0, 1), nan_step=6)
+    log = _train(task, tmp_path)
+    assert log.diverged_at == [7, 7]
+    assert [step for step, _ in task.evaluations] == [0, 5, 10]  # stopped at the first evaluation after
+
+
+def test_interrupt_then_resume_is_exact(tmp_path):
+    def run(checkpoint, stop_at=None):
+        task = ToyTask(2)
+        optimizer = torch.optim.SGD(task.model.parameters(), lr=0.1, momentum=0.9)  # optimizer state matters
+        losses = task.losses
+
+        def losses_then_signal(step):
+            if step == stop_at:
+                os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C in the middle of a step
+            return losses(step)
+
+        task.losses = losses_then_signal
+        schedule = Schedule(20, 5, checkpoint_every=1000)
+        try:
+            train(task, optimizer, schedule, checkpoint, members=2, show_progress=False)
+        except Interrupted as stop:
+            return task, stop
+        return task, None
+
+    handler = signal.getsignal(signal.SIGINT)
+    whole, stop = run(tmp_path / "a.pt")
+    assert stop is None
+    first, stop = run(tmp_path / "b.pt", stop_at=7)
+    assert stop is not None and stop.step == 8 and stop.path == tmp_path / "b.pt"
+    assert (tmp_path / "b.pt").is_file()
+
+    task = ToyTask(2)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.1, momentum=0.9)
+    train(task, optimizer, Schedule(20, 5, checkpoint_every=1000), tmp_path / "b.pt", members=2, resume=True,
+          show_progress=False)
+    assert [step for step, _ in task.evaluations] == [step for step, _ in whole.evaluations] == [0, 5, 10, 15, 20]
+    torch.testing.assert_close(torch.tensor([loss for _, loss in task.evaluations]),
+                               torch.tensor([loss for _, loss in whole.evaluations]), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(task.model.w, whole.model.w)
+    assert signal.getsignal(signal.SIGINT) is handler  # the loop gave the previous handler back
+
+
+def test_mnist_resume_after_an_interrupt_mid_interval_is_exact(fake_mnist, tmp_path, monkeypatch):
+    """The real MNIST task: Ctrl-C at step 130 (between evaluations), resume, compare with a run never stopped."""
+    settings = dict(overrides=["train.steps=250", "eval.every=100"], seeds=2, data_seed=5, device_name_="cpu",
+                    data_dir=fake_mnist, show_progress=False)
+    whole = experiment.run(experiment.DEFAULT_VARIANTS, out=tmp_path / "whole", **settings)
+
+    losses = experiment.MnistTask.losses
+
+    def losses_then_signal(self, step):
+        if step == 129:
+            os.kill(os.getpid(), signal.SIGINT)
+        return losses(self, step)
+
+    monkeypatch.setattr(experiment.MnistTask, "losses", losses_then_signal)
+    with pytest.raises(Interrupted) as caught:
+        experiment.run(experiment.DEFAULT_VARIANTS, out=tmp_path / "cut", **settings)
+    monkeypatch.setattr(experiment.MnistTask, "losses", losses)
+    run_dir = caught.value.path.parent
+    assert caught.value.step == 130
+    assert (run_dir / experiment.CHECKPOINT).is_file()
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "interrupted"
+    assert not (run_dir / "metrics.csv").exists()
+
+    assert experiment.resume(run_dir, "cpu", fake_mnist, show_progress=False) == run_dir
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert len(manifest["resumed"]) == 1
+    assert not (run_dir / experiment.CHECKPOINT).exists()
+    pd.testing.assert_frame_equal(pd.read_csv(run_dir / "metrics.csv"), pd.read_csv(whole / "metrics.csv"),
+                                  check_exact=False, rtol=0, atol=1e-6)
+    assert json.loads((run_dir / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())
