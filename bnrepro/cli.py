@@ -81,6 +81,22 @@ def recipes_show(name: str, set_: Overrides = None) -> None:
     recipe = recipes.load(name, set_ or [])
     console.print(f"# {name}  (digest {recipe.digest})", highlight=False)
     console.print(recipes.to_yaml(recipe), highlight=False, markup=False)
+    if isinstance(recipe, recipes.ImagenetRecipe):
+        for line in _profile_epochs(recipe):
+            console.print(line, highlight=False, markup=False)
+
+
+def _profile_epochs(recipe: recipes.ImagenetRecipe) -> list[str]:
+    """Budgets are in steps; these YAML comments say what they mean in epochs of each profile's data."""
+    decay = recipe.train.lr_decay
+    lines = ["# profiles in epochs (steps x batch / training examples):"]
+    for name, p in recipe.profiles.items():
+        decay_epochs = decay.every_epochs / decay.speedup
+        decay_steps = decay_epochs * p.train_examples / p.batch_size
+        lines.append(f"#   {name}: budget {p.steps:,} steps = {p.epochs(p.steps):,.1f} epochs; evaluate every "
+                     f"{p.eval_every:,} steps = {p.epochs(p.eval_every):,.2f} epochs; lr x{decay.rate} every "
+                     f"{decay_steps:,.0f} steps = {decay_epochs:.2f} epochs")
+    return lines
 
 
 @recipes_app.command("diff")

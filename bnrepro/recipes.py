@@ -205,13 +205,19 @@ def available() -> list[str]:
 
 
 def _path(name: str) -> Path:
+    """A recipe file from a path, a full name (``imagenet/bn-x30``) or a unique short name (``bn-x30``)."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
     path = RECIPES_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise UserError(f"no recipe named '{name}'; `bnrepro recipes list` shows the {len(available())} there are")
-    return path
+    if path.is_file():
+        return path
+    matches = [full for full in available() if full.rsplit("/", 1)[-1] == name]
+    if len(matches) == 1:
+        return RECIPES_DIR / f"{matches[0]}.yaml"
+    if matches:
+        raise UserError(f"recipe name '{name}' is ambiguous: {', '.join(matches)}")
+    raise UserError(f"no recipe named '{name}'; `bnrepro recipes list` shows the {len(available())} there are")
 
 
 def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:

@@ -88,3 +88,16 @@ def _path() -> str:
     import os
 
     return os.environ["PATH"]
+
+
+def test_short_names_and_epochs_in_show():
+    assert recipes.load("bn-x30").digest == recipes.load("imagenet/bn-x30").digest
+    with pytest.raises(UserError):
+        recipes.load("no-such-recipe")
+    out = subprocess.run(["bnrepro", "recipes", "show", "bn-x30"], capture_output=True, text=True,
+                         env={"PATH": _path()})
+    assert out.returncode == 0
+    import yaml
+
+    assert yaml.safe_load(out.stdout)["train"]["lr"] == 0.045  # still valid YAML: epochs come as comments
+    assert "31,000,000 steps = 774.3 epochs" in out.stdout
