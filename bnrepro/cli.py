@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -53,6 +55,72 @@ def mnist(
 
     console.print(summary_table(run_dir))
     console.print(f"results: {run_dir}")
+
+
+@app.command()
+def imagenet(
+    recipe: Annotated[str | None, typer.Option(help="Recipe to train, e.g. bn-x30 (`bnrepro recipes list`).")] = None,
+    profile: Annotated[str, typer.Option(help="paper (ImageNet), proxy (small data, one GPU) or smoke.")] = "paper",
+    dataset_dir: Annotated[Path | None, typer.Option(help="train/ and val/ class folders, or packed shards.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps (default: the profile's budget).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights, data order and augmentation.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (under torchrun: one GPU per process).")] = "auto",
+    workers: Annotated[int, typer.Option(help="Data-loading worker processes per replica.")] = 4,
+    compile: Annotated[bool, typer.Option(help="torch.compile the network.")] = False,
+    out: Annotated[Path, typer.Option(help="Results folder; the run goes to OUT/imagenet/<recipe>-<time>.")] = Path(
+        "results"),
+    set_: Overrides = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run folder.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """The ImageNet experiments (Figs. 2-3): train one recipe; many GPUs with `torchrun -m bnrepro imagenet`."""
+    import torch
+
+    from bnrepro.engine.distributed import Replicas
+    from bnrepro.experiments import imagenet as experiment
+
+    if steps is not None and steps < 0:
+        raise UserError(f"--steps must be 0 or more, not {steps}")
+    if workers < 0:
+        raise UserError(f"--workers must be 0 or more, not {workers}")
+    how = dict(device=device, workers=workers, compile=compile, show_progress=progress)
+    replicas = Replicas.from_environment("nccl" if device != "cpu" and torch.cuda.is_available() else "gloo")
+    try:
+        if resume is not None:
+            run_dir = experiment.resume(resume, None, replicas, dataset_dir, **how)
+        else:
+            if recipe is None or dataset_dir is None:
+                raise UserError("give --recipe NAME and --dataset-dir DIR (or --resume RUN_FOLDER)")
+            overrides = list(set_ or []) + ([f"profiles.{profile}.steps={steps}"] if steps is not None else [])
+            options = experiment.Options(dataset_dir, seed=seed, **how)
+            run_dir = experiment.run(recipe, profile, overrides, options, out, replicas)
+    finally:
+        replicas.close()
+    if replicas.is_main:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        console.print(imagenet_summary(summary), highlight=False)
+        console.print(f"results: {run_dir}")
+
+
+def imagenet_summary(summary: dict) -> str:
+    best = "—" if summary["max_top1"] is None else \
+        f"{100 * summary['max_top1']:.2f}% at step {summary['max_top1_step']:,}"
+    diverged = f"; diverged at step {summary['diverged_at']:,}" if summary["diverged_at"] else ""
+    return f"{summary['label']} ({summary['profile']}): {summary['steps']:,} steps, best top-1 {best}{diverged}"
+
+
+@app.command()
+def pack(
+    source: Annotated[Path, typer.Argument(help="train/ (and val/) class folders, or MNIST-format idx files.")],
+    dest: Annotated[Path, typer.Argument(help="Where the shards go.")],
+    shard_size: Annotated[int, typer.Option(help="Examples per shard.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the one fixed packing order.")] = 0,
+) -> None:
+    """Pack a data set into WebDataset tar shards, so `train.shuffle` (shards / within_shard) means what it says."""
+    from bnrepro.data.images import pack as pack_shards
+
+    for split, count in pack_shards(source, dest, shard_size, seed).items():
+        console.print(f"{split}: {count:,} examples in {-(-count // shard_size)} shards under {dest}")
 
 
 @app.command()
@@ -121,8 +189,10 @@ def main() -> None:
         errors.print(f"[red]error:[/red] {err}", highlight=False)
         sys.exit(2)
     except Interrupted as stop:
-        errors.print(f"interrupted at step {stop.step}; checkpoint saved. Continue with: "
-                     f"bnrepro mnist --resume {stop.path.parent}", highlight=False)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for all replicas
+            command = stop.path.parent.parent.name  # runs live in OUT/<experiment>/<run>
+            errors.print(f"interrupted at step {stop.step}; checkpoint saved. Continue with: "
+                         f"bnrepro {command} --resume {stop.path.parent}", highlight=False)
         sys.exit(130)
     except KeyboardInterrupt:
         errors.print("interrupted; no checkpoint was written now (a run folder holding an earlier "

@@ -131,7 +131,9 @@ class ImagenetTrain(Strict):
     l2_multiplier: float = Field(ge=0, description="Sec. 4.2.1 change 3: 0.2 = reduced 5x")
     lr_decay: LrDecay
     shuffle: Literal["shards", "within_shard"] = Field(description="Sec. 4.2.1 change 6")
+    shuffle_buffer_shards: int = Field(gt=0, description="within_shard: examples mix across this many shards")
     distortions: Literal["full", "reduced"] = Field(description="Sec. 4.2.1 change 7")
+    bn_sync: bool = Field(description="BN statistics over all DDP replicas (the paper: per replica)")
 
     @property
     def weight_decay(self) -> float:
@@ -153,6 +155,8 @@ class ImagenetData(Strict):
     flip: bool
     photometric: dict[Literal["full", "reduced"], Photometric]
     eval_resize: float = Field(gt=1, description="evaluation: resize the shorter side to resolution * this")
+    mean: tuple[float, float, float] = Field(description="per-channel input mean (pixels in [0, 1])")
+    std: tuple[float, float, float] = Field(description="per-channel input std")
 
 
 class Profile(Strict):

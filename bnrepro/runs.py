@@ -51,10 +51,10 @@ def check_writable(folder: Path) -> None:
         raise UserError(f"cannot write results to {folder} ({err.strerror}); choose another --out") from None
 
 
-def new_run_dir(parent: Path) -> Path:
-    """A fresh folder ``parent/YYYYmmdd-HHMMSS[-n]``; an existing run is never reused."""
+def new_run_dir(parent: Path, prefix: str = "") -> Path:
+    """A fresh folder ``parent/[prefix]YYYYmmdd-HHMMSS[-n]``; an existing run is never reused."""
     check_writable(parent)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = prefix + datetime.now().strftime("%Y%m%d-%H%M%S")
     for n in range(1000):
         path = Path(parent) / (stamp if n == 0 else f"{stamp}-{n}")
         try:

@@ -46,7 +46,9 @@ def main() -> None:
     commands: dict[str, list[str]] = json.load(sys.stdin)
     import bnrepro.cli  # noqa: F401  (the imports every command would otherwise repeat)
     import bnrepro.data.mnist  # noqa: F401
+    import bnrepro.experiments.imagenet  # noqa: F401
     import bnrepro.experiments.mnist  # noqa: F401
+    import bnrepro.report.imagenet  # noqa: F401
     import bnrepro.report.mnist  # noqa: F401
 
     results = {}

@@ -226,3 +226,61 @@ def test_fold_linear_in_torch_layout_with_bias():
     weight, bias = fold_linear(linear.weight.detach(), linear.bias.detach(), scale.view(-1, 1), shift.view(-1))
     assert bias.shape == (4,)
     torch.testing.assert_close(F.linear(x, weight, bias), want)
+
+
+def _sync_worker(rank: int, world: int, port: int, results) -> None:
+    """One replica: BN over its half of the batch, statistics synchronised with the other replica."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    x, weight, gamma, beta = _sync_inputs()
+    part = slice(rank * 4, rank * 4 + 4)
+    leaves = [t.clone().requires_grad_() for t in (x[part], gamma, beta)]
+    y, mean, var = batch_norm_train(*leaves, (0, 2, 3), 1e-3, sync=True)
+    (y * weight[part]).sum().backward()  # this replica's share of the loss
+    grad_gamma, grad_beta = leaves[1].grad.clone(), leaves[2].grad.clone()
+    for grad in (grad_gamma, grad_beta):
+        dist.all_reduce(grad)  # what DDP does with parameter gradients (up to its averaging)
+    results.put((rank, y.detach(), leaves[0].grad, grad_gamma, grad_beta, mean, var))
+    dist.destroy_process_group()
+
+
+def _sync_inputs():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 5, 3, 3, generator=generator, dtype=torch.float64) * 3 + 1
+    weight = torch.randn(8, 5, 3, 3, generator=generator, dtype=torch.float64)
+    gamma, beta = (torch.randn(1, 5, 1, 1, generator=generator, dtype=torch.float64) for _ in range(2))
+    return x, weight, gamma, beta
+
+
+def test_synchronised_bn_over_two_processes_equals_bn_over_the_whole_batch():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_sync_worker, args=(rank, 2, port, results)) for rank in range(2)]
+    for p in processes:
+        p.start()
+    found = dict((item[0], item[1:]) for item in (results.get(timeout=120) for _ in processes))
+    for p in processes:
+        p.join(timeout=60)
+    x, weight, gamma, beta = _sync_inputs()
+    leaves = [t.clone().requires_grad_() for t in (x, gamma, beta)]
+    y, mean, var = batch_norm_train(*leaves, (0, 2, 3), 1e-3)
+    (y * weight).sum().backward()
+    for rank, (y_part, grad_x, grad_gamma, grad_beta, mean_r, var_r) in found.items():
+        part = slice(rank * 4, rank * 4 + 4)
+        torch.testing.assert_close(y_part, y.detach()[part])
+        torch.testing.assert_close(grad_x, leaves[0].grad[part])
+        torch.testing.assert_close(grad_gamma, leaves[1].grad)
+        torch.testing.assert_close(grad_beta, leaves[2].grad)
+        torch.testing.assert_close(mean_r, mean)
+        torch.testing.assert_close(var_r, var)

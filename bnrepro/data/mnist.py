@@ -75,10 +75,10 @@ def load(data_dir: Path | None = None, download: bool = True) -> MnistArrays:
     if folder is None:
         looked = ", ".join(str(root / name / "raw") for name in ("mnist", "MNIST"))
         raise UserError(f"MNIST not found (looked in {looked}); {HOW_TO_GET}")
-    return _read(folder)
+    return read_folder(folder)
 
 
-def _read(folder: Path) -> MnistArrays:
+def read_folder(folder: Path) -> MnistArrays:
     """Parse the idx files with torchvision, from a scratch copy laid out the way its MNIST class expects."""
     official = all(check_integrity(str(folder / name), md5) for name, md5 in MNIST.resources)
     with tempfile.TemporaryDirectory() as scratch:

@@ -5,6 +5,10 @@ mini-batch and returns one loss per *member* (a seed or variant trained alongsid
 ImageNet run has one). Members share no parameters, so back-propagating the sum gives each exactly its
 own gradient. A member whose loss turns NaN/inf is recorded as diverged at that step and the others go
 on; the run stops early only when every member has diverged.
+
+Under DDP (``replicas``) every replica runs this same loop; losses are averaged over replicas before they
+are logged, and stop requests are agreed on, so all replicas take every decision at the same step. Only
+the main replica writes checkpoints and shows progress.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from bnrepro.engine import checkpoint
+from bnrepro.engine.distributed import SINGLE_PROCESS, Replicas
 
 
 class Task(Protocol):
@@ -65,6 +70,7 @@ class LossLog:
     since: int = 0
     rows: list[Tensor] = field(default_factory=list)
     diverged_at: list[int | None] = field(default_factory=list)
+    checked: int = 0  # rows already scanned for divergence
 
     def __post_init__(self):
         self.diverged_at = self.diverged_at or [None] * self.members
@@ -72,16 +78,23 @@ class LossLog:
     def add(self, losses: Tensor) -> None:
         self.rows.append(losses.detach())
 
+    def all_diverged(self) -> bool:
+        """Scan the rows not yet scanned for the first non-finite loss of each member; True once all have one."""
+        if self.checked < len(self.rows):
+            bad = ~torch.isfinite(torch.stack(self.rows[self.checked:]).cpu())
+            for member in range(self.members):
+                if self.diverged_at[member] is None and bad[:, member].any():
+                    self.diverged_at[member] = self.since + self.checked + int(bad[:, member].nonzero()[0]) + 1
+            self.checked = len(self.rows)
+        return all(step is not None for step in self.diverged_at)
+
     def close_interval(self, step: int) -> Tensor:
         """Mean loss per member over the interval ending at ``step``; notes new divergences."""
         if not self.rows:
             return torch.full((self.members,), float("nan"))
+        self.all_diverged()
         history = torch.stack(self.rows).cpu()
-        bad = ~torch.isfinite(history)
-        for member in range(self.members):
-            if self.diverged_at[member] is None and bad[:, member].any():
-                self.diverged_at[member] = self.since + int(bad[:, member].nonzero()[0]) + 1
-        self.since, self.rows = step, []
+        self.since, self.rows, self.checked = step, [], 0
         return history.mean(0)
 
     def state_dict(self) -> dict[str, Any]:
@@ -89,7 +102,7 @@ class LossLog:
         return {"since": self.since, "rows": rows, "diverged_at": [-1 if s is None else s for s in self.diverged_at]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.since, self.rows = state["since"], list(state["rows"])
+        self.since, self.rows, self.checked = state["since"], list(state["rows"]), 0
         self.diverged_at = [None if s < 0 else s for s in state["diverged_at"]]
 
 
@@ -103,8 +116,15 @@ def train(
     resume: bool = False,
     show_progress: bool = True,
     describe: Callable[[dict[str, float]], str] = lambda shown: "",
+    learning_rate: Callable[[int], float] | None = None,
+    replicas: Replicas = SINGLE_PROCESS,
+    rate: tuple[str, float] = ("steps", 1.0),
 ) -> LossLog:
-    """Train ``task`` for ``schedule.steps`` steps (continuing from the checkpoint if ``resume``)."""
+    """Train ``task`` for ``schedule.steps`` steps (continuing from the checkpoint if ``resume``).
+
+    ``learning_rate(step)`` sets the rate of every step (a pure function, so resuming needs no scheduler
+    state); ``rate`` names what the progress bar counts per second and how many of it one step processes.
+    """
     log, start = LossLog(members), 0
     if resume:
         state = checkpoint.load(checkpoint_path)
@@ -112,52 +132,77 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         task.load_state_dict(state["task"])
         log.load_state_dict(state["log"])
+        _set_rng_state(state["rng"][replicas.rank])
         start = state["step"]
 
     def save(step: int) -> None:
-        checkpoint.save(checkpoint_path, {"step": step, "model": task.model.state_dict(),
-                                          "optimizer": optimizer.state_dict(), "task": task.state_dict(),
-                                          "log": log.state_dict()})
+        task_state = task.state_dict()  # first: it may synchronise replicas' BN statistics
+        rng = replicas.gather(_rng_state())  # every replica's, so each resumes with its own dropout stream
+        if replicas.is_main:
+            checkpoint.save(checkpoint_path, {"step": step, "model": task.model.state_dict(),
+                                              "optimizer": optimizer.state_dict(), "task": task_state,
+                                              "log": log.state_dict(), "rng": rng})
 
     shown: dict[str, float] = {}
     if start == 0:
         shown = task.evaluate(0, log.close_interval(0))
-    with _StopRequests() as stop, _progress(show_progress) as progress:
+    unit, per_step = rate
+    with _StopRequests() as stop, _progress(show_progress and replicas.is_main, unit) as progress:
         bar = progress.add_task(describe(shown), total=schedule.steps, completed=start, rate="-")
-        tick = time.perf_counter()
+        tick, ticked = time.perf_counter(), start
         for step in range(start, schedule.steps):
+            if learning_rate is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step)  # the schedule is a function of the step alone
             task.model.train()
             losses = task.losses(step)  # forward pass on this step's mini-batch: one loss per member
             optimizer.zero_grad(set_to_none=True)  # the last step's gradients are spent
             losses.sum().backward()  # members share no parameters, so each gets exactly its own gradient
             optimizer.step()  # one SGD update of every member
-            log.add(losses)  # kept for the train-loss column and to date any divergence
+            log.add(replicas.mean(losses.detach()))  # for the train-loss column and to date any divergence
             done = step + 1
-            if done % schedule.eval_every == 0 or done == schedule.steps:
+            last = done == schedule.steps
+            evaluate = done % schedule.eval_every == 0 or last
+            checks = evaluate or done % 50 == 0  # divergence, progress and (under DDP) stop requests
+            diverged = checks and log.all_diverged()  # every member's loss is NaN/inf: nothing left to train
+            if evaluate or diverged:
                 task.model.eval()
                 shown = task.evaluate(done, log.close_interval(done))  # test metrics with population statistics
-                if all(s is not None for s in log.diverged_at):
-                    save(done)
-                    break  # every member diverged: nothing left to train
-            if done % schedule.checkpoint_every == 0 or done == schedule.steps:
+            if diverged:
                 save(done)
-            if stop.requested:
+                break
+            if done % schedule.checkpoint_every == 0 or last:
+                save(done)
+            if (checks or not replicas.distributed) and replicas.any(stop.requested):
                 save(done)
                 raise Interrupted(done, checkpoint_path)
-            if done % 50 == 0 or done == schedule.steps:
+            if checks:
                 now = time.perf_counter()
-                rate = f"{50 / max(now - tick, 1e-9):,.0f}"
-                progress.update(bar, completed=done, description=describe(shown), rate=rate)
-                tick = now
+                speed = f"{(done - ticked) * per_step / max(now - tick, 1e-9):,.0f}"
+                progress.update(bar, completed=done, description=describe(shown), rate=speed)
+                tick, ticked = now, done
     return log
 
 
-def _progress(enabled: bool) -> Progress:
+def _rng_state() -> dict[str, Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _progress(enabled: bool, unit: str) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} steps/s"),
+        TextColumn(f"{{task.fields[rate]}} {unit}/s"),
         TimeRemainingColumn(),
         disable=not enabled,
         transient=False,

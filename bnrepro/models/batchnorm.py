@@ -15,6 +15,7 @@ have size 1 there, so (batch, features) uses ``(0,)``, convolutions (N, C, H, W)
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 
@@ -64,8 +65,51 @@ class _BatchNormTrain(torch.autograd.Function):
         return *bn_backward(grad_y, x_hat, gamma, inv_std, ctx.dims), None, None
 
 
-def batch_norm_train(x: Tensor, gamma: Tensor, beta: Tensor, dims: tuple[int, ...], eps: float):
-    """Normalize ``x`` over ``dims`` with batch statistics; returns (y, batch mean, biased batch variance)."""
+class _SyncBatchNormTrain(torch.autograd.Function):
+    """Alg. 1 over the union of every replica's mini-batch (the ``sync`` option under DDP).
+
+    Forward all-reduces the sums behind the mean and the biased variance; backward all-reduces the two sums
+    the closed-form gradient needs, so each replica gets d(sum of all replicas' losses)/dx for its own x.
+    gamma and beta get this replica's share, which DDP then averages like every other parameter gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gamma: Tensor, beta: Tensor, dims: tuple[int, ...], eps: float):
+        count = torch.tensor([x.numel() // gamma.numel()], dtype=x.dtype, device=x.device)
+        total = torch.cat([x.sum(dims).reshape(-1), count])
+        dist.all_reduce(total)
+        m = total[-1]
+        mean = (total[:-1] / m).reshape(gamma.shape)
+        centered = x - mean
+        var = centered.square().sum(dims, keepdim=True)
+        dist.all_reduce(var)
+        var = var / m
+        inv_std = (var + eps).rsqrt()
+        x_hat = centered.mul_(inv_std)
+        ctx.save_for_backward(x_hat, gamma, inv_std, m)
+        ctx.dims = dims
+        ctx.mark_non_differentiable(mean, var)
+        return torch.addcmul(beta, gamma, x_hat), mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor):
+        x_hat, gamma, inv_std, m = ctx.saved_tensors
+        grad_beta = grad_y.sum(ctx.dims, keepdim=True)
+        grad_gamma = (grad_y * x_hat).sum(ctx.dims, keepdim=True)
+        sums = torch.cat([grad_beta.reshape(-1), grad_gamma.reshape(-1)])
+        dist.all_reduce(sums)
+        all_beta, all_gamma = (part.reshape(gamma.shape) for part in sums.chunk(2))
+        correction = torch.addcmul(all_beta, x_hat, all_gamma).div_(m)
+        return (grad_y - correction).mul_(gamma * inv_std), grad_gamma, grad_beta, None, None
+
+
+def batch_norm_train(x: Tensor, gamma: Tensor, beta: Tensor, dims: tuple[int, ...], eps: float, sync: bool = False):
+    """Normalize ``x`` over ``dims`` with batch statistics; returns (y, batch mean, biased batch variance).
+
+    ``sync``: the statistics are those of all DDP replicas' mini-batches together (needs a process group).
+    """
+    if sync:
+        return _SyncBatchNormTrain.apply(x, gamma, beta, dims, eps)
     return _BatchNormTrain.apply(x, gamma, beta, dims, eps)
 
 
@@ -77,6 +121,7 @@ class BatchNorm(nn.Module):
         if any(shape[d] != 1 for d in reduce_dims):
             raise ValueError(f"shape {shape} must have size 1 at the reduced dims {reduce_dims}")
         self.reduce_dims, self.eps, self.momentum = tuple(reduce_dims), eps, momentum
+        self.sync = False  # statistics over all DDP replicas' mini-batches (off: per replica, as the paper)
         self.gamma = nn.Parameter(torch.ones(shape))
         self.beta = nn.Parameter(torch.zeros(shape))
         # E_B[mu_B] and E_B[sigma_B^2] (biased), tracked as moving averages; m is the batch's value count
@@ -90,8 +135,8 @@ class BatchNorm(nn.Module):
         if not self.training:
             scale, shift = self.affine()
             return torch.addcmul(shift, x, scale).to(dtype)
-        y, mean, var = batch_norm_train(x, self.gamma, self.beta, self.reduce_dims, self.eps)
-        self.track(mean, var, x.numel() // mean.numel())
+        y, mean, var = batch_norm_train(x, self.gamma, self.beta, self.reduce_dims, self.eps, self.synced)
+        self.track(mean, var, x.numel() // mean.numel() * (dist.get_world_size() if self.synced else 1))
         return y.to(dtype)
 
     @torch.no_grad()
@@ -100,6 +145,10 @@ class BatchNorm(nn.Module):
         self.mean_avg.lerp_(mean, self.momentum)
         self.var_avg.lerp_(var, self.momentum)
         self.m.fill_(m)
+
+    @property
+    def synced(self) -> bool:
+        return self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def affine(self) -> tuple[Tensor, Tensor]:
         """The inference transform y = scale * x + shift (Alg. 2, step 11)."""

@@ -1,0 +1,361 @@
+"""Image classification data for the ImageNet recipes: class folders, or WebDataset tar shards.
+
+Every example of a split has an address (an image file, or a member of a tar shard) and a label. ImageNet
+folders named by wnid get the standard 0..999 labels (sorted-wnid order), so a subset of the classes keeps
+its real labels; any other class-folder data set numbers its classes in sorted order.
+
+The training stream is a pure function of (seed, position): the order of epoch e comes from (seed, e), and
+the example at stream position p is augmented with its own seed. Step k's mini-batch is therefore the same
+whether or not the run was interrupted and resumed, and DDP replicas take disjoint slices of each global
+batch. The order is where Sec. 4.2.1's shuffling lives:
+
+- ``full`` (folders): a fresh permutation of all examples every epoch;
+- ``shards``: the shard order is shuffled, examples inside a shard come in stored order, so the same
+  examples keep meeting in the same mini-batches, epoch after epoch;
+- ``within_shard``: examples are also shuffled inside and across a buffer of consecutive shards
+  (the paper's change 6, "within-shard shuffling").
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_png
+from torchvision.transforms import v2
+
+from bnrepro.errors import UserError
+from bnrepro.runs import atomic_write
+
+IMAGE_SUFFIXES = {".jpeg": "jpg", ".jpg": "jpg", ".png": "png", ".webp": "webp", ".gif": "gif"}
+Order = Literal["full", "shards", "within_shard"]
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ILSVRC-2012 wnids in the standard label order (sorted wnids)."""
+    text = resources.files("bnrepro.data").joinpath("imagenet_classes.txt").read_text()
+    return [line.split("\t")[1] for line in text.splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Where each example of one split lies: ``files[file_of[i]]`` from byte ``offset[i]``, ``size[i]`` bytes
+    (-1: the whole file). ``shard_starts`` bounds the shards' example ranges; ``None`` for a folder."""
+
+    files: list[str]
+    file_of: np.ndarray
+    offset: np.ndarray
+    size: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    shard_starts: np.ndarray | None
+    where: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard_starts is not None
+
+    def read(self, i: int) -> bytes:
+        with open(self.files[self.file_of[i]], "rb") as f:
+            f.seek(int(self.offset[i]))
+            return f.read(int(self.size[i]))
+
+    def name(self, i: int) -> str:
+        where = self.files[self.file_of[i]]
+        return f"{where}@{self.offset[i]}" if self.sharded else where
+
+
+def class_names(folder: Path) -> list[str]:
+    """Labels of a class-folder split: all 1000 wnids if every folder is one, else the sorted folder names."""
+    found = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if not found:
+        raise UserError(f"{folder} has no class folders; expected {folder}/<class>/<image files>")
+    wnids = imagenet_wnids()
+    return wnids if set(found) <= set(wnids) else found
+
+
+def open_split(root: Path, split: str, classes: list[str] | None = None) -> Split:
+    """``root/split/<class>/*`` (folders) or ``root/split-*.tar`` (shards written by ``bnrepro pack``)."""
+    root = Path(root)
+    shards = sorted(root.glob(f"{split}-*.tar"))
+    if shards:
+        return _open_shards(root, shards)
+    if (root / split).is_dir():
+        return _open_folder(root / split, classes or class_names(root / split))
+    raise UserError(f"no '{split}' data in {root}: expected {root}/{split}/<class>/<images> or "
+                    f"{root}/{split}-*.tar shards (see `bnrepro pack`)")
+
+
+def _open_folder(folder: Path, classes: list[str]) -> Split:
+    index = {name: i for i, name in enumerate(classes)}
+    files, labels = [], []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.is_dir():
+            continue
+        if entry.name not in index:
+            raise UserError(f"class folder {entry.path} is not one of the training classes")
+        for image in sorted(os.scandir(entry.path), key=lambda e: e.name):
+            if Path(image.name).suffix.lower() in IMAGE_SUFFIXES:
+                files.append(image.path)
+                labels.append(index[entry.name])
+    if not files:
+        raise UserError(f"no images (.jpeg/.jpg/.png/.webp/.gif) under {folder}/<class>/")
+    n = len(files)
+    return Split(files, np.arange(n), np.zeros(n, np.int64), np.full(n, -1, np.int64), np.array(labels, np.int64),
+                 classes, None, str(folder))
+
+
+def _open_shards(root: Path, shards: list[Path]) -> Split:
+    """Index WebDataset shards: members ``<key>.<image ext>`` and ``<key>.cls`` (the label), in stored order."""
+    classes_file = root / "classes.txt"
+    if not classes_file.is_file():
+        raise UserError(f"{classes_file} is missing: shards need it for their class names (`bnrepro pack` writes it)")
+    classes = classes_file.read_text().split()
+    file_of, offset, size, labels, starts = [], [], [], [], [0]
+    for number, shard in enumerate(shards):
+        try:
+            images, found = {}, {}
+            with tarfile.open(shard, "r:") as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    if ext == "cls":
+                        found[key] = int(tar.extractfile(member).read())
+                    elif f".{ext.lower()}" in IMAGE_SUFFIXES:
+                        images[key] = (member.offset_data, member.size)
+        except (OSError, tarfile.TarError, ValueError) as err:
+            raise UserError(f"shard {shard} is unreadable ({err.__class__.__name__}); pack it again") from None
+        for key, (start, length) in images.items():
+            if key in found:
+                file_of.append(number)
+                offset.append(start)
+                size.append(length)
+                labels.append(found[key])
+        starts.append(len(labels))
+    if not labels:
+        raise UserError(f"the shards in {root} hold no <key>.<image> + <key>.cls pairs")
+    if max(labels) >= len(classes):
+        raise UserError(f"shards in {root} have label {max(labels)} but classes.txt lists {len(classes)} classes")
+    return Split([str(s) for s in shards], np.array(file_of), np.array(offset, np.int64), np.array(size, np.int64),
+                 np.array(labels, np.int64), classes, np.array(starts, np.int64), f"{len(shards)} shards in {root}")
+
+
+# --- packing ---------------------------------------------------------------------------------------------
+
+
+def pack(source: Path, dest: Path, shard_size: int = 1000, seed: int = 0) -> dict[str, int]:
+    """Write ``source`` (class folders, or an MNIST/Fashion-MNIST ``raw`` folder of idx .gz files) as WebDataset
+    tar shards ``dest/{train,val}-NNNNNN.tar`` plus ``dest/classes.txt``.
+
+    Examples are packed in one fixed random order (``seed``), so each shard holds a mix of classes, as a
+    data set's shards would; image bytes are stored as they are (idx images become PNGs).
+    Returns the number of examples written per split.
+    """
+    from bnrepro.data import mnist
+
+    source, dest = Path(source), Path(dest)
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be at least 1, not {shard_size}")
+    if (source / "train-labels-idx1-ubyte.gz").is_file() or (source / "train-labels-idx1-ubyte").is_file():
+        arrays = mnist.read_folder(source)
+        classes = _idx_class_names(source)
+        splits = {"train": (arrays.train_images, arrays.train_labels), "val": (arrays.test_images, arrays.test_labels)}
+        items = {name: [(lambda im=im: encode_png(im[None]).numpy().tobytes(), "png", int(label))
+                        for im, label in zip(images, labels)] for name, (images, labels) in splits.items()}
+    elif (source / "train").is_dir():
+        classes = class_names(source / "train")
+        items = {}
+        for name in ("train", "val"):
+            if (source / name).is_dir():
+                split = _open_folder(source / name, classes)
+                items[name] = [(lambda path=path: Path(path).read_bytes(), IMAGE_SUFFIXES[Path(path).suffix.lower()],
+                                int(label)) for path, label in zip(split.files, split.labels)]
+    else:
+        raise UserError(f"{source} holds neither train/<class>/ folders nor MNIST-format idx files; nothing to pack")
+    dest.mkdir(parents=True, exist_ok=True)
+    atomic_write(dest / "classes.txt", "\n".join(classes) + "\n")
+    counts = {}
+    for name, examples in items.items():
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+        for number, first in enumerate(range(0, len(order), shard_size)):
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for i in order[first:first + shard_size]:
+                    read, ext, label = examples[i]
+                    key = f"{name}{i:08d}"
+                    _add(tar, f"{key}.{ext}", read())
+                    _add(tar, f"{key}.cls", str(label).encode())
+            atomic_write(dest / f"{name}-{number:06d}.tar", buffer.getvalue())
+        counts[name] = len(order)
+    return counts
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o644  # mtime 0: the same data packs to the same bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _idx_class_names(source: Path) -> list[str]:
+    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets.utils import check_integrity
+
+    name, md5 = FashionMNIST.resources[1]  # the train labels tell the two data sets apart
+    fashion = check_integrity(str(source / name), md5)
+    return [c.replace(" ", "_").replace("/", "-") for c in FashionMNIST.classes] if fashion \
+        else [str(digit) for digit in range(10)]
+
+
+# --- transforms ------------------------------------------------------------------------------------------
+
+
+def decode(data: Tensor, device: torch.device) -> Tensor | None:
+    """Encoded bytes -> uint8 RGB (3, H, W); JPEGs on the GPU when ``device`` is one. ``None`` if unreadable."""
+    try:
+        if device.type == "cuda" and data[:2].tolist() == [0xFF, 0xD8]:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return decode_image(data, mode=ImageReadMode.RGB).to(device)
+    except RuntimeError:
+        return None
+
+
+def training_transform(resolution: int, min_area: float, aspect: tuple[float, float], flip: bool,
+                       photometric: dict[str, float]) -> v2.Compose:
+    """GoogLeNet-style random-size crop, flips and colour jitter (strengths from the recipe)."""
+    steps = [v2.RandomResizedCrop(resolution, scale=(min_area, 1.0), ratio=aspect, antialias=True)]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps.append(v2.ColorJitter(**photometric))
+    return v2.Compose(steps)
+
+
+def evaluation_transform(resolution: int, resize: float) -> v2.Compose:
+    """Single centre crop: shorter side to ``resolution * resize``, then the central square."""
+    return v2.Compose([v2.Resize(round(resolution * resize), antialias=True), v2.CenterCrop(resolution)])
+
+
+def prepare(data: Tensor, transform: Callable[[Tensor], Tensor], seed: int, device: torch.device) -> Tensor | None:
+    """Decode and transform one example with its own random seed (so it is the same on every run)."""
+    image = decode(data, device)
+    if image is None:
+        return None
+    with torch.random.fork_rng(devices=[]):  # transforms v2 draw their parameters from the CPU generator
+        torch.manual_seed(seed)
+        return transform(image)
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+
+class Examples(Dataset):
+    """Item ``(position, index)`` -> ``(image or encoded bytes, label, position)``.
+
+    With ``decode_device`` CPU the worker decodes and transforms (an unreadable image gives ``None``);
+    with ``None`` it returns the encoded bytes, for the main process to decode on the GPU.
+    """
+
+    def __init__(self, split: Split, transform: Callable[[Tensor], Tensor], seed: int,
+                 decode_device: torch.device | None):
+        self.split, self.transform, self.seed, self.decode_device = split, transform, seed, decode_device
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor | None, int, int]:
+        position, index = item
+        try:
+            data = torch.frombuffer(bytearray(self.split.read(index)), dtype=torch.uint8)
+        except OSError:
+            return None, int(self.split.labels[index]), position
+        if self.decode_device is None:
+            return data, int(self.split.labels[index]), position
+        image = prepare(data, self.transform, example_seed(self.seed, position), self.decode_device)
+        return image, int(self.split.labels[index]), position
+
+
+def example_seed(seed: int, position: int) -> int:
+    return (seed << 40) + position  # positions stay below 2**40 (1e12 examples)
+
+
+@dataclass
+class Batch:
+    images: list[Tensor] | Tensor  # stacked uint8 images, or encoded bytes for the main process to decode
+    labels: Tensor
+    positions: list[int]  # stream positions of the examples kept, for their augmentation seeds
+    skipped: list[int]  # stream positions of unreadable examples (dropped from the batch)
+
+
+def collate(items: list[tuple[Tensor | None, int, int]]) -> Batch:
+    kept = [item for item in items if item[0] is not None]
+    skipped = [position for image, _, position in items if image is None]
+    images = [image for image, _, _ in kept]
+    if images and all(image.shape == images[0].shape and image.ndim == 3 for image in images):
+        images = torch.stack(images)
+    return Batch(images, torch.tensor([label for _, label, _ in kept], dtype=torch.long),
+                 [position for _, _, position in kept], skipped)
+
+
+def epoch_order(split: Split, order: Order, seed: int, epoch: int, buffer_shards: int) -> np.ndarray:
+    """The example indices of one training epoch, in the order they are seen (see the module docstring)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    if order == "full" or not split.sharded:
+        return torch.randperm(len(split), generator=generator).numpy()
+    starts = split.shard_starts
+    shards = torch.randperm(len(starts) - 1, generator=generator).tolist()
+    ranges = [np.arange(starts[s], starts[s + 1]) for s in shards]
+    if order == "shards":
+        return np.concatenate(ranges)
+    groups = [np.concatenate(ranges[i:i + buffer_shards]) for i in range(0, len(ranges), buffer_shards)]
+    return np.concatenate([group[torch.randperm(len(group), generator=generator).numpy()] for group in groups])
+
+
+class TrainingStream(Sampler):
+    """This replica's share of every global mini-batch from ``start_step`` on: step k covers stream positions
+    ``[k*B*W, (k+1)*B*W)``, replica r takes the r-th slice of B, and position p is example
+    ``epoch_order(p // N)[p % N]``."""
+
+    def __init__(self, split: Split, order: Order, seed: int, batch_size: int, rank: int, world: int,
+                 start_step: int, buffer_shards: int):
+        self.split, self.order, self.seed, self.buffer_shards = split, order, seed, buffer_shards
+        self.batch_size, self.rank, self.world, self.start_step = batch_size, rank, world, start_step
+        self._orders: dict[int, np.ndarray] = {}
+
+    def index(self, position: int) -> int:
+        epoch, within = divmod(position, len(self.split))
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(self.split, self.order, self.seed, epoch, self.buffer_shards)}
+        return int(self._orders[epoch][within])
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start_step
+        while True:
+            first = (step * self.world + self.rank) * self.batch_size
+            yield [(p, self.index(p)) for p in range(first, first + self.batch_size)]
+            step += 1
+
+
+class EvaluationBatches(Sampler):
+    """Every validation example exactly once across replicas (replica r takes r, r+W, ...), no padding."""
+
+    def __init__(self, size: int, batch_size: int, rank: int, world: int):
+        self.mine = list(range(rank, size, world))
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.mine) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for first in range(0, len(self.mine), self.batch_size):
+            yield [(i, i) for i in self.mine[first:first + self.batch_size]]

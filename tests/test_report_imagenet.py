@@ -1,0 +1,179 @@
+"""The ImageNet report (Fig. 2 curves, Fig. 3 table) on fabricated run folders: the numbers below are made up so
+that steps-to-target and speed-ups can be checked by hand; no training runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bnrepro.errors import UserError
+from bnrepro.report import build, imagenet
+
+NAN = math.nan
+LABELS = {"inception": "Inception", "bn-baseline": "BN-Baseline", "bn-x5": "BN-x5", "bn-x30": "BN-x30",
+          "inception-x5": "Inception-x5"}
+
+
+def write_run(results: Path, folder: str, recipe: str, profile: str, steps: list[int], top1: list[float], *,
+              status: str = "complete", started: str = "2026-01-02T00:00:00+00:00", diverged_at: int | None = None,
+              commit: str = "c0ffee0000000000") -> Path:
+    """A fabricated run folder in the layout `bnrepro imagenet` writes (manifest, metrics.csv, summary)."""
+    run = results / "imagenet" / folder
+    run.mkdir(parents=True)
+    label = LABELS[recipe]
+    dataset = f"fabricated {profile} data for tests"
+    (run / "manifest.json").write_text(json.dumps({
+        "experiment": "imagenet", "status": status, "recipe": recipe, "label": label, "profile": profile,
+        "dataset": dataset, "git_commit": commit, "started": started}))
+    loss = [NAN if math.isnan(t) else 7.0 - t for t in top1]
+    pd.DataFrame({"step": steps, "epoch": [s / 100 for s in steps], "train_loss": loss, "lr": 0.01,
+                  "top1": top1, "top5": [NAN if math.isnan(t) else min(1.0, 2 * t) for t in top1]}
+                 ).to_csv(run / "metrics.csv", index=False)
+    finite = [(t, s) for s, t in zip(steps, top1) if not math.isnan(t)]
+    best = max(finite)
+    (run / "summary.json").write_text(json.dumps({
+        "recipe": recipe, "label": label, "profile": profile, "steps": steps[-1], "max_top1": best[0],
+        "max_top1_step": best[1], "final_top1": top1[-1], "final_top5": NAN, "diverged_at": diverged_at}))
+    return run
+
+
+STEPS = [0, 100, 200, 300, 400, 500]
+
+
+@pytest.fixture
+def results(tmp_path):
+    root = tmp_path / "results"
+    # profile proxy: Inception's best is 0.50, first reached at step 400, so the target is 0.50
+    write_run(root, "z-older-inception", "inception", "proxy", STEPS, [0.001, 0.3, 0.3, 0.3, 0.3, 0.3],
+              started="2026-01-01T00:00:00+00:00", commit="01d0000000000000")  # superseded despite its name
+    write_run(root, "b-inception", "inception", "proxy", STEPS, [0.001, 0.1, 0.2, 0.4, 0.5, 0.45],
+              commit="1ce0000000000000")
+    write_run(root, "c-bn-baseline", "bn-baseline", "proxy", STEPS, [0.001, 0.2, 0.5, 0.55, 0.6, 0.6])
+    write_run(root, "d-bn-x5", "bn-x5", "proxy", STEPS, [0.001, 0.5, 0.6, 0.7, 0.7, 0.72])
+    write_run(root, "e-inception-x5", "inception-x5", "proxy", STEPS, [0.001, 0.05, 0.08, NAN, NAN, NAN],
+              status="diverged", diverged_at=250)
+    write_run(root, "f-bn-x30-running", "bn-x30", "proxy", STEPS, [0.001, 0.9, 0.9, 0.9, 0.9, 0.9],
+              status="running")
+    write_run(root, "g-bn-x30-interrupted", "bn-x30", "proxy", STEPS, [0.001, 0.9, 0.9, 0.9, 0.9, 0.9],
+              status="interrupted")
+    # profile paper: the target is the paper's 72.2%, whatever Inception reaches here
+    write_run(root, "p-inception", "inception", "paper", [0, 1000, 2000, 3000], [0.0, 0.5, 0.7225, 0.73])
+    write_run(root, "p-bn-x5", "bn-x5", "paper", [0, 500, 1000], [0.0, 0.722, 0.74])
+    # profile smoke: no Inception run, so no target
+    write_run(root, "s-bn-x5", "bn-x5", "smoke", [0, 10, 20], [0.0, 0.2, 0.3])
+    return root
+
+
+def table_rows(md: str, profile: str) -> dict[str, dict[str, str]]:
+    """Model -> column -> cell of the Fig. 3 table in ``profile``'s section of imagenet.md."""
+    section = md.split(f"## Profile `{profile}`")[1].split("## Profile")[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    return {row["Model"]: row for row in rows}
+
+
+def test_writes_a_figure_per_profile_and_the_table(results, tmp_path):
+    out = tmp_path / "report"
+    written = imagenet.build(results, out)
+    expected = [out / f"fig2_imagenet_{p}.{s}" for p in ("paper", "proxy", "smoke") for s in ("png", "svg")]
+    assert written == [*expected, out / "imagenet.md"]
+    for path in written:
+        assert path.is_file() and path.stat().st_size > 0
+    assert (out / "fig2_imagenet_proxy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = (out / "fig2_imagenet_proxy.svg").read_text()
+    assert "<svg" in svg and "training steps" in svg and "diverged at step 250" in svg
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_steps_to_target_and_speedups_by_hand(results, tmp_path):
+    imagenet.build(results, tmp_path / "report")
+    md = (tmp_path / "report" / "imagenet.md").read_text()
+    rows = table_rows(md, "proxy")
+    assert list(rows) == ["Inception", "BN-Baseline", "BN-x5", "Inception-x5"]  # paper's order; BN-x30 unfinished
+    assert rows["Inception"]["Steps to target"] == "400"
+    assert rows["Inception"]["Max accuracy"] == "50.0%"
+    assert rows["Inception"]["Speed-up vs Inception"] == "1.0x"
+    assert (rows["BN-Baseline"]["Steps to target"], rows["BN-Baseline"]["Speed-up vs Inception"]) == ("200", "2.0x")
+    assert (rows["BN-x5"]["Steps to target"], rows["BN-x5"]["Speed-up vs Inception"]) == ("100", "4.0x")
+    assert rows["BN-x5"]["Max accuracy"] == "72.0%"
+    assert "Target accuracy: 50.0%" in md
+
+
+def test_diverged_run_is_shown_as_diverged(results, tmp_path):
+    imagenet.build(results, tmp_path / "report")
+    md = (tmp_path / "report" / "imagenet.md").read_text()
+    row = table_rows(md, "proxy")["Inception-x5"]
+    assert row["Steps to target"] == "diverged at 250"
+    assert row["Max accuracy"] == "8.0%"  # over the finite evaluations before divergence
+    assert row["Speed-up vs Inception"] == "—"
+    assert "machine infinity" in md
+    run = {r.recipe: r for r in imagenet.finished_runs(results) if r.profile == "proxy"}["inception-x5"]
+    assert run.diverged_at == 250 and list(run.curve.step) == [0, 100, 200]  # the line Fig. 2 draws
+
+
+def test_latest_finished_run_per_recipe_and_provenance(results, tmp_path):
+    imagenet.build(results, tmp_path / "report")
+    md = (tmp_path / "report" / "imagenet.md").read_text()
+    proxy = md.split("## Profile `proxy`")[1].split("## Profile")[0]
+    assert "`imagenet/b-inception`" in proxy and "`1ce000000000`" in proxy
+    assert "fabricated proxy data for tests" in proxy
+    assert "Older finished runs, not shown: `imagenet/z-older-inception`" in proxy
+    assert "bn-x30" not in md and "BN-x30" not in table_rows(md, "proxy")  # running/interrupted are ignored
+    chosen = imagenet.latest_per_recipe(imagenet.finished_runs(results))
+    assert chosen["proxy"]["inception"].path.name == "b-inception"
+    assert list(chosen) == ["paper", "proxy", "smoke"]
+
+
+def test_paper_columns(results, tmp_path):
+    imagenet.build(results, tmp_path / "report")
+    rows = table_rows((tmp_path / "report" / "imagenet.md").read_text(), "proxy")
+    assert (rows["Inception"]["Paper: steps to 72.2%"], rows["Inception"]["Paper: max accuracy"],
+            rows["Inception"]["Paper: speed-up"]) == ("31.0e6", "72.2%", "1.0x")
+    assert (rows["BN-Baseline"]["Paper: steps to 72.2%"], rows["BN-Baseline"]["Paper: speed-up"]) == ("13.3e6", "2.3x")
+    assert (rows["BN-x5"]["Paper: steps to 72.2%"], rows["BN-x5"]["Paper: max accuracy"],
+            rows["BN-x5"]["Paper: speed-up"]) == ("2.1e6", "73.0%", "14.8x")
+    assert (rows["Inception-x5"]["Paper: steps to 72.2%"], rows["Inception-x5"]["Paper: max accuracy"]) == ("—", "—")
+    assert imagenet.PAPER_FIG3["bn-x30"] == (2.7e6, 0.748) and imagenet.PAPER_FIG3["bn-x5-sigmoid"] == (None, 0.698)
+
+
+def test_paper_profile_uses_the_papers_target(results, tmp_path):
+    imagenet.build(results, tmp_path / "report")
+    md = (tmp_path / "report" / "imagenet.md").read_text()
+    chosen = imagenet.latest_per_recipe(imagenet.finished_runs(results))
+    assert imagenet.target_for("paper", chosen["paper"]) == 0.722  # not Inception's 0.73 here
+    rows = table_rows(md, "paper")
+    assert rows["Inception"]["Steps to target"] == "2,000" and rows["Inception"]["Max accuracy"] == "73.0%"
+    assert (rows["BN-x5"]["Steps to target"], rows["BN-x5"]["Speed-up vs Inception"]) == ("500", "4.0x")
+    assert "Target accuracy: 72.2%, the paper's" in md
+
+
+def test_profile_without_inception_has_no_target(results, tmp_path):
+    imagenet.build(results, tmp_path / "report")
+    md = (tmp_path / "report" / "imagenet.md").read_text()
+    smoke = md.split("## Profile `smoke`")[1]
+    assert "no finished `inception` run" in smoke
+    row = table_rows(md, "smoke")["BN-x5"]
+    assert (row["Steps to target"], row["Max accuracy"], row["Speed-up vs Inception"]) == ("—", "30.0%", "—")
+
+
+def test_report_build_with_only_imagenet_runs(results, tmp_path):
+    out = tmp_path / "report"
+    written = build(results, out)  # no results/mnist folder: the MNIST part writes nothing
+    assert out / "imagenet.md" in written and not (out / "mnist.md").exists()
+
+
+def test_report_build_without_finished_runs_is_a_user_error(tmp_path):
+    root = tmp_path / "results"
+    write_run(root, "running", "bn-x5", "proxy", STEPS, [0.0] * 6, status="running")
+    with pytest.raises(UserError, match="no complete runs.*`bnrepro mnist` or `bnrepro imagenet`"):
+        build(root, tmp_path / "report")
+
+
+def test_markdown_table_escapes_pipes():
+    text = imagenet.markdown_table(pd.DataFrame({"a": ["x|y"], "b": [1]}))
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
