@@ -67,6 +67,7 @@ def imagenet(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (under torchrun: one GPU per process).")] = "auto",
     workers: Annotated[int, typer.Option(help="Data-loading worker processes per replica.")] = 4,
     compile: Annotated[bool, typer.Option(help="torch.compile the network.")] = False,
+    gpu_decode: Annotated[bool, typer.Option(help="On a GPU, decode JPEGs there rather than in the workers.")] = True,
     out: Annotated[Path, typer.Option(help="Results folder; the run goes to OUT/imagenet/<recipe>-<time>.")] = Path(
         "results"),
     set_: Overrides = None,
@@ -83,7 +84,7 @@ def imagenet(
         raise UserError(f"--steps must be 0 or more, not {steps}")
     if workers < 0:
         raise UserError(f"--workers must be 0 or more, not {workers}")
-    how = dict(device=device, workers=workers, compile=compile, show_progress=progress)
+    how = dict(device=device, workers=workers, compile=compile, gpu_decode=gpu_decode, show_progress=progress)
     replicas = Replicas.from_environment("nccl" if device != "cpu" and torch.cuda.is_available() else "gloo")
     try:
         if resume is not None:

@@ -85,8 +85,7 @@ def test_the_real_imagenet_sample_loads_with_standard_labels():
     assert len(split) == 250 and split.labels.tolist() == list(range(0, 1000, 4))
     transform = images.evaluation_transform(224, 256 / 224)
     for i in range(0, 250, 50):
-        image = images.prepare(torch.frombuffer(bytearray(split.read(i)), dtype=torch.uint8), transform, 0,
-                               torch.device("cpu"))
+        image = images.prepare(torch.frombuffer(bytearray(split.read(i)), dtype=torch.uint8), transform, 0)
         assert image.shape == (3, 224, 224) and image.dtype == torch.uint8
 
 
@@ -107,7 +106,7 @@ def test_idx_files_pack_as_png_shards(tmp_path):
     counts = images.pack(raw, tmp_path / "out", shard_size=500)
     split = images.open_split(tmp_path / "out", "val")
     assert len(split) == counts["val"] and split.classes == [str(d) for d in range(10)]
-    image = images.decode(torch.frombuffer(bytearray(split.read(0)), dtype=torch.uint8), torch.device("cpu"))
+    image = images.decode(torch.frombuffer(bytearray(split.read(0)), dtype=torch.uint8))
     assert image.shape == (3, 28, 28)  # grayscale comes back as RGB
 
 
@@ -158,7 +157,7 @@ def test_evaluation_counts_every_image_once_across_replicas():
 def test_corrupt_images_are_skipped_not_fatal(tmp_path):
     root = write_images(tmp_path, ["a", "b"], {"train": 2}, corrupt=True)
     split = images.open_split(root, "train")
-    examples = images.Examples(split, images.evaluation_transform(16, 1.2), 0, torch.device("cpu"))
+    examples = images.Examples(split, images.evaluation_transform(16, 1.2), 0, jpegs_as_bytes=False)
     batch = images.collate([examples[(i, i)] for i in range(len(split))])
     assert len(batch.skipped) == 1 and batch.images.shape == (4, 3, 16, 16)
 
@@ -167,12 +166,42 @@ def test_augmentation_is_a_function_of_the_example_position(folders):
     split = images.open_split(folders, "train")
     transform = images.training_transform(24, 0.08, (0.75, 1.333), True, dict(brightness=0.4, contrast=0.4,
                                                                                saturation=0.4, hue=0.1))
-    examples = images.Examples(split, transform, 3, torch.device("cpu"))
+    examples = images.Examples(split, transform, 3, jpegs_as_bytes=False)
     torch.manual_seed(0)
     a = examples[(17, 5)][0]
     torch.rand(100)  # the global generator moves on; the example must not care
     assert torch.equal(a, examples[(17, 5)][0])
     assert not torch.equal(a, examples[(18, 5)][0])
+
+
+def test_main_process_decoding_gives_the_workers_images(tmp_path):
+    """The GPU path (JPEGs left encoded, decoded in one call, then augmented) matches the workers' path; run
+    here on the CPU, and on the GPU by the gpu-marked test below. A corrupt JPEG costs only itself."""
+    root = write_images(tmp_path, ["a"], {"train": 3}, corrupt=True)
+    split = images.open_split(root, "train")
+    transform = images.training_transform(24, 0.08, (0.75, 1.333), True, dict(brightness=0.4, contrast=0.4,
+                                                                               saturation=0.4, hue=0.1))
+    by_worker = images.Examples(split, transform, 5, jpegs_as_bytes=False)
+    as_bytes = images.Examples(split, transform, 5, jpegs_as_bytes=True)
+    items = [as_bytes[(p, i)] for p, i in enumerate(range(len(split)))]
+    encoded = [image for image, _, _ in items if image.ndim == 1]
+    assert len(encoded) == 3  # two good JPEGs and the broken one; the grayscale PNG was decoded by the worker
+    decoded = iter(images.decode_jpegs_on(torch.device("cpu"), encoded))
+    for position, (image, _, _) in enumerate(items):
+        if image.ndim == 1:
+            image = next(decoded)
+            image = None if image is None else images.augment(image, transform, images.example_seed(5, position))
+        expected = by_worker[(position, position)][0]
+        assert (image is None and expected is None) or torch.equal(image, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_smoke_run_on_the_gpu_decodes_there_and_trains(folders, tmp_path):
+    options = experiment.Options(folders, device="cuda", workers=2, show_progress=False)
+    run = experiment.run("bn-x5", "smoke", ["profiles.smoke.steps=4"], options, tmp_path, SINGLE_PROCESS)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["gpu_decode"] and manifest["precision"] == "bf16 autocast" and manifest["status"] == "complete"
 
 
 def test_missing_or_empty_data_is_a_clear_error(tmp_path):

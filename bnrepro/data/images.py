@@ -221,14 +221,31 @@ def _idx_class_names(source: Path) -> list[str]:
 # --- transforms ------------------------------------------------------------------------------------------
 
 
-def decode(data: Tensor, device: torch.device) -> Tensor | None:
-    """Encoded bytes -> uint8 RGB (3, H, W); JPEGs on the GPU when ``device`` is one. ``None`` if unreadable."""
+def is_jpeg(data: Tensor) -> bool:
+    return len(data) > 2 and data[:2].tolist() == [0xFF, 0xD8]
+
+
+def decode(data: Tensor) -> Tensor | None:
+    """Encoded bytes -> uint8 RGB (3, H, W) on the CPU (grayscale comes back as RGB); ``None`` if unreadable."""
     try:
-        if device.type == "cuda" and data[:2].tolist() == [0xFF, 0xD8]:
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        return decode_image(data, mode=ImageReadMode.RGB).to(device)
+        return decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError:
         return None
+
+
+def decode_jpegs_on(device: torch.device, encoded: list[Tensor]) -> list[Tensor | None]:
+    """Many JPEGs in one call on the GPU (nvJPEG); if the batch fails, image by image, so one bad file costs
+    only itself."""
+    try:
+        return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        found: list[Tensor | None] = []
+        for data in encoded:
+            try:
+                found.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                found.append(None)
+        return found
 
 
 def training_transform(resolution: int, min_area: float, aspect: tuple[float, float], flip: bool,
@@ -246,43 +263,43 @@ def evaluation_transform(resolution: int, resize: float) -> v2.Compose:
     return v2.Compose([v2.Resize(round(resolution * resize), antialias=True), v2.CenterCrop(resolution)])
 
 
-def prepare(data: Tensor, transform: Callable[[Tensor], Tensor], seed: int, device: torch.device) -> Tensor | None:
-    """Decode and transform one example with its own random seed (so it is the same on every run)."""
-    image = decode(data, device)
-    if image is None:
-        return None
+def augment(image: Tensor, transform: Callable[[Tensor], Tensor], seed: int) -> Tensor:
+    """Transform one image with its own random seed, so it is the same on every run, on any device."""
     with torch.random.fork_rng(devices=[]):  # transforms v2 draw their parameters from the CPU generator
         torch.manual_seed(seed)
         return transform(image)
+
+
+def prepare(data: Tensor, transform: Callable[[Tensor], Tensor], seed: int) -> Tensor | None:
+    """Decode (CPU) and transform one example; ``None`` if it is unreadable."""
+    image = decode(data)
+    return None if image is None else augment(image, transform, seed)
 
 
 # --- loading ---------------------------------------------------------------------------------------------
 
 
 class Examples(Dataset):
-    """Item ``(position, index)`` -> ``(image or encoded bytes, label, position)``.
+    """Item ``(position, index)`` -> ``(image, label, position)``, decoded and transformed in the worker; an
+    unreadable image gives ``None``. With ``jpegs_as_bytes`` a JPEG comes back still encoded (1-d uint8),
+    for the main process to decode on the GPU."""
 
-    With ``decode_device`` CPU the worker decodes and transforms (an unreadable image gives ``None``);
-    with ``None`` it returns the encoded bytes, for the main process to decode on the GPU.
-    """
-
-    def __init__(self, split: Split, transform: Callable[[Tensor], Tensor], seed: int,
-                 decode_device: torch.device | None):
-        self.split, self.transform, self.seed, self.decode_device = split, transform, seed, decode_device
+    def __init__(self, split: Split, transform: Callable[[Tensor], Tensor], seed: int, jpegs_as_bytes: bool):
+        self.split, self.transform, self.seed, self.jpegs_as_bytes = split, transform, seed, jpegs_as_bytes
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor | None, int, int]:
         position, index = item
+        label = int(self.split.labels[index])
         try:
             data = torch.frombuffer(bytearray(self.split.read(index)), dtype=torch.uint8)
         except OSError:
-            return None, int(self.split.labels[index]), position
-        if self.decode_device is None:
-            return data, int(self.split.labels[index]), position
-        image = prepare(data, self.transform, example_seed(self.seed, position), self.decode_device)
-        return image, int(self.split.labels[index]), position
+            return None, label, position
+        if self.jpegs_as_bytes and is_jpeg(data):
+            return data, label, position
+        return prepare(data, self.transform, example_seed(self.seed, position)), label, position
 
 
 def example_seed(seed: int, position: int) -> int:
@@ -291,10 +308,16 @@ def example_seed(seed: int, position: int) -> int:
 
 @dataclass
 class Batch:
-    images: list[Tensor] | Tensor  # stacked uint8 images, or encoded bytes for the main process to decode
+    images: list[Tensor] | Tensor  # stacked uint8 images, or a list mixing images and still-encoded JPEGs
     labels: Tensor
     positions: list[int]  # stream positions of the examples kept, for their augmentation seeds
     skipped: list[int]  # stream positions of unreadable examples (dropped from the batch)
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader's pinning thread (pin_memory=True), so copies to the GPU can overlap."""
+        pin = lambda t: t.pin_memory()  # noqa: E731
+        pictures = pin(self.images) if isinstance(self.images, Tensor) else [pin(t) for t in self.images]
+        return Batch(pictures, pin(self.labels), self.positions, self.skipped)
 
 
 def collate(items: list[tuple[Tensor | None, int, int]]) -> Batch:

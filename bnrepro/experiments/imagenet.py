@@ -47,6 +47,7 @@ class Options:
     seed: int = 0
     workers: int = 4
     compile: bool = False
+    gpu_decode: bool = True  # on a GPU, decode JPEGs there (nvJPEG); other formats are decoded by the workers
     show_progress: bool = True
 
 
@@ -103,7 +104,7 @@ class ImagenetTask:
             profile.resolution, data.crop_min_area, data.crop_aspect, data.flip,
             data.photometric[recipe.train.distortions].model_dump())
         self.eval_transform = images.evaluation_transform(profile.resolution, data.eval_resize)
-        self.decode_device = None if device.type == "cuda" else device  # GPU: workers pass bytes, we decode here
+        self.jpegs_as_bytes = device.type == "cuda" and options.gpu_decode  # workers pass JPEGs on undecoded
         self.order = recipe.train.shuffle if train_split.sharded else "full"
         self.stream, self.next_step = None, -1
         self.rows: list[dict[str, Any]] = []
@@ -113,21 +114,28 @@ class ImagenetTask:
     # --- data ---
 
     def _loader(self, split: images.Split, transform, sampler) -> DataLoader:
-        dataset = images.Examples(split, transform, self.options.seed, self.decode_device)
+        dataset = images.Examples(split, transform, self.options.seed, self.jpegs_as_bytes)
         workers = self.options.workers
         return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=images.collate,
                           pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
                           generator=torch.Generator())  # the loader must not draw from the global RNG (resume)
 
     def _tensor(self, batch: images.Batch, transform) -> tuple[Tensor, Tensor]:
-        """uint8 images (decoded here on the GPU if the workers passed bytes) -> normalized float batch."""
+        """uint8 images (JPEGs the workers left encoded are decoded here, on the GPU) -> normalized float batch."""
         pictures, labels = batch.images, batch.labels
         if isinstance(pictures, list):
-            prepared = [images.prepare(data, transform, images.example_seed(self.options.seed, p), self.device)
-                        for data, p in zip(pictures, batch.positions)]
-            self.skipped += sum(x is None for x in prepared)
-            labels = labels[[x is not None for x in prepared]]
-            pictures = torch.stack([x for x in prepared if x is not None])
+            encoded = [i for i, t in enumerate(pictures) if t.ndim == 1]
+            decoded = images.decode_jpegs_on(self.device, [pictures[i] for i in encoded]) if encoded else []
+            pictures = [p.to(self.device, non_blocking=True) for p in pictures]
+            for i, image in zip(encoded, decoded):
+                seed = images.example_seed(self.options.seed, batch.positions[i])
+                pictures[i] = None if image is None else images.augment(image, transform, seed)
+            keep = [p is not None for p in pictures]
+            self.skipped += keep.count(False)
+            labels = labels[torch.tensor(keep, dtype=torch.bool)]
+            pictures = torch.stack([p for p in pictures if p is not None]) if any(keep) else None
+        if pictures is None:
+            return torch.empty(0, 3, self.profile.resolution, self.profile.resolution, device=self.device), labels
         x = pictures.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.scale)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -143,6 +151,8 @@ class ImagenetTask:
         self.next_step = step + 1
         self.skipped += len(batch.skipped)
         x, y = self._tensor(batch, self.train_transform)
+        if len(y) == 0:  # every image of this mini-batch was unreadable: the step changes nothing but momentum
+            return (self.model.classifier.bias.sum() * 0).view(1)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.network(x)
         return F.cross_entropy(logits.float(), y).view(1)
@@ -167,9 +177,9 @@ class ImagenetTask:
         counts = torch.zeros(3, dtype=torch.float64, device=self.device)
         for batch in self._loader(self.val_split, self.eval_transform, sampler):
             self.skipped += len(batch.skipped)
-            if len(batch.labels) == 0:
-                continue
             x, y = self._tensor(batch, self.eval_transform)
+            if len(y) == 0:
+                continue
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 top5 = self.model(x).float().topk(min(5, self.model.cfg.num_classes), dim=1).indices
             hits = top5 == y[:, None]
@@ -246,7 +256,7 @@ def run(recipe_name: str, profile_name: str, overrides: list[str], options: Opti
         "dataset_dir": str(Path(options.dataset_dir).resolve()), "seed": options.seed,
         "replicas": replicas.world, "bn_statistics": "synchronised" if recipe.train.bn_sync else "per replica",
         "global_batch": profile.batch_size * replicas.world, "deviations": deviations,
-        "compile": options.compile, "workers": options.workers,
+        "compile": options.compile, "workers": options.workers, "gpu_decode": task.jpegs_as_bytes,
         "precision": "bf16 autocast" if task.device.type == "cuda" else "fp32",
         "device": device_name(task.device), "versions": versions(), "git_commit": git_commit(),
     }
