@@ -361,3 +361,34 @@ def test_two_gloo_replicas_with_synchronised_bn_take_the_step_one_process_takes(
     assert ddp_metrics["train_loss"].iloc[-1] == pytest.approx(one_metrics["train_loss"].iloc[-1], rel=1e-5)
     correct = ddp_metrics["top1"] * 12  # 12 validation images, each counted exactly once
     assert np.allclose(correct, correct.round())
+
+
+def test_sigterm_mid_run_saves_a_checkpoint_and_says_how_to_resume(shards, tmp_path):
+    import time
+
+    from test_cli import start
+
+    out = tmp_path / "out"
+    proc = start("imagenet", "--recipe", "bn-x5", "--profile", "smoke", "--dataset-dir", shards, "--device", "cpu",
+                 "--workers", "0", "--no-progress", "--out", out, "--steps", "100000",
+                 "--set", "profiles.smoke.eval_every=1000", env=cli_env(tmp_path / "cache"))
+    deadline = time.monotonic() + 120
+    while not list(out.glob("imagenet/*/manifest.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside the training loop by now
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    (run,) = out.glob("imagenet/*")
+    assert proc.returncode == 130, stderr
+    assert squeeze(f"bnrepro imagenet --resume {run}") in squeeze(stderr)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert 0 < state["step"] < 100000
+    assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_a_compiled_smoke_run_trains(folders, tmp_path):
+    options = experiment.Options(folders, device="cpu", workers=0, compile=True, show_progress=False)
+    run = experiment.run("bn-x5", "smoke", ["profiles.smoke.steps=2"], options, tmp_path, SINGLE_PROCESS)
+    assert json.loads((run / "manifest.json").read_text())["compile"] is True
+    assert pd.read_csv(run / "metrics.csv")["train_loss"].notna().iloc[-1]
