@@ -1,0 +1,85 @@
+"""Multi-crop views for Fig. 4: 1 crop, 10 crops, and GoogLeNet's 144 crops (Szegedy et al. 2014, Sec. 7).
+
+144 crops of one image: resize it so the shorter side is 256, 288, 320 and 352; take the left, centre and
+right squares of that side (top, centre, bottom for a portrait image); from each square the 4 corner and
+the centre 224x224 crops plus the square itself resized to 224; and the mirror of each:
+4 x 3 x 6 x 2 = 144. The numbers scale with the network's resolution (e.g. 64 px: shorter sides 73-101).
+
+Every view is a ``Box`` in the coordinates of the resized image, so the geometry can be checked by hand
+(tests/test_crops.py) and the crops are cut from tensors on whatever device holds the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchvision.transforms.v2 import functional as F
+
+SCHEMES = (1, 10, 144)
+GOOGLENET_SCALES = (256, 288, 320, 352)  # shorter sides for 224-px crops
+
+
+@dataclass(frozen=True)
+class Box:
+    """Resize the image so its shorter side is ``scale``; cut rows ``top:top+side`` and columns
+    ``left:left+side``; resize that square to the crop size if it is larger; mirror it if ``mirror``."""
+
+    scale: int
+    top: int
+    left: int
+    side: int
+    mirror: bool
+
+
+def resized_shape(height: int, width: int, scale: int) -> tuple[int, int]:
+    """The shape torchvision's ``resize(image, scale)`` gives: shorter side ``scale``, the other truncated."""
+    if height <= width:
+        return scale, int(scale * width / height)
+    return int(scale * height / width), scale
+
+
+def _centre(length: int, side: int) -> int:
+    return int(round((length - side) / 2))  # as torchvision's center_crop
+
+
+def boxes(height: int, width: int, crops: int, size: int = 224) -> list[Box]:
+    """The views of an image of ``height`` x ``width`` for 1, 10 or 144 crops of ``size`` pixels."""
+    if crops not in SCHEMES:
+        raise ValueError(f"crops must be one of {SCHEMES}, not {crops}")
+    if crops in (1, 10):  # shorter side to 256/224 of the crop, then the centre (and the 4 corners)
+        scale = round(size * 256 / 224)
+        h, w = resized_shape(height, width, scale)
+        found = [Box(scale, _centre(h, size), _centre(w, size), size, False)]
+        if crops == 1:
+            return found
+        found += [Box(scale, top, left, size, False) for top in (0, h - size) for left in (0, w - size)]
+        return found + [Box(b.scale, b.top, b.left, b.side, True) for b in found]
+    found = []
+    for scale in (round(size * s / 224) for s in GOOGLENET_SCALES):
+        h, w = resized_shape(height, width, scale)
+        long_side = max(h, w)
+        for offset in (0, _centre(long_side, scale), long_side - scale):  # left/centre/right or top/centre/bottom
+            top, left = (0, offset) if h <= w else (offset, 0)
+            inner = [(0, 0), (0, scale - size), (scale - size, 0), (scale - size, scale - size),
+                     (_centre(scale, size), _centre(scale, size))]
+            views = [(top + dt, left + dl, size) for dt, dl in inner] + [(top, left, scale)]
+            found += [Box(scale, t, x, side, mirror) for mirror in (False, True) for t, x, side in views]
+    return found
+
+
+def crops_of(image: Tensor, crops: int, size: int = 224) -> Tensor:
+    """All views of one uint8 image (3, H, W) as a batch (crops, 3, size, size), on the image's device."""
+    views = boxes(image.shape[-2], image.shape[-1], crops, size)
+    resized: dict[int, Tensor] = {}
+    out = []
+    for box in views:
+        if box.scale not in resized:
+            resized[box.scale] = F.resize(image, [*resized_shape(image.shape[-2], image.shape[-1], box.scale)],
+                                          antialias=True)
+        view = resized[box.scale][:, box.top:box.top + box.side, box.left:box.left + box.side]
+        if box.side != size:
+            view = F.resize(view, [size, size], antialias=True)
+        out.append(view.flip(-1) if box.mirror else view)
+    return torch.stack(out)

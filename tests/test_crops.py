@@ -1,0 +1,84 @@
+"""Multi-crop geometry against hand-computed coordinates (GoogLeNet Sec. 7 / paper Sec. 4.2.3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SHARED_DATA
+from torchvision.transforms import v2
+
+from bnrepro.evaluate.crops import Box, boxes, crops_of, resized_shape
+
+
+def test_144_crops_of_a_landscape_image_by_hand():
+    found = boxes(375, 500, 144)  # a typical ImageNet photo, 500 wide
+    assert len(found) == 144 and len(set(found)) == 144
+    # scale 256: resized to 256 x int(256 * 500 / 375) = 256 x 341; squares at left 0, round(42.5) = 42, 85
+    first = [b for b in found if b.scale == 256]
+    assert resized_shape(375, 500, 256) == (256, 341)
+    squares = sorted({(b.top, b.left) for b in first if b.side == 256})
+    assert squares == [(0, 0), (0, 42), (0, 85)]
+    centre_square = [b for b in first if 42 <= b.left < 85 and not b.mirror]
+    assert {(b.top, b.left, b.side) for b in centre_square} == {
+        (0, 42, 224), (0, 42 + 32, 224), (32, 42, 224), (32, 74, 224),  # 4 corners (256 - 224 = 32)
+        (16, 58, 224),  # centre: 42 + 16
+        (0, 42, 256),  # the square itself, resized to 224
+    }
+    # scale 352: 352 x int(352 * 500 / 375) = 352 x 469; right square at 469 - 352 = 117; its centre crop
+    assert resized_shape(375, 500, 352) == (352, 469)
+    assert Box(352, 64, 117 + 64, 224, True) in found  # mirrored centre crop of the right square
+    assert sum(b.mirror for b in found) == 72
+
+
+def test_144_crops_of_a_portrait_image_take_top_centre_bottom_squares():
+    found = boxes(400, 300, 144)
+    assert resized_shape(400, 300, 288) == (384, 288)  # int(288 * 400 / 300)
+    squares = sorted({(b.top, b.left) for b in found if b.scale == 288 and b.side == 288})
+    assert squares == [(0, 0), (48, 0), (96, 0)]
+
+
+def test_a_square_image_gives_three_identical_squares():
+    found = boxes(256, 256, 144)
+    assert len(found) == 144 and len(set(found)) == 48  # left = centre = right
+
+
+def test_10_and_1_crops_match_torchvision():
+    image = torch.randint(0, 256, (3, 300, 410), dtype=torch.uint8)
+    ten = crops_of(image, 10)
+    resized = v2.functional.resize(image, 256, antialias=True)
+    five = v2.functional.five_crop(resized, 224)  # tl, tr, bl, br, centre
+    expected = [five[4], five[0], five[1], five[2], five[3]]
+    expected += [crop.flip(-1) for crop in expected]
+    assert torch.equal(ten, torch.stack(expected))
+    one = crops_of(image, 1)
+    assert torch.equal(one[0], v2.functional.center_crop(resized, 224))
+
+
+def test_crops_are_cut_where_the_boxes_say():
+    image = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8)
+    views = crops_of(image, 144)
+    assert views.shape == (144, 3, 224, 224) and views.dtype == torch.uint8
+    resized = v2.functional.resize(image, 288, antialias=True)
+    for i, box in enumerate(boxes(375, 500, 144)):
+        if box.scale == 288 and box.side == 224:
+            cut = resized[:, box.top:box.top + 224, box.left:box.left + 224]
+            assert torch.equal(views[i], cut.flip(-1) if box.mirror else cut)
+
+
+@pytest.mark.parametrize("shape", [(1, 40, 30), (3, 20, 500), (3, 1000, 50)])
+def test_any_size_or_aspect_works(shape):
+    image = torch.randint(0, 256, shape, dtype=torch.uint8).expand(3, *shape[1:])  # grayscale as RGB
+    assert crops_of(image, 144, size=32).shape == (144, 3, 32, 32)
+
+
+def test_small_resolutions_scale_the_protocol():
+    assert {b.scale for b in boxes(64, 64, 144, size=64)} == {73, 82, 91, 101}
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "imagenet-sample").is_dir(), reason="shared/data/imagenet-sample is absent")
+def test_real_photos_give_144_crops():
+    from bnrepro.data import images
+
+    split = images.open_split(SHARED_DATA / "imagenet-sample", "val")
+    image = images.decode(torch.frombuffer(bytearray(split.read(0)), dtype=torch.uint8))
+    assert crops_of(image, 144).shape == (144, 3, 224, 224)
