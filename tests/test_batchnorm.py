@@ -244,7 +244,8 @@ def _sync_worker(rank: int, world: int, port: int, results) -> None:
     grad_gamma, grad_beta = leaves[1].grad.clone(), leaves[2].grad.clone()
     for grad in (grad_gamma, grad_beta):
         dist.all_reduce(grad)  # what DDP does with parameter gradients (up to its averaging)
-    results.put((rank, y.detach(), leaves[0].grad, grad_gamma, grad_beta, mean, var))
+    tensors = (y.detach(), leaves[0].grad, grad_gamma, grad_beta, mean, var)
+    results.put((rank, *(t.numpy().copy() for t in tensors)))  # by value: shared-memory tensors would race exit
     dist.destroy_process_group()
 
 
@@ -269,7 +270,7 @@ def test_synchronised_bn_over_two_processes_equals_bn_over_the_whole_batch():
     processes = [context.Process(target=_sync_worker, args=(rank, 2, port, results)) for rank in range(2)]
     for p in processes:
         p.start()
-    found = dict((item[0], item[1:]) for item in (results.get(timeout=120) for _ in processes))
+    found = {item[0]: [torch.from_numpy(a) for a in item[1:]] for item in (results.get(timeout=120) for _ in processes)}
     for p in processes:
         p.join(timeout=60)
     x, weight, gamma, beta = _sync_inputs()

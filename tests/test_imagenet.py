@@ -274,7 +274,8 @@ def test_corrupt_images_are_counted_in_the_summary(tmp_path):
 
 # --- through the command line ------------------------------------------------------------------------------
 
-RECIPES = ["inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid", "inception-sigmoid", "inception-x5"]
+RECIPES = ["inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid", "inception-sigmoid", "inception-x5",
+           "bn-x30-member6"]  # the last: per-activation BN, larger initial weights (Sec. 4.2.3)
 
 
 @pytest.fixture(scope="module")

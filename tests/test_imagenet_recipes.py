@@ -101,3 +101,14 @@ def test_short_names_and_epochs_in_show():
 
     assert yaml.safe_load(out.stdout)["train"]["lr"] == 0.045  # still valid YAML: epochs come as comments
     assert "31,000,000 steps = 774.3 epochs" in out.stdout
+
+
+def test_the_six_ensemble_members_change_only_what_sec_4_2_3_allows():
+    base = recipes.load("bn-x30")
+    members = [recipes.load(f"bn-x30-member{n}") for n in range(1, 7)]
+    allowed = {"model.dropout", "model.init_scale", "model.per_activation_bn", "label", "description", "paper"}
+    for member in members:
+        changed = {key for key, _, _ in recipes.diff(base, member)}
+        assert changed <= allowed and member.model.dropout in (0.05, 0.10)
+    assert any(m.model.init_scale > 1 for m in members) and any(m.model.per_activation_bn for m in members)
+    assert len({m.digest for m in members}) == 6
