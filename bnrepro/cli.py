@@ -125,6 +125,45 @@ def pack(
 
 
 @app.command()
+def ensemble(
+    recipe: Annotated[str, typer.Option(help="Ensemble recipe (members and crop schemes).")] = "ensemble/bn-inception",
+    dataset_dir: Annotated[Path | None, typer.Option(help="Holds val/ class folders or val-*.tar shards.")] = None,
+    member: Annotated[list[Path] | None, typer.Option(help="A member's run folder (instead of the recipe's).")] = None,
+    results: Annotated[Path, typer.Option(help="Where the members' runs are (RESULTS/imagenet/).")] = Path("results"),
+    out: Annotated[Path, typer.Option(help="The evaluation goes to OUT/ensemble/<recipe>-<time>.")] = Path("results"),
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 4,
+    set_: Overrides = None,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Fig. 4: every member single-crop, 10-crop and 144-crop, and the ensemble (mean class probabilities)."""
+    from bnrepro.evaluate import ensemble as evaluation
+
+    if dataset_dir is None:
+        raise UserError("give --dataset-dir DIR (the validation images: DIR/val/<class>/ or DIR/val-*.tar)")
+    if workers < 0:
+        raise UserError(f"--workers must be 0 or more, not {workers}")
+    run_dir = evaluation.run(recipe, list(set_ or []), results, dataset_dir, out, device, workers, member or None,
+                             show_progress=progress)
+    rows = pd_table(run_dir / "results.csv")
+    console.print(rows)
+    console.print(f"results: {run_dir}")
+
+
+def pd_table(csv: Path) -> Table:
+    """A results CSV as a rich table (errors as percentages)."""
+    import pandas as pd
+
+    frame = pd.read_csv(csv)
+    table = Table()
+    for column in frame.columns:
+        table.add_column(column)
+    for row in frame.itertuples(index=False):
+        table.add_row(*(f"{100 * v:.2f}%" if isinstance(v, float) else str(v) for v in row))
+    return table
+
+
+@app.command()
 def report(
     results: Annotated[Path, typer.Option(help="Folder holding the runs.")] = Path("results"),
     out: Annotated[Path | None, typer.Option(help="Where figures and tables go (default RESULTS/report).")] = None,

@@ -182,7 +182,17 @@ class ImagenetRecipe(RecipeBase):
     profiles: dict[Literal["paper", "proxy", "smoke"], Profile]
 
 
-Recipe = Annotated[MnistRecipe | ImagenetRecipe, Field(discriminator="experiment")]
+class EnsembleRecipe(RecipeBase):
+    """Fig. 4: which trained ImageNet recipes form the ensemble, and the crop schemes to evaluate."""
+
+    experiment: Literal["ensemble"]
+    members: list[str] = Field(min_length=1, description="ImageNet recipes; each member is its latest finished run")
+    profile: Literal["paper", "proxy", "smoke"] = Field(description="the scale the members were trained at")
+    crops: list[Literal[1, 10, 144]] = Field(min_length=1, description="crop schemes, each evaluated per member")
+    batch_crops: int = Field(gt=0, description="crops per forward pass (memory, not results)")
+
+
+Recipe = Annotated[MnistRecipe | ImagenetRecipe | EnsembleRecipe, Field(discriminator="experiment")]
 _RECIPE = TypeAdapter(Recipe)
 
 
@@ -270,7 +280,7 @@ def _apply(tree: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load(name: str, overrides: list[str] = ()) -> MnistRecipe | ImagenetRecipe:
+def load(name: str, overrides: list[str] = ()) -> MnistRecipe | ImagenetRecipe | EnsembleRecipe:
     """Resolve ``extends:``, apply ``--set`` overrides, and validate; any problem is one clear line."""
     tree = _read(name)
     for text in overrides:
@@ -279,7 +289,8 @@ def load(name: str, overrides: list[str] = ()) -> MnistRecipe | ImagenetRecipe:
         return _RECIPE.validate_python(tree)
     except ValidationError as err:
         first = err.errors()[0]
-        loc = first["loc"][1:] if first["loc"] and first["loc"][0] in ("mnist", "imagenet") else first["loc"]
+        experiments = ("mnist", "imagenet", "ensemble")
+        loc = first["loc"][1:] if first["loc"] and first["loc"][0] in experiments else first["loc"]
         where = ".".join(str(part) for part in loc) or "recipe"
         more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
         raise UserError(f"recipe '{name}': {where}: {first['msg']}{more}") from None

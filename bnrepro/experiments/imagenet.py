@@ -253,7 +253,8 @@ def run(recipe_name: str, profile_name: str, overrides: list[str], options: Opti
         "recipe": short, "label": recipe.label, "recipe_digest": recipe.digest, "overrides": list(overrides),
         "profile": profile_name, "dataset": f"{task.train_split.where} ({len(task.train_split):,} train, "
                                             f"{len(task.val_split):,} val, {len(task.train_split.classes)} classes)",
-        "dataset_dir": str(Path(options.dataset_dir).resolve()), "seed": options.seed,
+        "dataset_dir": str(Path(options.dataset_dir).resolve()), "classes": task.train_split.classes,
+        "seed": options.seed,
         "replicas": replicas.world, "bn_statistics": "synchronised" if recipe.train.bn_sync else "per replica",
         "global_batch": profile.batch_size * replicas.world, "deviations": deviations,
         "compile": options.compile, "workers": options.workers, "gpu_decode": task.jpegs_as_bytes,

@@ -1,0 +1,213 @@
+"""Multi-crop and ensemble evaluation (Sec. 4.2.3, Fig. 4): members single-crop, 10-crop and 144-crop, and the
+ensemble as the arithmetic mean of the members' class probabilities.
+
+Each member is a finished ``bnrepro imagenet`` run (its resolved recipe, manifest and final checkpoint),
+evaluated as the Alg. 2 inference network (BN folded into the convolutions, population statistics). For
+every member and crop scheme the crop-averaged softmax probabilities of every validation image are
+cached in the ensemble's run folder, so any subset of members and schemes can be recombined later
+(``bnrepro report``) without running a network again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import yaml
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+from bnrepro import recipes as recipe_io
+from bnrepro.data import images
+from bnrepro.engine import checkpoint
+from bnrepro.errors import UserError
+from bnrepro.evaluate.crops import crops_of
+from bnrepro.experiments.mnist import resolve_device
+from bnrepro.models.inception import Inception, fold
+from bnrepro.recipes import EnsembleRecipe, ImagenetRecipe
+from bnrepro.runs import atomic_write, device_name, git_commit, new_run_dir, now, versions, write_json
+
+PROBABILITIES = "probabilities"
+
+
+@dataclass
+class Member:
+    name: str  # the recipe's short name, e.g. bn-x30-member1
+    run: Path
+    recipe: ImagenetRecipe
+    manifest: dict[str, Any]
+    model: Inception  # the inference network, on its device
+
+    @property
+    def resolution(self) -> int:
+        return self.recipe.profiles[self.manifest["profile"]].resolution
+
+
+def latest_run(results: Path, recipe_name: str, profile: str) -> Path:
+    """The newest finished (complete) run of ``recipe_name`` at ``profile`` under ``results/imagenet``."""
+    short = Path(recipe_name).stem
+    found = []
+    for manifest_file in sorted(Path(results, "imagenet").glob("*/manifest.json")):
+        manifest = json.loads(manifest_file.read_text())
+        if manifest.get("recipe") == short and manifest.get("profile") == profile and \
+                manifest.get("status") == "complete":
+            found.append((manifest.get("started", ""), manifest_file.parent))
+    if not found:
+        raise UserError(f"no finished run of '{short}' at profile '{profile}' under {Path(results, 'imagenet')}; "
+                        f"train it with `bnrepro imagenet --recipe {short} --profile {profile}` or pass --member")
+    return max(found)[1]
+
+
+def load_member(run: Path, device: torch.device) -> Member:
+    """A run folder -> its inference network; anything missing or mismatched is one clear error."""
+    run = Path(run)
+    try:
+        manifest = json.loads((run / "manifest.json").read_text())
+        recipe = ImagenetRecipe.model_validate(yaml.safe_load((run / "recipe.yaml").read_text()))
+    except (OSError, ValueError, yaml.YAMLError):
+        raise UserError(f"{run} is not a `bnrepro imagenet` run folder (no readable manifest.json, recipe.yaml)") \
+            from None
+    if manifest.get("status") != "complete" or "classes" not in manifest:
+        raise UserError(f"run {run} is not a finished training run (status {manifest.get('status')}); finish it first")
+    state = checkpoint.load(run / "checkpoint.pt")
+    from bnrepro.experiments.imagenet import model_config
+
+    model = Inception(model_config(recipe, len(manifest["classes"])))
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0][:200]
+        raise UserError(f"checkpoint {run / 'checkpoint.pt'} does not fit its recipe's network ({first})") from None
+    network = fold(model) if recipe.model.batch_norm else model.eval()
+    network = network.to(device)
+    if device.type == "cuda":
+        network = network.to(memory_format=torch.channels_last)
+    return Member(manifest["recipe"], run, recipe, manifest, network)
+
+
+@torch.no_grad()
+def probabilities(member: Member, split: images.Split, crops: int, device: torch.device, batch_crops: int,
+                  workers: int, progress: Progress | None = None) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Crop-averaged softmax probabilities (N, classes) of every readable validation image, their labels and
+    indices in the split, and how many images were unreadable."""
+    data = member.recipe.data
+    mean = torch.tensor([255 * m for m in data.mean], device=device).view(1, 3, 1, 1)
+    scale = torch.tensor([255 * s for s in data.std], device=device).view(1, 3, 1, 1)
+    per_batch = max(1, batch_crops // crops)
+    loader = DataLoader(images.Examples(split, v2.Identity(), 0, jpegs_as_bytes=False),
+                        batch_sampler=images.EvaluationBatches(len(split), per_batch, 0, 1), num_workers=workers,
+                        collate_fn=images.collate, generator=torch.Generator())
+    task = progress.add_task(f"{member.name}, {crops} crop{'s' * (crops > 1)}", total=len(split)) if progress else None
+    found, labels, indices, skipped = [], [], [], 0
+    for batch in loader:
+        skipped += len(batch.skipped)
+        if len(batch.labels):
+            views = torch.cat([crops_of(image.to(device, non_blocking=True), crops, member.resolution)
+                               for image in batch.images])
+            x = views.float().sub_(mean).div_(scale)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = torch.cat([member.model(chunk) for chunk in x.split(batch_crops)])
+            found.append(logits.float().softmax(1).view(len(batch.labels), crops, -1).mean(1).cpu())
+            labels.append(batch.labels)
+            indices.append(torch.tensor(batch.positions))
+        if progress:
+            progress.advance(task, len(batch.labels) + len(batch.skipped))
+    return torch.cat(found), torch.cat(labels), torch.cat(indices), skipped
+
+
+def errors(probs: Tensor, labels: Tensor) -> tuple[float, float]:
+    """Top-1 and top-5 error of class probabilities."""
+    top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
+    hits = top5 == labels[:, None]
+    return 1 - hits[:, 0].double().mean().item(), 1 - hits.any(1).double().mean().item()
+
+
+def combine(cached: dict[tuple[str, int], dict[str, Tensor]], members: list[str], crops: int) -> tuple[Tensor, Tensor]:
+    """The ensemble of ``members`` at ``crops``: the arithmetic mean of their class probabilities."""
+    parts = [cached[(name, crops)] for name in members]
+    for part in parts[1:]:
+        if not torch.equal(part["indices"], parts[0]["indices"]):
+            raise UserError("cached probabilities cover different validation images; evaluate the members together")
+    return torch.stack([p["probs"].float() for p in parts]).mean(0), parts[0]["labels"]
+
+
+def cache_path(run_dir: Path, member: str, crops: int) -> Path:
+    return Path(run_dir) / PROBABILITIES / f"{member}-{crops}crop.pt"
+
+
+def load_cache(run_dir: Path) -> dict[tuple[str, int], dict[str, Tensor]]:
+    """Every cached (member, crops) -> {probs, labels, indices} of an ensemble run folder."""
+    manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
+    return {(m["name"], crops): torch.load(cache_path(run_dir, m["name"], crops), weights_only=True)
+            for m in manifest["members"] for crops in manifest["crops"]}
+
+
+def table(cached: dict[tuple[str, int], dict[str, Tensor]], members: list[str], schemes: list[int]) -> pd.DataFrame:
+    """Errors of each member and of the whole ensemble at each crop scheme."""
+    rows = []
+    for crops in schemes:
+        for group in [[name] for name in members] + ([members] if len(members) > 1 else []):
+            top1, top5 = errors(*combine(cached, group, crops))
+            rows.append({"members": "+".join(group), "models": len(group), "crops": crops,
+                         "top1_error": top1, "top5_error": top5})
+    return pd.DataFrame(rows)
+
+
+def run(recipe_name: str, overrides: list[str], results: Path, dataset_dir: Path, out: Path, device_name_: str,
+        workers: int, member_runs: list[Path] | None = None, show_progress: bool = True) -> Path:
+    """Evaluate every member at every crop scheme, cache the probabilities, and write the error table."""
+    recipe = recipe_io.load(recipe_name, overrides)
+    if not isinstance(recipe, EnsembleRecipe):
+        raise UserError(f"recipe '{recipe_name}' is a {recipe.experiment} recipe, not an ensemble one")
+    device = resolve_device(device_name_)
+    runs = member_runs or [latest_run(results, name, recipe.profile) for name in recipe.members]
+    members = [load_member(run, device) for run in runs]
+    if len({m.name for m in members}) != len(members):
+        raise UserError("two members come from the same recipe; an ensemble needs distinct members")
+    first = members[0]
+    for member in members[1:]:
+        if member.manifest["classes"] != first.manifest["classes"] or member.resolution != first.resolution:
+            raise UserError(f"members {first.name} and {member.name} differ in classes or resolution; they cannot "
+                            f"be averaged")
+    split = images.open_split(dataset_dir, "val", first.manifest["classes"])
+    if split.classes != first.manifest["classes"]:
+        raise UserError(f"the validation classes in {dataset_dir} are not the ones the members were trained on")
+    run_dir = new_run_dir(Path(out) / "ensemble", prefix=f"{Path(recipe_name).stem}-")
+    (run_dir / PROBABILITIES).mkdir()
+    atomic_write(run_dir / "recipe.yaml", recipe_io.to_yaml(recipe))
+    manifest = {
+        "experiment": "ensemble", "status": "running", "started": now(), "recipe": Path(recipe_name).stem,
+        "label": recipe.label, "recipe_digest": recipe.digest, "overrides": list(overrides),
+        "members": [{"name": m.name, "label": m.recipe.label, "run": str(m.run), "recipe_digest": m.recipe.digest,
+                     "git_commit": m.manifest.get("git_commit")} for m in members],
+        "crops": list(recipe.crops), "resolution": first.resolution, "dataset": split.where,
+        "val_images": len(split), "inference": "BN folded into the convolutions (Alg. 2)",
+        "device": device_name(device), "versions": versions(), "git_commit": git_commit(),
+    }
+    write_json(run_dir / "manifest.json", manifest)
+    started, skipped = time.perf_counter(), 0
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=not show_progress) as progress:
+        for member in members:
+            for crops in recipe.crops:
+                probs, labels, indices, skipped = probabilities(member, split, crops, device, recipe.batch_crops,
+                                                                workers, progress)
+                buffer = io.BytesIO()
+                torch.save({"probs": probs.half(), "labels": labels, "indices": indices}, buffer)
+                atomic_write(cache_path(run_dir, member.name, crops), buffer.getvalue())
+    results_table = table(load_cache(run_dir), [m.name for m in members], list(recipe.crops))
+    atomic_write(run_dir / "results.csv", results_table.to_csv(index=False))
+    manifest.update(status="complete", finished=now(), skipped_images=skipped,
+                    wall_seconds=round(time.perf_counter() - started, 2))
+    write_json(run_dir / "manifest.json", manifest)
+    return run_dir
