@@ -108,6 +108,7 @@ class ImagenetTask:
         self.order = recipe.train.shuffle if train_split.sharded else "full"
         self.stream, self.next_step = None, -1
         self.rows: list[dict[str, Any]] = []
+        self.metrics_file: Path | None = None  # rewritten at every evaluation when set
         self.skipped = 0
         self.lr = learning_rate(recipe, profile.batch_size * replicas.world, len(train_split))
 
@@ -193,6 +194,8 @@ class ImagenetTask:
         row = {"step": step, "epoch": step * self.profile.batch_size * self.replicas.world / len(self.train_split),
                "train_loss": float(train_loss[0]), "lr": self.lr(max(step - 1, 0)), "top1": top1, "top5": top5}
         self.rows.append(row)
+        if self.metrics_file is not None and self.replicas.is_main:  # a long run shows its curve as it goes
+            atomic_write(self.metrics_file, pd.DataFrame(self.rows).to_csv(index=False))
         return row
 
     def state_dict(self) -> dict[str, Any]:
@@ -287,6 +290,7 @@ def _train(run_dir: Path, recipe: ImagenetRecipe, manifest: dict[str, Any], task
            optimizer: torch.optim.Optimizer, profile: Profile, replicas: Replicas, resume: bool) -> Path:
     schedule = Schedule(profile.steps, profile.eval_every, profile.checkpoint_every)
     main = replicas.is_main
+    task.metrics_file = run_dir / "metrics.csv"
     started = time.perf_counter()
     manifest["status"] = "interrupted"  # what the folder says if the process dies without finishing
     if main:
