@@ -1,0 +1,147 @@
+"""The ensemble report (Fig. 4 table, crop study, per-member errors) on a fabricated ensemble run folder: the class
+probabilities below are chosen by hand so that each member gets a different image wrong and their mean gets
+all of them right; no network runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from bnrepro.errors import UserError
+from bnrepro.report import build, ensemble
+
+LABELS = [0, 1, 2, 0]  # 4 validation images of a 3-class test set
+WRONG_0 = [0.3, 0.6, 0.1]  # image 0 (class 0) taken for class 1
+WRONG_1 = [0.6, 0.3, 0.1]  # image 1 (class 1) taken for class 0
+RIGHT = {0: [0.8, 0.1, 0.1], 1: [0.1, 0.8, 0.1], 2: [0.1, 0.1, 0.8]}
+# (member, crops) -> per-image probabilities. A alone misses image 0 at 1 crop and nothing at 144 crops; B misses
+# image 1 at both; the mean of A and B gets every image right (image 0: 0.55 vs 0.35, image 1: 0.55 vs 0.35).
+PROBS = {
+    ("member-a", 1): [WRONG_0, RIGHT[1], RIGHT[2], RIGHT[0]],
+    ("member-a", 144): [RIGHT[0], RIGHT[1], RIGHT[2], RIGHT[0]],
+    ("member-b", 1): [RIGHT[0], WRONG_1, RIGHT[2], RIGHT[0]],
+    ("member-b", 144): [RIGHT[0], WRONG_1, RIGHT[2], RIGHT[0]],
+}
+
+
+def write_run(results: Path, folder: str, *, status: str = "complete", started: str = "2026-01-02T00:00:00+00:00",
+              probs: dict[tuple[str, int], list[list[float]]] | None = PROBS) -> Path:
+    """A fabricated run folder in the layout `bnrepro ensemble` writes (manifest, results.csv, probabilities)."""
+    run = results / "ensemble" / folder
+    (run / "probabilities").mkdir(parents=True)
+    members = [{"name": name, "label": name.upper(), "run": str(results / "imagenet" / f"run-{name}"),
+                "recipe_digest": "d1", "git_commit": f"{name[-1] * 4}c0mm1t0000"} for name in ("member-a", "member-b")]
+    (run / "manifest.json").write_text(json.dumps({
+        "experiment": "ensemble", "status": status, "started": started, "label": "BN-Inception ensemble",
+        "recipe": "bn-inception", "members": members, "crops": [1, 144], "resolution": 32,
+        "dataset": "fabricated 3-class data for tests", "val_images": len(LABELS), "git_commit": "e4e4b1e000000000",
+        "skipped_images": 0}))
+    # results.csv says something else: the report must recombine the cached probabilities, not read this
+    pd.DataFrame({"members": ["member-a"], "models": [1], "crops": [1], "top1_error": [0.99], "top5_error": [0.99]}
+                 ).to_csv(run / "results.csv", index=False)
+    for (name, crops), p in (probs or {}).items():
+        torch.save({"probs": torch.tensor(p).half(), "labels": torch.tensor(LABELS, dtype=torch.int64),
+                    "indices": torch.arange(len(LABELS), dtype=torch.int64)},
+                   run / "probabilities" / f"{name}-{crops}crop.pt")
+    return run
+
+
+def tables(md: str, section: str) -> dict[str, dict[str, str]]:
+    """First column -> column -> cell of the table under ``## section`` of ensemble.md."""
+    part = md.split(f"## {section}\n")[1].split("\n## ")[0]
+    lines = [line for line in part.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    return {row[header[0]]: row for row in rows}
+
+
+@pytest.fixture
+def results(tmp_path):
+    root = tmp_path / "results"
+    write_run(root, "bn-inception-older", started="2026-01-01T00:00:00+00:00")
+    write_run(root, "bn-inception-latest")
+    return root
+
+
+def test_fig4_rows_are_recombined_from_the_cached_probabilities(results, tmp_path):
+    out = tmp_path / "report"
+    assert ensemble.build(results, out) == [out / "ensemble.md"]
+    rows = tables((out / "ensemble.md").read_text(), "Fig. 4")
+    ours = [name for name in rows if name.startswith("this project:")]
+    assert list(rows)[:len(ensemble.PAPER_FIG4)] == [row[0] for row in ensemble.PAPER_FIG4]  # the paper's first
+    assert ours == ["this project: BN-Inception single crop (member-a)",
+                    "this project: BN-Inception multicrop (member-a)",
+                    "this project: BN-Inception ensemble (bn-inception: member-a, member-b)"]
+    single, multi, both = (rows[name] for name in ours)
+    assert (single["Top-1 error"], single["Top-5 error"], single["Crops"], single["Models"]) == \
+        ("25.00%", "0.00%", "1", "1")
+    assert (multi["Top-1 error"], multi["Crops"], multi["Models"]) == ("0.00%", "144", "1")
+    assert (both["Top-1 error"], both["Crops"], both["Models"]) == ("0.00%", "144", "2")
+    assert single["Resolution"] == "32"  # the manifest's, not the paper's 224
+    assert "99.00%" not in (tmp_path / "report" / "ensemble.md").read_text()  # results.csv was not read
+
+
+def test_paper_rows_and_googlenet_crop_study(results, tmp_path):
+    ensemble.build(results, tmp_path / "report")
+    md = (tmp_path / "report" / "ensemble.md").read_text()
+    rows = tables(md, "Fig. 4")
+    assert (rows["BN-Inception single crop"]["Top-1 error"], rows["BN-Inception single crop"]["Top-5 error"]) == \
+        ("25.2%", "7.82%")
+    assert (rows["BN-Inception multicrop"]["Top-1 error"], rows["BN-Inception multicrop"]["Top-5 error"]) == \
+        ("21.99%", "5.82%")
+    assert (rows["BN-Inception ensemble"]["Top-1 error"], rows["BN-Inception ensemble"]["Top-5 error"],
+            rows["BN-Inception ensemble"]["Models"]) == ("20.1%", "4.9%", "6")
+    assert (rows["GoogLeNet ensemble"]["Top-1 error"], rows["GoogLeNet ensemble"]["Top-5 error"]) == ("—", "6.67%")
+    crops = tables(md, "Crop study")
+    assert list(crops) == ["1", "10", "144"]  # the run's schemes and GoogLeNet's
+    assert (crops["1"]["1 model top-1"], crops["1"]["2 models top-1"], crops["144"]["1 model top-1"]) == \
+        ("25.00%", "0.00%", "0.00%")
+    assert crops["10"]["1 model top-1"] == "—"  # not evaluated in this run
+    assert [crops[c]["GoogLeNet 1 model top-5"] for c in ("1", "10", "144")] == ["10.07%", "9.15%", "7.89%"]
+    assert [crops[c]["GoogLeNet 7 models top-5"] for c in ("1", "10", "144")] == ["8.09%", "7.62%", "6.67%"]
+
+
+def test_per_member_table_and_header(results, tmp_path):
+    ensemble.build(results, tmp_path / "report")
+    md = (tmp_path / "report" / "ensemble.md").read_text()
+    members = tables(md, "Members")
+    assert (members["member-a"]["1 crop top-1"], members["member-a"]["144 crop top-1"]) == ("25.00%", "0.00%")
+    assert (members["member-b"]["1 crop top-1"], members["member-b"]["144 crop top-1"]) == ("25.00%", "25.00%")
+    assert members["member-b"]["144 crop top-5"] == "0.00%"  # 3 classes: every label is in the top 5
+    assert "fabricated 3-class data for tests, 4 validation images" in md
+    assert "`imagenet/run-member-a`, commit `aaaac0mm1t00`" in md and "commit `bbbbc0mm1t00`" in md
+    assert "Ensemble run `ensemble/bn-inception-latest`" in md
+    assert "Older finished ensemble runs, not shown: `ensemble/bn-inception-older`" in md
+    assert "3-class dataset, not 1000-class ImageNet, so their numbers are not comparable" in md
+
+
+def test_unfinished_runs_are_ignored(results, tmp_path):
+    # a newer running run without probabilities: reading it would fail, so the report must pass it by
+    write_run(results, "bn-inception-running", status="running", started="2026-01-03T00:00:00+00:00", probs=None)
+    ensemble.build(results, tmp_path / "report")
+    md = (tmp_path / "report" / "ensemble.md").read_text()
+    assert "Ensemble run `ensemble/bn-inception-latest`" in md and "running" not in md
+
+    only_unfinished = tmp_path / "unfinished"
+    write_run(only_unfinished, "bn-inception-interrupted", status="interrupted", probs=None)
+    assert ensemble.build(only_unfinished, tmp_path / "report2") == []
+    assert not (tmp_path / "report2" / "ensemble.md").exists()
+    with pytest.raises(UserError, match="no complete runs.*`bnrepro ensemble`"):
+        build(only_unfinished, tmp_path / "report2")
+
+
+def test_report_build_with_only_an_ensemble_run(results, tmp_path):
+    out = tmp_path / "report"
+    assert build(results, out) == [out / "ensemble.md"]  # no mnist or imagenet runs: those parts write nothing
+    assert not (out / "mnist.md").exists() and not (out / "imagenet.md").exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_imagenet_scale_runs_get_no_comparability_warning():
+    assert ensemble.comparability(1000, 50_000) is None
+    assert "not comparable" in ensemble.comparability(3, 4)
+    assert "50,000" in ensemble.comparability(1000, 10_000)
