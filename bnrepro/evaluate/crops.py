@@ -71,15 +71,16 @@ def boxes(height: int, width: int, crops: int, size: int = 224) -> list[Box]:
 
 def crops_of(image: Tensor, crops: int, size: int = 224) -> Tensor:
     """All views of one uint8 image (3, H, W) as a batch (crops, 3, size, size), on the image's device."""
-    views = boxes(image.shape[-2], image.shape[-1], crops, size)
     resized: dict[int, Tensor] = {}
+    cut: dict[tuple[int, int, int, int], Tensor] = {}  # a view and its mirror share one crop (and resize)
     out = []
-    for box in views:
+    for box in boxes(image.shape[-2], image.shape[-1], crops, size):
         if box.scale not in resized:
             resized[box.scale] = F.resize(image, [*resized_shape(image.shape[-2], image.shape[-1], box.scale)],
                                           antialias=True)
-        view = resized[box.scale][:, box.top:box.top + box.side, box.left:box.left + box.side]
-        if box.side != size:
-            view = F.resize(view, [size, size], antialias=True)
-        out.append(view.flip(-1) if box.mirror else view)
+        key = (box.scale, box.top, box.left, box.side)
+        if key not in cut:
+            view = resized[box.scale][:, box.top:box.top + box.side, box.left:box.left + box.side]
+            cut[key] = F.resize(view, [size, size], antialias=True) if box.side != size else view
+        out.append(cut[key].flip(-1) if box.mirror else cut[key])
     return torch.stack(out)

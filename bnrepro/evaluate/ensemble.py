@@ -102,24 +102,32 @@ def probabilities(member: Member, split: images.Split, crops: int, device: torch
     mean = torch.tensor([255 * m for m in data.mean], device=device).view(1, 3, 1, 1)
     scale = torch.tensor([255 * s for s in data.std], device=device).view(1, 3, 1, 1)
     per_batch = max(1, batch_crops // crops)
-    loader = DataLoader(images.Examples(split, v2.Identity(), 0, jpegs_as_bytes=False),
+    on_gpu = device.type == "cuda"  # JPEGs are decoded there (nvJPEG), other formats by the workers
+    loader = DataLoader(images.Examples(split, v2.Identity(), 0, jpegs_as_bytes=on_gpu),
                         batch_sampler=images.EvaluationBatches(len(split), per_batch, 0, 1), num_workers=workers,
-                        collate_fn=images.collate, generator=torch.Generator())
+                        collate_fn=images.collate, pin_memory=on_gpu, generator=torch.Generator())
     task = progress.add_task(f"{member.name}, {crops} crop{'s' * (crops > 1)}", total=len(split)) if progress else None
     found, labels, indices, skipped = [], [], [], 0
     for batch in loader:
-        skipped += len(batch.skipped)
-        if len(batch.labels):
-            views = torch.cat([crops_of(image.to(device, non_blocking=True), crops, member.resolution)
-                               for image in batch.images])
+        pictures = [image.to(device, non_blocking=True) for image in batch.images]
+        encoded = [i for i, image in enumerate(pictures) if image.ndim == 1]  # JPEGs left for the GPU
+        if encoded:
+            for i, image in zip(encoded, images.decode_jpegs_on(device, [pictures[i] for i in encoded])):
+                pictures[i] = image
+        kept = [image is not None for image in pictures]
+        skipped += len(batch.skipped) + kept.count(False)
+        labels_kept = batch.labels[torch.tensor(kept, dtype=torch.bool)]
+        positions = [p for p, k in zip(batch.positions, kept) if k]
+        if len(labels_kept):
+            views = torch.cat([crops_of(image, crops, member.resolution) for image in pictures if image is not None])
             x = views.float().sub_(mean).div_(scale)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = torch.cat([member.model(chunk) for chunk in x.split(batch_crops)])
-            found.append(logits.float().softmax(1).view(len(batch.labels), crops, -1).mean(1).cpu())
-            labels.append(batch.labels)
-            indices.append(torch.tensor(batch.positions))
+            found.append(logits.float().softmax(1).view(len(labels_kept), crops, -1).mean(1).cpu())
+            labels.append(labels_kept)
+            indices.append(torch.tensor(positions))
         if progress:
             progress.advance(task, len(batch.labels) + len(batch.skipped))
     return torch.cat(found), torch.cat(labels), torch.cat(indices), skipped
