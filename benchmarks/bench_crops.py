@@ -49,9 +49,8 @@ from bnrepro import recipes
 from bnrepro.data import images
 from bnrepro.evaluate import ensemble
 from bnrepro.evaluate.crops import boxes, crops_of, resized_shape
-from bnrepro.experiments.mnist import resolve_device
 from bnrepro.models.inception import Inception, InceptionConfig, count_flops, fold
-from bnrepro.runs import device_name
+from bnrepro.runs import device_name, resolve_device
 
 CROPS = 144
 

@@ -88,7 +88,7 @@ def imagenet(
     replicas = Replicas.from_environment("nccl" if device != "cpu" and torch.cuda.is_available() else "gloo")
     try:
         if resume is not None:
-            run_dir = experiment.resume(resume, None, replicas, dataset_dir, **how)
+            run_dir = experiment.resume(resume, replicas, dataset_dir, **how)
         else:
             if recipe is None or dataset_dir is None:
                 raise UserError("give --recipe NAME and --dataset-dir DIR (or --resume RUN_FOLDER)")

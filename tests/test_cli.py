@@ -31,8 +31,7 @@ from conftest import REPO, write_mnist
 
 from bnrepro import recipes
 from bnrepro.errors import UserError
-from bnrepro.experiments.mnist import resolve_device
-from bnrepro.runs import new_run_dir
+from bnrepro.runs import new_run_dir, resolve_device
 
 BNREPRO = shutil.which("bnrepro", path=str(Path(sys.executable).parent)) or shutil.which("bnrepro")
 pytestmark = pytest.mark.skipif(BNREPRO is None, reason="the bnrepro console script is not installed")

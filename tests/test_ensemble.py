@@ -132,3 +132,14 @@ def test_the_real_imagenet_sample_is_evaluated_with_standard_labels(tmp_path):
     cached = evaluation.load_cache(out)[("bn-x30-member1", 1)]
     assert cached["probs"].shape == (250, 1000)
     assert cached["labels"].tolist() == list(range(0, 1000, 4)) and cached["indices"].tolist() == list(range(250))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_gpu_gives_the_cpus_errors(trained, evaluated, tmp_path):
+    root, data, _ = trained
+    run = evaluation.run("ensemble/bn-inception", SMOKE + ["crops=[1, 10, 144]"], root / "results", data, tmp_path,
+                         "cuda", 2, show_progress=False)
+    on_gpu, on_cpu = (evaluation.load_cache(r) for r in (run, evaluated))
+    for key, part in on_cpu.items():  # bf16 autocast on the GPU: probabilities agree to about 1e-2
+        torch.testing.assert_close(on_gpu[key]["probs"].float(), part["probs"].float(), atol=3e-2, rtol=0)

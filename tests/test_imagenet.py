@@ -246,7 +246,7 @@ def test_k_steps_then_resume_then_the_rest_equals_n_steps(shards, tmp_path, monk
         _run("bn-baseline", shards, tmp_path / "b", n, workers=2)
     assert stopped.value.step == k
     monkeypatch.setattr(experiment.ImagenetTask, "losses", losses)
-    resumed = experiment.resume(stopped.value.path.parent, None, SINGLE_PROCESS, device="cpu", workers=0,
+    resumed = experiment.resume(stopped.value.path.parent, SINGLE_PROCESS, device="cpu", workers=0,
                                 show_progress=False)
 
     a, b = (torch.load(run / "checkpoint.pt", weights_only=True) for run in (straight, resumed))

@@ -30,10 +30,9 @@ from bnrepro.data import images
 from bnrepro.engine import checkpoint
 from bnrepro.errors import UserError
 from bnrepro.evaluate.crops import crops_of
-from bnrepro.experiments.mnist import resolve_device
 from bnrepro.models.inception import Inception, fold
 from bnrepro.recipes import EnsembleRecipe, ImagenetRecipe
-from bnrepro.runs import atomic_write, device_name, git_commit, new_run_dir, now, versions, write_json
+from bnrepro.runs import atomic_write, device_name, git_commit, new_run_dir, now, resolve_device, versions, write_json
 
 PROBABILITIES = "probabilities"
 

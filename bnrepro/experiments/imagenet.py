@@ -29,11 +29,10 @@ from bnrepro.data import images
 from bnrepro.engine.distributed import Replicas
 from bnrepro.engine.trainer import Schedule, train
 from bnrepro.errors import UserError
-from bnrepro.experiments.mnist import resolve_device
 from bnrepro.models.batchnorm import BatchNorm
 from bnrepro.models.inception import Inception, InceptionConfig
 from bnrepro.recipes import ImagenetRecipe, Profile
-from bnrepro.runs import atomic_write, device_name, git_commit, new_run_dir, now, versions, write_json
+from bnrepro.runs import atomic_write, device_name, git_commit, new_run_dir, now, resolve_device, versions, write_json
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -267,8 +266,7 @@ def run(recipe_name: str, profile_name: str, overrides: list[str], options: Opti
     return _train(run_dir, recipe, manifest, task, optimizer, profile, replicas, resume=False)
 
 
-def resume(run_dir: Path, options: Options | None, replicas: Replicas, dataset_dir: Path | None = None,
-           **how: Any) -> Path:
+def resume(run_dir: Path, replicas: Replicas, dataset_dir: Path | None = None, **how: Any) -> Path:
     """Continue an interrupted run exactly where its checkpoint left it (same recipe, profile, data, seed)."""
     run_dir = Path(run_dir)
     try:

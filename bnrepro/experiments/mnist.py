@@ -25,7 +25,7 @@ from bnrepro.errors import UserError
 from bnrepro.models.binary import BinaryBatch
 from bnrepro.models.mlp import MLPStack
 from bnrepro.recipes import MnistRecipe
-from bnrepro.runs import atomic_write, device_name, git_commit, new_run_dir, now, versions, write_json
+from bnrepro.runs import atomic_write, device_name, git_commit, new_run_dir, now, resolve_device, versions, write_json
 
 DEFAULT_VARIANTS = ["mnist/baseline", "mnist/bn"]
 CHECKPOINT = "checkpoint.pt"
@@ -80,16 +80,6 @@ class MnistTask:
 
 def variant_name(recipe_name: str) -> str:
     return Path(recipe_name).stem
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, not '{name}'")
-    return torch.device(name)
 
 
 def _check_trainable_together(variants: dict[str, MnistRecipe]) -> MnistRecipe:
