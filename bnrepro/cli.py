@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bnrepro import recipes
@@ -54,7 +55,7 @@ def mnist(
     from bnrepro.report.mnist import summary_table
 
     console.print(summary_table(run_dir))
-    console.print(f"results: {run_dir}")
+    console.print(f"results: {run_dir}", markup=False)
 
 
 @app.command()
@@ -84,6 +85,11 @@ def imagenet(
         raise UserError(f"--steps must be 0 or more, not {steps}")
     if workers < 0:
         raise UserError(f"--workers must be 0 or more, not {workers}")
+    if not 0 <= seed < 2**20:
+        raise UserError(f"--seed must be between 0 and {2**20 - 1}, not {seed}")
+    if resume is not None and (recipe is not None or steps is not None or set_ or seed or profile != "paper"):
+        raise UserError("--resume continues a run exactly as it was set up; drop --recipe, --profile, --steps, "
+                        "--seed and --set (start a new run to change them)")
     how = dict(device=device, workers=workers, compile=compile, gpu_decode=gpu_decode, show_progress=progress)
     replicas = Replicas.from_environment("nccl" if device != "cpu" and torch.cuda.is_available() else "gloo")
     try:
@@ -100,7 +106,7 @@ def imagenet(
     if replicas.is_main:
         summary = json.loads((run_dir / "summary.json").read_text())
         console.print(imagenet_summary(summary), highlight=False)
-        console.print(f"results: {run_dir}")
+        console.print(f"results: {run_dir}", markup=False)
 
 
 def imagenet_summary(summary: dict) -> str:
@@ -121,7 +127,7 @@ def pack(
     from bnrepro.data.images import pack as pack_shards
 
     for split, count in pack_shards(source, dest, shard_size, seed).items():
-        console.print(f"{split}: {count:,} examples in {-(-count // shard_size)} shards under {dest}")
+        console.print(f"{split}: {count:,} examples in {-(-count // shard_size)} shards under {dest}", markup=False)
 
 
 @app.command()
@@ -147,7 +153,7 @@ def ensemble(
                              show_progress=progress)
     rows = pd_table(run_dir / "results.csv")
     console.print(rows)
-    console.print(f"results: {run_dir}")
+    console.print(f"results: {run_dir}", markup=False)
 
 
 def pd_table(csv: Path) -> Table:
@@ -173,7 +179,7 @@ def report(
 
     written = build(results, out or results / "report")
     for path in written:
-        console.print(f"wrote {path}")
+        console.print(f"wrote {path}", markup=False)
 
 
 @recipes_app.command("list")
@@ -226,13 +232,13 @@ def main() -> None:
         if code == 130:
             raise KeyboardInterrupt
     except UserError as err:
-        errors.print(f"[red]error:[/red] {err}", highlight=False)
+        errors.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
         sys.exit(2)
     except Interrupted as stop:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for all replicas
             command = stop.path.parent.parent.name  # runs live in OUT/<experiment>/<run>
             errors.print(f"interrupted at step {stop.step}; checkpoint saved. Continue with: "
-                         f"bnrepro {command} --resume {stop.path.parent}", highlight=False)
+                         f"bnrepro {command} --resume {escape(str(stop.path.parent))}", highlight=False)
         sys.exit(130)
     except KeyboardInterrupt:
         errors.print("interrupted; no checkpoint was written now (a run folder holding an earlier "

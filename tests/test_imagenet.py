@@ -154,12 +154,31 @@ def test_evaluation_counts_every_image_once_across_replicas():
     assert sorted(seen) == list(range(10))
 
 
-def test_corrupt_images_are_skipped_not_fatal(tmp_path):
+def test_corrupt_and_empty_images_are_skipped_not_fatal(tmp_path):
     root = write_images(tmp_path, ["a", "b"], {"train": 2}, corrupt=True)
+    (root / "train" / "b" / "empty.png").write_bytes(b"")
     split = images.open_split(root, "train")
     examples = images.Examples(split, images.evaluation_transform(16, 1.2), 0, jpegs_as_bytes=False)
     batch = images.collate([examples[(i, i)] for i in range(len(split))])
-    assert len(batch.skipped) == 1 and batch.images.shape == (4, 3, 16, 16)
+    assert len(batch.skipped) == 2 and batch.images.shape == (4, 3, 16, 16)
+
+
+def test_animated_images_give_their_first_frame(tmp_path):
+    from PIL import Image
+
+    frames = [Image.new("RGB", (20, 16), colour) for colour in ("red", "blue")]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    image = images.decode(torch.frombuffer(bytearray((tmp_path / "a.gif").read_bytes()), dtype=torch.uint8))
+    assert image.shape == (3, 16, 20) and image.dtype == torch.uint8 and image[0].float().mean() > 200
+
+
+def test_packing_again_replaces_the_old_shards_and_class_names_may_have_spaces(tmp_path):
+    root = write_images(tmp_path / "src", ["golden retriever", "tabby cat"], {"train": 3, "val": 1})
+    images.pack(root, tmp_path / "out", shard_size=1)
+    images.pack(root, tmp_path / "out", shard_size=4)
+    split = images.open_split(tmp_path / "out", "train")
+    assert len(split) == 6 and len(split.shard_starts) - 1 == 2
+    assert split.classes == ["golden retriever", "tabby cat"]
 
 
 def test_augmentation_is_a_function_of_the_example_position(folders):
@@ -257,6 +276,27 @@ def test_k_steps_then_resume_then_the_rest_equals_n_steps(shards, tmp_path, monk
     assert json.loads((resumed / "manifest.json").read_text())["status"] == "complete"
 
 
+def test_resume_refuses_other_replica_counts_and_other_data(shards, folders, tmp_path, monkeypatch):
+    losses = experiment.ImagenetTask.losses
+
+    def interrupt(self, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return losses(self, step)
+
+    monkeypatch.setattr(experiment.ImagenetTask, "losses", interrupt)
+    with pytest.raises(Interrupted) as stopped:
+        _run("bn-x5", shards, tmp_path, 4)
+    monkeypatch.setattr(experiment.ImagenetTask, "losses", losses)
+    run = stopped.value.path.parent
+    with pytest.raises(UserError, match="not the data"):
+        experiment.resume(run, SINGLE_PROCESS, folders, device="cpu", workers=0, show_progress=False)
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "replicas": 2}))
+    with pytest.raises(UserError, match="2 process"):
+        experiment.resume(run, SINGLE_PROCESS, device="cpu", workers=0, show_progress=False)
+
+
 def test_a_diverging_run_ends_cleanly_and_records_the_step(folders, tmp_path):
     run = _run("inception-x5", folders, tmp_path, 6, "train.lr=1.0e+30")
     summary = json.loads((run / "summary.json").read_text())
@@ -292,6 +332,8 @@ def smoke(folders, shards, tmp_path_factory):
         "bad-key": ["imagenet", "--recipe", "bn-x5", "--dataset-dir", str(shards), "--set", "train.lrr=1", *common],
         "no-recipe": ["imagenet", "--dataset-dir", str(shards)],
         "pack-nothing": ["pack", str(root / "nowhere"), str(root / "packed")],
+        "resume-with-steps": ["imagenet", "--resume", str(root / "nowhere"), "--steps", "5"],
+        "bracketed-path": ["imagenet", "--recipe", "bn-x5", "--dataset-dir", str(root / "[/x]"), *common],
     })
     return out, run_many(commands, env)
 
@@ -319,7 +361,8 @@ def test_the_report_draws_fig2_and_the_fig3_table(smoke):
 
 @pytest.mark.parametrize(("name", "message"), [
     ("no-data", "no 'train' data"), ("bad-profile", "no profile 'huge'"), ("mnist-recipe", "not an ImageNet"),
-    ("bad-key", "train.lrr"), ("no-recipe", "--recipe"), ("pack-nothing", "nothing to pack")])
+    ("bad-key", "train.lrr"), ("no-recipe", "--recipe"), ("pack-nothing", "nothing to pack"),
+    ("resume-with-steps", "drop --recipe"), ("bracketed-path", "[/x]")])
 def test_bad_input_is_one_line_and_exit_code_2(smoke, name, message):
     result = smoke[1][name]
     assert result.returncode == 2, result.stderr

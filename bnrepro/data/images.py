@@ -123,7 +123,7 @@ def _open_shards(root: Path, shards: list[Path]) -> Split:
     classes_file = root / "classes.txt"
     if not classes_file.is_file():
         raise UserError(f"{classes_file} is missing: shards need it for their class names (`bnrepro pack` writes it)")
-    classes = classes_file.read_text().split()
+    classes = [line for line in classes_file.read_text().splitlines() if line.strip()]
     file_of, offset, size, labels, starts = [], [], [], [], [0]
     for number, shard in enumerate(shards):
         try:
@@ -185,6 +185,9 @@ def pack(source: Path, dest: Path, shard_size: int = 1000, seed: int = 0) -> dic
     else:
         raise UserError(f"{source} holds neither train/<class>/ folders nor MNIST-format idx files; nothing to pack")
     dest.mkdir(parents=True, exist_ok=True)
+    for name in items:  # shards of an earlier packing would otherwise be read as part of this one
+        for old in dest.glob(f"{name}-*.tar"):
+            old.unlink()
     atomic_write(dest / "classes.txt", "\n".join(classes) + "\n")
     counts = {}
     for name, examples in items.items():
@@ -226,25 +229,30 @@ def is_jpeg(data: Tensor) -> bool:
 
 
 def decode(data: Tensor) -> Tensor | None:
-    """Encoded bytes -> uint8 RGB (3, H, W) on the CPU (grayscale comes back as RGB); ``None`` if unreadable."""
+    """Encoded bytes -> uint8 RGB (3, H, W) on the CPU; ``None`` if unreadable. Grayscale comes back as RGB,
+    an animated image as its first frame, a 16-bit image scaled to 8 bits."""
     try:
-        return decode_image(data, mode=ImageReadMode.RGB)
-    except RuntimeError:
+        image = decode_image(data, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
         return None
+    if image.ndim == 4:
+        image = image[0]
+    return image if image.dtype == torch.uint8 else v2.functional.to_dtype(image, torch.uint8, scale=True)
 
 
 def decode_jpegs_on(device: torch.device, encoded: list[Tensor]) -> list[Tensor | None]:
-    """Many JPEGs in one call on the GPU (nvJPEG); if the batch fails, image by image, so one bad file costs
-    only itself."""
+    """Many JPEGs (CPU byte tensors) in one call on the GPU (nvJPEG); if the batch fails, image by image, and
+    an image the GPU decoder rejects (e.g. CMYK) is decoded on the CPU, so only unreadable files are lost."""
     try:
         return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         found: list[Tensor | None] = []
         for data in encoded:
             try:
                 found.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                found.append(None)
+            except (RuntimeError, ValueError):
+                image = decode(data)
+                found.append(None if image is None else image.to(device))
         return found
 
 
@@ -295,7 +303,7 @@ class Examples(Dataset):
         label = int(self.split.labels[index])
         try:
             data = torch.frombuffer(bytearray(self.split.read(index)), dtype=torch.uint8)
-        except OSError:
+        except (OSError, ValueError):  # unreadable, or empty (frombuffer refuses zero bytes)
             return None, label, position
         if self.jpegs_as_bytes and is_jpeg(data):
             return data, label, position

@@ -108,11 +108,12 @@ def probabilities(member: Member, split: images.Split, crops: int, device: torch
     task = progress.add_task(f"{member.name}, {crops} crop{'s' * (crops > 1)}", total=len(split)) if progress else None
     found, labels, indices, skipped = [], [], [], 0
     for batch in loader:
-        pictures = [image.to(device, non_blocking=True) for image in batch.images]
+        pictures: list[Tensor | None] = list(batch.images)
         encoded = [i for i, image in enumerate(pictures) if image.ndim == 1]  # JPEGs left for the GPU
-        if encoded:
+        if encoded:  # decoded from the CPU bytes, in one call
             for i, image in zip(encoded, images.decode_jpegs_on(device, [pictures[i] for i in encoded])):
                 pictures[i] = image
+        pictures = [None if p is None else p.to(device, non_blocking=True) for p in pictures]
         kept = [image is not None for image in pictures]
         skipped += len(batch.skipped) + kept.count(False)
         labels_kept = batch.labels[torch.tensor(kept, dtype=torch.bool)]
@@ -129,6 +130,8 @@ def probabilities(member: Member, split: images.Split, crops: int, device: torch
             indices.append(torch.tensor(positions))
         if progress:
             progress.advance(task, len(batch.labels) + len(batch.skipped))
+    if not found:
+        raise UserError(f"none of the {len(split)} validation images in {split.where} could be read")
     return torch.cat(found), torch.cat(labels), torch.cat(indices), skipped
 
 
@@ -208,7 +211,7 @@ def run(recipe_name: str, overrides: list[str], results: Path, dataset_dir: Path
         for member in members:
             for crops in recipe.crops:
                 probs, labels, indices, skipped = probabilities(member, split, crops, device, recipe.batch_crops,
-                                                                workers, progress)
+                                                                workers, progress)  # the same files every time
                 buffer = io.BytesIO()
                 torch.save({"probs": probs.half(), "labels": labels, "indices": indices}, buffer)
                 atomic_write(cache_path(run_dir, member.name, crops), buffer.getvalue())

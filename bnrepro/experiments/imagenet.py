@@ -105,10 +105,10 @@ class ImagenetTask:
         self.eval_transform = images.evaluation_transform(profile.resolution, data.eval_resize)
         self.jpegs_as_bytes = device.type == "cuda" and options.gpu_decode  # workers pass JPEGs on undecoded
         self.order = recipe.train.shuffle if train_split.sharded else "full"
-        self.stream, self.next_step = None, -1
+        self.stream, self.next_step, self.last_good = None, -1, None
         self.rows: list[dict[str, Any]] = []
         self.metrics_file: Path | None = None  # rewritten at every evaluation when set
-        self.skipped = 0
+        self.skipped, self.val_skipped = 0, 0  # unreadable images: training (this replica), validation
         self.lr = learning_rate(recipe, profile.batch_size * replicas.world, len(train_split))
 
     # --- data ---
@@ -151,11 +151,15 @@ class ImagenetTask:
         self.next_step = step + 1
         self.skipped += len(batch.skipped)
         x, y = self._tensor(batch, self.train_transform)
-        if len(y) == 0:  # every image of this mini-batch was unreadable: the step changes nothing but momentum
-            return (self.model.classifier.bias.sum() * 0).view(1)
+        weight = 1.0
+        if len(y) == 0:  # every image of this replica's slice was unreadable: a zero-weight pass over the last
+            if self.last_good is None:  # good slice keeps every replica's collectives in step (DDP, synced BN)
+                raise UserError(f"every image of the first mini-batch is unreadable; check {self.train_split.where}")
+            (x, y), weight = self.last_good, 0.0
+        self.last_good = (x, y)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.network(x)
-        return F.cross_entropy(logits.float(), y).view(1)
+        return (F.cross_entropy(logits.float(), y) * weight).view(1)
 
     # --- evaluation ---
 
@@ -174,7 +178,8 @@ class ImagenetTask:
             return math.nan, math.nan  # "machine infinity": nothing meaningful to evaluate
         sampler = images.EvaluationBatches(len(self.val_split), self.profile.batch_size, self.replicas.rank,
                                            self.replicas.world)
-        counts = torch.zeros(3, dtype=torch.float64, device=self.device)
+        counts = torch.zeros(4, dtype=torch.float64, device=self.device)  # top-1 hits, top-5 hits, images, skipped
+        skipped_before = self.skipped
         for batch in self._loader(self.val_split, self.eval_transform, sampler):
             self.skipped += len(batch.skipped)
             x, y = self._tensor(batch, self.eval_transform)
@@ -183,8 +188,11 @@ class ImagenetTask:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 top5 = self.model(x).float().topk(min(5, self.model.cfg.num_classes), dim=1).indices
             hits = top5 == y[:, None]
-            counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=self.device)])
+            counts[:3] += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=self.device)])
+        counts[3] = self.skipped - skipped_before
+        self.skipped = skipped_before  # training skips only; the same validation files fail at every evaluation
         counts = self.replicas.sum_(counts)
+        self.val_skipped = int(counts[3])
         return float(counts[0] / counts[2]), float(counts[1] / counts[2])
 
     def evaluate(self, step: int, train_loss: Tensor) -> dict[str, float]:
@@ -199,10 +207,10 @@ class ImagenetTask:
 
     def state_dict(self) -> dict[str, Any]:
         self.average_bn_statistics()
-        return {"rows": self.rows, "skipped": self.skipped}
+        return {"rows": self.rows, "skipped": self.replicas.gather(self.skipped)}  # each replica's own count
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rows, self.skipped = list(state["rows"]), int(state["skipped"])
+        self.rows, self.skipped = list(state["rows"]), int(state["skipped"][self.replicas.rank])
 
 
 # --- runs ------------------------------------------------------------------------------------------------
@@ -256,11 +264,12 @@ def run(recipe_name: str, profile_name: str, overrides: list[str], options: Opti
         "profile": profile_name, "dataset": f"{task.train_split.where} ({len(task.train_split):,} train, "
                                             f"{len(task.val_split):,} val, {len(task.train_split.classes)} classes)",
         "dataset_dir": str(Path(options.dataset_dir).resolve()), "classes": task.train_split.classes,
+        "train_examples": len(task.train_split), "sharded": task.train_split.sharded,
         "seed": options.seed,
         "replicas": replicas.world, "bn_statistics": "synchronised" if recipe.train.bn_sync else "per replica",
         "global_batch": profile.batch_size * replicas.world, "deviations": deviations,
         "compile": options.compile, "workers": options.workers, "gpu_decode": task.jpegs_as_bytes,
-        "precision": "bf16 autocast" if task.device.type == "cuda" else "fp32",
+        "precision": _precision(task.device),
         "device": device_name(task.device), "versions": versions(), "git_commit": git_commit(),
     }
     return _train(run_dir, recipe, manifest, task, optimizer, profile, replicas, resume=False)
@@ -278,9 +287,18 @@ def resume(run_dir: Path, replicas: Replicas, dataset_dir: Path | None = None, *
         raise UserError(f"run {run_dir} is already {manifest['status']}; start a new one instead")
     if not (run_dir / CHECKPOINT).is_file():
         raise UserError(f"run {run_dir} has no {CHECKPOINT} to resume from; start a new one instead")
+    if replicas.world != manifest["replicas"]:
+        raise UserError(f"run {run_dir} trained on {manifest['replicas']} process(es); resume it on as many "
+                        f"(the global batch and the data stream depend on it), not {replicas.world}")
     options = Options(Path(dataset_dir or manifest["dataset_dir"]), seed=manifest["seed"], **how)
     task, optimizer, profile, _ = _build(recipe, manifest["profile"], options, replicas)
-    manifest["resumed"] = [*manifest.get("resumed", []), now()]
+    split = task.train_split
+    if (len(split), split.sharded, split.classes) != (manifest["train_examples"], manifest["sharded"],
+                                                      manifest["classes"]):
+        raise UserError(f"the data in {options.dataset_dir} is not the data run {run_dir} trained on "
+                        f"({manifest['dataset']}); resume with the same --dataset-dir")
+    manifest["resumed"] = [*manifest.get("resumed", []), {"at": now(), "device": device_name(task.device),
+                                                          "precision": _precision(task.device)}]
     return _train(run_dir, recipe, manifest, task, optimizer, profile, replicas, resume=True)
 
 
@@ -302,6 +320,7 @@ def _train(run_dir: Path, recipe: ImagenetRecipe, manifest: dict[str, Any], task
         if main:
             write_json(run_dir / "manifest.json", manifest)
     skipped = int(replicas.sum_(torch.tensor([task.skipped], device=replicas.flag_device)).item())
+    skipped += task.val_skipped  # summed over replicas by the evaluation
     if not main:
         return run_dir
     metrics = pd.DataFrame(task.rows)
@@ -311,6 +330,10 @@ def _train(run_dir: Path, recipe: ImagenetRecipe, manifest: dict[str, Any], task
     manifest.update(status="diverged" if summary["diverged_at"] else "complete", finished=now())
     write_json(run_dir / "manifest.json", manifest)
     return run_dir
+
+
+def _precision(device: torch.device) -> str:
+    return "bf16 autocast" if device.type == "cuda" else "fp32"
 
 
 def _describe(shown: dict[str, float]) -> str:
