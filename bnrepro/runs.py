@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -107,3 +110,38 @@ def versions() -> dict[str, str]:
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+OWNER = "running.pid"
+
+
+def check_free(run_dir: Path) -> None:
+    """Refuse to resume a run that a live process is still training (two writers would corrupt it)."""
+    lock = Path(run_dir) / OWNER
+    try:
+        pid, host = lock.read_text().split()
+    except (OSError, ValueError):
+        return
+    if host != socket.gethostname():
+        raise UserError(f"run {run_dir} is being trained on {host} (process {pid}); if that has ended, delete "
+                        f"{lock} and resume again")
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return  # a crashed run's stale mark
+    except PermissionError:
+        pass
+    raise UserError(f"run {run_dir} is still being trained by process {pid}; stop it before resuming")
+
+
+@contextmanager
+def owned(run_dir: Path, main: bool = True) -> Iterator[None]:
+    """Mark ``run_dir`` as being trained by this process while the block runs (main replica only)."""
+    lock = Path(run_dir) / OWNER
+    if main:
+        atomic_write(lock, f"{os.getpid()} {socket.gethostname()}\n")
+    try:
+        yield
+    finally:
+        if main:
+            lock.unlink(missing_ok=True)

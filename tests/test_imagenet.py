@@ -436,3 +436,25 @@ def test_a_compiled_smoke_run_trains(folders, tmp_path):
     run = experiment.run("bn-x5", "smoke", ["profiles.smoke.steps=2"], options, tmp_path, SINGLE_PROCESS)
     assert json.loads((run / "manifest.json").read_text())["compile"] is True
     assert pd.read_csv(run / "metrics.csv")["train_loss"].notna().iloc[-1]
+
+
+def test_a_run_still_being_trained_cannot_be_resumed_by_a_second_process(tmp_path):
+    import subprocess as sp
+
+    from bnrepro.runs import OWNER, check_free
+
+    run = tmp_path / "run"
+    run.mkdir()
+    check_free(run)  # nobody owns it
+    alive = sp.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (run / OWNER).write_text(f"{alive.pid} {socket.gethostname()}\n")
+        with pytest.raises(UserError, match=f"process {alive.pid}"):
+            check_free(run)
+    finally:
+        alive.kill()
+        alive.wait()
+    check_free(run)  # the process is gone: a stale mark does not block
+    (run / OWNER).write_text("123 some-other-host\n")
+    with pytest.raises(UserError, match="delete"):
+        check_free(run)

@@ -32,7 +32,18 @@ from bnrepro.errors import UserError
 from bnrepro.models.batchnorm import BatchNorm
 from bnrepro.models.inception import Inception, InceptionConfig
 from bnrepro.recipes import ImagenetRecipe, Profile
-from bnrepro.runs import atomic_write, device_name, git_commit, new_run_dir, now, resolve_device, versions, write_json
+from bnrepro.runs import (
+    atomic_write,
+    check_free,
+    device_name,
+    git_commit,
+    new_run_dir,
+    now,
+    owned,
+    resolve_device,
+    versions,
+    write_json,
+)
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -287,6 +298,7 @@ def resume(run_dir: Path, replicas: Replicas, dataset_dir: Path | None = None, *
         raise UserError(f"run {run_dir} is already {manifest['status']}; start a new one instead")
     if not (run_dir / CHECKPOINT).is_file():
         raise UserError(f"run {run_dir} has no {CHECKPOINT} to resume from; start a new one instead")
+    check_free(run_dir)
     if replicas.world != manifest["replicas"]:
         raise UserError(f"run {run_dir} trained on {manifest['replicas']} process(es); resume it on as many "
                         f"(the global batch and the data stream depend on it), not {replicas.world}")
@@ -312,9 +324,10 @@ def _train(run_dir: Path, recipe: ImagenetRecipe, manifest: dict[str, Any], task
     if main:
         write_json(run_dir / "manifest.json", manifest)
     try:
-        log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=1, resume=resume,
-                    show_progress=task.options.show_progress, learning_rate=task.lr, replicas=replicas,
-                    rate=("images", profile.batch_size * replicas.world), describe=_describe)
+        with owned(run_dir, main):
+            log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=1, resume=resume,
+                        show_progress=task.options.show_progress, learning_rate=task.lr, replicas=replicas,
+                        rate=("images", profile.batch_size * replicas.world), describe=_describe)
     finally:  # interrupted or not, the time spent so far counts
         manifest["wall_seconds"] = round(manifest.get("wall_seconds", 0) + time.perf_counter() - started, 2)
         if main:

@@ -25,7 +25,18 @@ from bnrepro.errors import UserError
 from bnrepro.models.binary import BinaryBatch
 from bnrepro.models.mlp import MLPStack
 from bnrepro.recipes import MnistRecipe
-from bnrepro.runs import atomic_write, device_name, git_commit, new_run_dir, now, resolve_device, versions, write_json
+from bnrepro.runs import (
+    atomic_write,
+    check_free,
+    device_name,
+    git_commit,
+    new_run_dir,
+    now,
+    owned,
+    resolve_device,
+    versions,
+    write_json,
+)
 
 DEFAULT_VARIANTS = ["mnist/baseline", "mnist/bn"]
 CHECKPOINT = "checkpoint.pt"
@@ -160,6 +171,7 @@ def resume(run_dir: Path, device_name_: str, data_dir: Path | None, show_progres
         raise UserError(f"{run_dir} is not an MNIST run folder (no readable manifest.json/recipes.yaml)") from None
     if manifest.get("status") == "complete":
         raise UserError(f"run {run_dir} is already complete; start a new one instead")
+    check_free(run_dir)
     variants = {name: MnistRecipe.model_validate(tree) for name, tree in resolved.items()}
     device = resolve_device(device_name_)
     data = mnist.load(data_dir)
@@ -177,9 +189,10 @@ def _train(run_dir: Path, variants: dict[str, MnistRecipe], manifest: dict[str, 
     manifest["status"] = "interrupted"  # what the folder says if the process dies without finishing
     write_json(run_dir / "manifest.json", manifest)
     try:
-        log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=len(members), resume=resume,
-                    show_progress=show_progress,
-                    describe=lambda s: f"loss {s.get('loss', math.nan):.3f}  acc {s.get('accuracy', math.nan):.4f}")
+        with owned(run_dir):
+            log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=len(members), resume=resume,
+                        show_progress=show_progress,
+                        describe=lambda s: f"loss {s.get('loss', math.nan):.3f}  acc {s.get('accuracy', math.nan):.4f}")
     finally:  # interrupted or not, the time spent so far counts
         manifest["wall_seconds"] = round(manifest.get("wall_seconds", 0) + time.perf_counter() - started, 2)
         write_json(run_dir / "manifest.json", manifest)
