@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -66,6 +67,17 @@ def new_run_dir(parent: Path, prefix: str = "") -> Path:
         except FileExistsError:
             continue
     raise UserError(f"cannot create a new run folder in {parent}")
+
+
+def runs_of(results: Path, experiment: str, statuses: tuple[str, ...] = ("complete",)) -> list[tuple[Path, dict]]:
+    """(folder, manifest) of every run under ``results/experiment`` whose status is one of ``statuses``,
+    oldest first (by start time, then folder name)."""
+    found = []
+    for manifest_path in (Path(results) / experiment).glob("*/manifest.json"):
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("status") in statuses and manifest.get("experiment", experiment) == experiment:
+            found.append((manifest_path.parent, manifest))
+    return sorted(found, key=lambda run: (str(run[1].get("started", "")), run[0].name))
 
 
 def git_commit() -> str:
@@ -135,13 +147,19 @@ def check_free(run_dir: Path) -> None:
 
 
 @contextmanager
-def owned(run_dir: Path, main: bool = True) -> Iterator[None]:
-    """Mark ``run_dir`` as being trained by this process while the block runs (main replica only)."""
-    lock = Path(run_dir) / OWNER
+def training(run_dir: Path, manifest: dict[str, Any], main: bool = True) -> Iterator[None]:
+    """While the block trains: the manifest says "interrupted" (what the folder should say if the process dies)
+    and ``running.pid`` names this process; afterwards, interrupted or not, the time spent is added to the
+    manifest's ``wall_seconds``. Only the main replica writes."""
+    lock, started = Path(run_dir) / OWNER, time.perf_counter()
+    manifest["status"] = "interrupted"
     if main:
+        write_json(Path(run_dir) / "manifest.json", manifest)
         atomic_write(lock, f"{os.getpid()} {socket.gethostname()}\n")
     try:
         yield
     finally:
+        manifest["wall_seconds"] = round(manifest.get("wall_seconds", 0) + time.perf_counter() - started, 2)
         if main:
+            write_json(Path(run_dir) / "manifest.json", manifest)
             lock.unlink(missing_ok=True)

@@ -203,15 +203,12 @@ def test_main_process_decoding_gives_the_workers_images(tmp_path):
     by_worker = images.Examples(split, transform, 5, jpegs_as_bytes=False)
     as_bytes = images.Examples(split, transform, 5, jpegs_as_bytes=True)
     items = [as_bytes[(p, i)] for p, i in enumerate(range(len(split)))]
-    encoded = [image for image, _, _ in items if image.ndim == 1]
-    assert len(encoded) == 3  # two good JPEGs and the broken one; the grayscale PNG was decoded by the worker
-    decoded = iter(images.decode_jpegs_on(torch.device("cpu"), encoded))
-    for position, (image, _, _) in enumerate(items):
-        if image.ndim == 1:
-            image = next(decoded)
-            image = None if image is None else images.augment(image, transform, images.example_seed(5, position))
-        expected = by_worker[(position, position)][0]
-        assert (image is None and expected is None) or torch.equal(image, expected)
+    assert sum(image.ndim == 1 for image, _, _ in items) == 3  # 2 good JPEGs, the broken one; the PNG is decoded
+    batch = images.on_device(images.collate(items), transform, 5, torch.device("cpu"))
+    expected = [by_worker[(p, p)][0] for p in range(len(split))]
+    assert batch.skipped == [p for p, image in enumerate(expected) if image is None] and len(batch.skipped) == 1
+    for position, image in zip(batch.positions, batch.images):
+        assert torch.equal(image, expected[position])
 
 
 @pytest.mark.gpu
@@ -249,24 +246,28 @@ def _run(recipe: str, data: Path, out: Path, steps: int, *overrides: str, worker
     return experiment.run(recipe, "smoke", sets, options, out, SINGLE_PROCESS)
 
 
+def _interrupted(monkeypatch, recipe: str, data: Path, out: Path, steps: int, at: int, workers: int = 0) -> Path:
+    """A run stopped by a Ctrl-C during step ``at`` (it saves after that step); returns its folder."""
+    losses = experiment.ImagenetTask.losses
+
+    def interrupt(self, step):
+        if step == at - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return losses(self, step)
+
+    monkeypatch.setattr(experiment.ImagenetTask, "losses", interrupt)
+    with pytest.raises(Interrupted) as stopped:
+        _run(recipe, data, out, steps, workers=workers)
+    monkeypatch.setattr(experiment.ImagenetTask, "losses", losses)
+    assert stopped.value.step == at
+    return stopped.value.path.parent
+
+
 def test_k_steps_then_resume_then_the_rest_equals_n_steps(shards, tmp_path, monkeypatch):
     n, k = 6, 3
     straight = _run("bn-baseline", shards, tmp_path / "a", n)  # BN, dropout and LRN-free BN: RNG matters
-
-    losses = experiment.ImagenetTask.losses
-
-    def interrupt_at_k(self, step):
-        if step == k - 1:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step k: the run stops after it
-        return losses(self, step)
-
-    monkeypatch.setattr(experiment.ImagenetTask, "losses", interrupt_at_k)
-    with pytest.raises(Interrupted) as stopped:
-        _run("bn-baseline", shards, tmp_path / "b", n, workers=2)
-    assert stopped.value.step == k
-    monkeypatch.setattr(experiment.ImagenetTask, "losses", losses)
-    resumed = experiment.resume(stopped.value.path.parent, SINGLE_PROCESS, device="cpu", workers=0,
-                                show_progress=False)
+    cut = _interrupted(monkeypatch, "bn-baseline", shards, tmp_path / "b", n, at=k, workers=2)
+    resumed = experiment.resume(cut, SINGLE_PROCESS, device="cpu", workers=0, show_progress=False)
 
     a, b = (torch.load(run / "checkpoint.pt", weights_only=True) for run in (straight, resumed))
     assert a["step"] == b["step"] == n
@@ -277,18 +278,7 @@ def test_k_steps_then_resume_then_the_rest_equals_n_steps(shards, tmp_path, monk
 
 
 def test_resume_refuses_other_replica_counts_and_other_data(shards, folders, tmp_path, monkeypatch):
-    losses = experiment.ImagenetTask.losses
-
-    def interrupt(self, step):
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return losses(self, step)
-
-    monkeypatch.setattr(experiment.ImagenetTask, "losses", interrupt)
-    with pytest.raises(Interrupted) as stopped:
-        _run("bn-x5", shards, tmp_path, 4)
-    monkeypatch.setattr(experiment.ImagenetTask, "losses", losses)
-    run = stopped.value.path.parent
+    run = _interrupted(monkeypatch, "bn-x5", shards, tmp_path, 4, at=2)
     with pytest.raises(UserError, match="not the data"):
         experiment.resume(run, SINGLE_PROCESS, folders, device="cpu", workers=0, show_progress=False)
     manifest = json.loads((run / "manifest.json").read_text())

@@ -338,6 +338,22 @@ def collate(items: list[tuple[Tensor | None, int, int]]) -> Batch:
                  [position for _, _, position in kept], skipped)
 
 
+def on_device(batch: Batch, transform: Callable[[Tensor], Tensor], seed: int, device: torch.device) -> Batch:
+    """``batch`` with every image decoded, transformed and on ``device``: JPEGs the workers left encoded are
+    decoded there in one call and augmented with their own seeds; images that fail move to ``skipped``."""
+    if isinstance(batch.images, Tensor):  # the workers did everything
+        return Batch(batch.images.to(device, non_blocking=True), batch.labels, batch.positions, batch.skipped)
+    pictures: list[Tensor | None] = list(batch.images)
+    encoded = [i for i, image in enumerate(pictures) if image.ndim == 1]
+    if encoded:
+        for i, image in zip(encoded, decode_jpegs_on(device, [pictures[i] for i in encoded])):
+            pictures[i] = None if image is None else augment(image, transform, example_seed(seed, batch.positions[i]))
+    kept = [i for i, image in enumerate(pictures) if image is not None]
+    lost = [batch.positions[i] for i, image in enumerate(pictures) if image is None]
+    return Batch([pictures[i].to(device, non_blocking=True) for i in kept], batch.labels[kept],
+                 [batch.positions[i] for i in kept], batch.skipped + lost)
+
+
 def epoch_order(split: Split, order: Order, seed: int, epoch: int, buffer_shards: int) -> np.ndarray:
     """The example indices of one training epoch, in the order they are seen (see the module docstring)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

@@ -32,7 +32,17 @@ from bnrepro.errors import UserError
 from bnrepro.evaluate.crops import crops_of
 from bnrepro.models.inception import Inception, fold
 from bnrepro.recipes import EnsembleRecipe, ImagenetRecipe
-from bnrepro.runs import atomic_write, device_name, git_commit, new_run_dir, now, resolve_device, versions, write_json
+from bnrepro.runs import (
+    atomic_write,
+    device_name,
+    git_commit,
+    new_run_dir,
+    now,
+    resolve_device,
+    runs_of,
+    versions,
+    write_json,
+)
 
 PROBABILITIES = "probabilities"
 
@@ -53,16 +63,12 @@ class Member:
 def latest_run(results: Path, recipe_name: str, profile: str) -> Path:
     """The newest finished (complete) run of ``recipe_name`` at ``profile`` under ``results/imagenet``."""
     short = Path(recipe_name).stem
-    found = []
-    for manifest_file in sorted(Path(results, "imagenet").glob("*/manifest.json")):
-        manifest = json.loads(manifest_file.read_text())
-        if manifest.get("recipe") == short and manifest.get("profile") == profile and \
-                manifest.get("status") == "complete":
-            found.append((manifest.get("started", ""), manifest_file.parent))
+    found = [folder for folder, manifest in runs_of(results, "imagenet")
+             if manifest.get("recipe") == short and manifest.get("profile") == profile]
     if not found:
         raise UserError(f"no finished run of '{short}' at profile '{profile}' under {Path(results, 'imagenet')}; "
                         f"train it with `bnrepro imagenet --recipe {short} --profile {profile}` or pass --member")
-    return max(found)[1]
+    return found[-1]
 
 
 def load_member(run: Path, device: torch.device) -> Member:
@@ -108,26 +114,18 @@ def probabilities(member: Member, split: images.Split, crops: int, device: torch
     task = progress.add_task(f"{member.name}, {crops} crop{'s' * (crops > 1)}", total=len(split)) if progress else None
     found, labels, indices, skipped = [], [], [], 0
     for batch in loader:
-        pictures: list[Tensor | None] = list(batch.images)
-        encoded = [i for i, image in enumerate(pictures) if image.ndim == 1]  # JPEGs left for the GPU
-        if encoded:  # decoded from the CPU bytes, in one call
-            for i, image in zip(encoded, images.decode_jpegs_on(device, [pictures[i] for i in encoded])):
-                pictures[i] = image
-        pictures = [None if p is None else p.to(device, non_blocking=True) for p in pictures]
-        kept = [image is not None for image in pictures]
-        skipped += len(batch.skipped) + kept.count(False)
-        labels_kept = batch.labels[torch.tensor(kept, dtype=torch.bool)]
-        positions = [p for p, k in zip(batch.positions, kept) if k]
-        if len(labels_kept):
-            views = torch.cat([crops_of(image, crops, member.resolution) for image in pictures if image is not None])
+        batch = images.on_device(batch, v2.Identity(), 0, device)
+        skipped += len(batch.skipped)
+        if len(batch.labels):
+            views = torch.cat([crops_of(image, crops, member.resolution) for image in batch.images])
             x = views.float().sub_(mean).div_(scale)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = torch.cat([member.model(chunk) for chunk in x.split(batch_crops)])
-            found.append(logits.float().softmax(1).view(len(labels_kept), crops, -1).mean(1).cpu())
-            labels.append(labels_kept)
-            indices.append(torch.tensor(positions))
+            found.append(logits.float().softmax(1).view(len(batch.labels), crops, -1).mean(1).cpu())
+            labels.append(batch.labels)
+            indices.append(torch.tensor(batch.positions))
         if progress:
             progress.advance(task, len(batch.labels) + len(batch.skipped))
     if not found:
@@ -205,17 +203,18 @@ def run(recipe_name: str, overrides: list[str], results: Path, dataset_dir: Path
         "device": device_name(device), "versions": versions(), "git_commit": git_commit(),
     }
     write_json(run_dir / "manifest.json", manifest)
-    started, skipped = time.perf_counter(), 0
+    started, skipped, cached = time.perf_counter(), 0, {}
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=not show_progress) as progress:
         for member in members:
             for crops in recipe.crops:
                 probs, labels, indices, skipped = probabilities(member, split, crops, device, recipe.batch_crops,
                                                                 workers, progress)  # the same files every time
-                buffer = io.BytesIO()
-                torch.save({"probs": probs.half(), "labels": labels, "indices": indices}, buffer)
+                cached[(member.name, crops)] = {"probs": probs.half(), "labels": labels, "indices": indices}
+                buffer = io.BytesIO()  # as stored, so the report's recombination gives these same numbers
+                torch.save(cached[(member.name, crops)], buffer)
                 atomic_write(cache_path(run_dir, member.name, crops), buffer.getvalue())
-    results_table = table(load_cache(run_dir), [m.name for m in members], list(recipe.crops))
+    results_table = table(cached, [m.name for m in members], list(recipe.crops))
     atomic_write(run_dir / "results.csv", results_table.to_csv(index=False))
     manifest.update(status="complete", finished=now(), skipped_images=skipped,
                     wall_seconds=round(time.perf_counter() - started, 2))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,8 @@ from bnrepro.runs import (
     git_commit,
     new_run_dir,
     now,
-    owned,
     resolve_device,
+    training,
     versions,
     write_json,
 )
@@ -132,25 +131,18 @@ class ImagenetTask:
                           generator=torch.Generator())  # the loader must not draw from the global RNG (resume)
 
     def _tensor(self, batch: images.Batch, transform) -> tuple[Tensor, Tensor]:
-        """uint8 images (JPEGs the workers left encoded are decoded here, on the GPU) -> normalized float batch."""
-        pictures, labels = batch.images, batch.labels
-        if isinstance(pictures, list):
-            encoded = [i for i, t in enumerate(pictures) if t.ndim == 1]
-            decoded = images.decode_jpegs_on(self.device, [pictures[i] for i in encoded]) if encoded else []
-            pictures = [p.to(self.device, non_blocking=True) for p in pictures]
-            for i, image in zip(encoded, decoded):
-                seed = images.example_seed(self.options.seed, batch.positions[i])
-                pictures[i] = None if image is None else images.augment(image, transform, seed)
-            keep = [p is not None for p in pictures]
-            self.skipped += keep.count(False)
-            labels = labels[torch.tensor(keep, dtype=torch.bool)]
-            pictures = torch.stack([p for p in pictures if p is not None]) if any(keep) else None
-        if pictures is None:
-            return torch.empty(0, 3, self.profile.resolution, self.profile.resolution, device=self.device), labels
-        x = pictures.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.scale)
+        """The batch's readable images (JPEGs the workers left encoded are decoded here, on the GPU) as a
+        normalized float batch, and their labels; unreadable ones are counted in ``skipped``."""
+        batch = images.on_device(batch, transform, self.options.seed, self.device)
+        self.skipped += len(batch.skipped)
+        if len(batch.labels) == 0:
+            resolution = self.profile.resolution
+            return torch.empty(0, 3, resolution, resolution, device=self.device), batch.labels
+        pictures = batch.images if isinstance(batch.images, Tensor) else torch.stack(batch.images)
+        x = pictures.float().sub_(self.mean).div_(self.scale)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, labels.to(self.device, non_blocking=True)
+        return x, batch.labels.to(self.device, non_blocking=True)
 
     def losses(self, step: int) -> Tensor:
         if step != self.next_step:  # first step of this process: the stream starts where the run stands
@@ -160,7 +152,6 @@ class ImagenetTask:
             self.stream = iter(self._loader(self.train_split, self.train_transform, sampler))
         batch = next(self.stream)
         self.next_step = step + 1
-        self.skipped += len(batch.skipped)
         x, y = self._tensor(batch, self.train_transform)
         weight = 1.0
         if len(y) == 0:  # every image of this replica's slice was unreadable: a zero-weight pass over the last
@@ -192,7 +183,6 @@ class ImagenetTask:
         counts = torch.zeros(4, dtype=torch.float64, device=self.device)  # top-1 hits, top-5 hits, images, skipped
         skipped_before = self.skipped
         for batch in self._loader(self.val_split, self.eval_transform, sampler):
-            self.skipped += len(batch.skipped)
             x, y = self._tensor(batch, self.eval_transform)
             if len(y) == 0:
                 continue
@@ -319,19 +309,10 @@ def _train(run_dir: Path, recipe: ImagenetRecipe, manifest: dict[str, Any], task
     schedule = Schedule(profile.steps, profile.eval_every, profile.checkpoint_every)
     main = replicas.is_main
     task.metrics_file = run_dir / "metrics.csv"
-    started = time.perf_counter()
-    manifest["status"] = "interrupted"  # what the folder says if the process dies without finishing
-    if main:
-        write_json(run_dir / "manifest.json", manifest)
-    try:
-        with owned(run_dir, main):
-            log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=1, resume=resume,
-                        show_progress=task.options.show_progress, learning_rate=task.lr, replicas=replicas,
-                        rate=("images", profile.batch_size * replicas.world), describe=_describe)
-    finally:  # interrupted or not, the time spent so far counts
-        manifest["wall_seconds"] = round(manifest.get("wall_seconds", 0) + time.perf_counter() - started, 2)
-        if main:
-            write_json(run_dir / "manifest.json", manifest)
+    with training(run_dir, manifest, main):
+        log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=1, resume=resume,
+                    show_progress=task.options.show_progress, learning_rate=task.lr, replicas=replicas,
+                    rate=("images", profile.batch_size * replicas.world), describe=_describe)
     skipped = int(replicas.sum_(torch.tensor([task.skipped], device=replicas.flag_device)).item())
     skipped += task.val_skipped  # summed over replicas by the evaluation
     if not main:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,8 @@ from bnrepro.runs import (
     git_commit,
     new_run_dir,
     now,
-    owned,
     resolve_device,
+    training,
     versions,
     write_json,
 )
@@ -185,17 +184,10 @@ def _train(run_dir: Path, variants: dict[str, MnistRecipe], manifest: dict[str, 
     task, optimizer, members = built
     recipe = task.recipe
     schedule = Schedule(recipe.train.steps, recipe.eval.every, checkpoint_every=max(recipe.eval.every, 10_000))
-    started = time.perf_counter()
-    manifest["status"] = "interrupted"  # what the folder says if the process dies without finishing
-    write_json(run_dir / "manifest.json", manifest)
-    try:
-        with owned(run_dir):
-            log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=len(members), resume=resume,
-                        show_progress=show_progress,
-                        describe=lambda s: f"loss {s.get('loss', math.nan):.3f}  acc {s.get('accuracy', math.nan):.4f}")
-    finally:  # interrupted or not, the time spent so far counts
-        manifest["wall_seconds"] = round(manifest.get("wall_seconds", 0) + time.perf_counter() - started, 2)
-        write_json(run_dir / "manifest.json", manifest)
+    with training(run_dir, manifest):
+        log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=len(members), resume=resume,
+                    show_progress=show_progress,
+                    describe=lambda s: f"loss {s.get('loss', math.nan):.3f}  acc {s.get('accuracy', math.nan):.4f}")
     metrics = pd.DataFrame(task.rows)
     divergences = [{"variant": m.variant, "seed": m.seed, "step": step}
                    for m, step in zip(members, log.diverged_at) if step is not None]

@@ -19,3 +19,18 @@ def build(results: Path, out: Path) -> list[Path]:
         raise UserError(f"no complete runs under {results}; run `bnrepro mnist` or `bnrepro imagenet` first "
                         f"(then `bnrepro ensemble` on finished imagenet runs)")
     return written
+
+
+def save_figure(fig, out: Path, name: str) -> list[Path]:
+    """Write ``fig`` as ``out/name.png`` and ``.svg``, each through a temporary file so no reader sees half a
+    figure; closes the figure."""
+    import matplotlib.pyplot as plt
+
+    written = []
+    for suffix in ("png", "svg"):
+        path, tmp = out / f"{name}.{suffix}", out / f".{name}.tmp.{suffix}"
+        fig.savefig(tmp, dpi=150)
+        tmp.replace(path)
+        written.append(path)
+    plt.close(fig)
+    return written

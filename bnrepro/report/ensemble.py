@@ -7,7 +7,6 @@ its ``results.csv``, so the report shows what the cached probabilities say, what
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pandas as pd
 from bnrepro.errors import UserError
 from bnrepro.evaluate import ensemble as evaluation
 from bnrepro.report.imagenet import markdown_table
-from bnrepro.runs import atomic_write, check_writable
+from bnrepro.runs import atomic_write, check_writable, runs_of
 
 IMAGENET_CLASSES = 1000
 IMAGENET_VAL_IMAGES = 50_000
@@ -56,14 +55,8 @@ class EnsembleRun:
 
 def finished_runs(results: Path) -> list[EnsembleRun]:
     """Ensemble run folders whose manifest says complete, oldest first (by start time, then name)."""
-    runs = []
-    for manifest_path in sorted((Path(results) / "ensemble").glob("*/manifest.json")):
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("status") != "complete" or manifest.get("experiment", "ensemble") != "ensemble":
-            continue
-        folder = manifest_path.parent
-        runs.append(EnsembleRun(folder, folder.relative_to(results).as_posix(), manifest))
-    return sorted(runs, key=lambda r: (str(r.manifest.get("started", "")), r.rel))
+    return [EnsembleRun(folder, folder.relative_to(results).as_posix(), manifest)
+            for folder, manifest in runs_of(results, "ensemble")]
 
 
 def scores(run: EnsembleRun) -> tuple[pd.DataFrame, int, int]:

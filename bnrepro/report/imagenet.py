@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bnrepro.runs import atomic_write, check_writable  # noqa: E402
+from bnrepro.report import save_figure  # noqa: E402
+from bnrepro.runs import atomic_write, check_writable, runs_of  # noqa: E402
 
 FINISHED = ("complete", "diverged")
 PAPER_TARGET = 0.722  # Inception's best single-crop top-1: the paper's Fig. 3 counts steps to reach it
@@ -101,16 +102,12 @@ def _finite(column: pd.Series) -> pd.Series:
 def finished_runs(results: Path) -> list[Run]:
     """ImageNet run folders whose manifest says complete or diverged, oldest first (by start time, then name)."""
     runs = []
-    for manifest_path in sorted((Path(results) / "imagenet").glob("*/manifest.json")):
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("status") not in FINISHED or manifest.get("experiment", "imagenet") != "imagenet":
-            continue
-        folder = manifest_path.parent
+    for folder, manifest in runs_of(results, "imagenet", FINISHED):
         summary_path = folder / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         runs.append(Run(folder, folder.relative_to(results).as_posix(), manifest, summary,
                         pd.read_csv(folder / "metrics.csv")))
-    return sorted(runs, key=lambda r: (str(r.manifest.get("started", "")), r.rel))
+    return runs
 
 
 def latest_per_recipe(runs: list[Run]) -> dict[str, dict[str, Run]]:
@@ -216,15 +213,7 @@ def figure_2(profile: str, runs: dict[str, Run], target: float | None, out: Path
     ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))  # plain up to 9,999 steps, then 1e4, 1e6...
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    written = []
-    for suffix in ("png", "svg"):
-        path = out / f"{figure_name(profile)}.{suffix}"
-        tmp = out / f".{figure_name(profile)}.tmp.{suffix}"
-        fig.savefig(tmp, dpi=150)
-        tmp.replace(path)
-        written.append(path)
-    plt.close(fig)
-    return written
+    return save_figure(fig, out, figure_name(profile))
 
 
 def profile_section(profile: str, runs: dict[str, Run], superseded: list[Run]) -> str:

@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bnrepro.runs import atomic_write, check_writable  # noqa: E402
+from bnrepro.report import save_figure  # noqa: E402
+from bnrepro.runs import atomic_write, check_writable, runs_of  # noqa: E402
 
 # What the paper and the one public reproduction it cites report (shared/paper/README.md, section 2).
 PAPER_NOTE = ("The paper prints no MNIST accuracies: Fig. 1(a) shows the BN network's test accuracy rising "
@@ -31,11 +32,7 @@ def accuracy_text(v: dict) -> str:
 
 def complete_runs(results: Path) -> list[Path]:
     """MNIST run folders whose manifest says complete, oldest first."""
-    runs = []
-    for manifest in sorted((results / "mnist").glob("*/manifest.json")):
-        if json.loads(manifest.read_text()).get("status") == "complete":
-            runs.append(manifest.parent)
-    return runs
+    return [folder for folder, _ in runs_of(results, "mnist")]
 
 
 def load(run_dir: Path) -> tuple[pd.DataFrame, dict, dict]:
@@ -90,15 +87,7 @@ def figure_1(run_dir: Path, out: Path) -> list[Path]:
                  f"(b, c) show percentiles {', '.join(p[1:] for p in percentiles)} of unit 0, seed {first_seed}",
                  fontsize=9)
     fig.tight_layout()
-    written = []
-    for suffix in ("png", "svg"):
-        path = out / f"fig1_mnist.{suffix}"
-        tmp = out / f".fig1_mnist.tmp.{suffix}"
-        fig.savefig(tmp, dpi=150)
-        tmp.replace(path)
-        written.append(path)
-    plt.close(fig)
-    return written
+    return save_figure(fig, out, "fig1_mnist")
 
 
 def markdown(runs: list[Path]) -> str:
