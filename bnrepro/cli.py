@@ -40,18 +40,19 @@ def mnist(
     set_: Overrides = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run folder.")] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    engine: Annotated[str, typer.Option(help="native (C++, CPU), torch, or auto: native where it can run.")] = "auto",
 ) -> None:
     """The MNIST diagnostic (Fig. 1): a 3x100 sigmoid network with and without BN."""
     from bnrepro.experiments import mnist as experiment
 
     if resume is not None:
-        run_dir = experiment.resume(resume, device, data_dir, show_progress=progress)
+        run_dir = experiment.resume(resume, device, data_dir, show_progress=progress, engine=engine)
     else:
         if steps is not None and steps < 0:
             raise UserError(f"--steps must be 0 or more, not {steps}")
         overrides = list(set_ or []) + ([f"train.steps={steps}"] if steps is not None else [])
         run_dir = experiment.run(recipe or experiment.DEFAULT_VARIANTS, overrides, seeds, data_seed, device, out,
-                                 data_dir, show_progress=progress)
+                                 data_dir, show_progress=progress, engine=engine)
     from bnrepro.report.mnist import summary_table
 
     console.print(summary_table(run_dir))

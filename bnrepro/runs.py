@@ -22,6 +22,11 @@ import torch
 from bnrepro.errors import UserError
 
 
+def cache_dir() -> Path:
+    """The user cache: downloaded data sets and compiled native kernels."""
+    return Path(os.environ.get("BNREPRO_CACHE", Path.home() / ".cache" / "bnrepro"))
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write ``path`` so that readers see the old file or the whole new one, never a torn one."""
     path = Path(path)

@@ -26,13 +26,31 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def native_builds(tmp_path_factory) -> Path:
+    """Where this session's tests build the native kernels: once for all of them, CLI subprocesses included."""
+    return tmp_path_factory.mktemp("native-builds")
+
+
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
+def isolated_cache(tmp_path_factory, monkeypatch, native_builds):
     """Nothing may read, write or download into the real user cache, nor pick up a user's data folder."""
     cache = tmp_path_factory.mktemp("bnrepro-cache")
+    (cache / "native").symlink_to(native_builds, target_is_directory=True)
     monkeypatch.setenv("BNREPRO_CACHE", str(cache))
     monkeypatch.delenv("BNREPRO_DATA", raising=False)
     return cache
+
+
+@pytest.fixture
+def native_engine():
+    """The native MNIST kernel; the test is skipped where it cannot be built (no C++ compiler)."""
+    from bnrepro import native
+
+    try:
+        return native.library("mlp")
+    except native.Unavailable as error:
+        pytest.skip(f"no native engine here: {error}")
 
 
 def idx_images(images: np.ndarray) -> bytes:

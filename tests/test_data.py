@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import FILES, SHARED_DATA, idx_images, idx_labels, make_split, write_mnist
 
+from bnrepro import runs
 from bnrepro.data import mnist
 from bnrepro.errors import UserError
 
@@ -52,7 +53,7 @@ def test_data_dir_from_environment(fake_mnist, monkeypatch):
 
 
 def test_the_cache_is_the_isolated_one(isolated_cache):
-    assert mnist.cache_dir() == isolated_cache
+    assert runs.cache_dir() == isolated_cache
     assert mnist.data_root(None) == (isolated_cache, True)
 
 

@@ -126,33 +126,40 @@ def test_interrupt_then_resume_is_exact(tmp_path):
     assert signal.getsignal(signal.SIGINT) is handler  # the loop gave the previous handler back
 
 
-def test_mnist_resume_after_an_interrupt_mid_interval_is_exact(fake_mnist, tmp_path, monkeypatch):
-    """The real MNIST task: Ctrl-C at step 130 (between evaluations), resume, compare with a run never stopped."""
+@pytest.mark.parametrize("engine", ["torch", "native"])
+def test_mnist_resume_after_an_interrupt_mid_interval_is_exact(fake_mnist, tmp_path, monkeypatch, engine, request):
+    """The real MNIST task: Ctrl-C at step 130 (between evaluations), resume, compare with a run never stopped.
+    The native engine trains in chunks up to the loop's next check, so it stops at step 150."""
+    if engine == "native":
+        request.getfixturevalue("native_engine")
     settings = dict(overrides=["train.steps=250", "eval.every=100"], seeds=2, data_seed=5, device_name_="cpu",
-                    data_dir=fake_mnist, show_progress=False)
+                    data_dir=fake_mnist, show_progress=False, engine=engine)
     whole = experiment.run(experiment.DEFAULT_VARIANTS, out=tmp_path / "whole", **settings)
 
-    losses = experiment.MnistTask.losses
+    task_class, method = ((experiment.MnistTask, "losses") if engine == "torch" else
+                          (experiment.NativeMnistTask, "train_steps"))
+    original = getattr(task_class, method)
 
-    def losses_then_signal(self, step):
-        if step == 129:
+    def signal_at_step_129(self, step, *args):
+        if step <= 129 < (args[0] if args else step + 1):
             os.kill(os.getpid(), signal.SIGINT)
-        return losses(self, step)
+        return original(self, step, *args)
 
-    monkeypatch.setattr(experiment.MnistTask, "losses", losses_then_signal)
+    monkeypatch.setattr(task_class, method, signal_at_step_129)
     with pytest.raises(Interrupted) as caught:
         experiment.run(experiment.DEFAULT_VARIANTS, out=tmp_path / "cut", **settings)
-    monkeypatch.setattr(experiment.MnistTask, "losses", losses)
+    monkeypatch.setattr(task_class, method, original)
     run_dir = caught.value.path.parent
-    assert caught.value.step == 130
+    assert caught.value.step == (130 if engine == "torch" else 150)
     assert (run_dir / experiment.CHECKPOINT).is_file()
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "interrupted"
     assert not (run_dir / "metrics.csv").exists()
 
-    assert experiment.resume(run_dir, "cpu", fake_mnist, show_progress=False) == run_dir
+    assert experiment.resume(run_dir, "cpu", fake_mnist, show_progress=False, engine=engine) == run_dir
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert len(manifest["resumed"]) == 1
+    assert manifest["engine"].startswith(engine) and manifest["resumed_engines"][0].startswith(engine)
     assert not (run_dir / experiment.CHECKPOINT).exists()
     pd.testing.assert_frame_equal(pd.read_csv(run_dir / "metrics.csv"), pd.read_csv(whole / "metrics.csv"),
                                   check_exact=False, rtol=0, atol=1e-6)

@@ -22,6 +22,7 @@ from torchvision.datasets import MNIST
 from torchvision.datasets.utils import check_integrity
 
 from bnrepro.errors import UserError
+from bnrepro.runs import cache_dir
 
 FILES = [name for name, _ in MNIST.resources]  # train images, train labels, test images, test labels
 HOW_TO_GET = ("put the four original MNIST .gz files in DIR/mnist/raw/ and pass --data-dir DIR "
@@ -38,10 +39,6 @@ class MnistArrays:
     test_labels: Tensor
     source: str
     official: bool  # all four files match the MD5s torchvision publishes
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("BNREPRO_CACHE", Path.home() / ".cache" / "bnrepro"))
 
 
 def data_root(data_dir: Path | None) -> tuple[Path, bool]:

@@ -39,6 +39,11 @@ class Task(Protocol):
         """Record metrics after ``step`` steps; return the few to show in the progress line."""
         ...
 
+    # Optional: ``train_steps(start, stop, learning_rates) -> Tensor (stop - start, members)`` trains steps
+    # [start, stop) itself (forward, backward and SGD update of each) and returns their losses, for a task
+    # whose steps are too small to pay for one optimizer call each. The loop then runs chunks of steps
+    # between its checks; it never calls ``losses`` or the optimizer.
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -150,17 +155,24 @@ def train(
     with _StopRequests() as stop, _progress(show_progress and replicas.is_main, unit) as progress:
         bar = progress.add_task(describe(shown), total=schedule.steps, completed=start, rate="-")
         tick, ticked = time.perf_counter(), start
-        for step in range(start, schedule.steps):
-            if learning_rate is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step)  # the schedule is a function of the step alone
+        train_steps = getattr(task, "train_steps", None)  # a task that trains whole chunks of steps itself
+        rate = learning_rate or (lambda _: optimizer.param_groups[0]["lr"])
+        step = start
+        while step < schedule.steps:
             task.model.train()
-            losses = task.losses(step)  # forward pass on this step's mini-batch: one loss per member
-            optimizer.zero_grad(set_to_none=True)  # the last step's gradients are spent
-            losses.sum().backward()  # members share no parameters, so each gets exactly its own gradient
-            optimizer.step()  # one SGD update of every member
-            log.add(replicas.mean(losses.detach()))  # for the train-loss column and to date any divergence
-            done = step + 1
+            if train_steps is not None:  # up to the next check: each step's forward, backward and SGD update
+                done = _next_check(step, schedule)
+                for losses in train_steps(step, done, [rate(s) for s in range(step, done)]):
+                    log.add(losses)  # one step's member losses
+            else:
+                for group in optimizer.param_groups:
+                    group["lr"] = rate(step)  # the schedule is a function of the step alone
+                losses = task.losses(step)  # forward pass on this step's mini-batch: one loss per member
+                optimizer.zero_grad(set_to_none=True)  # the last step's gradients are spent
+                losses.sum().backward()  # members share no parameters, so each gets exactly its own gradient
+                optimizer.step()  # one SGD update of every member
+                log.add(replicas.mean(losses.detach()))  # for the train-loss column and to date any divergence
+                done = step + 1
             last = done == schedule.steps
             evaluate = done % schedule.eval_every == 0 or last
             checks = evaluate or done % 50 == 0  # divergence, progress and (under DDP) stop requests
@@ -181,7 +193,15 @@ def train(
                 speed = f"{(done - ticked) * per_step / max(now - tick, 1e-9):,.0f}"
                 progress.update(bar, completed=done, description=describe(shown), rate=speed)
                 tick, ticked = now, done
+            step = done
     return log
+
+
+def _next_check(step: int, schedule: Schedule) -> int:
+    """The first step after ``step`` at which the loop evaluates, checkpoints or checks for divergence and
+    stop requests: every 50 steps, every ``eval_every``, every ``checkpoint_every``, and the last."""
+    return min(schedule.steps, *(((step // every) + 1) * every
+                                 for every in (50, schedule.eval_every, schedule.checkpoint_every)))
 
 
 def _rng_state() -> dict[str, Tensor]:

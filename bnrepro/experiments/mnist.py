@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from bnrepro.engine.trainer import Schedule, train
 from bnrepro.errors import UserError
 from bnrepro.models.binary import BinaryBatch
 from bnrepro.models.mlp import MLPStack
+from bnrepro.models.mlp_native import BinaryRows, NativeStack, torch_single_threaded, unsupported
 from bnrepro.recipes import MnistRecipe
 from bnrepro.runs import (
     atomic_write,
@@ -38,6 +40,7 @@ from bnrepro.runs import (
 )
 
 DEFAULT_VARIANTS = ["mnist/baseline", "mnist/bn"]
+ENGINES = ("auto", "native", "torch")  # auto: native where it can run (a CPU with a C++ compiler), else torch
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -67,10 +70,19 @@ class MnistTask:
         return self.model.losses(BinaryBatch(self.train_bits.index_select(0, index)),
                                  self.train_labels.index_select(0, index))
 
+    def running(self) -> AbstractContextManager:
+        """Held while the trainer runs this task."""
+        return nullcontext()
+
+    def predict(self) -> tuple[Tensor, Tensor]:
+        """Test logits (examples, members, classes) with population statistics (Alg. 2), and the input of
+        the probed sigmoid of the last hidden layer (examples, members)."""
+        logits, pre = self.model.predict(self.test)
+        return logits, pre[:, :, self.recipe.eval.probe_unit]
+
     def evaluate(self, step: int, train_loss: Tensor) -> dict[str, float]:
-        logits, pre = self.model.predict(self.test)  # population statistics (Alg. 2)
+        logits, probe = self.predict()  # probe: one fixed sigmoid of the last hidden layer (Fig. 1b, c)
         accuracy = (logits.argmax(2) == self.test_labels[:, None]).float().mean(0)
-        probe = pre[:, :, self.recipe.eval.probe_unit]  # one fixed sigmoid of the last hidden layer
         percentiles = torch.quantile(probe, self.quantiles, dim=0)  # (percentiles, members)
         finite = torch.isfinite(logits).all(2).all(0) & torch.isfinite(probe).all(0)
         accuracy, percentiles = accuracy.where(finite, math.nan).cpu(), percentiles.where(finite, math.nan).cpu()
@@ -86,6 +98,27 @@ class MnistTask:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows = list(state["rows"])
+
+
+class NativeMnistTask(MnistTask):
+    """The same task on the native engine (bnrepro/models/mlp_native.py): each chunk of steps between the
+    trainer's checks, and each evaluation, is one C++ call rather than ~60 tensor operations a step."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.engine = NativeStack(self.model)
+        self.train_rows, self.test_rows = BinaryRows.of(self.train_bits), BinaryRows.of(self.test.bits)
+        self.train_labels = self.train_labels.to(torch.int64).contiguous()
+
+    def running(self) -> AbstractContextManager:
+        return torch_single_threaded()  # the kernel's threads get the cores
+
+    def train_steps(self, start: int, stop: int, learning_rates: list[float]) -> Tensor:
+        examples = torch.stack([self.batches.indices(step) for step in range(start, stop)])
+        return self.engine.train_steps(examples, self.train_rows, self.train_labels, learning_rates)
+
+    def predict(self) -> tuple[Tensor, Tensor]:
+        return self.engine.predict(self.test_rows, self.recipe.eval.probe_unit)
 
 
 def variant_name(recipe_name: str) -> str:
@@ -109,8 +142,16 @@ def _check_trainable_together(variants: dict[str, MnistRecipe]) -> MnistRecipe:
     return first
 
 
+@dataclass
+class Setup:
+    task: MnistTask
+    optimizer: torch.optim.Optimizer
+    members: list[Member]
+    engine: str  # which engine trains the run, and why not the native one where it does not
+
+
 def _build(variants: dict[str, MnistRecipe], seeds: list[int], data: mnist.MnistArrays, data_seed: int,
-           device: torch.device) -> tuple[MnistTask, torch.optim.Optimizer, list[Member]]:
+           device: torch.device, engine: str) -> Setup:
     shared = _check_trainable_together(variants)
     ordered = sorted(variants.items(), key=lambda item: not item[1].model.batch_norm)  # BN members first
     members = [Member(name, seed) for name, _ in ordered for seed in seeds]
@@ -122,7 +163,13 @@ def _build(variants: dict[str, MnistRecipe], seeds: list[int], data: mnist.Mnist
     ).to(device)
     t = shared.train
     optimizer = torch.optim.SGD([stack.flat], lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return MnistTask(shared, stack, members, data, data_seed, device), optimizer, members
+    if engine not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)}, not '{engine}'")
+    why_not = "--engine torch" if engine == "torch" else unsupported(stack, device, optimizer)
+    if engine == "native" and why_not:
+        raise UserError(f"the native engine cannot train this run: {why_not}; use --engine torch or auto")
+    task_class, used = (MnistTask, f"torch (native: {why_not})") if why_not else (NativeMnistTask, "native")
+    return Setup(task_class(shared, stack, members, data, data_seed, device), optimizer, members, used)
 
 
 def run(
@@ -134,6 +181,7 @@ def run(
     out: Path,
     data_dir: Path | None,
     show_progress: bool = True,
+    engine: str = "auto",
 ) -> Path:
     """Train every variant for ``seeds`` seeds in a new run folder under ``out/mnist``; returns the folder."""
     if seeds < 1:
@@ -144,7 +192,7 @@ def run(
             raise UserError(f"recipe '{name}' is a {recipe.experiment} recipe, not an MNIST one")
     device = resolve_device(device_name_)
     data = mnist.load(data_dir)
-    built = _build(variants, list(range(seeds)), data, data_seed, device)
+    setup = _build(variants, list(range(seeds)), data, data_seed, device, engine)
     run_dir = new_run_dir(Path(out) / "mnist")  # only now: every check that can fail has passed
     resolved = {name: recipe.model_dump(mode="json") for name, recipe in variants.items()}
     atomic_write(run_dir / "recipes.yaml", yaml.safe_dump(resolved, sort_keys=False, width=100))
@@ -154,13 +202,14 @@ def run(
                     for name, src in zip(variants, recipe_names)},
         "overrides": list(overrides), "seeds": list(range(seeds)), "data_seed": data_seed,
         "data": {"source": data.source, "matches_official_md5": data.official},
-        "device": device_name(device), "versions": versions(), "git_commit": git_commit(),
+        "device": device_name(device), "engine": setup.engine, "versions": versions(), "git_commit": git_commit(),
     }
     write_json(run_dir / "manifest.json", manifest)
-    return _train(run_dir, variants, manifest, built, resume=False, show_progress=show_progress)
+    return _train(run_dir, variants, manifest, setup, resume=False, show_progress=show_progress)
 
 
-def resume(run_dir: Path, device_name_: str, data_dir: Path | None, show_progress: bool = True) -> Path:
+def resume(run_dir: Path, device_name_: str, data_dir: Path | None, show_progress: bool = True,
+           engine: str = "auto") -> Path:
     """Continue an interrupted run exactly where its checkpoint left it."""
     run_dir = Path(run_dir)
     try:
@@ -174,17 +223,18 @@ def resume(run_dir: Path, device_name_: str, data_dir: Path | None, show_progres
     variants = {name: MnistRecipe.model_validate(tree) for name, tree in resolved.items()}
     device = resolve_device(device_name_)
     data = mnist.load(data_dir)
-    built = _build(variants, manifest["seeds"], data, manifest["data_seed"], device)
+    setup = _build(variants, manifest["seeds"], data, manifest["data_seed"], device, engine)
     manifest["resumed"] = [*manifest.get("resumed", []), now()]
-    return _train(run_dir, variants, manifest, built, resume=True, show_progress=show_progress)
+    manifest["resumed_engines"] = [*manifest.get("resumed_engines", []), setup.engine]
+    return _train(run_dir, variants, manifest, setup, resume=True, show_progress=show_progress)
 
 
 def _train(run_dir: Path, variants: dict[str, MnistRecipe], manifest: dict[str, Any],
-           built: tuple[MnistTask, torch.optim.Optimizer, list[Member]], resume: bool, show_progress: bool) -> Path:
-    task, optimizer, members = built
+           setup: Setup, resume: bool, show_progress: bool) -> Path:
+    task, optimizer, members = setup.task, setup.optimizer, setup.members
     recipe = task.recipe
     schedule = Schedule(recipe.train.steps, recipe.eval.every, checkpoint_every=max(recipe.eval.every, 10_000))
-    with training(run_dir, manifest):
+    with training(run_dir, manifest), task.running():
         log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=len(members), resume=resume,
                     show_progress=show_progress,
                     describe=lambda s: f"loss {s.get('loss', math.nan):.3f}  acc {s.get('accuracy', math.nan):.4f}")

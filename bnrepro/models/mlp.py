@@ -65,7 +65,7 @@ class MLPStack(nn.Module):
         if len(batch_norm) != len(seeds) or list(batch_norm) != sorted(batch_norm, reverse=True):
             raise ValueError("batch_norm needs one flag per seed, BN members first")
         self.members, self.widths, self.normalized = len(seeds), list(widths), sum(batch_norm)
-        self.bn_eps, self.bn_momentum = bn_eps, bn_momentum
+        self.bn_eps, self.bn_momentum, self.nonlinearity = bn_eps, bn_momentum, nonlinearity
         self.activation, self.activation_backward = _ACTIVATIONS[nonlinearity]
         self.shapes = self._layout()
         self.flat = nn.Parameter(torch.zeros(sum(math.prod(s) for s in self.shapes.values())))

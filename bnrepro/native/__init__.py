@@ -1,0 +1,71 @@
+"""Native kernels: C++ sources beside this file, compiled on first use with the machine's C++ compiler.
+
+Why not a built extension: the kernels include no Python or torch headers (plain C functions over
+pointers, called through ``ctypes``), so one compiler call takes ~2 s, needs no build step at install
+time, and a machine without a compiler simply keeps the torch engine. ``-march=native`` tunes the code to
+this CPU, so the library is cached per source, compiler, flags and CPU under ``$BNREPRO_CACHE/native``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+from bnrepro.runs import cache_dir
+
+SOURCES = Path(__file__).parent
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+
+
+class Unavailable(Exception):
+    """The native library cannot be built or loaded here; the message says why."""
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    raise Unavailable("no C++ compiler found (set CXX, or install g++ or clang++)")
+
+
+def _cpu() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({line for line in info if line.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+@cache
+def library(name: str) -> ctypes.CDLL:
+    """The compiled ``<name>.cpp``, built once per source/compiler/CPU and cached; raises ``Unavailable``."""
+    source = SOURCES / f"{name}.cpp"
+    compiler = _compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([source.read_text(), version, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
+    target = cache_dir() / "native" / f"{name}-{key}.so"
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # then renamed: never half a library
+                built = Path(tmp) / target.name
+                result = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], capture_output=True,
+                                        text=True)
+                if result.returncode != 0:
+                    first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr)
+                    raise Unavailable(f"compiling {source.name} with {compiler} failed: {first.strip()[:300]}")
+                os.replace(built, target)
+        except OSError as error:
+            raise Unavailable(f"cannot build {source.name} in {target.parent}: {error}") from None
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError as error:
+        raise Unavailable(f"cannot load {target}: {error}") from None

@@ -1,0 +1,577 @@
+// The MNIST stack (bnrepro/models/mlp.py) trained and evaluated in one native call per chunk of steps.
+//
+// Why: the network is tiny (784-100-100-100-10, 60 examples), so a step from Python costs ~60 tensor
+// operations of dispatch, ~30 us each on a small CPU, against ~0.1 ms of arithmetic. Here a whole chunk
+// of steps is one call: each thread takes whole members (models share no parameters) and runs every step
+// of the chunk for one member before the next, so the member's weights stay in cache.
+//
+// The arithmetic is the one the torch engine does, in fp32: the binary input layer as sums of weight rows
+// (exactly x @ W), BN with batch mean and biased variance (Alg. 1) and its closed-form gradient, sigmoid
+// (or ReLU), softmax cross-entropy, plain SGD. Only rounding differs (summation order, FMA, a polynomial
+// exp accurate to ~1 ulp); tests/test_native.py checks both engines agree.
+//
+// Layout conventions: row-major matrices; activations are (batch, units). Parameters live in torch's flat
+// tensor; Python passes one pointer per member and tensor (see bnrepro/models/mlp_native.py).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));  // unaligned access
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+inline v8 load(const float* p) { return *reinterpret_cast<const v8u*>(p); }
+inline void store(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
+inline v8 splat(float s) { return v8{} + s; }
+
+// exp(x), Cephes' single-precision polynomial (~1 ulp on [-87.3, 88.0]); NaN stays NaN. Beyond that range
+// the result saturates at the edge values, then becomes inf (x > 88.72) or 0 (x < -103.97): only
+// sigmoids deep in saturation and softmax terms below 1e-38 see the difference.
+inline v8 vexp(v8 x) {
+  v8 c = x > 88.0296919311f ? splat(88.0296919311f) : x;  // keeps 2^n a normal float
+  c = c < -87.3365447505f ? splat(-87.3365447505f) : c;
+  v8 fx = c * 1.44269504088896341f + 0.5f;
+  v8 fn = __builtin_convertvector(__builtin_convertvector(fx, i8), v8);
+  fn = fn > fx ? fn - 1.0f : fn;  // floor
+  v8 r = c - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  v8 y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  i8 bits = (__builtin_convertvector(fn, i8) + 127) << 23;
+  v8 e = y * (v8)bits;  // times 2^n: n is written straight into the exponent bits
+  e = x > 88.7228390520f ? splat(INFINITY) : e;
+  return x < -103.972077083f ? splat(0.0f) : e;
+}
+
+// f over n floats, eight at a time; the tail goes through a zero-padded vector.
+template <class F>
+inline void map(int64_t n, const float* in, float* out, F f) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store(out + i, f(load(in + i)));
+  if (i < n) {
+    float pad[8] = {}, res[8];
+    std::memcpy(pad, in + i, (n - i) * sizeof(float));
+    store(res, f(load(pad)));
+    std::memcpy(out + i, res, (n - i) * sizeof(float));
+  }
+}
+
+// f over pairs of n floats from a and b.
+template <class F>
+inline void map2(int64_t n, const float* a, const float* b, float* out, F f) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store(out + i, f(load(a + i), load(b + i)));
+  if (i < n) {
+    float pa[8] = {}, pb[8] = {}, res[8];
+    std::memcpy(pa, a + i, (n - i) * sizeof(float));
+    std::memcpy(pb, b + i, (n - i) * sizeof(float));
+    store(res, f(load(pa), load(pb)));
+    std::memcpy(out + i, res, (n - i) * sizeof(float));
+  }
+}
+
+inline v8 sigmoid(v8 x) { return 1.0f / (1.0f + vexp(-x)); }
+inline v8 relu(v8 x) { return x > 0.0f ? x : (x != x ? x : splat(0.0f)); }  // NaN passes, as torch.relu
+
+// C (rows x cols) = A (rows x depth) @ B (depth x cols). A's element (m, k) is A[m * ars + k * acs], so
+// a transposed A costs nothing; B's and C's rows are contiguous (strides ldb, ldc). Register tiles of R
+// rows x V vectors; the last column block overlaps the one before it (C is overwritten, so recomputing a
+// few columns is harmless). Needs cols >= 8.
+template <int R, int V>
+inline void tile(int64_t depth, const float* A, int64_t ars, int64_t acs, const float* B, int64_t ldb, float* C,
+                 int64_t ldc) {
+  v8 acc[R][V] = {};
+  for (int64_t k = 0; k < depth; ++k) {
+    v8 b[V];
+    for (int v = 0; v < V; ++v) b[v] = load(B + k * ldb + 8 * v);
+    for (int r = 0; r < R; ++r) {
+      v8 a = splat(A[r * ars + k * acs]);
+      for (int v = 0; v < V; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) store(C + r * ldc + 8 * v, acc[r][v]);
+}
+
+#ifdef __AVX512VL__
+constexpr int kWidest = 3;  // 6 x 24 tiles: 18 accumulators need the 32 vector registers AVX-512 brings
+#else
+constexpr int kWidest = 2;  // 6 x 16 tiles fit 16 vector registers
+#endif
+
+template <int V>
+void gemm_cols(int64_t rows, int64_t depth, const float* A, int64_t ars, int64_t acs, const float* B, int64_t ldb,
+               float* C, int64_t ldc) {
+  int64_t m = 0;
+  for (; m + 6 <= rows; m += 6) tile<6, V>(depth, A + m * ars, ars, acs, B, ldb, C + m * ldc, ldc);
+  A += m * ars, C += m * ldc;
+  switch (rows - m) {
+    case 5: tile<5, V>(depth, A, ars, acs, B, ldb, C, ldc); break;
+    case 4: tile<4, V>(depth, A, ars, acs, B, ldb, C, ldc); break;
+    case 3: tile<3, V>(depth, A, ars, acs, B, ldb, C, ldc); break;
+    case 2: tile<2, V>(depth, A, ars, acs, B, ldb, C, ldc); break;
+    case 1: tile<1, V>(depth, A, ars, acs, B, ldb, C, ldc); break;
+  }
+}
+
+void gemm(int64_t rows, int64_t cols, int64_t depth, const float* A, int64_t ars, int64_t acs, const float* B,
+          int64_t ldb, float* C, int64_t ldc) {
+  if (cols < 8) {
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t j = 0; j < cols; ++j) {
+        float s = 0.0f;
+        for (int64_t k = 0; k < depth; ++k) s += A[m * ars + k * acs] * B[k * ldb + j];
+        C[m * ldc + j] = s;
+      }
+    return;
+  }
+  // Column blocks of 8 V, as wide as the rest allows; the last one overlaps the one before where it must.
+  for (int64_t j = 0; j < cols;) {
+    int64_t vectors = std::min<int64_t>(kWidest, (cols - j + 7) / 8);
+    while (8 * vectors > cols) --vectors;
+    const int64_t start = std::min(j, cols - 8 * vectors);
+    const float* b = B + start;
+    float* c = C + start;
+    if (vectors == 3) gemm_cols<kWidest>(rows, depth, A, ars, acs, b, ldb, c, ldc);
+    else if (vectors == 2) gemm_cols<2>(rows, depth, A, ars, acs, b, ldb, c, ldc);
+    else gemm_cols<1>(rows, depth, A, ars, acs, b, ldb, c, ldc);
+    j = start + 8 * vectors;
+  }
+}
+
+// out[0, cols) = the sum of the rows base[r * stride, + cols) for r in rows[0, count), V vectors at a time:
+// V independent accumulators keep the adds from waiting on each other.
+template <int V>
+inline void sum_rows_block(const int32_t* rows, int64_t count, const float* base, int64_t stride, float* out) {
+  v8 acc[V] = {};
+  for (int64_t q = 0; q < count; ++q) {
+    const float* row = base + rows[q] * stride;
+    for (int v = 0; v < V; ++v) acc[v] += load(row + 8 * v);
+  }
+  for (int v = 0; v < V; ++v) store(out + 8 * v, acc[v]);
+}
+
+// Needs cols >= 8; the last block overlaps the one before (out is overwritten with the same sums).
+void sum_rows(const int32_t* rows, int64_t count, const float* base, int64_t stride, int64_t cols, float* out) {
+  for (int64_t j = 0; j < cols;) {
+    int64_t vectors = std::min<int64_t>(8, (cols - j + 7) / 8);
+    while (8 * vectors > cols) --vectors;
+    const int64_t start = std::min(j, cols - 8 * vectors);
+    const float* b = base + start;
+    float* o = out + start;
+    switch (vectors) {
+      case 8: sum_rows_block<8>(rows, count, b, stride, o); break;
+      case 7: sum_rows_block<7>(rows, count, b, stride, o); break;
+      case 6: sum_rows_block<6>(rows, count, b, stride, o); break;
+      case 5: sum_rows_block<5>(rows, count, b, stride, o); break;
+      case 4: sum_rows_block<4>(rows, count, b, stride, o); break;
+      case 3: sum_rows_block<3>(rows, count, b, stride, o); break;
+      case 2: sum_rows_block<2>(rows, count, b, stride, o); break;
+      default: sum_rows_block<1>(rows, count, b, stride, o);
+    }
+    j = start + 8 * vectors;
+  }
+}
+
+// The examples of a mini-batch by input feature: the rows where feature p is on are
+// rows[offsets[p] .. offsets[p + 1]), in increasing order. Examples come as CSR over their active features.
+void by_feature(int64_t batch, const int64_t* examples, const int64_t* ex_offsets, const int32_t* features,
+                int64_t inputs, int64_t* offsets, std::vector<int32_t>& rows) {
+  for (int64_t i = 0; i < batch; ++i)  // the lists lie scattered in a large array: fetch them all at once
+    for (int64_t q = ex_offsets[examples[i]]; q < ex_offsets[examples[i] + 1]; q += 16) __builtin_prefetch(features + q);
+  std::fill(offsets, offsets + inputs + 1, 0);
+  for (int64_t i = 0; i < batch; ++i)
+    for (int64_t q = ex_offsets[examples[i]]; q < ex_offsets[examples[i] + 1]; ++q) ++offsets[features[q] + 1];
+  for (int64_t p = 0; p < inputs; ++p) offsets[p + 1] += offsets[p];
+  std::vector<int64_t> next(offsets, offsets + inputs);
+  rows.resize(offsets[inputs]);
+  for (int64_t i = 0; i < batch; ++i)
+    for (int64_t q = ex_offsets[examples[i]]; q < ex_offsets[examples[i] + 1]; ++q) rows[next[features[q]]++] = i;
+}
+
+// Z (batch x cols) = x @ W for binary x: row i of Z is the sum of the rows of W where example i is on
+// (exact, and ~7x fewer operations than the dense product on MNIST). features[ex_offsets[e] ..
+// ex_offsets[e + 1]) are the active features of example e, and row i is example examples[i].
+void binary_matmul(int64_t batch, const int64_t* examples, const int64_t* ex_offsets, const int32_t* features,
+                   const float* W, int64_t ldw, int64_t cols, float* Z) {
+  for (int64_t i = 0; i < batch; ++i)  // the lists lie scattered in a large array: fetch them all at once
+    for (int64_t q = ex_offsets[examples[i]]; q < ex_offsets[examples[i] + 1]; q += 16) __builtin_prefetch(features + q);
+  for (int64_t i = 0; i < batch; ++i) {
+    const int64_t first = ex_offsets[examples[i]];
+    sum_rows(features + first, ex_offsets[examples[i] + 1] - first, W, ldw, cols, Z + i * cols);
+  }
+}
+
+// out (cols x rows) = in (rows x cols)^T, in 16 x 16 tiles that stay in L1 cache.
+void transpose(int64_t rows, int64_t cols, const float* in, float* out) {
+  for (int64_t a0 = 0; a0 < rows; a0 += 16)
+    for (int64_t b0 = 0; b0 < cols; b0 += 16)
+      for (int64_t a = a0; a < std::min(a0 + 16, rows); ++a)
+        for (int64_t b = b0; b < std::min(b0 + 16, cols); ++b) out[b * rows + a] = in[a * cols + b];
+}
+
+enum Activation { kSigmoid = 0, kRelu = 1 };
+
+struct Shape {
+  int64_t hidden_layers;    // H
+  const int64_t* widths;    // H + 2 widths: inputs, hidden..., classes
+  int64_t w0_stride;        // row stride of the first weight (members * width, a slice per member)
+  int64_t activation;
+  float bn_eps, bn_momentum;
+  int64_t units_before(int64_t hidden) const {  // hidden units in the layers before this one (scratch offsets)
+    int64_t units = 0;
+    for (int64_t l = 1; l <= hidden; ++l) units += widths[l];
+    return units;
+  }
+  int64_t min_cols() const {
+    int64_t m = widths[1];
+    for (int64_t l = 1; l <= hidden_layers + 1; ++l) m = std::min(m, widths[l]);
+    return m;
+  }
+};
+
+// One member's tensors: weights[0..H], then per hidden layer (gamma, beta, mean_avg, var_avg) for a BN
+// member or (bias, -, -, -) for a plain one, then the output bias. In evaluation the per-layer entries are
+// (scale, shift, -, -): the inference affine map (Alg. 2) Python worked out.
+struct Member {
+  float** p;
+  int64_t H;
+  float* weight(int64_t l) const { return p[l]; }
+  float* layer(int64_t l, int64_t k) const { return p[H + 1 + 4 * l + k]; }
+  float* bias_out() const { return p[5 * H + 1]; }
+};
+
+// A member's parameters copied into one private block for a chunk of steps and written back at its end:
+// the flat tensor interleaves the members' first-layer weights row by row, so threads updating their own
+// members in place would keep stealing cache lines from each other. Pieces start on 64-byte boundaries.
+class PrivateCopy {
+ public:
+  PrivateCopy(const Shape& s, const Member& shared)
+      : shared_(shared), shared_stride_(s.w0_stride), shape_(s), table_(5 * s.hidden_layers + 2) {
+    const int64_t H = s.hidden_layers;
+    for (int64_t l = 0; l <= H; ++l) sizes_.push_back(s.widths[l] * s.widths[l + 1]);
+    for (int64_t l = 0; l < H; ++l)
+      for (int k = 0; k < 4; ++k) sizes_.push_back(shared.layer(l, k) ? s.widths[l + 1] : 0);
+    sizes_.push_back(s.widths[H + 1]);
+    int64_t total = 0;
+    for (int64_t size : sizes_) total += (size + 15) / 16 * 16;
+    data_.resize(total + 16);
+    float* next = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(data_.data()) + 63) & ~uintptr_t(63));
+    for (size_t e = 0; e < sizes_.size(); ++e) {
+      table_[e] = shared.p[e] ? next : nullptr;
+      next += (sizes_[e] + 15) / 16 * 16;
+    }
+    copy(true);
+    shape_.w0_stride = s.widths[1];
+  }
+  ~PrivateCopy() { copy(false); }
+  Member member() { return Member{table_.data(), shape_.hidden_layers}; }
+  const Shape& shape() const { return shape_; }
+
+ private:
+  void copy(bool in) {
+    const int64_t n = shape_.widths[1];
+    for (int64_t p = 0; p < shape_.widths[0]; ++p) {  // the first weight: rows of a wider matrix
+      float* mine = table_[0] + p * n;
+      float* theirs = shared_.p[0] + p * shared_stride_;
+      std::memcpy(in ? mine : theirs, in ? theirs : mine, n * sizeof(float));
+    }
+    for (size_t e = 1; e < sizes_.size(); ++e)
+      if (table_[e]) std::memcpy(in ? table_[e] : shared_.p[e], in ? shared_.p[e] : table_[e], sizes_[e] * sizeof(float));
+  }
+  Member shared_;
+  int64_t shared_stride_;
+  Shape shape_;  // with the private first weight's row stride
+  std::vector<float*> table_;
+  std::vector<int64_t> sizes_;
+  std::vector<float> data_;
+};
+
+inline v8 activate(v8 x, int64_t activation) { return activation == kSigmoid ? sigmoid(x) : relu(x); }
+
+// d(loss)/d(pre-activation) from d(loss)/d(output) and the output y: sigmoid' = (1 - y) y, relu' = [y > 0].
+inline v8 activation_grad(v8 g, v8 y, int64_t activation) {
+  return activation == kSigmoid ? g * (1.0f - y) * y : (y > 0.0f ? g : splat(0.0f));
+}
+
+// torch's lerp_: start + w (end - start), or end - (end - start)(1 - w) for w >= 0.5.
+inline float lerp(float start, float end, float w) {
+  return w < 0.5f ? start + w * (end - start) : end - (end - start) * (1.0f - w);
+}
+
+struct Scratch {
+  std::vector<float> z, h, xhat, inv_std, grad, grad_h, weight_t, grad_w, logits, col_a, col_b;
+};
+
+// One training step of one member on the mini-batch examples[0, batch); returns its mean cross-entropy.
+// offsets/pixels: every example's active pixels; pixel_offsets/pixel_rows: the same mini-batch by pixel
+// (see by_feature); labels[examples[i]] is the class of row i.
+float train_step(const Shape& s, const Member& mb, bool bn, int64_t batch, const int64_t* examples,
+                 const int64_t* offsets, const int32_t* pixels, const int64_t* pixel_offsets,
+                 const int32_t* pixel_rows, const int64_t* labels, float lr, Scratch& w) {
+  const int64_t H = s.hidden_layers, classes = s.widths[H + 1];
+  // Forward: z = h_prev @ W (a sum of rows for the binary input), then BN or bias, then the nonlinearity.
+  for (int64_t l = 0; l < H; ++l) {
+    const int64_t n = s.widths[l + 1], k = s.widths[l];
+    float* z = w.z.data() + batch * s.units_before(l);  // kept only as scratch
+    float* h = w.h.data() + batch * s.units_before(l);
+    if (l == 0) binary_matmul(batch, examples, offsets, pixels, mb.weight(0), s.w0_stride, n, z);
+    else gemm(batch, n, k, w.h.data() + batch * s.units_before(l - 1), k, 1, mb.weight(l), n, z, n);
+    if (bn) {
+      float *gamma = mb.layer(l, 0), *beta = mb.layer(l, 1), *mean_avg = mb.layer(l, 2), *var_avg = mb.layer(l, 3);
+      float* xhat = w.xhat.data() + batch * s.units_before(l);
+      float* inv_std = w.inv_std.data() + s.units_before(l);
+      float *mean = w.col_a.data(), *var = w.col_b.data();
+      // Alg. 1: batch mean, biased variance about it (loops over units innermost: they vectorize)
+      std::fill(mean, mean + n, 0.0f);
+      std::fill(var, var + n, 0.0f);
+      for (int64_t i = 0; i < batch; ++i)
+        for (int64_t j = 0; j < n; ++j) mean[j] += z[i * n + j];
+      for (int64_t j = 0; j < n; ++j) mean[j] /= batch;
+      for (int64_t i = 0; i < batch; ++i)
+        for (int64_t j = 0; j < n; ++j) {
+          const float c = z[i * n + j] - mean[j];
+          xhat[i * n + j] = c;
+          var[j] += c * c;
+        }
+      for (int64_t j = 0; j < n; ++j) {
+        var[j] /= batch;
+        inv_std[j] = 1.0f / std::sqrt(var[j] + s.bn_eps);
+        mean_avg[j] = lerp(mean_avg[j], mean[j], s.bn_momentum);
+        var_avg[j] = lerp(var_avg[j], var[j], s.bn_momentum);
+      }
+      for (int64_t i = 0; i < batch; ++i)
+        for (int64_t j = 0; j < n; ++j) {
+          xhat[i * n + j] *= inv_std[j];
+          h[i * n + j] = beta[j] + gamma[j] * xhat[i * n + j];
+        }
+    } else {
+      const float* bias = mb.layer(l, 0);
+      for (int64_t i = 0; i < batch; ++i)
+        for (int64_t j = 0; j < n; ++j) h[i * n + j] = z[i * n + j] + bias[j];
+    }
+    map(batch * n, h, h, [&](v8 x) { return activate(x, s.activation); });
+  }
+  // Output layer, softmax cross-entropy, and d(mean loss)/d(logits) = (softmax - onehot) / batch.
+  const int64_t last = s.widths[H];
+  const float* h_last = w.h.data() + batch * s.units_before(H - 1);
+  float* logits = w.logits.data();
+  gemm(batch, classes, last, h_last, last, 1, mb.weight(H), classes, logits, classes);
+  const float* bias_out = mb.bias_out();
+  float loss = 0.0f;
+  for (int64_t i = 0; i < batch; ++i) {
+    float* row = logits + i * classes;
+    float top = -INFINITY;
+    for (int64_t c = 0; c < classes; ++c) {
+      row[c] += bias_out[c];
+      top = std::max(top, row[c]);
+    }
+    if (!std::isfinite(top)) top = 0.0f;  // NaN/inf logits: keep them, the loss reports the divergence
+    for (int64_t c = 0; c < classes; ++c) row[c] -= top;
+  }
+  map(batch * classes, logits, w.grad.data(), [](v8 x) { return vexp(x); });
+  float* grad = w.grad.data();  // (batch, classes): d(loss)/d(logits)
+  const float inv_batch = 1.0f / batch;
+  for (int64_t i = 0; i < batch; ++i) {
+    float sum = 0.0f;
+    for (int64_t c = 0; c < classes; ++c) sum += grad[i * classes + c];
+    const float log_sum = std::log(sum);
+    loss -= logits[i * classes + labels[examples[i]]] - log_sum;
+    for (int64_t c = 0; c < classes; ++c) {
+      const float p = grad[i * classes + c] / sum;
+      grad[i * classes + c] = (p - (c == labels[examples[i]] ? 1.0f : 0.0f)) * inv_batch;
+    }
+  }
+  loss /= batch;
+  // Backward, top layer first: each weight is used for the gradient below it, then updated (SGD).
+  for (int64_t l = H; l >= 1; --l) {
+    const int64_t n = s.widths[l + 1], k = s.widths[l];
+    const float* h = w.h.data() + batch * s.units_before(l - 1);
+    float* W = mb.weight(l);
+    float* wt = w.weight_t.data();  // W^T, so that grad @ W^T is a row-major product
+    transpose(k, n, W, wt);
+    float* grad_h = w.grad_h.data();
+    gemm(batch, k, n, grad, n, 1, wt, k, grad_h, k);          // d/dh = grad @ W^T
+    gemm(k, n, batch, h, 1, k, grad, n, w.grad_w.data(), n);  // d/dW = h^T @ grad
+    for (int64_t a = 0; a < k * n; ++a) W[a] -= lr * w.grad_w[a];
+    if (l == H) {
+      float* b = mb.bias_out();
+      for (int64_t c = 0; c < n; ++c) {
+        float g = 0.0f;
+        for (int64_t i = 0; i < batch; ++i) g += grad[i * n + c];
+        b[c] -= lr * g;
+      }
+    }
+    // Through the nonlinearity and BN (or the bias) of hidden layer l - 1: grad becomes d/dz there.
+    const int64_t hl = l - 1;
+    map2(batch * k, grad_h, h, grad_h, [&](v8 g, v8 y) { return activation_grad(g, y, s.activation); });
+    float* g_next = w.grad.data();  // becomes d(loss)/d(z) of layer hl, (batch, k)
+    if (bn) {
+      float *gamma = mb.layer(hl, 0), *beta = mb.layer(hl, 1);
+      const float* xhat = w.xhat.data() + batch * s.units_before(hl);
+      const float* inv_std = w.inv_std.data() + s.units_before(hl);
+      float *g_beta = w.col_a.data(), *g_gamma = w.col_b.data();  // Sec. 3.1 in closed form
+      std::fill(g_beta, g_beta + k, 0.0f);
+      std::fill(g_gamma, g_gamma + k, 0.0f);
+      for (int64_t i = 0; i < batch; ++i)
+        for (int64_t j = 0; j < k; ++j) {
+          g_beta[j] += grad_h[i * k + j];
+          g_gamma[j] += grad_h[i * k + j] * xhat[i * k + j];
+        }
+      for (int64_t i = 0; i < batch; ++i)
+        for (int64_t j = 0; j < k; ++j)
+          g_next[i * k + j] =
+              (grad_h[i * k + j] - (g_beta[j] + xhat[i * k + j] * g_gamma[j]) / batch) * (gamma[j] * inv_std[j]);
+      for (int64_t j = 0; j < k; ++j) {
+        gamma[j] -= lr * g_gamma[j];
+        beta[j] -= lr * g_beta[j];
+      }
+    } else {
+      float* bias = mb.layer(hl, 0);
+      float* g_bias = w.col_a.data();
+      std::fill(g_bias, g_bias + k, 0.0f);
+      for (int64_t i = 0; i < batch; ++i)
+        for (int64_t j = 0; j < k; ++j) g_bias[j] += grad_h[i * k + j];
+      for (int64_t j = 0; j < k; ++j) bias[j] -= lr * g_bias[j];
+      std::memcpy(g_next, grad_h, batch * k * sizeof(float));
+    }
+    grad = g_next;
+  }
+  // First layer: d/dW0 = x^T @ grad, nonzero only in the rows of pixels some example has on.
+  const int64_t n = s.widths[1], inputs = s.widths[0];
+  float* W0 = mb.weight(0);
+  float* g = w.grad_w.data();
+  for (int64_t p = 0; p < inputs; ++p) {
+    const int64_t first = pixel_offsets[p], count = pixel_offsets[p + 1] - first;
+    if (count == 0) continue;  // gradient 0: SGD leaves the row as it is
+    sum_rows(pixel_rows + first, count, grad, n, n, g);
+    float* row = W0 + p * s.w0_stride;
+    for (int64_t j = 0; j < n; ++j) row[j] -= lr * g[j];
+  }
+  return loss;
+}
+
+template <class F>
+void parallel(int64_t threads, int64_t items, F f) {
+  threads = std::max<int64_t>(1, std::min(threads, items));
+  if (threads == 1) {
+    for (int64_t i = 0; i < items; ++i) f(i);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int64_t t = 0; t < threads; ++t)
+    pool.emplace_back([=, &f] {
+      for (int64_t i = t; i < items; i += threads) f(i);
+    });
+  for (auto& thread : pool) thread.join();
+}
+
+Shape make_shape(int64_t hidden_layers, const int64_t* widths, int64_t w0_stride, int64_t activation, float eps,
+                 float momentum) {
+  return Shape{hidden_layers, widths, w0_stride, activation, eps, momentum};
+}
+
+void size_scratch(const Shape& s, int64_t batch, Scratch& w) {
+  int64_t total = 0, widest = 0;
+  for (int64_t l = 1; l <= s.hidden_layers; ++l) total += s.widths[l];
+  for (int64_t l = 1; l <= s.hidden_layers + 1; ++l) widest = std::max(widest, s.widths[l]);
+  w.z.assign(batch * total, 0.0f);
+  w.h.assign(batch * total, 0.0f);
+  w.xhat.assign(batch * total, 0.0f);
+  w.inv_std.assign(total, 0.0f);
+  w.grad.assign(batch * widest, 0.0f);
+  w.grad_h.assign(batch * widest, 0.0f);
+  w.weight_t.assign(widest * widest, 0.0f);
+  w.grad_w.assign(widest * widest, 0.0f);
+  w.logits.assign(batch * s.widths[s.hidden_layers + 1], 0.0f);
+  w.col_a.assign(widest, 0.0f);
+  w.col_b.assign(widest, 0.0f);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Steps [0, steps) of a chunk for every member. examples: (steps, batch) training-example indices;
+// offsets/pixels: CSR of every training example's active pixels; params: members x (5H + 2) pointers;
+// bn: per member; lrs: per step; losses: (steps, members) out. Returns 0, or 1 for a shape it cannot run.
+int bnrepro_mlp_train(int64_t hidden_layers, const int64_t* widths, int64_t w0_stride, int64_t activation,
+                      float bn_eps, float bn_momentum, int64_t members, float** params, const uint8_t* bn,
+                      int64_t steps, int64_t batch, const int64_t* examples, const int64_t* offsets,
+                      const int32_t* pixels, const int64_t* labels, const float* lrs, float* losses,
+                      int64_t threads) {
+  const Shape s = make_shape(hidden_layers, widths, w0_stride, activation, bn_eps, bn_momentum);
+  if (s.min_cols() < 8) return 1;
+  const int64_t inputs = widths[0];
+  // Each step's mini-batch by input feature, shared by all members.
+  std::vector<int64_t> feature_offsets(steps * (inputs + 1));
+  std::vector<std::vector<int32_t>> feature_rows(steps);
+  parallel(threads, steps, [&](int64_t t) {
+    by_feature(batch, examples + t * batch, offsets, pixels, inputs, feature_offsets.data() + t * (inputs + 1),
+               feature_rows[t]);
+  });
+  parallel(threads, members, [&](int64_t m) {  // a member's steps one after the other: its weights stay in cache
+    Scratch w;
+    size_scratch(s, batch, w);
+    PrivateCopy copy(s, Member{params + m * (5 * hidden_layers + 2), hidden_layers});
+    const Member mb = copy.member();
+    for (int64_t t = 0; t < steps; ++t)
+      losses[t * members + m] = train_step(copy.shape(), mb, bn[m] != 0, batch, examples + t * batch, offsets,
+                                           pixels, feature_offsets.data() + t * (inputs + 1), feature_rows[t].data(),
+                                           labels, lrs[t], w);
+  });
+  return 0;
+}
+
+// Inference (Alg. 2) of every member on examples [0, count): logits (count, members, classes) and the
+// pre-activation of unit `probe` of the last hidden layer (count, members). params as in training, with
+// (scale, shift) per hidden layer.
+int bnrepro_mlp_predict(int64_t hidden_layers, const int64_t* widths, int64_t w0_stride, int64_t activation,
+                        int64_t members, float** params, int64_t count, const int64_t* offsets,
+                        const int32_t* pixels, int64_t probe, float* logits, float* probes, int64_t threads) {
+  const Shape s = make_shape(hidden_layers, widths, w0_stride, activation, 0.0f, 0.0f);
+  if (s.min_cols() < 8) return 1;
+  const int64_t block = 64, blocks = (count + block - 1) / block, classes = widths[hidden_layers + 1];
+  int64_t widest = 0;
+  for (int64_t l = 1; l <= hidden_layers + 1; ++l) widest = std::max(widest, widths[l]);
+  parallel(threads, members * blocks, [&](int64_t item) {  // member-major: a member's weights stay in cache
+    const int64_t m = item / blocks, b = item % blocks, first = b * block, rows = std::min(block, count - first);
+    const Member mb{params + m * (5 * hidden_layers + 2), hidden_layers};
+    thread_local std::vector<float> x, y;
+    thread_local std::vector<int64_t> examples;
+    x.resize(rows * widest), y.resize(rows * widest), examples.resize(rows);
+    for (int64_t i = 0; i < rows; ++i) examples[i] = first + i;
+    for (int64_t l = 0; l < hidden_layers; ++l) {
+      const int64_t n = widths[l + 1], k = widths[l];
+      if (l == 0)
+        binary_matmul(rows, examples.data(), offsets, pixels, mb.weight(0), w0_stride, n, y.data());
+      else gemm(rows, n, k, x.data(), k, 1, mb.weight(l), n, y.data(), n);
+      const float *scale = mb.layer(l, 0), *shift = mb.layer(l, 1);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < n; ++j) y[i * n + j] = shift[j] + y[i * n + j] * scale[j];
+      if (l == hidden_layers - 1)
+        for (int64_t i = 0; i < rows; ++i) probes[(first + i) * members + m] = y[i * n + probe];
+      map(rows * n, y.data(), x.data(), [&](v8 v) { return activate(v, s.activation); });
+    }
+    const int64_t last = widths[hidden_layers];
+    gemm(rows, classes, last, x.data(), last, 1, mb.weight(hidden_layers), classes, y.data(), classes);
+    const float* bias_out = mb.bias_out();
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t c = 0; c < classes; ++c)
+        logits[((first + i) * members + m) * classes + c] = y[i * classes + c] + bias_out[c];
+  });
+  return 0;
+}
+
+}  // extern "C"

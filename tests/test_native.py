@@ -1,0 +1,147 @@
+"""The native MNIST engine (bnrepro/native/mlp.cpp) against the torch engine, which autograd checks."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from bnrepro import native
+from bnrepro.errors import UserError
+from bnrepro.experiments import mnist as experiment
+from bnrepro.models.binary import BinaryBatch
+from bnrepro.models.mlp import MLPStack
+from bnrepro.models.mlp_native import BinaryRows, NativeStack, unsupported
+
+pytestmark = pytest.mark.usefixtures("native_engine")
+
+
+def _stack(widths=(784, 100, 100, 100, 10), batch_norm=(True, True, False, False), nonlinearity="sigmoid"):
+    return MLPStack(list(range(len(batch_norm))), list(widths), batch_norm=list(batch_norm),
+                    nonlinearity=nonlinearity, init="truncated_normal", init_std=0.1, bn_eps=1e-5, bn_momentum=0.1)
+
+
+def _data(inputs: int, classes: int, n: int = 300, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    bits = torch.rand(n, inputs, generator=generator) < 0.15
+    return bits, torch.randint(0, classes, (n,), generator=generator)
+
+
+def _torch_steps(stack: MLPStack, bits, labels, examples, lr: float) -> torch.Tensor:
+    optimizer = torch.optim.SGD([stack.flat], lr=lr)
+    losses = []
+    for index in examples:
+        loss = stack.losses(BinaryBatch(bits[index]), labels[index])
+        optimizer.zero_grad()
+        loss.sum().backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("widths, batch, nonlinearity", [
+    ((784, 100, 100, 100, 10), 60, "sigmoid"),  # the paper's network
+    ((784, 100, 100, 100, 10), 60, "relu"),
+    ((50, 37, 19, 10), 7, "sigmoid"),  # widths that are no multiple of 8, an odd batch, two hidden layers
+    ((30, 8, 8), 5, "sigmoid"),  # the narrowest the kernel takes, one hidden layer
+])
+def test_native_steps_match_the_torch_engine(widths, batch, nonlinearity):
+    torch_stack = _stack(widths, nonlinearity=nonlinearity)
+    native_stack = copy.deepcopy(torch_stack)
+    bits, labels = _data(widths[0], widths[-1])
+    examples = torch.stack([torch.randperm(len(bits), generator=torch.Generator().manual_seed(s))[:batch]
+                            for s in range(15)])
+    expected = _torch_steps(torch_stack, bits, labels, examples, lr=0.5)
+    losses = NativeStack(native_stack).train_steps(examples, BinaryRows.of(bits), labels, [0.5] * len(examples))
+    torch.testing.assert_close(losses, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(native_stack.flat, torch_stack.flat, rtol=0, atol=1e-5)
+    for ours, theirs in zip(native_stack.buffers(), torch_stack.buffers()):  # BN moving averages, m
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+    torch_stack.eval()
+    logits, pre = torch_stack.predict(BinaryBatch(bits))
+    native_logits, probe = NativeStack(native_stack).predict(BinaryRows.of(bits), probe_unit=3)
+    torch.testing.assert_close(native_logits, logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(probe, pre[:, :, 3], rtol=0, atol=1e-5)
+
+
+def test_results_depend_on_neither_threads_nor_chunks():
+    """Each member is trained by one thread, step after step, so the arithmetic is fixed: bit for bit."""
+    bits, labels = _data(784, 10)
+    rows, examples = BinaryRows.of(bits), torch.randint(0, len(bits), (12, 60))
+    one, two = _stack(), _stack()
+    losses_one = NativeStack(one, threads=1).train_steps(examples, rows, labels, [0.3] * 12)
+    engine = NativeStack(two, threads=2)
+    losses_two = torch.cat([engine.train_steps(examples[:5], rows, labels, [0.3] * 5),
+                            engine.train_steps(examples[5:], rows, labels, [0.3] * 7)])
+    assert torch.equal(losses_one, losses_two)
+    assert torch.equal(one.flat, two.flat)
+    assert all(torch.equal(a, b) for a, b in zip(one.buffers(), two.buffers()))
+
+
+def test_a_diverging_member_turns_nan_alone():
+    stack = _stack(batch_norm=(True, False))
+    bits, labels = _data(784, 10)
+    with torch.no_grad():
+        stack.unflatten(stack.flat).weights[1][1].fill_(float("nan"))  # the plain member's second layer
+    losses = NativeStack(stack).train_steps(torch.randint(0, len(bits), (3, 60)), BinaryRows.of(bits), labels,
+                                            [0.5] * 3)
+    assert losses[:, 0].isfinite().all() and losses[:, 1].isnan().all()
+
+
+def test_the_engine_says_what_it_cannot_run():
+    stack = _stack()
+    sgd = torch.optim.SGD([stack.flat], lr=0.1)
+    assert unsupported(stack, torch.device("cpu"), sgd) is None
+    assert "CPU" in unsupported(stack, torch.device("meta"), sgd)
+    assert "momentum" in unsupported(stack, torch.device("cpu"), torch.optim.SGD([stack.flat], lr=0.1, momentum=0.9))
+    assert "8 wide" in unsupported(_stack((20, 6, 10)), torch.device("cpu"), sgd)
+
+
+@pytest.fixture
+def no_compiler(monkeypatch):
+    def missing():
+        raise native.Unavailable("no C++ compiler found (set CXX, or install g++ or clang++)")
+
+    native.library.cache_clear()
+    monkeypatch.setattr(native, "_compiler", missing)
+    yield
+    native.library.cache_clear()
+
+
+def test_without_a_compiler_auto_falls_back_to_torch_and_says_so(fake_mnist, tmp_path, no_compiler):
+    run_dir = experiment.run(experiment.DEFAULT_VARIANTS, ["train.steps=20", "eval.every=10"], 1, 0, "cpu", tmp_path,
+                             fake_mnist, show_progress=False)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["engine"].startswith("torch (native: no C++ compiler found")
+    with pytest.raises(UserError, match="native engine cannot train this run: no C\\+\\+ compiler"):
+        experiment.run(experiment.DEFAULT_VARIANTS, [], 1, 0, "cpu", tmp_path, fake_mnist, engine="native")
+
+
+def test_a_broken_compiler_is_reported_not_raised(tmp_path, monkeypatch):
+    fake = tmp_path / "c++"
+    fake.write_text("#!/bin/sh\necho 'error: this compiler is broken' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    native.library.cache_clear()
+    monkeypatch.setenv("CXX", str(fake))
+    try:
+        with pytest.raises(native.Unavailable, match="this compiler is broken"):
+            native.library("mlp")
+    finally:
+        native.library.cache_clear()
+
+
+def test_both_engines_give_the_same_mnist_run(fake_mnist, tmp_path):
+    """The whole experiment, native vs torch: the same curves to float32 rounding."""
+    settings = dict(overrides=["train.steps=200", "eval.every=50"], seeds=2, data_seed=3, device_name_="cpu",
+                    data_dir=fake_mnist, show_progress=False)
+    runs = {engine: experiment.run(experiment.DEFAULT_VARIANTS, out=tmp_path / engine, engine=engine, **settings)
+            for engine in ("torch", "native")}
+    import pandas as pd
+
+    torch_metrics, native_metrics = (pd.read_csv(runs[e] / "metrics.csv") for e in ("torch", "native"))
+    pd.testing.assert_frame_equal(native_metrics, torch_metrics, check_exact=False, rtol=0, atol=1e-4)
+    assert json.loads((runs["native"] / "manifest.json").read_text())["engine"] == "native"
