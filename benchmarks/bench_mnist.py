@@ -3,7 +3,8 @@
 The reference is what one would write first: an ``nn.Sequential`` per variant (Linear, [BatchNorm1d],
 Sigmoid) x3 + Linear, SGD, binary MNIST held in memory as float tensors (no DataLoader), the same
 mini-batch order, and a full 10,000-image test evaluation every 500 steps; one model after the other.
-bnrepro trains every model of the run as one stack (see bnrepro/models/mlp.py).
+bnrepro trains every model of the run together: with its native engine (bnrepro/native/mlp.cpp, the default
+on a CPU with a C++ compiler) or, with --engine torch, as one batched torch stack (bnrepro/models/mlp.py).
 
     python benchmarks/bench_mnist.py --data-dir ../shared/data            # 50,000 steps, 1 and 10 seeds
     python benchmarks/bench_mnist.py --data-dir ../shared/data --steps 5000 --seeds 1
@@ -14,6 +15,7 @@ Also prints the compute bound: FLOPs per step and the machine's measured fp32 GE
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -89,6 +91,7 @@ def main() -> None:
                         help="time the plain loop on this many steps per model and scale to --steps "
                              "(its cost per step is constant); default: all --steps")
     parser.add_argument("--skip-plain", action="store_true", help="only time bnrepro")
+    parser.add_argument("--engine", default="auto", help="bnrepro's engine: auto, native or torch")
     args = parser.parse_args()
 
     data = mnist.load(args.data_dir)
@@ -115,10 +118,14 @@ def main() -> None:
                   f"{', '.join(f'{a:.4f}' for a in accuracies)})")
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            experiment.run(experiment.DEFAULT_VARIANTS, [f"train.steps={args.steps}"], seeds, 0, "cpu", Path(out),
-                           args.data_dir, show_progress=False)
+            run_dir = experiment.run(experiment.DEFAULT_VARIANTS, [f"train.steps={args.steps}"], seeds, 0, "cpu",
+                                     Path(out), args.data_dir, show_progress=False, engine=args.engine)
             ours = time.perf_counter() - start
-        print(f"bnrepro mnist, {seeds} seed(s) x 2 variants: {ours:.1f} s")
+            engine = json.loads((run_dir / "manifest.json").read_text())["engine"]
+            summary = json.loads((run_dir / "summary.json").read_text())["variants"]
+        finals = ", ".join(f"{name} {v['final_test_accuracy_mean']:.4f}" for name, v in summary.items())
+        print(f"bnrepro mnist ({engine} engine), {seeds} seed(s) x 2 variants: {ours:.1f} s (final accuracy, mean "
+              f"over seeds: {finals})")
         rows.append((seeds, plain, ours))
 
     print("\n| seeds per variant | plain eager loop (s) | bnrepro (s) | speed-up |")

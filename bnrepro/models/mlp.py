@@ -10,6 +10,9 @@ gradients; the tests check it against autograd and against ``torch.nn.functional
 Layout: activations are (batch, members * width), contiguous, so BN statistics are plain column sums;
 hidden weights are (members, in, out) for ``torch.bmm``; the first weight is (in, members * width), a
 table whose rows a binary input sums (``embedding_bag``), exactly and ~7x cheaper than the dense product.
+
+This is the torch engine. On a CPU the native engine (``mlp_native.NativeStack``) trains the same
+parameters, in place, with a C++ kernel.
 """
 
 from __future__ import annotations
