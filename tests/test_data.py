@@ -205,3 +205,11 @@ def test_real_mnist():
     assert sorted(data.train_labels.unique().tolist()) == list(range(10))
     bits = mnist.binarize(data.train_images, 0.5)
     assert 0.05 < bits.float().mean() < 0.25  # binary MNIST: about 13% of the pixels are on
+
+
+def test_labels_must_be_digits(fake_mnist):
+    _, labels = make_split(200, seed=2)
+    labels[7] = 12
+    _write_gz(_raw(fake_mnist) / "t10k-labels-idx1-ubyte.gz", idx_labels(labels))
+    with pytest.raises(UserError, match="test labels .* not all digits 0-9"):
+        mnist.load(fake_mnist)

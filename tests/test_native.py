@@ -145,3 +145,15 @@ def test_both_engines_give_the_same_mnist_run(fake_mnist, tmp_path):
     torch_metrics, native_metrics = (pd.read_csv(runs[e] / "metrics.csv") for e in ("torch", "native"))
     pd.testing.assert_frame_equal(native_metrics, torch_metrics, check_exact=False, rtol=0, atol=1e-4)
     assert json.loads((runs["native"] / "manifest.json").read_text())["engine"] == "native"
+
+
+def test_indices_the_kernel_would_trust_are_checked_first():
+    stack = _stack(batch_norm=(True,))
+    engine, (bits, labels) = NativeStack(stack), _data(784, 10)
+    rows, examples = BinaryRows.of(bits), torch.zeros(1, 60, dtype=torch.int64)
+    with pytest.raises(ValueError, match="example indices"):
+        engine.train_steps(examples + len(bits), rows, labels, [0.1])
+    with pytest.raises(ValueError, match="labels must lie"):
+        engine.train_steps(examples, rows, labels + 10, [0.1])
+    with pytest.raises(ValueError, match="features"):
+        engine.predict(BinaryRows.of(bits[:, :500]), probe_unit=0)

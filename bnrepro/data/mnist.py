@@ -92,6 +92,8 @@ def read_folder(folder: Path) -> MnistArrays:
         if len(data.data) != len(data.targets) or data.data.shape[1:] != (28, 28):
             raise UserError(f"the MNIST {split} files in {folder} disagree: {len(data.data)} images of "
                             f"{tuple(data.data.shape[1:])} but {len(data.targets)} labels; replace them")
+        if len(data.targets) and not 0 <= int(data.targets.min()) <= int(data.targets.max()) <= 9:
+            raise UserError(f"the MNIST {split} labels in {folder} are not all digits 0-9; replace the file")
     return MnistArrays(train.data, train.targets, test.data, test.targets, str(folder), official)
 
 

@@ -29,6 +29,7 @@ class BinaryRows:
 
     offsets: Tensor  # int64, (examples + 1,)
     features: Tensor  # int32
+    width: int  # features per example
 
     @classmethod
     def of(cls, bits: Tensor) -> BinaryRows:
@@ -36,7 +37,7 @@ class BinaryRows:
         counts = bits.sum(1)
         offsets = torch.zeros(len(bits) + 1, dtype=torch.int64)
         torch.cumsum(counts, 0, out=offsets[1:])
-        return cls(offsets, bits.nonzero()[:, 1].to(torch.int32).contiguous())
+        return cls(offsets, bits.nonzero()[:, 1].to(torch.int32).contiguous(), bits.shape[1])
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -102,6 +103,11 @@ class NativeStack:
         self.widths = torch.tensor(stack.widths, dtype=torch.int64)
         self.bn = torch.tensor([m < stack.normalized for m in range(stack.members)], dtype=torch.uint8)
 
+    def _check(self, data: BinaryRows) -> None:
+        """The kernel trusts its indices; a mismatch here would read out of bounds there."""
+        if data.width != self.stack.widths[0]:
+            raise ValueError(f"examples have {data.width} features, the network {self.stack.widths[0]} inputs")
+
     def _shape(self) -> list[int]:
         """The leading arguments of both kernels: layers, widths, first weight's row stride, nonlinearity."""
         first = self.stack.unflatten(self.stack.flat.data).weights[0]
@@ -133,9 +139,16 @@ class NativeStack:
                 return [_slot(t, m, width) for t in tensors]
             return [_slot(params.bias[layer], m - stack.normalized, width), None, None, None]
 
-        table, _keep = self._table(entries)
+        self._check(data)
         examples = examples.to(torch.int64).contiguous()
         steps, batch = examples.shape
+        if examples.numel() and (examples.min() < 0 or examples.max() >= len(data)):
+            raise ValueError(f"example indices must lie in [0, {len(data)})")
+        if len(labels) != len(data) or labels.dtype != torch.int64 or not labels.is_contiguous():
+            raise ValueError("labels must be one contiguous int64 label per example")
+        if len(labels) and (labels.min() < 0 or labels.max() >= stack.widths[-1]):
+            raise ValueError(f"labels must lie in [0, {stack.widths[-1]})")
+        table, _keep = self._table(entries)
         lrs = torch.tensor(learning_rates, dtype=torch.float32)
         losses = torch.empty(steps, stack.members)
         status = self._train(*self._shape(), stack.bn_eps, stack.bn_momentum, stack.members, table,
@@ -163,6 +176,9 @@ class NativeStack:
         def entries(params, m, layer):
             return [*(_slot(t, m, stack.hidden[layer]) for t in affine[layer]), None, None]
 
+        self._check(data)
+        if not 0 <= probe_unit < stack.hidden[-1]:
+            raise ValueError(f"probe_unit must lie in [0, {stack.hidden[-1]})")
         table, _keep = self._table(entries)
         logits = torch.empty(len(data), stack.members, stack.widths[-1])
         probes = torch.empty(len(data), stack.members)
