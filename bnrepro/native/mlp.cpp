@@ -113,16 +113,11 @@ constexpr int kWidest = 2;  // 6 x 16 tiles fit 16 vector registers
 template <int V>
 void gemm_cols(int64_t rows, int64_t depth, const float* A, int64_t ars, int64_t acs, const float* B, int64_t ldb,
                float* C, int64_t ldc) {
+  constexpr int R = V == 1 ? 12 : 6;  // enough independent accumulators to hide the FMA latency
   int64_t m = 0;
-  for (; m + 6 <= rows; m += 6) tile<6, V>(depth, A + m * ars, ars, acs, B, ldb, C + m * ldc, ldc);
-  A += m * ars, C += m * ldc;
-  switch (rows - m) {
-    case 5: tile<5, V>(depth, A, ars, acs, B, ldb, C, ldc); break;
-    case 4: tile<4, V>(depth, A, ars, acs, B, ldb, C, ldc); break;
-    case 3: tile<3, V>(depth, A, ars, acs, B, ldb, C, ldc); break;
-    case 2: tile<2, V>(depth, A, ars, acs, B, ldb, C, ldc); break;
-    case 1: tile<1, V>(depth, A, ars, acs, B, ldb, C, ldc); break;
-  }
+  for (; m + R <= rows; m += R) tile<R, V>(depth, A + m * ars, ars, acs, B, ldb, C + m * ldc, ldc);
+  for (; m + 4 <= rows; m += 4) tile<4, V>(depth, A + m * ars, ars, acs, B, ldb, C + m * ldc, ldc);
+  for (; m < rows; ++m) tile<1, V>(depth, A + m * ars, ars, acs, B, ldb, C + m * ldc, ldc);
 }
 
 void gemm(int64_t rows, int64_t cols, int64_t depth, const float* A, int64_t ars, int64_t acs, const float* B,
@@ -150,38 +145,77 @@ void gemm(int64_t rows, int64_t cols, int64_t depth, const float* A, int64_t ars
   }
 }
 
-// out[0, cols) = the sum of the rows base[r * stride, + cols) for r in rows[0, count), V vectors at a time:
-// V independent accumulators keep the adds from waiting on each other.
-template <int V>
-inline void sum_rows_block(const int32_t* rows, int64_t count, const float* base, int64_t stride, float* out) {
-  v8 acc[V] = {};
+// Sums of the rows base[r * stride] for r in rows[0, count), over a block of columns: V whole vectors
+// from the block's start, and with Tail one more vector at tail_at (which may overlap them). One pass over
+// each row, with V + 1 independent accumulators.
+template <int V, bool Tail>
+inline void row_sums(const int32_t* rows, int64_t count, const float* base, int64_t stride, int64_t tail_at,
+                     v8 (&acc)[V + 1]) {
+  for (int v = 0; v <= V; ++v) acc[v] = v8{};
   for (int64_t q = 0; q < count; ++q) {
     const float* row = base + rows[q] * stride;
     for (int v = 0; v < V; ++v) acc[v] += load(row + 8 * v);
+    if (Tail) acc[V] += load(row + tail_at);
   }
-  for (int v = 0; v < V; ++v) store(out + 8 * v, acc[v]);
 }
 
-// Needs cols >= 8; the last block overlaps the one before (out is overwritten with the same sums).
-void sum_rows(const int32_t* rows, int64_t count, const float* base, int64_t stride, int64_t cols, float* out) {
-  for (int64_t j = 0; j < cols;) {
-    int64_t vectors = std::min<int64_t>(8, (cols - j + 7) / 8);
-    while (8 * vectors > cols) --vectors;
-    const int64_t start = std::min(j, cols - 8 * vectors);
-    const float* b = base + start;
-    float* o = out + start;
-    switch (vectors) {
-      case 8: sum_rows_block<8>(rows, count, b, stride, o); break;
-      case 7: sum_rows_block<7>(rows, count, b, stride, o); break;
-      case 6: sum_rows_block<6>(rows, count, b, stride, o); break;
-      case 5: sum_rows_block<5>(rows, count, b, stride, o); break;
-      case 4: sum_rows_block<4>(rows, count, b, stride, o); break;
-      case 3: sum_rows_block<3>(rows, count, b, stride, o); break;
-      case 2: sum_rows_block<2>(rows, count, b, stride, o); break;
-      default: sum_rows_block<1>(rows, count, b, stride, o);
-    }
-    j = start + 8 * vectors;
+// f(V, Tail, start, tail_at) for each block of a row of cols >= 8 columns: blocks of 12 vectors, the last
+// with the whole vectors left and, where cols is no multiple of 8, a tail vector ending at the row's end.
+template <class F>
+inline void column_blocks(int64_t cols, F f) {
+  constexpr int64_t kBlock = 12;
+  int64_t start = 0;
+  for (; cols - start >= 8 * kBlock + 8; start += 8 * kBlock)  // what is left must fit 12 vectors and a tail
+    f(std::integral_constant<int, kBlock>{}, std::false_type{}, start, 0);
+  const int64_t whole = (cols - start) / 8, tail_at = cols - 8 - start;
+  auto last = [&](auto V) {
+    if (8 * whole == cols - start) f(V, std::false_type{}, start, 0);
+    else f(V, std::true_type{}, start, tail_at);
+  };
+  switch (whole) {
+    case 12: last(std::integral_constant<int, 12>{}); break;
+    case 11: last(std::integral_constant<int, 11>{}); break;
+    case 10: last(std::integral_constant<int, 10>{}); break;
+    case 9: last(std::integral_constant<int, 9>{}); break;
+    case 8: last(std::integral_constant<int, 8>{}); break;
+    case 7: last(std::integral_constant<int, 7>{}); break;
+    case 6: last(std::integral_constant<int, 6>{}); break;
+    case 5: last(std::integral_constant<int, 5>{}); break;
+    case 4: last(std::integral_constant<int, 4>{}); break;
+    case 3: last(std::integral_constant<int, 3>{}); break;
+    case 2: last(std::integral_constant<int, 2>{}); break;
+    case 1: last(std::integral_constant<int, 1>{}); break;
+    default: last(std::integral_constant<int, 0>{});
   }
+}
+
+// out[0, cols) = the sum of the rows base[r * stride, + cols) for r in rows[0, count).
+void sum_rows(const int32_t* rows, int64_t count, const float* base, int64_t stride, int64_t cols, float* out) {
+  column_blocks(cols, [&](auto vectors, auto tail, int64_t start, int64_t tail_at) {
+    constexpr int V = decltype(vectors)::value;
+    v8 acc[V + 1];
+    row_sums<V, decltype(tail)::value>(rows, count, base + start, stride, tail_at, acc);
+    for (int v = 0; v < V; ++v) store(out + start + 8 * v, acc[v]);
+    if (decltype(tail)::value) store(out + start + tail_at, acc[V]);  // overlaps: the same sums again
+  });
+}
+
+// target[0, cols) -= lr * (the sum of the rows base[r * stride, + cols) for r in rows[0, count)): the SGD
+// update of one weight row from its gradient, in one pass.
+void subtract_row_sums(const int32_t* rows, int64_t count, const float* base, int64_t stride, int64_t cols, float lr,
+                       float* target) {
+  column_blocks(cols, [&](auto vectors, auto tail, int64_t start, int64_t tail_at) {
+    constexpr int V = decltype(vectors)::value;
+    v8 acc[V + 1];
+    row_sums<V, decltype(tail)::value>(rows, count, base + start, stride, tail_at, acc);
+    float* t = target + start;
+    for (int v = 0; v < V; ++v) store(t + 8 * v, load(t + 8 * v) - lr * acc[v]);
+    if (decltype(tail)::value) {
+      for (int lane = 0; lane < 8; ++lane)  // lanes the whole vectors updated already: w - lr * 0 = w
+        if (tail_at + lane < 8 * V) acc[V][lane] = 0.0f;
+      store(t + tail_at, load(t + tail_at) - lr * acc[V]);
+    }
+  });
 }
 
 // The examples of a mini-batch by input feature: the rows where feature p is on are
@@ -213,12 +247,33 @@ void binary_matmul(int64_t batch, const int64_t* examples, const int64_t* ex_off
   }
 }
 
-// out (cols x rows) = in (rows x cols)^T, in 16 x 16 tiles that stay in L1 cache.
+#if defined(__clang__) || __GNUC__ >= 12
+#define ZIP(a, b, lo) __builtin_shufflevector(a, b, lo, lo + 8, lo + 1, lo + 9, lo + 2, lo + 10, lo + 3, lo + 11)
+#else
+#define ZIP(a, b, lo) __builtin_shuffle(a, b, i8{lo, lo + 8, lo + 1, lo + 9, lo + 2, lo + 10, lo + 3, lo + 11})
+#endif
+
+// An 8 x 8 block transposed in registers: three rounds of interleaving row k with row k + 4.
+inline void transpose8(v8 r[8]) {
+  for (int round = 0; round < 3; ++round) {
+    v8 t[8];
+    for (int k = 0; k < 4; ++k) t[2 * k] = ZIP(r[k], r[k + 4], 0), t[2 * k + 1] = ZIP(r[k], r[k + 4], 4);
+    for (int k = 0; k < 8; ++k) r[k] = t[k];
+  }
+}
+
+// out (cols x rows) = in (rows x cols)^T: 8 x 8 blocks in registers, the ragged edges one by one.
 void transpose(int64_t rows, int64_t cols, const float* in, float* out) {
-  for (int64_t a0 = 0; a0 < rows; a0 += 16)
-    for (int64_t b0 = 0; b0 < cols; b0 += 16)
-      for (int64_t a = a0; a < std::min(a0 + 16, rows); ++a)
-        for (int64_t b = b0; b < std::min(b0 + 16, cols); ++b) out[b * rows + a] = in[a * cols + b];
+  const int64_t rows8 = rows / 8 * 8, cols8 = cols / 8 * 8;
+  for (int64_t a = 0; a < rows8; a += 8)
+    for (int64_t b = 0; b < cols8; b += 8) {
+      v8 r[8];
+      for (int k = 0; k < 8; ++k) r[k] = load(in + (a + k) * cols + b);
+      transpose8(r);
+      for (int k = 0; k < 8; ++k) store(out + (b + k) * rows + a, r[k]);
+    }
+  for (int64_t a = 0; a < rows; ++a)
+    for (int64_t b = a < rows8 ? cols8 : 0; b < cols; ++b) out[b * rows + a] = in[a * cols + b];
 }
 
 enum Activation { kSigmoid = 0, kRelu = 1 };
@@ -451,13 +506,10 @@ float train_step(const Shape& s, const Member& mb, bool bn, int64_t batch, const
   // First layer: d/dW0 = x^T @ grad, nonzero only in the rows of pixels some example has on.
   const int64_t n = s.widths[1], inputs = s.widths[0];
   float* W0 = mb.weight(0);
-  float* g = w.grad_w.data();
   for (int64_t p = 0; p < inputs; ++p) {
     const int64_t first = pixel_offsets[p], count = pixel_offsets[p + 1] - first;
     if (count == 0) continue;  // gradient 0: SGD leaves the row as it is
-    sum_rows(pixel_rows + first, count, grad, n, n, g);
-    float* row = W0 + p * s.w0_stride;
-    for (int64_t j = 0; j < n; ++j) row[j] -= lr * g[j];
+    subtract_row_sums(pixel_rows + first, count, grad, n, n, lr, W0 + p * s.w0_stride);
   }
   return loss;
 }
