@@ -98,6 +98,7 @@ def test_the_engine_says_what_it_cannot_run():
     assert "CPU" in unsupported(stack, torch.device("meta"), sgd)
     assert "momentum" in unsupported(stack, torch.device("cpu"), torch.optim.SGD([stack.flat], lr=0.1, momentum=0.9))
     assert "8 wide" in unsupported(_stack((20, 6, 10)), torch.device("cpu"), sgd)
+    assert "hidden layer" in unsupported(_stack((20, 10), batch_norm=(False,)), torch.device("cpu"), sgd)
 
 
 @pytest.fixture
@@ -143,7 +144,11 @@ def test_both_engines_give_the_same_mnist_run(fake_mnist, tmp_path):
     import pandas as pd
 
     torch_metrics, native_metrics = (pd.read_csv(runs[e] / "metrics.csv") for e in ("torch", "native"))
-    pd.testing.assert_frame_equal(native_metrics, torch_metrics, check_exact=False, rtol=0, atol=1e-4)
+    # rounding may flip an argmax: one of the 200 test images moves the accuracy by 0.005
+    accuracy = ["test_accuracy"]
+    pd.testing.assert_frame_equal(native_metrics.drop(columns=accuracy), torch_metrics.drop(columns=accuracy),
+                                  check_exact=False, rtol=0, atol=1e-4)
+    assert (native_metrics["test_accuracy"] - torch_metrics["test_accuracy"]).abs().max() <= 0.0051
     assert json.loads((runs["native"] / "manifest.json").read_text())["engine"] == "native"
 
 
@@ -155,5 +160,33 @@ def test_indices_the_kernel_would_trust_are_checked_first():
         engine.train_steps(examples + len(bits), rows, labels, [0.1])
     with pytest.raises(ValueError, match="labels must lie"):
         engine.train_steps(examples, rows, labels + 10, [0.1])
+    with pytest.raises(ValueError, match="learning rates"):
+        engine.train_steps(examples, rows, labels, [0.1, 0.1])
     with pytest.raises(ValueError, match="features"):
         engine.predict(BinaryRows.of(bits[:, :500]), probe_unit=0)
+
+
+def test_a_compiler_that_cannot_start_is_unavailable_not_a_crash(tmp_path, monkeypatch):
+    fake = tmp_path / "c++"
+    fake.write_text("#!/nonexistent/interpreter\n")
+    fake.chmod(0o755)
+    native.library.cache_clear()
+    monkeypatch.setenv("CXX", str(fake))
+    try:
+        with pytest.raises(native.Unavailable, match="cannot build or load"):
+            native.library("mlp")
+    finally:
+        native.library.cache_clear()
+
+
+def test_a_damaged_cached_library_is_built_again(isolated_cache, monkeypatch):
+    native.library.cache_clear()
+    monkeypatch.setattr(native, "cache_dir", lambda: isolated_cache / "own")  # not the session's shared builds
+    _, _, target = native.build_paths("mlp")
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"not a shared library")  # as a disk-full or killed copy would leave it
+    try:
+        assert native.library("mlp").bnrepro_mlp_train is not None
+        assert target.stat().st_size > 1000
+    finally:
+        native.library.cache_clear()

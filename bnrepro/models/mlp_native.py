@@ -49,6 +49,8 @@ def unsupported(stack: MLPStack, device: torch.device, optimizer: torch.optim.Op
         return f"it runs on the CPU, not {device.type}"
     if stack.nonlinearity not in _ACTIVATIONS:
         return "it knows only sigmoid and ReLU"
+    if not stack.hidden:
+        return "it needs at least one hidden layer"
     if min(stack.widths[1:]) < 8:
         return "it needs every layer (and the classes) at least 8 wide"
     sgd = isinstance(optimizer, torch.optim.SGD) and len(optimizer.param_groups) == 1
@@ -86,6 +88,13 @@ def _kernel(name: str):
     function = getattr(native.library("mlp"), name)
     function.argtypes, function.restype = _SIGNATURES[name], ctypes.c_int
     return function
+
+
+def _raise_for(status: int) -> None:
+    if status == 1:
+        raise RuntimeError("the native MLP kernel refused this network's shape")
+    if status != 0:
+        raise RuntimeError("the native MLP kernel ran out of memory or threads")
 
 
 def _slot(t: Tensor, index: int, width: int) -> Tensor:
@@ -148,6 +157,8 @@ class NativeStack:
             raise ValueError("labels must be one contiguous int64 label per example")
         if len(labels) and (labels.min() < 0 or labels.max() >= stack.widths[-1]):
             raise ValueError(f"labels must lie in [0, {stack.widths[-1]})")
+        if len(learning_rates) != steps:
+            raise ValueError(f"{steps} steps need {steps} learning rates, not {len(learning_rates)}")
         table, _keep = self._table(entries)
         lrs = torch.tensor(learning_rates, dtype=torch.float32)
         losses = torch.empty(steps, stack.members)
@@ -155,8 +166,7 @@ class NativeStack:
                              self.bn.data_ptr(), steps, batch, examples.data_ptr(), data.offsets.data_ptr(),
                              data.features.data_ptr(), labels.data_ptr(), lrs.data_ptr(), losses.data_ptr(),
                              self.threads)
-        if status != 0:
-            raise RuntimeError("the native MLP kernel refused this network's shape")
+        _raise_for(status)
         if stack.normalized:
             stack.bn_batch.fill_(batch)  # m, for the unbiased population variance (Alg. 2)
         return losses
@@ -185,6 +195,5 @@ class NativeStack:
         status = self._predict(*self._shape(), stack.members, table, len(data), data.offsets.data_ptr(),
                                data.features.data_ptr(), probe_unit, logits.data_ptr(), probes.data_ptr(),
                                self.threads)
-        if status != 0:
-            raise RuntimeError("the native MLP kernel refused this network's shape")
+        _raise_for(status)
         return logits, probes

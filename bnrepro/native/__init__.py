@@ -36,36 +36,49 @@ def _compiler() -> str:
 
 
 def _cpu() -> str:
-    """What -march=native depends on: the CPU's model and feature flags."""
+    """What -march=native depends on: the CPU's model and feature flags (where Linux lists them; elsewhere
+    the machine's name, so a cache shared between machines never hands one the other's build)."""
     try:
         info = Path("/proc/cpuinfo").read_text().splitlines()
         return "\n".join(sorted({line for line in info if line.startswith(("model name", "flags", "Features"))}))
     except OSError:
-        return platform.processor() or platform.machine()
+        return f"{platform.processor()} {platform.machine()} {platform.node()}"
 
 
 @cache
 def library(name: str) -> ctypes.CDLL:
     """The compiled ``<name>.cpp``, built once per source/compiler/CPU and cached; raises ``Unavailable``."""
-    source = SOURCES / f"{name}.cpp"
-    compiler = _compiler()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), version, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
-    target = cache_dir() / "native" / f"{name}-{key}.so"
-    if not target.exists():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # then renamed: never half a library
-                built = Path(tmp) / target.name
-                result = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], capture_output=True,
-                                        text=True)
-                if result.returncode != 0:
-                    first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr)
-                    raise Unavailable(f"compiling {source.name} with {compiler} failed: {first.strip()[:300]}")
-                os.replace(built, target)
-        except OSError as error:
-            raise Unavailable(f"cannot build {source.name} in {target.parent}: {error}") from None
     try:
+        compiler, source, target = build_paths(name)
+        if target.exists():
+            try:
+                return ctypes.CDLL(str(target))
+            except OSError:  # damaged (a full disk, a killed copy): build it again
+                target.unlink(missing_ok=True)
+        _build(compiler, source, target)
         return ctypes.CDLL(str(target))
-    except OSError as error:
-        raise Unavailable(f"cannot load {target}: {error}") from None
+    except (OSError, subprocess.SubprocessError) as error:
+        raise Unavailable(f"cannot build or load the native {name} kernel: {error}") from None
+
+
+def build_paths(name: str) -> tuple[str, Path, Path]:
+    """The compiler, the source and the cached library for ``name``."""
+    source, compiler = SOURCES / f"{name}.cpp", _compiler()
+    version = _run([compiler, "--version"]).stdout
+    key = hashlib.sha256("\0".join([source.read_text(), version, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
+    return compiler, source, cache_dir() / "native" / f"{name}-{key}.so"
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def _build(compiler: str, source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # then renamed: never half a library
+        built = Path(tmp) / target.name
+        result = _run([compiler, *FLAGS, str(source), "-o", str(built)])
+        if result.returncode != 0:
+            first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr)
+            raise Unavailable(f"compiling {source.name} with {compiler} failed: {first.strip()[:300]}")
+        os.replace(built, target)

@@ -14,9 +14,11 @@
 // tensor; Python passes one pointer per member and tensor (see bnrepro/models/mlp_native.py).
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -25,6 +27,7 @@ namespace {
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));  // unaligned access
 typedef int32_t i8 __attribute__((vector_size(32)));
+typedef uint32_t u8 __attribute__((vector_size(32)));
 
 inline v8 load(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 inline void store(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
@@ -48,7 +51,7 @@ inline v8 vexp(v8 x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * (r * r) + r + 1.0f;
-  i8 bits = (__builtin_convertvector(fn, i8) + 127) << 23;
+  u8 bits = __builtin_convertvector(__builtin_convertvector(fn, i8) + 127, u8) << 23;
   v8 e = y * (v8)bits;  // times 2^n: n is written straight into the exponent bits
   e = x > 88.7228390520f ? splat(INFINITY) : e;
   return x < -103.972077083f ? splat(0.0f) : e;
@@ -223,7 +226,8 @@ void subtract_row_sums(const int32_t* rows, int64_t count, const float* base, in
 void by_feature(int64_t batch, const int64_t* examples, const int64_t* ex_offsets, const int32_t* features,
                 int64_t inputs, int64_t* offsets, std::vector<int32_t>& rows) {
   for (int64_t i = 0; i < batch; ++i)  // the lists lie scattered in a large array: fetch them all at once
-    for (int64_t q = ex_offsets[examples[i]]; q < ex_offsets[examples[i] + 1]; q += 16) __builtin_prefetch(features + q);
+    for (int64_t q = ex_offsets[examples[i]]; q < ex_offsets[examples[i] + 1]; q += 16)
+      __builtin_prefetch(features + q);
   std::fill(offsets, offsets + inputs + 1, 0);
   for (int64_t i = 0; i < batch; ++i)
     for (int64_t q = ex_offsets[examples[i]]; q < ex_offsets[examples[i] + 1]; ++q) ++offsets[features[q] + 1];
@@ -240,7 +244,8 @@ void by_feature(int64_t batch, const int64_t* examples, const int64_t* ex_offset
 void binary_matmul(int64_t batch, const int64_t* examples, const int64_t* ex_offsets, const int32_t* features,
                    const float* W, int64_t ldw, int64_t cols, float* Z) {
   for (int64_t i = 0; i < batch; ++i)  // the lists lie scattered in a large array: fetch them all at once
-    for (int64_t q = ex_offsets[examples[i]]; q < ex_offsets[examples[i] + 1]; q += 16) __builtin_prefetch(features + q);
+    for (int64_t q = ex_offsets[examples[i]]; q < ex_offsets[examples[i] + 1]; q += 16)
+      __builtin_prefetch(features + q);
   for (int64_t i = 0; i < batch; ++i) {
     const int64_t first = ex_offsets[examples[i]];
     sum_rows(features + first, ex_offsets[examples[i] + 1] - first, W, ldw, cols, Z + i * cols);
@@ -343,7 +348,8 @@ class PrivateCopy {
       std::memcpy(in ? mine : theirs, in ? theirs : mine, n * sizeof(float));
     }
     for (size_t e = 1; e < sizes_.size(); ++e)
-      if (table_[e]) std::memcpy(in ? table_[e] : shared_.p[e], in ? shared_.p[e] : table_[e], sizes_[e] * sizeof(float));
+      if (table_[e])
+        std::memcpy(in ? table_[e] : shared_.p[e], in ? shared_.p[e] : table_[e], sizes_[e] * sizeof(float));
   }
   Member shared_;
   int64_t shared_stride_;
@@ -357,7 +363,7 @@ inline v8 activate(v8 x, int64_t activation) { return activation == kSigmoid ? s
 
 // d(loss)/d(pre-activation) from d(loss)/d(output) and the output y: sigmoid' = (1 - y) y, relu' = [y > 0].
 inline v8 activation_grad(v8 g, v8 y, int64_t activation) {
-  return activation == kSigmoid ? g * (1.0f - y) * y : (y > 0.0f ? g : splat(0.0f));
+  return activation == kSigmoid ? g * (1.0f - y) * y : (y <= 0.0f ? splat(0.0f) : g);  // NaN y passes g, as torch
 }
 
 // torch's lerp_: start + w (end - start), or end - (end - start)(1 - w) for w >= 0.5.
@@ -521,12 +527,25 @@ void parallel(int64_t threads, int64_t items, F f) {
     for (int64_t i = 0; i < items; ++i) f(i);
     return;
   }
-  std::vector<std::thread> pool;
-  for (int64_t t = 0; t < threads; ++t)
-    pool.emplace_back([=, &f] {
+  std::atomic<bool> failed{false};
+  auto share = [&](int64_t t) {  // items t, t + threads, ...; an exception must not leave a thread
+    try {
       for (int64_t i = t; i < items; i += threads) f(i);
-    });
+    } catch (...) {
+      failed = true;
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < threads; ++t) {
+    try {
+      pool.emplace_back(share, t);
+    } catch (...) {  // no thread to be had: this one does that share too
+      share(t);
+    }
+  }
+  share(0);
   for (auto& thread : pool) thread.join();
+  if (failed) throw std::runtime_error("a worker failed");
 }
 
 Shape make_shape(int64_t hidden_layers, const int64_t* widths, int64_t w0_stride, int64_t activation, float eps,
@@ -557,32 +576,37 @@ extern "C" {
 
 // Steps [0, steps) of a chunk for every member. examples: (steps, batch) training-example indices;
 // offsets/pixels: CSR of every training example's active pixels; params: members x (5H + 2) pointers;
-// bn: per member; lrs: per step; losses: (steps, members) out. Returns 0, or 1 for a shape it cannot run.
+// bn: per member; lrs: per step; losses: (steps, members) out. Returns 0; 1 for a shape it cannot run, 2 when
+// it ran out of memory or threads.
 int bnrepro_mlp_train(int64_t hidden_layers, const int64_t* widths, int64_t w0_stride, int64_t activation,
                       float bn_eps, float bn_momentum, int64_t members, float** params, const uint8_t* bn,
                       int64_t steps, int64_t batch, const int64_t* examples, const int64_t* offsets,
                       const int32_t* pixels, const int64_t* labels, const float* lrs, float* losses,
                       int64_t threads) {
   const Shape s = make_shape(hidden_layers, widths, w0_stride, activation, bn_eps, bn_momentum);
-  if (s.min_cols() < 8) return 1;
-  const int64_t inputs = widths[0];
-  // Each step's mini-batch by input feature, shared by all members.
-  std::vector<int64_t> feature_offsets(steps * (inputs + 1));
-  std::vector<std::vector<int32_t>> feature_rows(steps);
-  parallel(threads, steps, [&](int64_t t) {
-    by_feature(batch, examples + t * batch, offsets, pixels, inputs, feature_offsets.data() + t * (inputs + 1),
-               feature_rows[t]);
-  });
-  parallel(threads, members, [&](int64_t m) {  // a member's steps one after the other: its weights stay in cache
-    Scratch w;
-    size_scratch(s, batch, w);
-    PrivateCopy copy(s, Member{params + m * (5 * hidden_layers + 2), hidden_layers});
-    const Member mb = copy.member();
-    for (int64_t t = 0; t < steps; ++t)
-      losses[t * members + m] = train_step(copy.shape(), mb, bn[m] != 0, batch, examples + t * batch, offsets,
-                                           pixels, feature_offsets.data() + t * (inputs + 1), feature_rows[t].data(),
-                                           labels, lrs[t], w);
-  });
+  if (hidden_layers < 1 || s.min_cols() < 8) return 1;
+  try {
+    const int64_t inputs = widths[0];
+    // Each step's mini-batch by input feature, shared by all members.
+    std::vector<int64_t> feature_offsets(steps * (inputs + 1));
+    std::vector<std::vector<int32_t>> feature_rows(steps);
+    parallel(threads, steps, [&](int64_t t) {
+      by_feature(batch, examples + t * batch, offsets, pixels, inputs, feature_offsets.data() + t * (inputs + 1),
+                 feature_rows[t]);
+    });
+    parallel(threads, members, [&](int64_t m) {  // a member's steps one after the other: its weights stay in cache
+      Scratch w;
+      size_scratch(s, batch, w);
+      PrivateCopy copy(s, Member{params + m * (5 * hidden_layers + 2), hidden_layers});
+      const Member mb = copy.member();
+      for (int64_t t = 0; t < steps; ++t)
+        losses[t * members + m] = train_step(copy.shape(), mb, bn[m] != 0, batch, examples + t * batch, offsets,
+                                             pixels, feature_offsets.data() + t * (inputs + 1), feature_rows[t].data(),
+                                             labels, lrs[t], w);
+    });
+  } catch (...) {  // out of memory, or no threads: Python raises
+    return 2;
+  }
   return 0;
 }
 
@@ -593,36 +617,40 @@ int bnrepro_mlp_predict(int64_t hidden_layers, const int64_t* widths, int64_t w0
                         int64_t members, float** params, int64_t count, const int64_t* offsets,
                         const int32_t* pixels, int64_t probe, float* logits, float* probes, int64_t threads) {
   const Shape s = make_shape(hidden_layers, widths, w0_stride, activation, 0.0f, 0.0f);
-  if (s.min_cols() < 8) return 1;
-  const int64_t block = 64, blocks = (count + block - 1) / block, classes = widths[hidden_layers + 1];
-  int64_t widest = 0;
-  for (int64_t l = 1; l <= hidden_layers + 1; ++l) widest = std::max(widest, widths[l]);
-  parallel(threads, members * blocks, [&](int64_t item) {  // member-major: a member's weights stay in cache
-    const int64_t m = item / blocks, b = item % blocks, first = b * block, rows = std::min(block, count - first);
-    const Member mb{params + m * (5 * hidden_layers + 2), hidden_layers};
-    thread_local std::vector<float> x, y;
-    thread_local std::vector<int64_t> examples;
-    x.resize(rows * widest), y.resize(rows * widest), examples.resize(rows);
-    for (int64_t i = 0; i < rows; ++i) examples[i] = first + i;
-    for (int64_t l = 0; l < hidden_layers; ++l) {
-      const int64_t n = widths[l + 1], k = widths[l];
-      if (l == 0)
-        binary_matmul(rows, examples.data(), offsets, pixels, mb.weight(0), w0_stride, n, y.data());
-      else gemm(rows, n, k, x.data(), k, 1, mb.weight(l), n, y.data(), n);
-      const float *scale = mb.layer(l, 0), *shift = mb.layer(l, 1);
+  if (hidden_layers < 1 || s.min_cols() < 8) return 1;
+  try {
+    const int64_t block = 64, blocks = (count + block - 1) / block, classes = widths[hidden_layers + 1];
+    int64_t widest = 0;
+    for (int64_t l = 1; l <= hidden_layers + 1; ++l) widest = std::max(widest, widths[l]);
+    parallel(threads, members * blocks, [&](int64_t item) {  // member-major: a member's weights stay in cache
+      const int64_t m = item / blocks, b = item % blocks, first = b * block, rows = std::min(block, count - first);
+      const Member mb{params + m * (5 * hidden_layers + 2), hidden_layers};
+      thread_local std::vector<float> x, y;
+      thread_local std::vector<int64_t> examples;
+      x.resize(rows * widest), y.resize(rows * widest), examples.resize(rows);
+      for (int64_t i = 0; i < rows; ++i) examples[i] = first + i;
+      for (int64_t l = 0; l < hidden_layers; ++l) {
+        const int64_t n = widths[l + 1], k = widths[l];
+        if (l == 0)
+          binary_matmul(rows, examples.data(), offsets, pixels, mb.weight(0), w0_stride, n, y.data());
+        else gemm(rows, n, k, x.data(), k, 1, mb.weight(l), n, y.data(), n);
+        const float *scale = mb.layer(l, 0), *shift = mb.layer(l, 1);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < n; ++j) y[i * n + j] = shift[j] + y[i * n + j] * scale[j];
+        if (l == hidden_layers - 1)
+          for (int64_t i = 0; i < rows; ++i) probes[(first + i) * members + m] = y[i * n + probe];
+        map(rows * n, y.data(), x.data(), [&](v8 v) { return activate(v, s.activation); });
+      }
+      const int64_t last = widths[hidden_layers];
+      gemm(rows, classes, last, x.data(), last, 1, mb.weight(hidden_layers), classes, y.data(), classes);
+      const float* bias_out = mb.bias_out();
       for (int64_t i = 0; i < rows; ++i)
-        for (int64_t j = 0; j < n; ++j) y[i * n + j] = shift[j] + y[i * n + j] * scale[j];
-      if (l == hidden_layers - 1)
-        for (int64_t i = 0; i < rows; ++i) probes[(first + i) * members + m] = y[i * n + probe];
-      map(rows * n, y.data(), x.data(), [&](v8 v) { return activate(v, s.activation); });
-    }
-    const int64_t last = widths[hidden_layers];
-    gemm(rows, classes, last, x.data(), last, 1, mb.weight(hidden_layers), classes, y.data(), classes);
-    const float* bias_out = mb.bias_out();
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t c = 0; c < classes; ++c)
-        logits[((first + i) * members + m) * classes + c] = y[i * classes + c] + bias_out[c];
-  });
+        for (int64_t c = 0; c < classes; ++c)
+          logits[((first + i) * members + m) * classes + c] = y[i * classes + c] + bias_out[c];
+    });
+  } catch (...) {  // out of memory, or no threads: Python raises
+    return 2;
+  }
   return 0;
 }
 
