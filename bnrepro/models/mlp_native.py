@@ -33,11 +33,10 @@ class BinaryRows:
 
     @classmethod
     def of(cls, bits: Tensor) -> BinaryRows:
-        bits = bits.bool().cpu()
-        counts = bits.sum(1)
+        active = bits.bool().cpu().nonzero()  # (example, feature) pairs, in example order
         offsets = torch.zeros(len(bits) + 1, dtype=torch.int64)
-        torch.cumsum(counts, 0, out=offsets[1:])
-        return cls(offsets, bits.nonzero()[:, 1].to(torch.int32).contiguous(), bits.shape[1])
+        torch.cumsum(torch.bincount(active[:, 0], minlength=len(bits)), 0, out=offsets[1:])
+        return cls(offsets, active[:, 1].to(torch.int32).contiguous(), bits.shape[1])
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
