@@ -619,7 +619,7 @@ int bnrepro_mlp_predict(int64_t hidden_layers, const int64_t* widths, int64_t w0
   const Shape s = make_shape(hidden_layers, widths, w0_stride, activation, 0.0f, 0.0f);
   if (hidden_layers < 1 || s.min_cols() < 8) return 1;
   try {
-    const int64_t block = 64, blocks = (count + block - 1) / block, classes = widths[hidden_layers + 1];
+    const int64_t block = 128, blocks = (count + block - 1) / block, classes = widths[hidden_layers + 1];
     int64_t widest = 0;
     for (int64_t l = 1; l <= hidden_layers + 1; ++l) widest = std::max(widest, widths[l]);
     parallel(threads, members * blocks, [&](int64_t item) {  // member-major: a member's weights stay in cache
