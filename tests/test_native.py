@@ -122,14 +122,18 @@ def test_without_a_compiler_auto_falls_back_to_torch_and_says_so(fake_mnist, tmp
         experiment.run(experiment.DEFAULT_VARIANTS, [], 1, 0, "cpu", tmp_path, fake_mnist, engine="native")
 
 
-def test_a_broken_compiler_is_reported_not_raised(tmp_path, monkeypatch):
+@pytest.mark.parametrize("script, message", [
+    ("#!/bin/sh\necho 'error: this compiler is broken' >&2\nexit 1\n", "this compiler is broken"),
+    ("#!/nonexistent/interpreter\n", "cannot build or load"),  # it cannot even start
+])
+def test_a_compiler_that_fails_makes_the_engine_unavailable(tmp_path, monkeypatch, script, message):
     fake = tmp_path / "c++"
-    fake.write_text("#!/bin/sh\necho 'error: this compiler is broken' >&2\nexit 1\n")
+    fake.write_text(script)
     fake.chmod(0o755)
     native.library.cache_clear()
     monkeypatch.setenv("CXX", str(fake))
     try:
-        with pytest.raises(native.Unavailable, match="this compiler is broken"):
+        with pytest.raises(native.Unavailable, match=message):
             native.library("mlp")
     finally:
         native.library.cache_clear()
@@ -164,19 +168,6 @@ def test_indices_the_kernel_would_trust_are_checked_first():
         engine.train_steps(examples, rows, labels, [0.1, 0.1])
     with pytest.raises(ValueError, match="features"):
         engine.predict(BinaryRows.of(bits[:, :500]), probe_unit=0)
-
-
-def test_a_compiler_that_cannot_start_is_unavailable_not_a_crash(tmp_path, monkeypatch):
-    fake = tmp_path / "c++"
-    fake.write_text("#!/nonexistent/interpreter\n")
-    fake.chmod(0o755)
-    native.library.cache_clear()
-    monkeypatch.setenv("CXX", str(fake))
-    try:
-        with pytest.raises(native.Unavailable, match="cannot build or load"):
-            native.library("mlp")
-    finally:
-        native.library.cache_clear()
 
 
 def test_a_damaged_cached_library_is_built_again(isolated_cache, monkeypatch):
