@@ -234,9 +234,9 @@ void subtract_row_sums(const int32_t* rows, int64_t count, const float* base, in
     float* t = target + start;
     for (int v = 0; v < V; ++v) store(t + 8 * v, load(t + 8 * v) - lr * acc[v]);
     if (decltype(tail)::value) {
-      for (int lane = 0; lane < 8; ++lane)  // lanes the whole vectors updated already: w - lr * 0 = w
-        if (tail_at + lane < 8 * V) acc[V][lane] = 0.0f;
-      store(t + tail_at, load(t + tail_at) - lr * acc[V]);
+      const i8 column = i8{0, 1, 2, 3, 4, 5, 6, 7} + static_cast<int32_t>(tail_at);
+      const v8 rest = column < 8 * V ? v8{} : acc[V];  // lanes the whole vectors updated already: w - lr * 0 = w
+      store(t + tail_at, load(t + tail_at) - lr * rest);
     }
   });
 }
