@@ -156,7 +156,7 @@ def train(
         bar = progress.add_task(describe(shown), total=schedule.steps, completed=start, rate="-")
         tick, ticked = time.perf_counter(), start
         train_steps = getattr(task, "train_steps", None)  # a task that trains whole chunks of steps itself
-        rate = learning_rate or (lambda _: optimizer.param_groups[0]["lr"])
+        rate = learning_rate or (lambda _: optimizer.param_groups[0]["lr"])  # for a task's own chunks (one group)
         step = start
         while step < schedule.steps:
             task.model.train()
@@ -165,8 +165,9 @@ def train(
                 for losses in train_steps(step, done, [rate(s) for s in range(step, done)]):
                     log.add(losses)  # one step's member losses
             else:
-                for group in optimizer.param_groups:
-                    group["lr"] = rate(step)  # the schedule is a function of the step alone
+                if learning_rate is not None:
+                    for group in optimizer.param_groups:
+                        group["lr"] = learning_rate(step)  # the schedule is a function of the step alone
                 losses = task.losses(step)  # forward pass on this step's mini-batch: one loss per member
                 optimizer.zero_grad(set_to_none=True)  # the last step's gradients are spent
                 losses.sum().backward()  # members share no parameters, so each gets exactly its own gradient
