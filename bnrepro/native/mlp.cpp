@@ -31,7 +31,7 @@ typedef uint32_t u8 __attribute__((vector_size(32)));
 
 inline v8 load(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 inline void store(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
-inline v8 splat(float s) { return v8{} + s; }
+inline v8 splat(float s) { return v8{s, s, s, s, s, s, s, s}; }  // (v8{} + s would cost an addition: -0 + 0)
 
 // Elementwise work (exp, sigmoid, their gradients) runs on the widest vectors the CPU has: with AVX-512
 // one instruction does sixteen lanes, ~1.5x faster here for sigmoids, and every lane computes exactly what
@@ -49,7 +49,11 @@ typedef u8 uw;
 #endif
 constexpr int kLanes = sizeof(vw) / sizeof(float);
 
-inline vw wide(float s) { return vw{} + s; }
+inline vw wide(float s) {
+  vw v;
+  for (int lane = 0; lane < kLanes; ++lane) v[lane] = s;  // a broadcast
+  return v;
+}
 
 // exp(x), Cephes' single-precision polynomial (<1 ulp on [-87.3, 88.0], measured); NaN stays NaN. Beyond
 // that range the result saturates at the edge values, then becomes inf (x > 88.72) or 0 (x < -103.97):
@@ -114,7 +118,9 @@ inline vw relu(vw x) { return x > 0.0f ? x : (x != x ? x : wide(0.0f)); }  // Na
 template <int R, int V>
 inline void tile(int64_t depth, const float* A, int64_t ars, int64_t acs, const float* B, int64_t ldb, float* C,
                  int64_t ldc) {
-  v8 acc[R][V] = {};
+  v8 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = splat(0.0f);
   for (int64_t k = 0; k < depth; ++k) {
     v8 b[V];
     for (int v = 0; v < V; ++v) b[v] = load(B + k * ldb + 8 * v);
