@@ -648,31 +648,38 @@ int bnrepro_mlp_predict(int64_t hidden_layers, const int64_t* widths, int64_t w0
     const int64_t block = 128, blocks = (count + block - 1) / block, classes = widths[hidden_layers + 1];
     int64_t widest = 0;
     for (int64_t l = 1; l <= hidden_layers + 1; ++l) widest = std::max(widest, widths[l]);
-    parallel(threads, members * blocks, [&](int64_t item) {  // member-major: a member's weights stay in cache
-      const int64_t m = item / blocks, b = item % blocks, first = b * block, rows = std::min(block, count - first);
+    // Each work item is one member over a run of blocks (the whole set when there are enough members): its
+    // first weight is copied out contiguously first, as its rows lie a page apart in the flat tensor.
+    const int64_t parts = std::max<int64_t>(1, (threads + members - 1) / members), n1 = widths[1];
+    parallel(threads, members * parts, [&](int64_t item) {
+      const int64_t m = item / parts, part = item % parts;
       const Member mb{params + m * (5 * hidden_layers + 2), hidden_layers};
-      thread_local std::vector<float> x, y;
+      thread_local std::vector<float> w0, x, y;
       thread_local std::vector<int64_t> examples;
-      x.resize(rows * widest), y.resize(rows * widest), examples.resize(rows);
-      for (int64_t i = 0; i < rows; ++i) examples[i] = first + i;
-      for (int64_t l = 0; l < hidden_layers; ++l) {
-        const int64_t n = widths[l + 1], k = widths[l];
-        if (l == 0)
-          binary_matmul(rows, examples.data(), offsets, pixels, mb.weight(0), w0_stride, n, y.data());
-        else gemm(rows, n, k, x.data(), k, 1, mb.weight(l), n, y.data(), n);
-        const float *scale = mb.layer(l, 0), *shift = mb.layer(l, 1);
+      w0.resize(widths[0] * n1), x.resize(block * widest), y.resize(block * widest), examples.resize(block);
+      for (int64_t p = 0; p < widths[0]; ++p)
+        std::memcpy(&w0[p * n1], mb.weight(0) + p * w0_stride, n1 * sizeof(float));
+      for (int64_t b = blocks * part / parts; b < blocks * (part + 1) / parts; ++b) {
+        const int64_t first = b * block, rows = std::min(block, count - first);
+        for (int64_t i = 0; i < rows; ++i) examples[i] = first + i;
+        for (int64_t l = 0; l < hidden_layers; ++l) {
+          const int64_t n = widths[l + 1], k = widths[l];
+          if (l == 0) binary_matmul(rows, examples.data(), offsets, pixels, w0.data(), n1, n, y.data());
+          else gemm(rows, n, k, x.data(), k, 1, mb.weight(l), n, y.data(), n);
+          const float *scale = mb.layer(l, 0), *shift = mb.layer(l, 1);
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t j = 0; j < n; ++j) y[i * n + j] = shift[j] + y[i * n + j] * scale[j];
+          if (l == hidden_layers - 1)
+            for (int64_t i = 0; i < rows; ++i) probes[(first + i) * members + m] = y[i * n + probe];
+          map(rows * n, y.data(), x.data(), [&](vw v) { return activate(v, s.activation); });
+        }
+        const int64_t last = widths[hidden_layers];
+        gemm(rows, classes, last, x.data(), last, 1, mb.weight(hidden_layers), classes, y.data(), classes);
+        const float* bias_out = mb.bias_out();
         for (int64_t i = 0; i < rows; ++i)
-          for (int64_t j = 0; j < n; ++j) y[i * n + j] = shift[j] + y[i * n + j] * scale[j];
-        if (l == hidden_layers - 1)
-          for (int64_t i = 0; i < rows; ++i) probes[(first + i) * members + m] = y[i * n + probe];
-        map(rows * n, y.data(), x.data(), [&](vw v) { return activate(v, s.activation); });
+          for (int64_t c = 0; c < classes; ++c)
+            logits[((first + i) * members + m) * classes + c] = y[i * classes + c] + bias_out[c];
       }
-      const int64_t last = widths[hidden_layers];
-      gemm(rows, classes, last, x.data(), last, 1, mb.weight(hidden_layers), classes, y.data(), classes);
-      const float* bias_out = mb.bias_out();
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t c = 0; c < classes; ++c)
-          logits[((first + i) * members + m) * classes + c] = y[i * classes + c] + bias_out[c];
     });
   } catch (...) {  // out of memory, or no threads: Python raises
     return 2;
