@@ -79,6 +79,11 @@ def test_results_depend_on_neither_threads_nor_chunks():
     assert torch.equal(losses_one, losses_two)
     assert torch.equal(one.flat, two.flat)
     assert all(torch.equal(a, b) for a, b in zip(one.buffers(), two.buffers()))
+    single = _stack(batch_norm=(True,))  # inference with more threads than members: they share its examples
+    NativeStack(single).train_steps(examples[:2], rows, labels, [0.3] * 2)
+    for ours, theirs in zip(NativeStack(single, threads=1).predict(rows, 5),
+                            NativeStack(single, threads=3).predict(rows, 5)):
+        assert torch.equal(ours, theirs)
 
 
 def test_a_diverging_member_turns_nan_alone():
