@@ -156,13 +156,13 @@ def train(
         bar = progress.add_task(describe(shown), total=schedule.steps, completed=start, rate="-")
         tick, ticked = time.perf_counter(), start
         train_steps = getattr(task, "train_steps", None)  # a task that trains whole chunks of steps itself
-        rate = learning_rate or (lambda _: optimizer.param_groups[0]["lr"])  # for a task's own chunks (one group)
+        rate_at = learning_rate or (lambda _: optimizer.param_groups[0]["lr"])  # for a task's own chunks (one group)
         step = start
         while step < schedule.steps:
             task.model.train()
             if train_steps is not None:  # up to the next check: each step's forward, backward and SGD update
                 done = _next_check(step, schedule)
-                for losses in train_steps(step, done, [rate(s) for s in range(step, done)]):
+                for losses in train_steps(step, done, [rate_at(s) for s in range(step, done)]):
                     log.add(losses)  # one step's member losses
             else:
                 if learning_rate is not None:
