@@ -110,6 +110,17 @@ class NativeStack:
         self._train, self._predict = _kernel("bnrepro_mlp_train"), _kernel("bnrepro_mlp_predict")
         self.widths = torch.tensor(stack.widths, dtype=torch.int64)
         self.bn = torch.tensor([m < stack.normalized for m in range(stack.members)], dtype=torch.uint8)
+        # Training reads and writes the parameters and BN averages where they are (updated in place, never
+        # replaced), so its pointer table is made once; inference's points at affine maps made per call.
+        self._train_table = self._table(self._training_entries)
+
+    def _training_entries(self, params, m: int, layer: int) -> list[Tensor | None]:
+        """Member ``m``'s (gamma, beta, mean average, variance average) of a hidden layer, or (bias, -, -, -)."""
+        stack, width = self.stack, self.stack.hidden[layer]
+        if m < stack.normalized:
+            tensors = (params.gamma[layer], params.beta[layer], *stack.averages(layer))
+            return [_slot(t, m, width) for t in tensors]
+        return [_slot(params.bias[layer], m - stack.normalized, width), None, None, None]
 
     def _check(self, data: BinaryRows) -> None:
         """The kernel trusts its indices; a mismatch here would read out of bounds there."""
@@ -118,8 +129,8 @@ class NativeStack:
 
     def _shape(self) -> list[int]:
         """The leading arguments of both kernels: layers, widths, first weight's row stride, nonlinearity."""
-        first = self.stack.unflatten(self.stack.flat.data).weights[0]
-        return [len(self.stack.hidden), self.widths.data_ptr(), first.stride(0), _ACTIVATIONS[self.stack.nonlinearity]]
+        first_row = self.stack.shapes["weight0"][1]  # the first weight is (inputs, members * width)
+        return [len(self.stack.hidden), self.widths.data_ptr(), first_row, _ACTIVATIONS[self.stack.nonlinearity]]
 
     def _table(self, layer_entries) -> tuple[ctypes.Array, list[Tensor]]:
         """Per member: its weights, the four tensors ``layer_entries(params, member, layer)`` gives for each
@@ -139,14 +150,6 @@ class NativeStack:
         """SGD steps on the mini-batches ``examples`` (steps, batch) of ``data`` (labels: int64); returns the
         losses (steps, members). Updates the parameters and BN's moving averages in place."""
         stack = self.stack
-
-        def entries(params, m, layer):
-            width = stack.hidden[layer]
-            if m < stack.normalized:
-                tensors = (params.gamma[layer], params.beta[layer], *stack.averages(layer))
-                return [_slot(t, m, width) for t in tensors]
-            return [_slot(params.bias[layer], m - stack.normalized, width), None, None, None]
-
         self._check(data)
         examples = examples.to(torch.int64).contiguous()
         steps, batch = examples.shape
@@ -158,7 +161,7 @@ class NativeStack:
             raise ValueError(f"labels must lie in [0, {stack.widths[-1]})")
         if len(learning_rates) != steps:
             raise ValueError(f"{steps} steps need {steps} learning rates, not {len(learning_rates)}")
-        table, _keep = self._table(entries)
+        table, _ = self._train_table
         lrs = torch.tensor(learning_rates, dtype=torch.float32)
         losses = torch.empty(steps, stack.members)
         status = self._train(*self._shape(), stack.bn_eps, stack.bn_momentum, stack.members, table,
