@@ -247,13 +247,19 @@ void subtract_row_sums(const int32_t* rows, int64_t count, const float* base, in
   });
 }
 
+// The examples' feature lists lie scattered in a large array: ask for all of them at once, so the fetches
+// overlap rather than each waiting for the last.
+void prefetch_lists(int64_t batch, const int64_t* examples, const int64_t* ex_offsets, const int32_t* features) {
+  for (int64_t i = 0; i < batch; ++i)
+    for (int64_t q = ex_offsets[examples[i]]; q < ex_offsets[examples[i] + 1]; q += 16)
+      __builtin_prefetch(features + q);
+}
+
 // The examples of a mini-batch by input feature: the rows where feature p is on are
 // rows[offsets[p] .. offsets[p + 1]), in increasing order. Examples come as CSR over their active features.
 void by_feature(int64_t batch, const int64_t* examples, const int64_t* ex_offsets, const int32_t* features,
                 int64_t inputs, int64_t* offsets, std::vector<int32_t>& rows) {
-  for (int64_t i = 0; i < batch; ++i)  // the lists lie scattered in a large array: fetch them all at once
-    for (int64_t q = ex_offsets[examples[i]]; q < ex_offsets[examples[i] + 1]; q += 16)
-      __builtin_prefetch(features + q);
+  prefetch_lists(batch, examples, ex_offsets, features);
   std::fill(offsets, offsets + inputs + 1, 0);
   for (int64_t i = 0; i < batch; ++i)
     for (int64_t q = ex_offsets[examples[i]]; q < ex_offsets[examples[i] + 1]; ++q) ++offsets[features[q] + 1];
@@ -269,9 +275,7 @@ void by_feature(int64_t batch, const int64_t* examples, const int64_t* ex_offset
 // ex_offsets[e + 1]) are the active features of example e, and row i is example examples[i].
 void binary_matmul(int64_t batch, const int64_t* examples, const int64_t* ex_offsets, const int32_t* features,
                    const float* W, int64_t ldw, int64_t cols, float* Z) {
-  for (int64_t i = 0; i < batch; ++i)  // the lists lie scattered in a large array: fetch them all at once
-    for (int64_t q = ex_offsets[examples[i]]; q < ex_offsets[examples[i] + 1]; q += 16)
-      __builtin_prefetch(features + q);
+  prefetch_lists(batch, examples, ex_offsets, features);
   for (int64_t i = 0; i < batch; ++i) {
     const int64_t first = ex_offsets[examples[i]];
     sum_rows(features + first, ex_offsets[examples[i] + 1] - first, W, ldw, cols, Z + i * cols);
@@ -411,7 +415,7 @@ float train_step(const Shape& s, const Member& mb, bool bn, int64_t batch, const
   // Forward: z = h_prev @ W (a sum of rows for the binary input), then BN or bias, then the nonlinearity.
   for (int64_t l = 0; l < H; ++l) {
     const int64_t n = s.widths[l + 1], k = s.widths[l];
-    float* z = w.z.data() + batch * s.units_before(l);  // kept only as scratch
+    float* z = w.z.data();  // this layer's x @ W, needed only until BN or the bias has used it
     float* h = w.h.data() + batch * s.units_before(l);
     if (l == 0) binary_matmul(batch, examples, offsets, pixels, mb.weight(0), s.w0_stride, n, z);
     else gemm(batch, n, k, w.h.data() + batch * s.units_before(l - 1), k, 1, mb.weight(l), n, z, n);
@@ -574,16 +578,11 @@ void parallel(int64_t threads, int64_t items, F f) {
   if (failed) throw std::runtime_error("a worker failed");
 }
 
-Shape make_shape(int64_t hidden_layers, const int64_t* widths, int64_t w0_stride, int64_t activation, float eps,
-                 float momentum) {
-  return Shape{hidden_layers, widths, w0_stride, activation, eps, momentum};
-}
-
 void size_scratch(const Shape& s, int64_t batch, Scratch& w) {
   int64_t total = 0, widest = 0;
   for (int64_t l = 1; l <= s.hidden_layers; ++l) total += s.widths[l];
   for (int64_t l = 1; l <= s.hidden_layers + 1; ++l) widest = std::max(widest, s.widths[l]);
-  w.z.assign(batch * total, 0.0f);
+  w.z.assign(batch * widest, 0.0f);
   w.h.assign(batch * total, 0.0f);
   w.xhat.assign(batch * total, 0.0f);
   w.inv_std.assign(total, 0.0f);
@@ -609,7 +608,7 @@ int bnrepro_mlp_train(int64_t hidden_layers, const int64_t* widths, int64_t w0_s
                       int64_t steps, int64_t batch, const int64_t* examples, const int64_t* offsets,
                       const int32_t* pixels, const int64_t* labels, const float* lrs, float* losses,
                       int64_t threads) {
-  const Shape s = make_shape(hidden_layers, widths, w0_stride, activation, bn_eps, bn_momentum);
+  const Shape s{hidden_layers, widths, w0_stride, activation, bn_eps, bn_momentum};
   if (hidden_layers < 1 || s.min_cols() < 8) return 1;
   try {
     const int64_t inputs = widths[0];
@@ -642,7 +641,7 @@ int bnrepro_mlp_train(int64_t hidden_layers, const int64_t* widths, int64_t w0_s
 int bnrepro_mlp_predict(int64_t hidden_layers, const int64_t* widths, int64_t w0_stride, int64_t activation,
                         int64_t members, float** params, int64_t count, const int64_t* offsets,
                         const int32_t* pixels, int64_t probe, float* logits, float* probes, int64_t threads) {
-  const Shape s = make_shape(hidden_layers, widths, w0_stride, activation, 0.0f, 0.0f);
+  const Shape s{hidden_layers, widths, w0_stride, activation, 0.0f, 0.0f};
   if (hidden_layers < 1 || s.min_cols() < 8) return 1;
   try {
     const int64_t block = 128, blocks = (count + block - 1) / block, classes = widths[hidden_layers + 1];
