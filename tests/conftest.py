@@ -102,3 +102,11 @@ def write_mnist(root: Path, n_train: int = 600, n_test: int = 200, folder: str =
 def fake_mnist(tmp_path) -> Path:
     """A small (600 train, 200 test), valid, learnable MNIST in DIR/mnist/raw; returns DIR."""
     return write_mnist(tmp_path / "fake-data")
+
+
+def markdown_rows(text: str) -> dict[str, dict[str, str]]:
+    """The first Markdown table in ``text``: first cell of each row -> column -> cell."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    return {row[header[0]]: row for row in rows}

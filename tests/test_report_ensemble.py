@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import markdown_rows
 
 from bnrepro.errors import UserError
 from bnrepro.report import build, ensemble
@@ -52,11 +53,7 @@ def write_run(results: Path, folder: str, *, status: str = "complete", started: 
 
 def tables(md: str, section: str) -> dict[str, dict[str, str]]:
     """First column -> column -> cell of the table under ``## section`` of ensemble.md."""
-    part = md.split(f"## {section}\n")[1].split("\n## ")[0]
-    lines = [line for line in part.splitlines() if line.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
-    return {row[header[0]]: row for row in rows}
+    return markdown_rows(md.split(f"## {section}\n")[1].split("\n## ")[0])
 
 
 @pytest.fixture

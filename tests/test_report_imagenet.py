@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import markdown_rows
 
 from bnrepro.errors import UserError
 from bnrepro.report import build, imagenet
@@ -70,11 +71,9 @@ def results(tmp_path):
 
 def table_rows(md: str, profile: str) -> dict[str, dict[str, str]]:
     """Model -> column -> cell of the Fig. 3 table in ``profile``'s section of imagenet.md."""
-    section = md.split(f"## Profile `{profile}`")[1].split("## Profile")[0]
-    lines = [line for line in section.splitlines() if line.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
-    return {row["Model"]: row for row in rows}
+    rows = markdown_rows(md.split(f"## Profile `{profile}`")[1].split("## Profile")[0])
+    assert all(row["Model"] == model for model, row in rows.items())  # the table's first column is the model
+    return rows
 
 
 def test_writes_a_figure_per_profile_and_the_table(results, tmp_path):
