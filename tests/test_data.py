@@ -57,6 +57,36 @@ def test_the_cache_is_the_isolated_one(isolated_cache):
     assert mnist.data_root(None) == (isolated_cache, True)
 
 
+def test_file_names_are_torchvisions():
+    from torchvision.datasets import MNIST
+
+    assert mnist.FILES == [name for name, _ in MNIST.resources]
+
+
+def test_parsed_once_then_read_from_the_cache(fake_mnist, monkeypatch):
+    first = mnist.load(fake_mnist)
+    monkeypatch.setattr(mnist, "_parse", lambda folder: pytest.fail("parsed again"))
+    again = mnist.load(fake_mnist)
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        assert torch.equal(getattr(again, name), getattr(first, name))
+    assert (again.source, again.official) == (first.source, first.official)
+
+
+def test_a_replaced_file_is_parsed_again(fake_mnist):
+    mnist.load(fake_mnist)
+    labels = (make_split(200, seed=2)[1] + 1) % 10
+    with gzip.open(_raw(fake_mnist) / FILES[3], "wb") as f:
+        f.write(idx_labels(labels))
+    assert torch.equal(mnist.load(fake_mnist).test_labels, torch.from_numpy(labels).long())
+
+
+def test_a_damaged_cache_entry_is_parsed_again(fake_mnist, isolated_cache):
+    first = mnist.load(fake_mnist)
+    (entry,) = (isolated_cache / "mnist-parsed").glob("*.pt")
+    entry.write_bytes(b"not a tensor file")
+    assert torch.equal(mnist.load(fake_mnist).train_labels, first.train_labels)
+
+
 def test_missing_data_names_the_folders_searched(tmp_path):
     nowhere = tmp_path / "nowhere"
     with pytest.raises(UserError) as caught:

@@ -4,27 +4,32 @@ Looked for, in order: ``DIR/mnist/raw/`` and ``DIR/MNIST/raw/`` for ``DIR`` = ``
 ``$BNREPRO_DATA``, else the user cache (``$BNREPRO_CACHE`` or ``~/.cache/bnrepro``). The four ``.gz``
 files are read as they are (checked against torchvision's MD5s, recorded in the manifest); files
 torchvision extracted earlier work too. Only the user cache is downloaded into, by torchvision.
+
+torchvision parses a folder once; the tensors are then kept in the user cache, so later runs need not
+import torchvision at all: that import alone takes ~3 s (it pulls in ``torch._dynamo``), a tenth of a
+1-seed experiment.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import os
 import shutil
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torchvision.datasets import MNIST
-from torchvision.datasets.utils import check_integrity
 
 from bnrepro.errors import UserError
-from bnrepro.runs import cache_dir
+from bnrepro.runs import atomic_write, cache_dir
 
-FILES = [name for name, _ in MNIST.resources]  # train images, train labels, test images, test labels
+FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",  # as torchvision's MNIST.resources names them
+         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
 HOW_TO_GET = ("put the four original MNIST .gz files in DIR/mnist/raw/ and pass --data-dir DIR "
               "(or set BNREPRO_DATA=DIR), or run once with internet access to download them")
 
@@ -63,6 +68,8 @@ def load(data_dir: Path | None = None, download: bool = True) -> MnistArrays:
     root, is_cache = data_root(data_dir)
     folder = _raw_folder(root)
     if folder is None and is_cache and download:
+        from torchvision.datasets import MNIST
+
         try:
             MNIST(root=str(root), train=True, download=True)
         except Exception as err:  # no network, mirror down, disk full: all mean the same to the user
@@ -76,7 +83,39 @@ def load(data_dir: Path | None = None, download: bool = True) -> MnistArrays:
 
 
 def read_folder(folder: Path) -> MnistArrays:
+    """The idx files of ``folder``: parsed by torchvision the first time, then from the user cache, under a
+    key of the files' paths, sizes and modification times (a replaced file is parsed, and checked, anew)."""
+    try:
+        key = hashlib.sha256(repr([_identity(folder, name) for name in FILES]).encode()).hexdigest()[:16]
+    except OSError:  # a file is missing: parsing says so
+        return _parse(folder)
+    cached = cache_dir() / "mnist-parsed" / f"{key}.pt"
+    try:
+        return MnistArrays(**torch.load(cached, weights_only=True))
+    except Exception:  # not there yet, or damaged: parse again
+        pass
+    arrays = _parse(folder)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(asdict(arrays), buffer)
+        atomic_write(cached, buffer.getvalue())
+    except OSError:  # a read-only cache: the next run parses again, nothing worse
+        pass
+    return arrays
+
+
+def _identity(folder: Path, name: str) -> tuple[str, int, int]:
+    path = folder / name if (folder / name).is_file() else folder / name.removesuffix(".gz")
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def _parse(folder: Path) -> MnistArrays:
     """Parse the idx files with torchvision, from a scratch copy laid out the way its MNIST class expects."""
+    from torchvision.datasets import MNIST
+    from torchvision.datasets.utils import check_integrity
+
     official = all(check_integrity(str(folder / name), md5) for name, md5 in MNIST.resources)
     with tempfile.TemporaryDirectory() as scratch:
         raw = Path(scratch) / "MNIST" / "raw"
