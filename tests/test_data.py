@@ -60,7 +60,7 @@ def test_the_cache_is_the_isolated_one(isolated_cache):
 def test_file_names_are_torchvisions():
     from torchvision.datasets import MNIST
 
-    assert mnist.FILES == [name for name, _ in MNIST.resources]
+    assert [name for name, _ in MNIST.resources] == mnist.FILES
 
 
 def test_parsed_once_then_read_from_the_cache(fake_mnist, monkeypatch):
