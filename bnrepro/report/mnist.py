@@ -109,11 +109,13 @@ def markdown(runs: list[Path]) -> str:
         lines += ["", "Diverged (NaN/inf loss): " + ", ".join(
             f"{d['variant']} seed {d['seed']} at step {d['step']:,}" for d in summary["divergences"])]
     lines += ["", "![Fig. 1](fig1_mnist.png)", "", "## Every complete MNIST run", "",
-              "| run | steps | seeds | variant: final accuracy |", "|---|---|---|---|"]
+              "| run | steps | seeds | variant: final accuracy | engine | wall |", "|---|---|---|---|---|---|"]
     for run in runs:
         _, s, m = load(run)
         finals = "; ".join(f"{n}: {accuracy_text(v)}" for n, v in s["variants"].items())
-        lines.append(f"| `{run.name}` | {s['steps']:,} | {len(m['seeds'])} | {finals} |")
+        engine = m.get("engine", "torch")  # runs from before the native engine record none: torch was the only one
+        lines.append(f"| `{run.name}` | {s['steps']:,} | {len(m['seeds'])} | {finals} | {engine} | "
+                     f"{m.get('wall_seconds', float('nan')):,.0f} s |")
     return "\n".join(lines) + "\n"
 
 
