@@ -207,8 +207,9 @@ def test_report(e2e):
     assert "<svg" in svg.read_text()
     text = md.read_text()
     assert "With BN" in text and "Without BN" in text
-    for run in runs_under(e2e.out):
-        assert run.name in text
+    for run in runs_under(e2e.out):  # each run's row names its engine
+        (row,) = [line for line in text.splitlines() if line.startswith(f"| `{run.name}`")]
+        assert f"| {json.loads((run / 'manifest.json').read_text())['engine']} |" in row
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
