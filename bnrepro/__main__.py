@@ -1,5 +1,5 @@
 """``python -m bnrepro`` (what ``torchrun -m bnrepro imagenet ...`` starts in every process)."""
 
-from bnrepro.cli import main
+from bnrepro.cli import run
 
-main()
+run()

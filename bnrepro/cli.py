@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -256,3 +259,25 @@ def main() -> None:
             err.show()
             sys.exit(err.exit_code)
         raise
+
+
+def run() -> None:
+    """The ``bnrepro`` command and ``python -m bnrepro``: ``main()``, then Python's shutdown without its last step.
+
+    That step frees, object by object, the ~1,700 modules torch loads: ~1.3 s here, a twentieth of a 1-seed
+    MNIST run and a third of ``bnrepro recipes list``, for memory the OS takes back anyway. Everything before it
+    still happens: threads are joined, exit handlers run (multiprocessing reaps its workers), output is flushed;
+    results were written atomically and closed long before. A bug's traceback ends the ordinary way.
+    """
+    try:
+        main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1  # main() exits with ints
+    threading._shutdown()  # what the interpreter does first at exit: wait for non-daemon threads
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # a reader that has gone (`bnrepro ... | head`): nothing left to tell
+            stream.flush()
+    os._exit(code)
+

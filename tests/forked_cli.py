@@ -5,7 +5,7 @@ Usage: ``python forked_cli.py < commands.json`` with ``{"name": ["mnist", "--ste
 
 This process imports the package once (and computes nothing, so forking is safe), then forks one child per
 command. Each child gets stdin from /dev/null and its own stdout/stderr files, and does what the `bnrepro`
-console script does, ``sys.exit(main())``, ending as the interpreter would: the exit status from SystemExit,
+console script (``bnrepro.cli.run``) does: ``main()``, then ``os._exit`` with the exit status from SystemExit,
 and 1 with a traceback on stderr for any other exception. The parent records the child's exit status.
 """
 

@@ -357,6 +357,30 @@ def test_user_error_is_exactly_one_line(quick, name):
     assert result.stderr.endswith("\n")
 
 
+@pytest.mark.parametrize(("args", "code"), [(["recipes", "list"], 0), (["mnist", "--seeds", "0"], 2)])
+def test_the_command_exits_with_its_code_after_threads_and_exit_handlers(tmp_path, args, code):
+    """run() skips only the interpreter's teardown of modules: a thread still finishes, an exit handler still
+    runs, the output is all there, and the exit status is the command's."""
+    marks = tmp_path / "marks"
+    script = (
+        "import atexit, sys, threading, time\n"
+        f"marks = open({str(marks)!r}, 'a')\n"
+        "threading.Thread(target=lambda: (time.sleep(0.2), marks.write('thread\\n'), marks.flush())).start()\n"
+        "atexit.register(lambda: (marks.write('atexit\\n'), marks.flush()))\n"
+        f"sys.argv = ['bnrepro', *{args!r}]\n"
+        "from bnrepro.cli import run\n"
+        "run()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env=cli_env(tmp_path / "cache"))
+    assert result.returncode == code, result.stderr
+    assert marks.read_text() == "thread\natexit\n"
+    if code == 0:
+        assert "mnist/bn" in result.stdout
+    else:
+        assert result.stderr.startswith("error: --seeds must be at least 1") and "Traceback" not in result.stderr
+
+
 def test_ctrl_c_before_the_first_checkpoint_exits_130(monkeypatch, capsys):
     from bnrepro import cli
     from bnrepro.experiments import mnist as experiment
