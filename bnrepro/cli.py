@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import json
 import os
 import sys
@@ -266,18 +267,26 @@ def run() -> None:
 
     That step frees, object by object, the ~1,700 modules torch loads: ~1.3 s here, a twentieth of a 1-seed
     MNIST run and a third of ``bnrepro recipes list``, for memory the OS takes back anyway. Everything before it
-    still happens: threads are joined, exit handlers run (multiprocessing reaps its workers), output is flushed;
-    results were written atomically and closed long before. A bug's traceback ends the ordinary way.
+    still happens: threads are joined, exit handlers run (multiprocessing reaps its workers), Python's and C's
+    output buffers are flushed; results were written atomically and closed long before. A bug's traceback ends
+    the ordinary way.
     """
     try:
         main()
         code = 0
     except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1  # main() exits with ints
-    threading._shutdown()  # what the interpreter does first at exit: wait for non-daemon threads
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError):  # a reader that has gone (`bnrepro ... | head`): nothing left to tell
-            stream.flush()
-    os._exit(code)
-
+        code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)  # as Python prints it
+    try:
+        threading._shutdown()  # what the interpreter does first at exit: wait for non-daemon threads
+        atexit._run_exitfuncs()
+    except KeyboardInterrupt:  # Ctrl-C while waiting: stop waiting
+        code = 130
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(AttributeError, OSError, ValueError):  # closed, or its reader has gone
+                stream.flush()
+        with contextlib.suppress(AttributeError, OSError):
+            ctypes.CDLL(None).fflush(None)  # what C libraries printed (os._exit skips the C library's exit)
+        os._exit(code)

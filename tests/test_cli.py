@@ -213,6 +213,23 @@ def test_report(e2e):
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+def test_figures_are_the_same_bytes_every_time(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bnrepro.report import save_figure
+
+    made = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        fig, ax = plt.subplots()
+        ax.fill_between([0, 1, 2], [0, 1, 0], [1, 2, 1], alpha=0.3)  # clipped, so the SVG holds clip-path ids
+        made.append([path.read_bytes() for path in save_figure(fig, tmp_path / folder, "fig")])
+    assert made[0] == made[1]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Short commands and every user error, forked one after the other from one process (see run_many).
 
@@ -420,7 +437,7 @@ def test_divergence_is_recorded_not_a_crash(quick):
 # ---------------------------------------------------------------------------------------------------------------
 # Ctrl-C: a checkpoint at the next step boundary, exit code 130, and an exact resume.
 
-STEPS = 1000
+STEPS = 5000  # ~2 s of training on the native engine: room for the signal to land inside the loop
 
 
 def _wait_for_training(out: Path, proc: subprocess.Popen, deadline: float) -> Path | None:
@@ -475,12 +492,13 @@ def _interrupt(args, root: Path, env, started: list) -> SimpleNamespace:
         runs = runs_under(out)
         run = runs[0] if runs else None
         attempts.append((delay, proc.returncode, stderr[-1000:]))
-        if proc.returncode == 130 and run is not None and (run / "checkpoint.pt").exists():
+        trained = run is not None and (run / "checkpoint.pt").exists()  # saved by the loop: on Ctrl-C, or at its end
+        if proc.returncode == 130 and trained and "interrupted at step" in stderr:  # caught inside the loop
             return SimpleNamespace(returncode=proc.returncode, stderr=stderr, run=run,
                                    checkpoint=(run / "checkpoint.pt").is_file(),
                                    has_metrics=(run / "metrics.csv").exists(),
                                    manifest=json.loads((run / "manifest.json").read_text()))
-        delay = delay / 4 if run is not None and (run / "metrics.csv").exists() else delay * 2
+        delay = delay / 4 if trained else delay * 2  # after the loop had ended, or before it began
     pytest.fail(f"could not interrupt a run inside its training loop: {attempts}")
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +80,24 @@ def test_a_replaced_file_is_parsed_again(fake_mnist):
     with gzip.open(_raw(fake_mnist) / FILES[3], "wb") as f:
         f.write(idx_labels(labels))
     assert torch.equal(mnist.load(fake_mnist).test_labels, torch.from_numpy(labels).long())
+
+
+def test_a_file_corrupted_in_place_is_caught_despite_the_cache(fake_mnist):
+    """Same size, same modification time (as `cp -p` or bit rot leaves it): the cache goes by the bytes."""
+    mnist.load(fake_mnist)
+    path = _raw(fake_mnist) / FILES[3]
+    stat, data = path.stat(), bytearray(path.read_bytes())
+    data[20:40] = bytes(20)
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(UserError, match="corrupt"):
+        mnist.load(fake_mnist)
+
+
+def test_the_cached_source_is_the_folder_asked_for(fake_mnist, monkeypatch):
+    mnist.load(fake_mnist)
+    monkeypatch.chdir(fake_mnist)
+    assert mnist.load(Path(".")).source == str(Path("mnist/raw"))
 
 
 def test_a_damaged_cache_entry_is_parsed_again(fake_mnist, isolated_cache):

@@ -169,7 +169,7 @@ def pack(source: Path, dest: Path, shard_size: int = 1000, seed: int = 0) -> dic
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, not {shard_size}")
     if (source / "train-labels-idx1-ubyte.gz").is_file() or (source / "train-labels-idx1-ubyte").is_file():
-        arrays = mnist.read_folder(source)
+        arrays = mnist.read_folder(source, cache=False)  # packing imports torchvision anyway
         classes = _idx_class_names(source)
         splits = {"train": (arrays.train_images, arrays.train_labels), "val": (arrays.test_images, arrays.test_labels)}
         items = {name: [(lambda im=im: encode_png(im[None]).numpy().tobytes(), "png", int(label))

@@ -23,13 +23,16 @@ def build(results: Path, out: Path) -> list[Path]:
 
 def save_figure(fig, out: Path, name: str) -> list[Path]:
     """Write ``fig`` as ``out/name.png`` and ``.svg``, each through a temporary file so no reader sees half a
-    figure; closes the figure."""
+    figure; closes the figure. The same runs give the same bytes: the SVG carries no date, and its element ids
+    are salted with the name rather than at random."""
+    import matplotlib
     import matplotlib.pyplot as plt
 
     written = []
     for suffix in ("png", "svg"):
         path, tmp = out / f"{name}.{suffix}", out / f".{name}.tmp.{suffix}"
-        fig.savefig(tmp, dpi=150)
+        with matplotlib.rc_context({"svg.hashsalt": name}):
+            fig.savefig(tmp, dpi=150, metadata={"Date": None} if suffix == "svg" else None)
         tmp.replace(path)
         written.append(path)
     plt.close(fig)

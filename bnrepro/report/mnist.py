@@ -30,6 +30,11 @@ def accuracy_text(v: dict) -> str:
     return text + (f" ({lost} diverged)" if lost else "")
 
 
+def wall_text(manifest: dict) -> str:
+    wall = manifest.get("wall_seconds")  # absent from runs made before it was recorded
+    return "—" if wall is None else f"{wall:,.0f} s"
+
+
 def complete_runs(results: Path) -> list[Path]:
     """MNIST run folders whose manifest says complete, oldest first."""
     return [folder for folder, _ in runs_of(results, "mnist")]
@@ -96,7 +101,7 @@ def markdown(runs: list[Path]) -> str:
     lines = ["# MNIST (paper Sec. 4.1, Fig. 1)", "", PAPER_NOTE, "",
              f"Latest complete run: `{latest.name}` ({summary['steps']:,} steps, seeds {manifest['seeds']}, "
              f"device {manifest['device']}, commit `{manifest['git_commit'][:12]}`, "
-             f"{manifest.get('wall_seconds', float('nan')):.0f} s).", "",
+             f"{wall_text(manifest)}).", "",
              "| variant | seeds | final test accuracy (mean ± std) | steps to the baseline's final accuracy "
              "| public reproduction cited by the paper's notes |",
              "|---|---|---|---|---|"]
@@ -115,7 +120,7 @@ def markdown(runs: list[Path]) -> str:
         finals = "; ".join(f"{n}: {accuracy_text(v)}" for n, v in s["variants"].items())
         engine = m.get("engine", "torch")  # runs from before the native engine record none: torch was the only one
         lines.append(f"| `{run.name}` | {s['steps']:,} | {len(m['seeds'])} | {finals} | {engine} | "
-                     f"{m.get('wall_seconds', float('nan')):,.0f} s |")
+                     f"{wall_text(m)} |")
     return "\n".join(lines) + "\n"
 
 
