@@ -6,7 +6,8 @@ mini-batch order, and a full 10,000-image test evaluation every 500 steps; one m
 bnrepro trains every model of the run together: with its native engine (bnrepro/native/mlp.cpp, the default
 on a CPU with a C++ compiler) or, with --engine torch, as one batched torch stack (bnrepro/models/mlp.py).
 bnrepro is timed as a user meets it: the whole ``bnrepro mnist`` command in a fresh process, from start-up
-and imports to the summary table and the interpreter's exit.
+and imports to the summary table and the interpreter's exit (the plain loop runs in this process, so its time
+leaves those ~3 s out).
 
     python benchmarks/bench_mnist.py --data-dir ../shared/data            # 50,000 steps, 1 and 10 seeds
     python benchmarks/bench_mnist.py --data-dir ../shared/data --steps 5000 --seeds 1
