@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
-import io
 import os
 import shutil
 import tempfile
@@ -26,8 +25,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from bnrepro.engine import checkpoint
 from bnrepro.errors import UserError
-from bnrepro.runs import atomic_write, cache_dir
+from bnrepro.runs import cache_dir
 
 FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",  # as torchvision's MNIST.resources names them
          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
@@ -103,9 +103,7 @@ def read_folder(folder: Path, cache: bool = True) -> MnistArrays:
     arrays = _parse(folder)
     with contextlib.suppress(OSError):  # a read-only cache: the next run parses again, nothing worse
         entry.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save({**asdict(arrays), "digest": digest}, buffer)
-        atomic_write(entry, buffer.getvalue())
+        checkpoint.save(entry, {**asdict(arrays), "digest": digest})
     return arrays
 
 

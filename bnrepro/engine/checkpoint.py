@@ -13,6 +13,8 @@ from bnrepro.runs import atomic_write
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` of ``state`` (any tensors, lists, numbers, strings) through ``atomic_write``: readers see
+    the old file or the whole new one."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write(path, buffer.getvalue())

@@ -10,7 +10,6 @@ cached in the ensemble's run folder, so any subset of members and schemes can be
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -211,9 +210,8 @@ def run(recipe_name: str, overrides: list[str], results: Path, dataset_dir: Path
                 probs, labels, indices, skipped = probabilities(member, split, crops, device, recipe.batch_crops,
                                                                 workers, progress)  # the same files every time
                 cached[(member.name, crops)] = {"probs": probs.half(), "labels": labels, "indices": indices}
-                buffer = io.BytesIO()  # as stored, so the report's recombination gives these same numbers
-                torch.save(cached[(member.name, crops)], buffer)
-                atomic_write(cache_path(run_dir, member.name, crops), buffer.getvalue())
+                # as stored, so the report's recombination gives these same numbers
+                checkpoint.save(cache_path(run_dir, member.name, crops), cached[(member.name, crops)])
     results_table = table(cached, [m.name for m in members], list(recipe.crops))
     atomic_write(run_dir / "results.csv", results_table.to_csv(index=False))
     manifest.update(status="complete", finished=now(), skipped_images=skipped,
