@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from bnrepro.engine import checkpoint
 from bnrepro.engine.distributed import SINGLE_PROCESS, Replicas
 
+CHECK_EVERY = 50  # steps between checks for divergence, progress and stop requests (Ctrl-C, DDP)
+
 
 class Task(Protocol):
     model: nn.Module
@@ -176,7 +178,7 @@ def train(
                 done = step + 1
             last = done == schedule.steps
             evaluate = done % schedule.eval_every == 0 or last
-            checks = evaluate or done % 50 == 0  # divergence, progress and (under DDP) stop requests
+            checks = evaluate or done % CHECK_EVERY == 0  # divergence, progress and (under DDP) stop requests
             diverged = checks and log.all_diverged()  # every member's loss is NaN/inf: nothing left to train
             if evaluate or diverged:
                 task.model.eval()
@@ -200,9 +202,9 @@ def train(
 
 def _next_check(step: int, schedule: Schedule) -> int:
     """The first step after ``step`` at which the loop evaluates, checkpoints or checks for divergence and
-    stop requests: every 50 steps, every ``eval_every``, every ``checkpoint_every``, and the last."""
+    stop requests: every ``CHECK_EVERY`` steps, every ``eval_every``, every ``checkpoint_every``, and the last."""
     return min(schedule.steps, *(((step // every) + 1) * every
-                                 for every in (50, schedule.eval_every, schedule.checkpoint_every)))
+                                 for every in (CHECK_EVERY, schedule.eval_every, schedule.checkpoint_every)))
 
 
 def _rng_state() -> dict[str, Tensor]:
