@@ -31,6 +31,24 @@ errors = Console(stderr=True, soft_wrap=True)  # one line, however long
 Overrides = Annotated[list[str], typer.Option("--set", help="Override a recipe value: dotted.key=value.")]
 DataDir = Annotated[Path | None, typer.Option(help="Folder with mnist/raw/*.gz (default: $BNREPRO_DATA or cache).")]
 
+# What the command-line parser raises for a bad command line. typer >= 0.29 vendors click (typer._click) and no
+# longer installs the click package; older typer uses click itself. Either way typer's public BadParameter
+# derives from the parser's own classes, so they are found from it, never by importing click.
+ClickException = next(k for k in typer.BadParameter.__mro__ if k.__name__ == "ClickException")
+UsageError = next(k for k in typer.BadParameter.__mro__ if k.__name__ == "UsageError")
+
+
+def _with_flag(overrides: list[str], flag: str, key: str, value: object) -> list[str]:
+    """``overrides`` plus ``key=value`` for ``flag``; a --set of the same key (or of a section holding it) is an
+    error, not silently replaced by the flag's value."""
+    if value is None:
+        return overrides
+    for text in overrides:
+        given = text.partition("=")[0].strip()
+        if given == key or key.startswith(given + "."):
+            raise UserError(f"{flag} {value} and --set {text} both set {key}; give only one of them")
+    return [*overrides, f"{key}={value}"]
+
 
 @app.command()
 def mnist(
@@ -54,7 +72,7 @@ def mnist(
     else:
         if steps is not None and steps < 0:
             raise UserError(f"--steps must be 0 or more, not {steps}")
-        overrides = list(set_ or []) + ([f"train.steps={steps}"] if steps is not None else [])
+        overrides = _with_flag(list(set_ or []), "--steps", "train.steps", steps)
         run_dir = experiment.run(recipe or experiment.DEFAULT_VARIANTS, overrides, seeds, data_seed, device, out,
                                  data_dir, show_progress=progress, engine=engine)
     from bnrepro.report.mnist import summary_table
@@ -71,7 +89,8 @@ def imagenet(
     steps: Annotated[int | None, typer.Option(help="Training steps (default: the profile's budget).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights, data order and augmentation.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (under torchrun: one GPU per process).")] = "auto",
-    workers: Annotated[int, typer.Option(help="Data-loading worker processes per replica.")] = 4,
+    workers: Annotated[int | None, typer.Option(
+        help="Data-loading worker processes per replica (default: 4, or the usable CPUs if fewer).")] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the network.")] = False,
     gpu_decode: Annotated[bool, typer.Option(help="On a GPU, decode JPEGs there rather than in the workers.")] = True,
     out: Annotated[Path, typer.Option(help="Results folder; the run goes to OUT/imagenet/<recipe>-<time>.")] = Path(
@@ -85,9 +104,11 @@ def imagenet(
 
     from bnrepro.engine.distributed import Replicas
     from bnrepro.experiments import imagenet as experiment
+    from bnrepro.runs import default_workers
 
     if steps is not None and steps < 0:
         raise UserError(f"--steps must be 0 or more, not {steps}")
+    workers = default_workers() if workers is None else workers
     if workers < 0:
         raise UserError(f"--workers must be 0 or more, not {workers}")
     if not 0 <= seed < 2**20:
@@ -95,6 +116,7 @@ def imagenet(
     if resume is not None and (recipe is not None or steps is not None or set_ or seed or profile != "paper"):
         raise UserError("--resume continues a run exactly as it was set up; drop --recipe, --profile, --steps, "
                         "--seed and --set (start a new run to change them)")
+    overrides = _with_flag(list(set_ or []), "--steps", f"profiles.{profile}.steps", steps)
     how = dict(device=device, workers=workers, compile=compile, gpu_decode=gpu_decode, show_progress=progress)
     replicas = Replicas.from_environment("nccl" if device != "cpu" and torch.cuda.is_available() else "gloo")
     try:
@@ -103,7 +125,6 @@ def imagenet(
         else:
             if recipe is None or dataset_dir is None:
                 raise UserError("give --recipe NAME and --dataset-dir DIR (or --resume RUN_FOLDER)")
-            overrides = list(set_ or []) + ([f"profiles.{profile}.steps={steps}"] if steps is not None else [])
             options = experiment.Options(dataset_dir, seed=seed, **how)
             run_dir = experiment.run(recipe, profile, overrides, options, out, replicas)
     finally:
@@ -143,15 +164,18 @@ def ensemble(
     results: Annotated[Path, typer.Option(help="Where the members' runs are (RESULTS/imagenet/).")] = Path("results"),
     out: Annotated[Path, typer.Option(help="The evaluation goes to OUT/ensemble/<recipe>-<time>.")] = Path("results"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 4,
+    workers: Annotated[int | None, typer.Option(
+        help="Data-loading worker processes (default: 4, or the usable CPUs if fewer).")] = None,
     set_: Overrides = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
     """Fig. 4: every member single-crop, 10-crop and 144-crop, and the ensemble (mean class probabilities)."""
     from bnrepro.evaluate import ensemble as evaluation
+    from bnrepro.runs import default_workers
 
     if dataset_dir is None:
         raise UserError("give --dataset-dir DIR (the validation images: DIR/val/<class>/ or DIR/val-*.tar)")
+    workers = default_workers() if workers is None else workers
     if workers < 0:
         raise UserError(f"--workers must be 0 or more, not {workers}")
     run_dir = evaluation.run(recipe, list(set_ or []), results, dataset_dir, out, device, workers, member or None,
@@ -210,11 +234,11 @@ def _profile_epochs(recipe: recipes.ImagenetRecipe) -> list[str]:
     decay = recipe.train.lr_decay
     lines = ["# profiles in epochs (steps x batch / training examples):"]
     for name, p in recipe.profiles.items():
-        decay_epochs = decay.every_epochs / decay.speedup
-        decay_steps = decay_epochs * p.train_examples / p.batch_size
+        decay_steps = decay.period * p.train_examples / p.batch_size
         lines.append(f"#   {name}: budget {p.steps:,} steps = {p.epochs(p.steps):,.1f} epochs; evaluate every "
                      f"{p.eval_every:,} steps = {p.epochs(p.eval_every):,.2f} epochs; lr x{decay.rate} every "
-                     f"{decay_steps:,.0f} steps = {decay_epochs:.2f} epochs")
+                     f"{decay_steps:,.0f} steps = {decay.period:.2f} epochs; lr at the end: "
+                     f"{100 * decay.factor(p.epochs(max(p.steps - 1, 0))):.1f}% of its start")
     return lines
 
 
@@ -253,13 +277,18 @@ def main() -> None:
         sys.exit(done.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as err:
-        import click
+    except UsageError as err:  # an unknown option, a bad or missing value, an unexpected argument
+        ctx = getattr(err, "ctx", None)
+        see = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        errors.print(f"[red]error:[/red] {escape(_one_line(err.format_message()) + see)}", highlight=False)
+        sys.exit(2)
+    except ClickException as err:
+        errors.print(f"[red]error:[/red] {escape(_one_line(err.format_message()))}", highlight=False)
+        sys.exit(err.exit_code)
 
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+
+def _one_line(message: str) -> str:
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 def run() -> None:

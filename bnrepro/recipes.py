@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -56,6 +57,8 @@ class MnistEval(Strict):
     every: int = Field(gt=0, description="evaluate on the whole test set every this many steps")
     probe_unit: int = Field(ge=0, description="which unit of the last hidden layer Fig. 1(b, c) follows")
     percentiles: list[Annotated[float, Field(ge=0, le=100)]] = Field(min_length=1)
+    population_batches: int = Field(gt=0, description="Alg. 2: training mini-batches averaged for BN's population "
+                                                     "statistics (step 0 and the final evaluation)")
 
 
 class RecipeBase(Strict):
@@ -110,6 +113,10 @@ class InceptionModel(Strict):
     dropout: float = Field(ge=0, lt=1, description="before the classifier (Sec. 4.2.1 change 2 removes it)")
     per_activation_bn: bool = Field(description="non-convolutional BN on the last hidden layer (Sec. 4.2.3)")
     init_scale: float = Field(gt=0, description="multiplies the initial conv weights (Sec. 4.2.3)")
+    conv_init: Literal["he_normal", "he_truncated_normal", "lecun_uniform"] = Field(
+        description="initial conv weights, before init_scale (bnrepro.models.inception.CONV_INIT)")
+    classifier_init_std: float = Field(ge=0, description="softmax layer weights ~ N(0, std^2), bias 0")
+    pool_count_include_pad: bool = Field(description="the modules' 3x3/1 average pools divide by the zero padding")
     stem: Literal["plain", "separable"]
     depth_multiplier: int = Field(gt=0)
     bn_eps: float = Field(gt=0)
@@ -123,6 +130,15 @@ class LrDecay(Strict):
     every_epochs: float = Field(gt=0)
     speedup: float = Field(ge=1, description="Sec. 4.2.1 change 4: decay 6x faster")
 
+    @property
+    def period(self) -> float:
+        """Epochs between two decays."""
+        return self.every_epochs / self.speedup
+
+    def factor(self, epoch: float) -> float:
+        """What the initial learning rate is multiplied by after ``epoch`` epochs."""
+        return self.rate ** math.floor(epoch / self.period)
+
 
 class ImagenetTrain(Strict):
     lr: float = Field(gt=0, description="initial learning rate (Sec. 4.2.1 change 1)")
@@ -134,6 +150,12 @@ class ImagenetTrain(Strict):
     shuffle_buffer_shards: int = Field(gt=0, description="within_shard: examples mix across this many shards")
     distortions: Literal["full", "reduced"] = Field(description="Sec. 4.2.1 change 7")
     bn_sync: bool = Field(description="BN statistics over all DDP replicas (the paper: per replica)")
+    lr_scaling: Literal["linear", "sqrt", "none"] = Field(
+        description="learning rate x (global batch / batch_size) ** 1, 0.5 or 0 when replicas share an update")
+
+    def lr_factor(self, replicas: int) -> float:
+        """What the rule multiplies the recipe's learning rate by when ``replicas`` mini-batches make one update."""
+        return {"linear": float(replicas), "sqrt": replicas ** 0.5, "none": 1.0}[self.lr_scaling]
 
     @property
     def weight_decay(self) -> float:
@@ -155,6 +177,9 @@ class ImagenetData(Strict):
     flip: bool
     photometric: dict[Literal["full", "reduced"], Photometric]
     eval_resize: float = Field(gt=1, description="evaluation: resize the shorter side to resolution * this")
+    population_transform: Literal["train", "eval"] = Field(
+        description="Alg. 2's population batches: training images with the training augmentation, or the "
+                    "evaluation view (resize and centre crop)")
     mean: tuple[float, float, float] = Field(description="per-channel input mean (pixels in [0, 1])")
     std: tuple[float, float, float] = Field(description="per-channel input std")
 
@@ -169,6 +194,10 @@ class Profile(Strict):
     steps: int = Field(ge=0)
     eval_every: int = Field(gt=0)
     checkpoint_every: int = Field(gt=0)
+    population_batches: int = Field(gt=0, description="Alg. 2: training mini-batches averaged for BN's population "
+                                                     "statistics (step 0 and the final evaluation)")
+    shard_size: int = Field(1000, gt=0,
+                            description="class folders: examples per virtual shard (stored order by path hash)")
 
     def epochs(self, steps: int) -> float:
         return steps * self.batch_size / self.train_examples

@@ -108,6 +108,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def default_workers(most: int = 4) -> int:
+    """Data-loading workers when --workers is not given: ``most``, or the CPUs this process may run on if fewer
+    (more workers than that only make the DataLoader warn)."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no sched_getaffinity
+        usable = os.cpu_count() or 1
+    return min(most, usable)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -168,3 +178,10 @@ def training(run_dir: Path, manifest: dict[str, Any], main: bool = True) -> Iter
         if main:
             write_json(Path(run_dir) / "manifest.json", manifest)
             lock.unlink(missing_ok=True)
+
+
+def announce(run: str, deviations: list[str]) -> None:
+    """Print a run's deviations from the paper (at its start and end), so no log hides them."""
+    lines = [f"{run}: {len(deviations)} deviation{'s' * (len(deviations) != 1)} from the paper"
+             + (":" if deviations else "")] + [f"  - {text}" for text in deviations]
+    print("\n".join(lines), file=sys.stderr, flush=True)

@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnrepro.models.batchnorm import BatchNorm, batch_norm_train, fold_linear, inference_affine
+from bnrepro.models.batchnorm import (
+    BatchNorm,
+    batch_norm_train,
+    estimate_population,
+    fold_linear,
+    inference_affine,
+    population,
+    use_statistics,
+)
 
 EPS = 1e-5
 LAYOUTS = {
@@ -178,7 +186,7 @@ def test_eval_mode_matches_torch_with_population_statistics(layout):
 def test_inference_affine_formula():
     gamma, beta = torch.tensor([[2.0, 0.5]], dtype=torch.float64), torch.tensor([[0.1, -1.0]], dtype=torch.float64)
     mean, var = torch.tensor([[1.0, -2.0]], dtype=torch.float64), torch.tensor([[4.0, 0.25]], dtype=torch.float64)
-    scale, shift = inference_affine(gamma, beta, mean, var, 5, 0.0)
+    scale, shift = inference_affine(gamma, beta, *population(mean, var, 5), 0.0)
     unbiased = var * 5 / 4
     torch.testing.assert_close(scale, gamma / unbiased.sqrt())
     torch.testing.assert_close(shift, beta - mean * gamma / unbiased.sqrt())
@@ -285,3 +293,101 @@ def test_synchronised_bn_over_two_processes_equals_bn_over_the_whole_batch():
         torch.testing.assert_close(grad_beta, leaves[2].grad)
         torch.testing.assert_close(mean_r, mean)
         torch.testing.assert_close(var_r, var)
+
+
+class _TwoBN(nn.Module):
+    """conv -> BN -> relu -> dropout -> BN over features: the second BN's input depends on the first's batch
+    statistics, so Alg. 2 must pass each batch through the training-mode network, not the inference one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.bn1 = BatchNorm((1, 4, 1, 1), (0, 2, 3), eps=EPS, momentum=0.1)
+        self.drop = nn.Dropout(0.5)
+        self.bn2 = BatchNorm((1, 4), (0,), eps=EPS, momentum=0.1)
+
+    def forward(self, x):
+        return self.bn2(self.drop(torch.relu(self.bn1(self.conv(x)))).mean((2, 3)))
+
+
+def _independent_population(net: _TwoBN, batches: list[torch.Tensor]):
+    """Alg. 2 by hand in float64: per batch the biased statistics of each BN's input, with every BN using its
+    batch's own statistics and dropout off; then E[x] = mean of mu_B, Var[x] = mean of m/(m-1) sigma2_B."""
+    def normalize(z, dims):
+        mean, var = z.mean(dims, keepdim=True), z.var(dims, unbiased=False, keepdim=True)
+        return (z - mean) / torch.sqrt(var + EPS), mean, var, z.numel() // mean.numel()
+
+    found = {1: [], 2: []}
+    for x in batches:
+        z1 = net.conv(x)
+        h, mean, var, m = normalize(z1, (0, 2, 3))
+        found[1].append((mean, var * m / (m - 1)))
+        z2 = torch.relu(h * net.bn1.gamma + net.bn1.beta).mean((2, 3))
+        _, mean, var, m = normalize(z2, (0,))
+        found[2].append((mean, var * m / (m - 1)))
+    return {k: (torch.stack([a for a, _ in v]).mean(0), torch.stack([b for _, b in v]).mean(0))
+            for k, v in found.items()}
+
+
+@pytest.mark.parametrize("sizes", [[6, 6, 6, 6], [6, 3, 8, 2]], ids=["constant", "varying"])
+def test_population_statistics_equal_an_independent_computation(sizes):
+    torch.manual_seed(0)
+    net = _TwoBN().double()
+    with torch.no_grad():
+        net.bn1.gamma.uniform_(0.5, 2)
+        net.bn1.beta.uniform_(-1, 1)
+    batches = [torch.randn(n, 3, 5, 5, dtype=torch.float64) * 2 + 1 for n in sizes]
+    params = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("bn") or "avg" in k}
+    net.train()
+
+    def forward():
+        for x in batches:
+            net(x)
+
+    assert estimate_population(net, forward) == len(sizes)
+    want = _independent_population(net, batches)
+    for k, bn in ((1, net.bn1), (2, net.bn2)):
+        torch.testing.assert_close(bn.pop_mean, want[k][0].view(bn.pop_mean.shape), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(bn.pop_var, want[k][1].view(bn.pop_var.shape), rtol=1e-12, atol=1e-12)
+        assert int(bn.pop_batches) == len(sizes)
+    for k, v in net.state_dict().items():  # the network is frozen: parameters and moving averages untouched
+        if k in params:
+            assert torch.equal(v, params[k]), k
+    assert net.training and net.bn1.collecting is None  # the mode it was in, nothing left collecting
+
+
+def test_inference_uses_the_chosen_statistics():
+    torch.manual_seed(1)
+    net = _TwoBN().double()
+    x = torch.randn(5, 3, 5, 5, dtype=torch.float64)
+    net.train()
+    net(x)  # one training step's moving averages
+    net.eval()
+    with pytest.raises(RuntimeError, match="population"):
+        use_statistics(net, "population")
+    moving = net(x)
+    estimate_population(net, lambda: net(torch.randn(8, 3, 5, 5, dtype=torch.float64)))
+    use_statistics(net, "population")
+    scale, shift = net.bn2.affine()
+    torch.testing.assert_close(scale, net.bn2.gamma / torch.sqrt(net.bn2.pop_var + EPS))
+    torch.testing.assert_close(shift, net.bn2.beta - net.bn2.pop_mean * scale)
+    assert not torch.allclose(net(x), moving)
+    use_statistics(net, "moving")
+    torch.testing.assert_close(net(x), moving)
+
+
+def test_population_is_summed_over_replicas():
+    """Under DDP each replica passes its share of the batches and ``reduce`` sums the totals: two replicas
+    with the halves of the batches end with the statistics of all of them."""
+    torch.manual_seed(2)
+    net = _TwoBN().double()
+    batches = [torch.randn(4, 3, 5, 5, dtype=torch.float64) for _ in range(4)]
+    halves = [batches[0::2], batches[1::2]]
+    totals = []
+    for half in halves:  # each "replica" alone, keeping what it would all-reduce
+        estimate_population(net, lambda half=half: [net(x) for x in half], lambda t: totals.append(t.clone()) or t)
+    summed = totals[0] + totals[1]
+    estimate_population(net, lambda: [net(x) for x in halves[0]], lambda t: summed)
+    want = _independent_population(net, batches)
+    torch.testing.assert_close(net.bn2.pop_var, want[2][1].view(net.bn2.pop_var.shape), rtol=1e-12, atol=1e-12)
+    assert int(net.bn2.pop_batches) == 4

@@ -36,7 +36,7 @@ from bnrepro.runs import new_run_dir, resolve_device
 BNREPRO = shutil.which("bnrepro", path=str(Path(sys.executable).parent)) or shutil.which("bnrepro")
 pytestmark = pytest.mark.skipif(BNREPRO is None, reason="the bnrepro console script is not installed")
 
-COLUMNS = ["variant", "seed", "step", "test_accuracy", "train_loss", "p15", "p50", "p85"]
+COLUMNS = ["variant", "seed", "step", "statistics", "test_accuracy", "train_loss", "p15", "p50", "p85"]
 
 
 def cli_env(cache: Path) -> dict[str, str]:
@@ -103,8 +103,10 @@ def test_metrics_csv(e2e):
     assert sorted(metrics.seed.unique()) == [0, 1]
     assert len(metrics) == 4 * 2 * 2
     assert not metrics.duplicated(["variant", "seed", "step"]).any()
+    # Alg. 2's population statistics for step 0 and the final row, the moving averages in between
+    assert (metrics.statistics == metrics.step.map(lambda s: "population" if s in (0, 300) else "moving")).all()
     trained = metrics[metrics.step > 0]
-    for column in COLUMNS[3:]:
+    for column in COLUMNS[4:]:
         assert trained[column].map(math.isfinite).all(), column
     assert trained.test_accuracy.between(0, 1).all()
     assert (trained.train_loss > 0).all()
@@ -213,6 +215,26 @@ def test_report(e2e):
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+def test_fig1_caption_names_the_probed_unit(tmp_path):
+    """Fig. 1(b, c) follow eval.probe_unit of the run's recipes, and the caption says which unit that was."""
+    from bnrepro.report.mnist import figure_1
+
+    run = tmp_path / "20260101-000000"
+    run.mkdir()
+    resolved = {name: recipes.load(f"mnist/{name}", ["eval.probe_unit=7"]).model_dump(mode="json")
+                for name in ("baseline", "bn")}
+    (run / "recipes.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    rows = [{"variant": v, "seed": 0, "step": step, "test_accuracy": 0.9, "train_loss": 0.1, "p15": -1.0,
+             "p50": 0.0, "p85": 1.0} for v in ("baseline", "bn") for step in (0, 100)]
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(run / "metrics.csv", index=False)
+    (run / "summary.json").write_text(json.dumps({"baseline": "baseline", "variants": {
+        "baseline": {"label": "Without BN"}, "bn": {"label": "With BN"}}}))
+    (run / "manifest.json").write_text(json.dumps({"experiment": "mnist", "status": "complete"}))
+    svg = next(p for p in figure_1(run, tmp_path) if p.suffix == ".svg")
+    (caption,) = re.findall(r"<!-- (Fig\. 1 reproduced.*?) -->", svg.read_text())
+    assert "of unit 7, seed 0" in caption, caption
+
+
 def test_figures_are_the_same_bytes_every_time(tmp_path):
     import matplotlib
 
@@ -263,6 +285,7 @@ ERRORS = {
     "batch-larger-than-data": (["--set", "train.batch_size=601"], ["601", "600"]),
     "probe-unit-out-of-range": (["--set", "eval.probe_unit=100"], ["probe_unit"]),
     "percentile-out-of-range": (["--set", "eval.percentiles=[150]"], ["percentiles"]),
+    "steps-and-set-steps": (["--steps", "10", "--set", "train.steps=banana"], ["--steps 10", "train.steps=banana"]),
 }
 
 
@@ -289,13 +312,17 @@ def quick(tmp_path_factory):
                 # a learning rate that overflows float32 within two steps, for every member
                 "diverge": ["mnist", "--steps", "100", "--seeds", "2", "--data-dir", str(data), "--out",
                             str(root / "diverge"), "--no-progress", "--device", "cpu", "--set", "eval.every=50",
-                            "--set", "train.lr=1e38"]}
+                            "--set", "train.lr=1e38"],
+                "imagenet-steps-and-set-steps": ["imagenet", "--recipe", "imagenet/bn-baseline", "--profile", "smoke",
+                                                 "--dataset-dir", str(root / "nowhere"), "--device", "cpu",
+                                                 "--out", str(root / "imagenet-out"), "--steps", "3",
+                                                 "--set", "profiles.smoke.steps=7"]}
     for name, (args, _) in ERRORS.items():
         args = [a.format(root=root) for a in args]
         out = [] if "--out" in args else ["--out", str(root / name / "out")]
         data_dir = [] if "--data-dir" in args else ["--data-dir", str(data)]
         device = [] if "--device" in args else ["--device", "cpu"]
-        steps = [] if any("steps" in a for a in args) else ["--steps", "5"]  # --steps would win over --set
+        steps = [] if any("steps" in a for a in args) else ["--steps", "5"]  # --steps and a --set of train.steps clash
         commands[name] = ["mnist", "--no-progress", *steps, *out, *data_dir, *device, *args]
     return SimpleNamespace(root=root, results=run_many(commands, env))
 
@@ -372,6 +399,105 @@ def test_user_error_is_exactly_one_line(quick, name):
     assert result.returncode == 2
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.endswith("\n")
+
+
+def test_imagenet_steps_and_a_set_of_the_same_key_is_a_user_error(quick):
+    result = quick.results["imagenet-steps-and-set-steps"]
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    for word in ("--steps 3", "profiles.smoke.steps=7"):
+        assert squeeze(word) in squeeze(result.stderr), result.stderr
+    assert not (quick.root / "imagenet-out").exists()
+
+
+# A bad command line (the parser's usage errors), from the real entry point in a fresh process.
+USAGE_ERRORS = {
+    # name: (arguments, words the message must contain)
+    "unknown-option": (["mnist", "--no-such-flag"], ["No such option", "--no-such-flag"]),
+    "bad-option-value": (["mnist", "--seeds", "banana"], ["--seeds"]),
+    "unexpected-argument": (["mnist", "extra"], ["unexpected extra argument", "extra"]),
+}
+
+
+def _assert_usage_error(result: subprocess.CompletedProcess, words: list[str]) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines == result.stderr.splitlines(), result.stderr
+    assert lines[0].startswith("error: ") and "mnist --help" in lines[0], lines[0]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("name", USAGE_ERRORS)
+def test_usage_error_is_one_line_and_exit_code_2(tmp_path, name):
+    args, words = USAGE_ERRORS[name]
+    result = subprocess.run([sys.executable, "-m", "bnrepro", *args], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=300, env=cli_env(tmp_path / "cache"))
+    _assert_usage_error(result, words)
+
+
+def test_usage_error_does_not_need_the_click_package(tmp_path):
+    """typer >= 0.29 vendors click and no longer installs it: with `click` unimportable, a usage error is still
+    one line and exit code 2 (the handler once did `import click` and died of ModuleNotFoundError)."""
+    import typer
+
+    if typer.BadParameter.__module__.split(".")[0] == "click":
+        pytest.skip("this typer is built on the click package, so it cannot run without it")
+    script = (
+        "import sys\n"
+        "class NoClick:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'click' or name.startswith('click.'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoClick())\n"
+        "try:\n"
+        "    import click\n"
+        "    sys.exit('click is still importable')\n"
+        "except ModuleNotFoundError:\n"
+        "    pass\n"
+        "sys.argv = ['bnrepro', 'mnist', '--no-such-flag']\n"
+        "import bnrepro.cli\n"
+        "bnrepro.cli.run()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, timeout=300, env=cli_env(tmp_path / "cache"))
+    _assert_usage_error(result, USAGE_ERRORS["unknown-option"][1])
+
+
+def test_default_workers_is_4_or_the_usable_cpus_if_fewer(monkeypatch):
+    from bnrepro.runs import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert default_workers() == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert default_workers() == 4
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert default_workers() == 3
+
+
+def test_ensemble_without_workers_uses_the_default_workers(monkeypatch, tmp_path):
+    from bnrepro import cli, runs
+    from bnrepro.evaluate import ensemble as evaluation
+
+    given = []
+
+    def evaluate(recipe, overrides, results, dataset_dir, out, device, workers, *args, **kwargs):
+        given.append(workers)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(runs, "default_workers", lambda: 3)
+    monkeypatch.setattr(evaluation, "run", evaluate)
+    for args in (["ensemble", "--dataset-dir", str(tmp_path)],
+                 ["ensemble", "--dataset-dir", str(tmp_path), "--workers", "0"]):
+        monkeypatch.setattr(sys, "argv", ["bnrepro", *args])
+        with pytest.raises(SystemExit) as caught:
+            cli.main()
+        assert caught.value.code == 2
+    assert given == [3, 0]
 
 
 @pytest.mark.parametrize(("args", "code"), [(["recipes", "list"], 0), (["mnist", "--seeds", "0"], 2)])

@@ -54,6 +54,31 @@ def test_10_and_1_crops_match_torchvision():
     assert torch.equal(one[0], v2.functional.center_crop(resized, 224))
 
 
+def test_1_crop_follows_the_recipes_eval_resize_by_hand():
+    # 224 px, the recipes' 1.142857: shorter side round(255.99997) = 256, 256 x int(256 * 500 / 375) = 341;
+    # centre top (256 - 224) / 2 = 16, left round((341 - 224) / 2) = round(58.5) = 58 (Python's, as torchvision)
+    assert boxes(375, 500, 1, 224, 1.142857) == [Box(256, 16, 58, 224, False)]
+    # 64 px, resize 1.3: shorter side round(83.2) = 83, 83 x int(110.67) = 110; top round(9.5) = 10, left 23
+    assert boxes(375, 500, 1, 64, 1.3) == [Box(83, 10, 23, 64, False)]
+    # the smoke profile's 32 px on a 40 x 30 portrait: round(36.57) = 37, int(37 * 40 / 30) = 49 x 37;
+    # top round(8.5) = 8, left round(2.5) = 2
+    assert boxes(40, 30, 1, 32, 1.142857) == [Box(37, 8, 2, 32, False)]
+    assert boxes(375, 500, 10, 224, 1.3) == boxes(375, 500, 10, 224)  # 10 crops keep 256 for 224
+
+
+@pytest.mark.parametrize("shape,size,resize", [((3, 375, 500), 64, 1.3), ((3, 40, 30), 32, 1.142857),
+                                               ((3, 30, 44), 32, 1.142857), ((3, 300, 410), 224, 1.6)])
+def test_1_crop_is_the_trainers_evaluation_view(shape, size, resize):
+    from bnrepro.data import images
+
+    image = torch.randint(0, 256, shape, dtype=torch.uint8)
+    expected = images.evaluation_transform(size, resize)(image)
+    assert torch.equal(crops_of(image, 1, size, resize)[0], expected)
+    box = boxes(*shape[1:], 1, size, resize)[0]
+    resized = v2.functional.resize(image, box.scale, antialias=True)
+    assert torch.equal(expected, resized[:, box.top:box.top + size, box.left:box.left + size])
+
+
 def test_crops_are_cut_where_the_boxes_say():
     image = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8)
     views = crops_of(image, 144)

@@ -4,26 +4,52 @@ import pytest
 import torch
 from torch import nn
 
-from bnrepro.models.batchnorm import BatchNorm
+from bnrepro.models.batchnorm import BatchNorm, estimate_population, use_statistics
 from bnrepro.models.inception import FIG5, ConvUnit, Inception, InceptionConfig, count_flops, count_parameters, fold
 
-MODULE_OUT = [256, 320, 576, 576, 576, 608, 608, 1056, 1024, 1024]
+# Fig. 5, typed from shared/paper/README.md section 5 (not read from FIG5, the constant under test):
+# #1x1, #3x3 reduce, #3x3, double #3x3 reduce, double #3x3, pool, proj, out channels ("pass" = max pool
+# pass-through in the stride-2 modules, no projection; 4c/4d/4e out as the filter counts sum, see the README).
+PAPER_TABLE = {
+    "3a": (64, 64, 64, 64, 96, "avg", 32, 256),
+    "3b": (64, 64, 96, 64, 96, "avg", 64, 320),
+    "3c": (0, 128, 160, 64, 96, "pass", 0, 576),
+    "4a": (224, 64, 96, 96, 128, "avg", 128, 576),
+    "4b": (192, 96, 128, 96, 128, "avg", 128, 576),
+    "4c": (160, 128, 160, 128, 160, "avg", 128, 608),
+    "4d": (96, 128, 192, 160, 192, "avg", 128, 608),
+    "4e": (0, 128, 192, 192, 256, "pass", 0, 1056),
+    "5a": (352, 192, 320, 160, 224, "avg", 128, 1024),
+    "5b": (352, 192, 320, 192, 224, "max", 128, 1024),
+}
+MODULE_OUT = [row[-1] for row in PAPER_TABLE.values()]
+
+
+def test_fig5_is_the_papers_table():
+    assert {m.name: (m.n1x1, m.n3x3_reduce, m.n3x3, m.double_reduce, m.double, m.pool, m.proj) for m in FIG5} \
+        == {name: row[:-1] for name, row in PAPER_TABLE.items()}
+    assert [m.name for m in FIG5] == list(PAPER_TABLE)  # in the table's order
+    cin, outs = 192, []
+    for m in FIG5:
+        cin = m.out_channels(cin)
+        outs.append(cin)
+    assert outs == MODULE_OUT
 
 
 def table_parameters(num_classes: int, bias: bool) -> int:
-    """Parameters counted by hand from the Fig. 5 table (plain stem), independently of the model code."""
+    """Parameters counted by hand from the typed Fig. 5 table (plain stem), independently of the model code."""
     def conv(k, cin, cout):
         return k * k * cin * cout + (cout if bias else 2 * cout)  # a conv bias, or BN's gamma and beta
 
     total = conv(7, 3, 64) + conv(1, 64, 64) + conv(3, 64, 192)
     cin = 192
-    for m, out in zip(FIG5, MODULE_OUT):
-        if m.n1x1:
-            total += conv(1, cin, m.n1x1)
-        total += conv(1, cin, m.n3x3_reduce) + conv(3, m.n3x3_reduce, m.n3x3)
-        total += conv(1, cin, m.double_reduce) + conv(3, m.double_reduce, m.double) + conv(3, m.double, m.double)
-        if m.pool != "pass":
-            total += conv(1, cin, m.proj)
+    for n1x1, n3x3_reduce, n3x3, double_reduce, double, pool, proj, out in PAPER_TABLE.values():
+        if n1x1:
+            total += conv(1, cin, n1x1)
+        total += conv(1, cin, n3x3_reduce) + conv(3, n3x3_reduce, n3x3)
+        total += conv(1, cin, double_reduce) + conv(3, double_reduce, double) + conv(3, double, double)
+        if pool != "pass":
+            total += conv(1, cin, proj)
         cin = out
     return total + cin * num_classes + num_classes
 
@@ -89,6 +115,41 @@ def test_switches():
     torch.testing.assert_close(first_b.weight, 2 * first_a.weight)
 
 
+@pytest.mark.parametrize("scheme,variance,bound", [("he_normal", 2, None),
+                                                    ("he_truncated_normal", 2.6 * 0.774, 2 * 2.6 ** 0.5),
+                                                    ("lecun_uniform", 1, 3 ** 0.5)])
+def test_conv_init_schemes(scheme, variance, bound):
+    """Weight variance x fan-in: 2 (He), 1 (LeCun/Caffe "xavier"); the truncated normal is cut at 2 of its
+    std sqrt(2.6 / fan-in), which keeps 0.774 of its variance (about 2). ``bound`` is max |w| x sqrt(fan-in)."""
+    torch.manual_seed(0)
+    model = Inception(InceptionConfig(stem="plain", conv_init=scheme))
+    conv = model.inception[-1].branches[2][2][0]  # 5b's last double-3x3 conv: 224 x 224 x 3 x 3 weights
+    fan_in = conv.weight[0].numel()
+    assert fan_in == 224 * 9
+    assert conv.weight.var().item() * fan_in == pytest.approx(variance, rel=0.02)
+    assert abs(conv.weight.mean().item()) * fan_in ** 0.5 < 0.01
+    if bound is not None:
+        assert conv.weight.abs().max().item() * fan_in ** 0.5 <= bound + 1e-6
+    torch.manual_seed(0)
+    scaled = Inception(InceptionConfig(stem="plain", conv_init=scheme, init_scale=1.5))
+    torch.testing.assert_close(scaled.inception[-1].branches[2][2][0].weight, 1.5 * conv.weight)
+    with pytest.raises(ValueError, match="conv_init"):
+        Inception(InceptionConfig(conv_init="orthogonal"))
+
+
+def test_classifier_init_std_and_the_average_pools_padding_count():
+    torch.manual_seed(0)
+    model = Inception(InceptionConfig(classifier_init_std=0.05))
+    assert model.classifier.weight.std().item() == pytest.approx(0.05, rel=0.02)
+    assert (model.classifier.bias == 0).all()
+    for include in (False, True):
+        pools = [m for m in Inception(InceptionConfig(pool_count_include_pad=include)).modules()
+                 if isinstance(m, nn.AvgPool2d)]
+        assert len(pools) == 7 and all(p.count_include_pad is include for p in pools)  # the 7 "avg" modules
+        corner = pools[0](torch.ones(1, 1, 4, 4))[0, 0, 0, 0].item()
+        assert corner == pytest.approx(4 / 9 if include else 1.0)  # a corner sees 4 of 9 in-image values
+
+
 @pytest.mark.parametrize("cfg", [InceptionConfig(num_classes=5, stem="plain"),
                                  InceptionConfig(num_classes=5, stem="separable", per_activation_bn=True)])
 def test_fold_matches_the_bn_network(cfg):
@@ -102,7 +163,10 @@ def test_fold_matches_the_bn_network(cfg):
             if isinstance(m, BatchNorm):
                 m.gamma.uniform_(0.5, 1.5)
                 m.beta.normal_(0, 0.1)
+    batches = [torch.randn(6, 3, 32, 32, dtype=torch.float64) for _ in range(2)]
+    assert estimate_population(model, lambda: [model(x) for x in batches]) == 2
     model.eval()
+    use_statistics(model, "population")  # the network the fold must equal: BN with Alg. 2's statistics
     folded = fold(model).double()
     assert not any(isinstance(m, BatchNorm) for m in folded.modules())
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)

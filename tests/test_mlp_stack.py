@@ -125,30 +125,60 @@ def test_moving_averages_follow_the_batch_statistics(flags):
                                            eps=EPS))
 
 
+def _independent_population(stack, params, batches, i):
+    """Alg. 2 for member ``i`` by hand (float64): each batch through the training-mode network, then per layer
+    E[x] = mean of mu_B and Var[x] = mean of m/(m-1) sigma2_B (batches of different sizes each with their m)."""
+    p = member_params(stack, params, i)
+    found = [([], []) for _ in stack.hidden]
+    for bits in batches:
+        h, m = bits.double(), len(bits)
+        for layer in range(len(stack.hidden)):
+            z = h @ p[f"W{layer}"]
+            found[layer][0].append(z.mean(0))
+            found[layer][1].append(z.var(0, unbiased=False) * m / (m - 1))
+            h = torch.sigmoid(F.batch_norm(z, None, None, p[f"gamma{layer}"], p[f"beta{layer}"], training=True,
+                                           eps=EPS))
+    return [(torch.stack(means).mean(0), torch.stack(variances).mean(0)) for means, variances in found]
+
+
 @pytest.mark.parametrize("flags", FLAG_SETS)
-def test_predict_uses_population_statistics_and_equals_the_folded_network(flags):
+def test_predict_uses_the_chosen_statistics_and_the_folded_network_the_population(flags):
     stack = make_stack(range(len(flags)), flags).double()
     m = _train_a_little(stack)
     stack.eval()
     bits, _ = make_batch(n=9, seed=55)
-    logits, pre = stack.predict(BinaryBatch(bits))
     members, classes = len(flags), WIDTHS[-1]
-    assert logits.shape == (9, members, classes)
-    assert pre.shape == (9, members, WIDTHS[-2])
+    params = named(stack, stack.flat.detach())
+    averages = {name: buf.clone() for name, buf in stack.named_buffers() if "avg" in name}
+    batches = [make_batch(n=n, seed=300 + k)[0] for k, n in enumerate([12, 12, 7])]
+    stack.estimate_population([BinaryBatch(b) for b in batches])
+    for name, buf in stack.named_buffers():  # estimating leaves the moving averages alone
+        if "avg" in name:
+            assert torch.equal(buf, averages[name]), name
+    independent = [_independent_population(stack, params, batches, i) for i in range(stack.normalized)]
 
-    def population(layer, i):
+    def moving(layer, i):
         width = stack.hidden[layer]
         cols = slice(i * width, (i + 1) * width)
         mean = getattr(stack, f"mean_avg{layer}")[0, cols]
         var = getattr(stack, f"var_avg{layer}")[0, cols] * m / (m - 1)  # Alg. 2: unbiased
         return mean, var
 
-    params = named(stack, stack.flat.detach())
-    for i in range(members):
-        want_logits, want_pre = reference_logits(stack, params, bits, i, train=False, population=population)
-        torch.testing.assert_close(logits[:, i], want_logits)
-        torch.testing.assert_close(pre[:, i], want_pre)
+    predicted = {}
+    for statistics, population in (("moving", moving), ("population", lambda layer, i: independent[i][layer])):
+        stack.statistics = statistics
+        logits, pre = stack.predict(BinaryBatch(bits))
+        assert logits.shape == (9, members, classes)
+        assert pre.shape == (9, members, WIDTHS[-2])
+        for i in range(members):
+            want_logits, want_pre = reference_logits(stack, params, bits, i, train=False, population=population)
+            torch.testing.assert_close(logits[:, i], want_logits)
+            torch.testing.assert_close(pre[:, i], want_pre)
+        predicted[statistics] = logits
+    if stack.normalized:
+        assert not torch.allclose(predicted["moving"][:, 0], predicted["population"][:, 0])
 
+    stack.statistics = "moving"  # folding uses the population statistics whatever inference was last set to
     layers = stack.folded()
     assert len(layers) == len(WIDTHS) - 1
     h = bits.double().unsqueeze(0).expand(members, -1, -1)
@@ -156,7 +186,7 @@ def test_predict_uses_population_statistics_and_equals_the_folded_network(flags)
         assert weight.shape == (members, WIDTHS[k], WIDTHS[k + 1])
         z = torch.bmm(h, weight) + bias
         h = torch.sigmoid(z) if k < len(layers) - 1 else z
-    torch.testing.assert_close(h.transpose(0, 1), logits)
+    torch.testing.assert_close(h.transpose(0, 1), predicted["population"])
 
 
 def test_predict_does_not_touch_the_moving_averages():

@@ -24,6 +24,7 @@ class ToyTask:
         self.model.w = nn.Parameter(torch.zeros(members, dtype=torch.float64))
         self.members, self.bad, self.nan_step = members, bad, nan_step
         self.evaluations: list[tuple[int, list[float]]] = []
+        self.statistics: list[str] = []  # which BN statistics each evaluation was asked to infer with
 
     def target(self, step: int) -> torch.Tensor:
         return torch.arange(self.members, dtype=torch.float64) + step % 3
@@ -36,9 +37,10 @@ class ToyTask:
             loss = loss * poison
         return loss
 
-    def evaluate(self, step: int, train_loss: torch.Tensor) -> dict[str, float]:
+    def evaluate(self, step: int, train_loss: torch.Tensor, statistics: str) -> dict[str, float]:
         self.evaluations.append((step, train_loss.tolist()))
-        return {}
+        self.statistics.append(statistics)
+        return {"step": step}
 
     def state_dict(self):
         return {"evaluations": self.evaluations}
@@ -70,6 +72,77 @@ def test_train_loss_is_the_mean_over_the_interval(tmp_path):
     torch.testing.assert_close(torch.tensor(task.evaluations[1][1], dtype=torch.float64),
                                torch.stack(expected).mean(0))
     torch.testing.assert_close(task.model.w.detach(), reference.model.w.detach())
+
+
+def test_population_statistics_at_step_0_and_at_the_end_moving_averages_between(tmp_path):
+    task = ToyTask(2)
+    _train(task, tmp_path, steps=20, every=5)
+    assert task.statistics == ["population", "moving", "moving", "moving", "population"]
+    diverging = ToyTask(2, bad=(0, 1), nan_step=6)
+    _train(diverging, tmp_path, steps=20, every=5)
+    assert diverging.statistics == ["population", "moving", "population"]  # the run's last numbers
+
+
+class StridedTask(ToyTask):
+    """Records the step each update starts at; the update at ``skip`` has nothing to train on."""
+
+    def __init__(self, members: int, skip: int | None = None):
+        super().__init__(members)
+        self.skip, self.started = skip, []
+
+    def losses(self, step: int):
+        self.started.append(step)
+        return None if step == self.skip else super().losses(step)
+
+
+def test_an_update_of_several_steps_keeps_every_count_in_steps(tmp_path):
+    """With stride 4 (e.g. four replicas' mini-batches a update) budgets and intervals stay in steps: updates
+    start at 0, 4, 8, ...; an interval an update crosses is acted on at its end; the learning rate is asked
+    for at the step each update starts at; the divergence of the update ending at step 12 is dated 12."""
+    task = StridedTask(1)
+    task.nan_step, task.bad = 8, (0,)
+    asked = []
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.1)
+    log = train(task, optimizer, Schedule(22, 6, checkpoint_every=1000, stride=4), tmp_path / "c.pt", members=1,
+                show_progress=False, learning_rate=lambda step: asked.append(step) or 0.1)
+    assert task.started == asked == [0, 4, 8]
+    assert log.diverged_at == [12]
+    assert [step for step, _ in task.evaluations] == [0, 8, 12]  # 8 crossed 6, 12 crossed 12 (and diverged)
+    task = StridedTask(1)
+    train(task, torch.optim.SGD(task.model.parameters(), lr=0.1), Schedule(22, 6, 1000, stride=4),
+          tmp_path / "d.pt", members=1, show_progress=False)
+    assert task.started == [0, 4, 8, 12, 16, 20] and [s for s, _ in task.evaluations] == [0, 8, 12, 20, 24]
+
+
+def test_a_skipped_update_changes_nothing(tmp_path):
+    """``losses`` returning None skips the update: no gradient, no weight decay, no momentum step."""
+    def run(skip):
+        task = StridedTask(2, skip=skip)
+        optimizer = torch.optim.SGD(task.model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        train(task, optimizer, Schedule(3, 10, 1000), tmp_path / f"{skip}.pt", members=2, show_progress=False)
+        return task
+    skipped, reference = run(skip=1), run(skip=None)
+    assert skipped.started == [0, 1, 2]
+    # the reference, trained on steps 0 and 2 only, with the same momentum buffer history
+    task = ToyTask(2)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    for step in (0, 2):
+        optimizer.zero_grad()
+        task.losses(step).sum().backward()
+        optimizer.step()
+    assert torch.equal(skipped.model.w, task.model.w)
+    assert not torch.equal(reference.model.w, task.model.w)
+
+
+def test_progress_is_plain_lines_when_output_is_not_a_terminal(tmp_path, capsys):
+    task = ToyTask(1)
+    optimizer = torch.optim.SGD(task.model.parameters(), lr=0.1)
+    train(task, optimizer, Schedule(100, 50, 1000), tmp_path / "e.pt", members=1, show_progress=True,
+          describe=lambda shown: f"at {shown.get('step')}", rate=("images", 32))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert len(lines) == 2, lines  # one per evaluation after step 0
+    assert lines[0].startswith("step 50/100 (50%)") and "images/s  at 50  ETA " in lines[0]
+    assert lines[1].startswith("step 100/100 (100%)") and lines[1].endswith("ETA 0:00:00")
 
 
 def test_one_member_diverges_and_the_others_go_on(tmp_path):

@@ -9,15 +9,21 @@ the example at stream position p is augmented with its own seed. Step k's mini-b
 whether or not the run was interrupted and resumed, and DDP replicas take disjoint slices of each global
 batch. The order is where Sec. 4.2.1's shuffling lives:
 
-- ``full`` (folders): a fresh permutation of all examples every epoch;
 - ``shards``: the shard order is shuffled, examples inside a shard come in stored order, so the same
   examples keep meeting in the same mini-batches, epoch after epoch;
 - ``within_shard``: examples are also shuffled inside and across a buffer of consecutive shards
-  (the paper's change 6, "within-shard shuffling").
+  (the paper's change 6, "within-shard shuffling");
+- ``full``: a fresh permutation of all examples every epoch (only for callers that ask for it).
+
+Class folders have shards too, virtual ones: their examples are stored in a fixed order, that of the
+SHA-256 of each file's path ``<class>/<file name>`` relative to the split folder (pseudo-random, so classes
+mix, yet the same on every machine and independent of any run seed), cut into ``shard_size`` consecutive
+examples. Both shuffling orders therefore mean for folders what they mean for ``bnrepro pack``'s tar shards.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tarfile
@@ -50,7 +56,8 @@ def imagenet_wnids() -> list[str]:
 @dataclass(frozen=True)
 class Split:
     """Where each example of one split lies: ``files[file_of[i]]`` from byte ``offset[i]``, ``size[i]`` bytes
-    (-1: the whole file). ``shard_starts`` bounds the shards' example ranges; ``None`` for a folder."""
+    (-1: the whole file). ``shard_starts`` bounds the shards' example ranges: tar shards, or a folder's virtual
+    shards; ``packed``: the examples lie in tar shards (else they are class-folder image files)."""
 
     files: list[str]
     file_of: np.ndarray
@@ -58,15 +65,12 @@ class Split:
     size: np.ndarray
     labels: np.ndarray
     classes: list[str]
-    shard_starts: np.ndarray | None
+    shard_starts: np.ndarray
+    packed: bool
     where: str
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    @property
-    def sharded(self) -> bool:
-        return self.shard_starts is not None
 
     def read(self, i: int) -> bytes:
         with open(self.files[self.file_of[i]], "rb") as f:
@@ -75,7 +79,7 @@ class Split:
 
     def name(self, i: int) -> str:
         where = self.files[self.file_of[i]]
-        return f"{where}@{self.offset[i]}" if self.sharded else where
+        return f"{where}@{self.offset[i]}" if self.packed else where
 
 
 def class_names(folder: Path) -> list[str]:
@@ -87,35 +91,46 @@ def class_names(folder: Path) -> list[str]:
     return wnids if set(found) <= set(wnids) else found
 
 
-def open_split(root: Path, split: str, classes: list[str] | None = None) -> Split:
-    """``root/split/<class>/*`` (folders) or ``root/split-*.tar`` (shards written by ``bnrepro pack``)."""
+def open_split(root: Path, split: str, classes: list[str] | None = None, shard_size: int = 1000) -> Split:
+    """``root/split/<class>/*`` (folders, in virtual shards of ``shard_size``) or ``root/split-*.tar`` (shards
+    written by ``bnrepro pack``)."""
     root = Path(root)
+    if shard_size < 1:
+        raise UserError(f"shard_size must be at least 1, not {shard_size}")
     shards = sorted(root.glob(f"{split}-*.tar"))
     if shards:
         return _open_shards(root, shards)
     if (root / split).is_dir():
-        return _open_folder(root / split, classes or class_names(root / split))
+        return _open_folder(root / split, classes or class_names(root / split), shard_size)
     raise UserError(f"no '{split}' data in {root}: expected {root}/{split}/<class>/<images> or "
                     f"{root}/{split}-*.tar shards (see `bnrepro pack`)")
 
 
-def _open_folder(folder: Path, classes: list[str]) -> Split:
+def path_key(relative: str) -> str:
+    """Where a class-folder example lies in the stored order: the SHA-256 of ``<class>/<file name>``."""
+    return hashlib.sha256(relative.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _open_folder(folder: Path, classes: list[str], shard_size: int = 1000) -> Split:
+    """The images of ``folder/<class>/``, in path-hash order, in virtual shards of ``shard_size`` examples."""
     index = {name: i for i, name in enumerate(classes)}
-    files, labels = [], []
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+    found = []  # (order key, path, label)
+    for entry in os.scandir(folder):
         if not entry.is_dir():
             continue
         if entry.name not in index:
             raise UserError(f"class folder {entry.path} is not one of the training classes")
-        for image in sorted(os.scandir(entry.path), key=lambda e: e.name):
+        for image in os.scandir(entry.path):
             if Path(image.name).suffix.lower() in IMAGE_SUFFIXES:
-                files.append(image.path)
-                labels.append(index[entry.name])
-    if not files:
+                relative = f"{entry.name}/{image.name}"
+                found.append((path_key(relative), relative, image.path, index[entry.name]))
+    if not found:
         raise UserError(f"no images (.jpeg/.jpg/.png/.webp/.gif) under {folder}/<class>/")
-    n = len(files)
-    return Split(files, np.arange(n), np.zeros(n, np.int64), np.full(n, -1, np.int64), np.array(labels, np.int64),
-                 classes, None, str(folder))
+    found.sort()  # by hash; the relative path breaks (astronomically unlikely) ties
+    n = len(found)
+    starts = np.append(np.arange(0, n, shard_size, dtype=np.int64), n)
+    return Split([path for _, _, path, _ in found], np.arange(n), np.zeros(n, np.int64), np.full(n, -1, np.int64),
+                 np.array([label for *_, label in found], np.int64), classes, starts, False, str(folder))
 
 
 def _open_shards(root: Path, shards: list[Path]) -> Split:
@@ -149,7 +164,8 @@ def _open_shards(root: Path, shards: list[Path]) -> Split:
     if max(labels) >= len(classes):
         raise UserError(f"shards in {root} have label {max(labels)} but classes.txt lists {len(classes)} classes")
     return Split([str(s) for s in shards], np.array(file_of), np.array(offset, np.int64), np.array(size, np.int64),
-                 np.array(labels, np.int64), classes, np.array(starts, np.int64), f"{len(shards)} shards in {root}")
+                 np.array(labels, np.int64), classes, np.array(starts, np.int64), True,
+                 f"{len(shards)} shards in {root}")
 
 
 # --- packing ---------------------------------------------------------------------------------------------
@@ -180,8 +196,10 @@ def pack(source: Path, dest: Path, shard_size: int = 1000, seed: int = 0) -> dic
         for name in ("train", "val"):
             if (source / name).is_dir():
                 split = _open_folder(source / name, classes)
+                listed = sorted(zip(split.files, split.labels.tolist()),  # by class, then file name: the seed
+                                key=lambda item: (Path(item[0]).parent.name, Path(item[0]).name))  # order's input
                 items[name] = [(lambda path=path: Path(path).read_bytes(), IMAGE_SUFFIXES[Path(path).suffix.lower()],
-                                int(label)) for path, label in zip(split.files, split.labels)]
+                                int(label)) for path, label in listed]
     else:
         raise UserError(f"{source} holds neither train/<class>/ folders nor MNIST-format idx files; nothing to pack")
     dest.mkdir(parents=True, exist_ok=True)
@@ -357,7 +375,7 @@ def on_device(batch: Batch, transform: Callable[[Tensor], Tensor], seed: int, de
 def epoch_order(split: Split, order: Order, seed: int, epoch: int, buffer_shards: int) -> np.ndarray:
     """The example indices of one training epoch, in the order they are seen (see the module docstring)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    if order == "full" or not split.sharded:
+    if order == "full":
         return torch.randperm(len(split), generator=generator).numpy()
     starts = split.shard_starts
     shards = torch.randperm(len(starts) - 1, generator=generator).tolist()

@@ -20,7 +20,8 @@ class Replicas:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    flag_device: str = "cpu"  # where collective flags live: the GPU under NCCL, the CPU under gloo
+    flag_device: str = "cpu"  # where collective tensors live: the GPU under NCCL, the CPU under gloo
+    cpu_group: Any = None  # a gloo group for yes/no agreements, so they never wait on the GPU (None: the default)
 
     @classmethod
     def from_environment(cls, backend: str) -> Replicas:
@@ -31,8 +32,9 @@ class Replicas:
         if not dist.is_initialized():
             dist.init_process_group(backend)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        flag_device = f"cuda:{local_rank}" if dist.get_backend() == "nccl" else "cpu"
-        return cls(dist.get_rank(), dist.get_world_size(), local_rank, flag_device)
+        nccl = dist.get_backend() == "nccl"
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, f"cuda:{local_rank}" if nccl else "cpu",
+                   dist.new_group(backend="gloo") if nccl else None)
 
     @property
     def distributed(self) -> bool:
@@ -56,10 +58,13 @@ class Replicas:
         return value
 
     def any(self, flag: bool) -> bool:
-        """True on every replica if it is true on any (e.g. a Ctrl-C that reached only some processes)."""
+        """True on every replica if it is true on any (e.g. a Ctrl-C that reached only some processes, or a
+        mini-batch slice with no readable image). On the CPU, so asking never stalls the GPU's queue."""
         if not self.distributed:
             return flag
-        return bool(self.sum_(torch.tensor([float(flag)], device=self.flag_device)).item() > 0)
+        found = torch.tensor([float(flag)])
+        dist.all_reduce(found, group=self.cpu_group)
+        return bool(found.item() > 0)
 
     def gather(self, obj: Any) -> list[Any]:
         """Every replica's ``obj`` (e.g. its RNG state), in rank order."""

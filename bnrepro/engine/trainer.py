@@ -1,10 +1,15 @@
 """One training loop for every experiment: SGD steps, evaluation, checkpoints, divergence, Ctrl-C.
 
-What a step trains on comes from ``task``: ``task.losses(step)`` runs the forward pass on that step's
-mini-batch and returns one loss per *member* (a seed or variant trained alongside the others; an
-ImageNet run has one). Members share no parameters, so back-propagating the sum gives each exactly its
-own gradient. A member whose loss turns NaN/inf is recorded as diverged at that step and the others go
-on; the run stops early only when every member has diverged.
+A *step* is one mini-batch of the recipe's batch size, the paper's unit: budgets, intervals, the learning
+rate and every reported step count are in steps. One optimizer update covers ``Schedule.stride`` steps (under
+DDP, one per replica: each replica's share of the update is one recipe-sized mini-batch).
+
+What an update trains on comes from ``task``: ``task.losses(step)`` runs the forward pass on the mini-batches
+from ``step`` on and returns one loss per *member* (a seed or variant trained alongside the others; an
+ImageNet run has one), or ``None`` when every replica agrees there is nothing to train on (a true skip).
+Members share no parameters, so back-propagating the sum gives each exactly its own gradient. A member
+whose loss turns NaN/inf is recorded as diverged at that step and the others go on; the run stops early
+only when every member has diverged.
 
 Under DDP (``replicas``) every replica runs this same loop; losses are averaged over replicas before they
 are logged, and stop requests are agreed on, so all replicas take every decision at the same step. Only
@@ -21,11 +26,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
 from bnrepro.engine import checkpoint
 from bnrepro.engine.distributed import SINGLE_PROCESS, Replicas
+from bnrepro.models.batchnorm import Statistics
 
 CHECK_EVERY = 50  # steps between checks for divergence, progress and stop requests (Ctrl-C, DDP)
 
@@ -33,12 +40,14 @@ CHECK_EVERY = 50  # steps between checks for divergence, progress and stop reque
 class Task(Protocol):
     model: nn.Module
 
-    def losses(self, step: int) -> Tensor:
-        """Per-member losses on the mini-batch of ``step`` (a pure function of the step, for exact resume)."""
+    def losses(self, step: int) -> Tensor | None:
+        """Per-member losses on the mini-batch(es) of the update at ``step`` (a pure function of the step, for
+        exact resume); ``None``: skip this update (no forward, no optimizer step), agreed by every replica."""
         ...
 
-    def evaluate(self, step: int, train_loss: Tensor) -> dict[str, float]:
-        """Record metrics after ``step`` steps; return the few to show in the progress line."""
+    def evaluate(self, step: int, train_loss: Tensor, statistics: Statistics) -> dict[str, float]:
+        """Record metrics after ``step`` steps, inferring with BN's ``statistics`` ("population": estimate Alg. 2's
+        first; "moving": the moving averages); return the few to show in the progress line."""
         ...
 
     # Optional: ``train_steps(start, stop, learning_rates) -> Tensor (stop - start, members)`` trains steps
@@ -61,29 +70,41 @@ class Interrupted(Exception):
 
 @dataclass
 class Schedule:
-    """When to evaluate and checkpoint, in steps."""
+    """When to evaluate and checkpoint, in steps; an update covers ``stride`` steps (replicas under DDP).
+    An interval that an update crosses is acted on at the end of that update."""
 
     steps: int
     eval_every: int
     checkpoint_every: int
+    stride: int = 1
+
+    def updates(self, step: int) -> int:
+        return step // self.stride
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    """Whether a multiple of ``every`` lies in (before, after]: the update from ``before`` to ``after`` passed it."""
+    return after // every > before // every
 
 
 @dataclass
 class LossLog:
-    """Per-step member losses since the last evaluation: their mean is the reported train loss, and the
-    first non-finite one dates a divergence exactly."""
+    """Per-update member losses since the last evaluation, with the step each update ended at: their mean is
+    the reported train loss, and the first non-finite one dates a divergence exactly."""
 
     members: int
-    since: int = 0
     rows: list[Tensor] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
     diverged_at: list[int | None] = field(default_factory=list)
     checked: int = 0  # rows already scanned for divergence
 
     def __post_init__(self):
         self.diverged_at = self.diverged_at or [None] * self.members
 
-    def add(self, losses: Tensor) -> None:
+    def add(self, losses: Tensor, step: int) -> None:
+        """The losses of the update that ended at ``step``."""
         self.rows.append(losses.detach())
+        self.steps.append(step)
 
     def all_diverged(self) -> bool:
         """Scan the rows not yet scanned for the first non-finite loss of each member; True once all have one."""
@@ -91,25 +112,26 @@ class LossLog:
             bad = ~torch.isfinite(torch.stack(self.rows[self.checked:]).cpu())
             for member in range(self.members):
                 if self.diverged_at[member] is None and bad[:, member].any():
-                    self.diverged_at[member] = self.since + self.checked + int(bad[:, member].nonzero()[0]) + 1
+                    self.diverged_at[member] = self.steps[self.checked + int(bad[:, member].nonzero()[0])]
             self.checked = len(self.rows)
         return all(step is not None for step in self.diverged_at)
 
-    def close_interval(self, step: int) -> Tensor:
-        """Mean loss per member over the interval ending at ``step``; notes new divergences."""
+    def close_interval(self) -> Tensor:
+        """Mean loss per member over the updates since the last call; notes new divergences."""
         if not self.rows:
             return torch.full((self.members,), float("nan"))
         self.all_diverged()
         history = torch.stack(self.rows).cpu()
-        self.since, self.rows, self.checked = step, [], 0
+        self.rows, self.steps, self.checked = [], [], 0
         return history.mean(0)
 
     def state_dict(self) -> dict[str, Any]:
         rows = torch.stack(self.rows).cpu() if self.rows else torch.empty(0, self.members)
-        return {"since": self.since, "rows": rows, "diverged_at": [-1 if s is None else s for s in self.diverged_at]}
+        return {"rows": rows, "steps": list(self.steps),
+                "diverged_at": [-1 if s is None else s for s in self.diverged_at]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.since, self.rows, self.checked = state["since"], list(state["rows"]), 0
+        self.rows, self.steps, self.checked = list(state["rows"]), list(state["steps"]), 0
         self.diverged_at = [None if s < 0 else s for s in state["diverged_at"]]
 
 
@@ -129,10 +151,12 @@ def train(
 ) -> LossLog:
     """Train ``task`` for ``schedule.steps`` steps (continuing from the checkpoint if ``resume``).
 
-    ``learning_rate(step)`` sets the rate of every step (a pure function, so resuming needs no scheduler
-    state); ``rate`` names what the progress bar counts per second and how many of it one step processes.
+    ``learning_rate(step)`` sets the rate of the update that starts at ``step`` (a pure function, so resuming
+    needs no scheduler state); ``rate`` names what the progress display counts per second and how many of it
+    one step processes. BN infers with Alg. 2's population statistics at step 0 and at the end, with the
+    moving averages at the evaluations in between.
     """
-    log, start = LossLog(members), 0
+    log, start, stride = LossLog(members), 0, schedule.stride
     if resume:
         state = checkpoint.load(checkpoint_path)
         task.model.load_state_dict(state["model"])
@@ -152,50 +176,50 @@ def train(
 
     shown: dict[str, float] = {}
     if start == 0:
-        shown = task.evaluate(0, log.close_interval(0))
+        shown = task.evaluate(0, log.close_interval(), "population")  # Alg. 2 before any update, too
     unit, per_step = rate
-    with _StopRequests() as stop, _progress(show_progress and replicas.is_main, unit) as progress:
-        bar = progress.add_task(describe(shown), total=schedule.steps, completed=start, rate="-")
-        tick, ticked = time.perf_counter(), start
-        train_steps = getattr(task, "train_steps", None)  # a task that trains whole chunks of steps itself
+    train_steps = getattr(task, "train_steps", None)  # a task that trains whole chunks of steps itself
+    if train_steps is not None and stride != 1:
+        raise ValueError("a task that trains chunks of steps itself runs one step per update")
+    with _StopRequests() as stop, _Display(show_progress and replicas.is_main, unit, schedule.steps, start) as bar:
+        bar.show(start, describe(shown))
         rate_at = learning_rate or (lambda _: optimizer.param_groups[0]["lr"])  # for a task's own chunks (one group)
         step = start
         while step < schedule.steps:
             task.model.train()
             if train_steps is not None:  # up to the next check: each step's forward, backward and SGD update
                 done = _next_check(step, schedule)
-                for losses in train_steps(step, done, [rate_at(s) for s in range(step, done)]):
-                    log.add(losses)  # one step's member losses
+                for offset, losses in enumerate(train_steps(step, done, [rate_at(s) for s in range(step, done)])):
+                    log.add(losses, step + offset + 1)  # one step's member losses
             else:
                 if learning_rate is not None:
                     for group in optimizer.param_groups:
                         group["lr"] = learning_rate(step)  # the schedule is a function of the step alone
-                losses = task.losses(step)  # forward pass on this step's mini-batch: one loss per member
-                optimizer.zero_grad(set_to_none=True)  # the last step's gradients are spent
-                losses.sum().backward()  # members share no parameters, so each gets exactly its own gradient
-                optimizer.step()  # one SGD update of every member
-                log.add(replicas.mean(losses.detach()))  # for the train-loss column and to date any divergence
-                done = step + 1
-            last = done == schedule.steps
-            evaluate = done % schedule.eval_every == 0 or last
-            checks = evaluate or done % CHECK_EVERY == 0  # divergence, progress and (under DDP) stop requests
+                losses = task.losses(step)  # forward pass on this update's mini-batches: one loss per member
+                done = step + stride
+                if losses is not None:  # None: nothing readable to train on, on some replica; all skip it
+                    optimizer.zero_grad(set_to_none=True)  # the last update's gradients are spent
+                    losses.sum().backward()  # members share no parameters, so each gets exactly its own gradient
+                    optimizer.step()  # one SGD update of every member
+                    log.add(replicas.mean(losses.detach()), done)  # the train-loss column; dates any divergence
+            last = done >= schedule.steps
+            evaluate = crossed(step, done, schedule.eval_every) or last
+            checks = evaluate or crossed(schedule.updates(step), schedule.updates(done), CHECK_EVERY)
             diverged = checks and log.all_diverged()  # every member's loss is NaN/inf: nothing left to train
             if evaluate or diverged:
                 task.model.eval()
-                shown = task.evaluate(done, log.close_interval(done))  # test metrics with population statistics
+                final = last or diverged  # the run's final numbers infer with Alg. 2's population statistics
+                shown = task.evaluate(done, log.close_interval(), "population" if final else "moving")
             if diverged:
                 save(done)
                 break
-            if done % schedule.checkpoint_every == 0 or last:
+            if crossed(step, done, schedule.checkpoint_every) or last:
                 save(done)
             if (checks or not replicas.distributed) and replicas.any(stop.requested):
                 save(done)
                 raise Interrupted(done, checkpoint_path)
             if checks:
-                now = time.perf_counter()
-                speed = f"{(done - ticked) * per_step / max(now - tick, 1e-9):,.0f}"
-                progress.update(bar, completed=done, description=describe(shown), rate=speed)
-                tick, ticked = now, done
+                bar.show(done, describe(shown), per_step)
             step = done
     return log
 
@@ -220,16 +244,54 @@ def _set_rng_state(state: dict[str, Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _progress(enabled: bool, unit: str) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(f"{{task.fields[rate]}} {unit}/s"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
+class _Display:
+    """Progress of a run: a rich bar on a terminal; elsewhere (nohup, a cluster's log file), where a bar shows
+    nothing until the end, a plain line every ``PLAIN_EVERY`` seconds and at every evaluation, as timm prints."""
+
+    PLAIN_EVERY = 30.0
+
+    def __init__(self, enabled: bool, unit: str, total: int, start: int):
+        self.enabled, self.unit, self.total = enabled, unit, total
+        self.console = Console(stderr=True)
+        self.plain = enabled and not self.console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn(f"{{task.fields[rate]}} {unit}/s"), TimeRemainingColumn(),
+            console=self.console, disable=not enabled or self.plain, transient=False)
+        self.bar = self.progress.add_task("", total=total, completed=start, rate="-")
+        self.tick = self.began = self.printed = time.perf_counter()
+        self.ticked = self.first = start
+        self.description = ""
+
+    def __enter__(self) -> _Display:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def show(self, done: int, description: str, per_step: float = 1.0) -> None:
+        """After ``done`` steps: the speed since the last call, and the latest metrics in ``description``."""
+        now = time.perf_counter()
+        speed = (done - self.ticked) * per_step / max(now - self.tick, 1e-9)
+        self.progress.update(self.bar, completed=done, description=description,
+                             rate=f"{speed:,.0f}" if done > self.ticked else "-")
+        fresh = description != self.description
+        if self.plain and done > self.first and (fresh or now - self.printed >= self.PLAIN_EVERY or done >= self.total):
+            overall = (done - self.first) / max(now - self.began, 1e-9)  # steps per second since this process began
+            eta = (self.total - done) / overall if overall > 0 else float("nan")
+            self.console.print(f"step {done:,}/{self.total:,} ({100 * done / self.total:.0f}%)  "
+                               f"{speed:,.0f} {self.unit}/s  {description}  ETA {_clock(eta)}",
+                               highlight=False, markup=False, soft_wrap=True)
+            self.printed = now
+        self.tick, self.ticked, self.description = now, done, description
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # NaN
+        return "-"
+    minutes, sec = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{sec:02d}"
 
 
 class _StopRequests:

@@ -1,5 +1,9 @@
 """Multi-crop views for Fig. 4: 1 crop, 10 crops, and GoogLeNet's 144 crops (Szegedy et al. 2014, Sec. 7).
 
+1 crop is the trainer's own evaluation view: the shorter side to the crop size times the recipe's
+``data.eval_resize``, then the centre. 10 crops: the shorter side to 256 (for 224 crops), the centre and the
+4 corners, and their mirrors.
+
 144 crops of one image: resize it so the shorter side is 256, 288, 320 and 352; take the left, centre and
 right squares of that side (top, centre, bottom for a portrait image); from each square the 4 corner and
 the centre 224x224 crops plus the square itself resized to 224; and the mirror of each:
@@ -44,12 +48,16 @@ def _centre(length: int, side: int) -> int:
     return int(round((length - side) / 2))  # as torchvision's center_crop
 
 
-def boxes(height: int, width: int, crops: int, size: int = 224) -> list[Box]:
-    """The views of an image of ``height`` x ``width`` for 1, 10 or 144 crops of ``size`` pixels."""
+def boxes(height: int, width: int, crops: int, size: int = 224, resize: float = 256 / 224) -> list[Box]:
+    """The views of an image of ``height`` x ``width`` for 1, 10 or 144 crops of ``size`` pixels.
+
+    The single crop resizes the shorter side to ``round(size * resize)`` and takes the centre, exactly as the
+    trainer's evaluation (``images.evaluation_transform(size, recipe.data.eval_resize)``); the 10 crops keep
+    the usual 256 for 224 and the 144 GoogLeNet's scales, whatever ``resize`` is."""
     if crops not in SCHEMES:
         raise ValueError(f"crops must be one of {SCHEMES}, not {crops}")
-    if crops in (1, 10):  # shorter side to 256/224 of the crop, then the centre (and the 4 corners)
-        scale = round(size * 256 / 224)
+    if crops in (1, 10):  # shorter side to resize x (1 crop) or 256/224 x (10) the crop, the centre and corners
+        scale = round(size * (resize if crops == 1 else 256 / 224))
         h, w = resized_shape(height, width, scale)
         found = [Box(scale, _centre(h, size), _centre(w, size), size, False)]
         if crops == 1:
@@ -69,12 +77,13 @@ def boxes(height: int, width: int, crops: int, size: int = 224) -> list[Box]:
     return found
 
 
-def crops_of(image: Tensor, crops: int, size: int = 224) -> Tensor:
-    """All views of one uint8 image (3, H, W) as a batch (crops, 3, size, size), on the image's device."""
+def crops_of(image: Tensor, crops: int, size: int = 224, resize: float = 256 / 224) -> Tensor:
+    """All views of one uint8 image (3, H, W) as a batch (crops, 3, size, size), on the image's device;
+    ``resize`` is the single crop's (see ``boxes``)."""
     resized: dict[int, Tensor] = {}
     cut: dict[tuple[int, int, int, int], Tensor] = {}  # a view and its mirror share one crop (and resize)
     out = []
-    for box in boxes(image.shape[-2], image.shape[-1], crops, size):
+    for box in boxes(image.shape[-2], image.shape[-1], crops, size, resize):
         if box.scale not in resized:
             resized[box.scale] = F.resize(image, [*resized_shape(image.shape[-2], image.shape[-1], box.scale)],
                                           antialias=True)

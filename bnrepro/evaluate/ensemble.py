@@ -29,6 +29,7 @@ from bnrepro.data import images
 from bnrepro.engine import checkpoint
 from bnrepro.errors import UserError
 from bnrepro.evaluate.crops import crops_of
+from bnrepro.models.batchnorm import BatchNorm
 from bnrepro.models.inception import Inception, fold
 from bnrepro.recipes import EnsembleRecipe, ImagenetRecipe
 from bnrepro.runs import (
@@ -90,6 +91,9 @@ def load_member(run: Path, device: torch.device) -> Member:
     except (RuntimeError, KeyError) as err:
         first = str(err).strip().splitlines()[0][:200]
         raise UserError(f"checkpoint {run / 'checkpoint.pt'} does not fit its recipe's network ({first})") from None
+    if any(isinstance(m, BatchNorm) and int(m.pop_batches) == 0 for m in model.modules()):
+        raise UserError(f"checkpoint {run / 'checkpoint.pt'} holds no Alg. 2 population statistics for BN (a run "
+                        f"stores them when it finishes); train the member again")
     network = fold(model) if recipe.model.batch_norm else model.eval()
     network = network.to(device)
     if device.type == "cuda":
@@ -116,7 +120,8 @@ def probabilities(member: Member, split: images.Split, crops: int, device: torch
         batch = images.on_device(batch, v2.Identity(), 0, device)
         skipped += len(batch.skipped)
         if len(batch.labels):
-            views = torch.cat([crops_of(image, crops, member.resolution) for image in batch.images])
+            views = torch.cat([crops_of(image, crops, member.resolution, data.eval_resize)  # 1 crop = the trainer's
+                               for image in batch.images])
             x = views.float().sub_(mean).div_(scale)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -9,6 +9,7 @@ mini-batch; only the main replica writes files.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -28,10 +29,11 @@ from bnrepro.data import images
 from bnrepro.engine.distributed import Replicas
 from bnrepro.engine.trainer import Schedule, train
 from bnrepro.errors import UserError
-from bnrepro.models.batchnorm import BatchNorm
+from bnrepro.models.batchnorm import BatchNorm, Statistics, estimate_population, use_statistics
 from bnrepro.models.inception import Inception, InceptionConfig
 from bnrepro.recipes import ImagenetRecipe, Profile
 from bnrepro.runs import (
+    announce,
     atomic_write,
     check_free,
     device_name,
@@ -45,6 +47,7 @@ from bnrepro.runs import (
 )
 
 CHECKPOINT = "checkpoint.pt"
+MAX_EMPTY_UPDATES = 10  # consecutive updates without a readable image before the run stops with an error
 
 
 @dataclass(frozen=True)
@@ -64,13 +67,15 @@ def model_config(recipe: ImagenetRecipe, num_classes: int) -> InceptionConfig:
     return InceptionConfig(**recipe.model.model_dump(), num_classes=num_classes)
 
 
-def learning_rate(recipe: ImagenetRecipe, examples_per_step: int, train_examples: int):
-    """Stepwise exponential decay: lr * rate ** floor(epoch / (every_epochs / speedup)) (Sec. 4.2.1 change 4)."""
+def learning_rate(recipe: ImagenetRecipe, batch_size: int, train_examples: int, replicas: int = 1):
+    """The rate of the update that starts at paper step ``step``: lr * rate ** floor(epoch / (every_epochs /
+    speedup)) (Sec. 4.2.1 change 4), epoch = step * batch_size / train_examples, times ``train.lr_scaling``'s
+    factor when ``replicas`` mini-batches make one update."""
     t = recipe.train
-    period = t.lr_decay.every_epochs / t.lr_decay.speedup
+    factor = t.lr_factor(replicas)
 
     def at(step: int) -> float:
-        return t.lr * t.lr_decay.rate ** math.floor(step * examples_per_step / train_examples / period)
+        return t.lr * factor * t.lr_decay.factor(step * batch_size / train_examples)
 
     return at
 
@@ -114,21 +119,30 @@ class ImagenetTask:
             data.photometric[recipe.train.distortions].model_dump())
         self.eval_transform = images.evaluation_transform(profile.resolution, data.eval_resize)
         self.jpegs_as_bytes = device.type == "cuda" and options.gpu_decode  # workers pass JPEGs on undecoded
-        self.order = recipe.train.shuffle if train_split.sharded else "full"
-        self.stream, self.next_step, self.last_good = None, -1, None
+        self.order = recipe.train.shuffle
+        self.stream, self.next_step, self.val_loader = None, -1, None
+        self.empty_updates = 0  # consecutive updates skipped because a replica's slice had no readable image
         self.rows: list[dict[str, Any]] = []
         self.metrics_file: Path | None = None  # rewritten at every evaluation when set
         self.skipped, self.val_skipped = 0, 0  # unreadable images: training (this replica), validation
-        self.lr = learning_rate(recipe, profile.batch_size * replicas.world, len(train_split))
+        self.lr = learning_rate(recipe, profile.batch_size, len(train_split), replicas.world)
 
     # --- data ---
 
-    def _loader(self, split: images.Split, transform, sampler) -> DataLoader:
+    def _loader(self, split: images.Split, transform, sampler, persistent: bool = False) -> DataLoader:
         dataset = images.Examples(split, transform, self.options.seed, self.jpegs_as_bytes)
         workers = self.options.workers
         return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=images.collate,
                           pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
+                          persistent_workers=persistent and workers > 0,
                           generator=torch.Generator())  # the loader must not draw from the global RNG (resume)
+
+    def _stream(self, step: int, transform) -> DataLoader:
+        """This replica's mini-batches from paper step ``step`` on: replica r reads steps step + r, step + r + W, ..."""
+        sampler = images.TrainingStream(self.train_split, self.order, self.options.seed, self.profile.batch_size,
+                                        self.replicas.rank, self.replicas.world, step // self.replicas.world,
+                                        self.recipe.train.shuffle_buffer_shards)
+        return self._loader(self.train_split, transform, sampler)
 
     def _tensor(self, batch: images.Batch, transform) -> tuple[Tensor, Tensor]:
         """The batch's readable images (JPEGs the workers left encoded are decoded here, on the GPU) as a
@@ -144,24 +158,25 @@ class ImagenetTask:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, batch.labels.to(self.device, non_blocking=True)
 
-    def losses(self, step: int) -> Tensor:
-        if step != self.next_step:  # first step of this process: the stream starts where the run stands
-            sampler = images.TrainingStream(self.train_split, self.order, self.options.seed, self.profile.batch_size,
-                                            self.replicas.rank, self.replicas.world, step,
-                                            self.recipe.train.shuffle_buffer_shards)
-            self.stream = iter(self._loader(self.train_split, self.train_transform, sampler))
+    def losses(self, step: int) -> Tensor | None:
+        """The loss of this replica's mini-batch of the update at paper step ``step``; ``None`` (every replica
+        skips the update: no forward, no BN averages, no weight decay or momentum) when any replica's
+        mini-batch had no readable image."""
+        if step != self.next_step:  # first update of this process: the stream starts where the run stands
+            self.stream = iter(self._stream(step, self.train_transform))
         batch = next(self.stream)
-        self.next_step = step + 1
+        self.next_step = step + self.replicas.world
         x, y = self._tensor(batch, self.train_transform)
-        weight = 1.0
-        if len(y) == 0:  # every image of this replica's slice was unreadable: a zero-weight pass over the last
-            if self.last_good is None:  # good slice keeps every replica's collectives in step (DDP, synced BN)
-                raise UserError(f"every image of the first mini-batch is unreadable; check {self.train_split.where}")
-            (x, y), weight = self.last_good, 0.0
-        self.last_good = (x, y)
+        if self.replicas.any(len(y) == 0):
+            self.empty_updates += 1
+            if self.empty_updates >= MAX_EMPTY_UPDATES:
+                raise UserError(f"the last {MAX_EMPTY_UPDATES} mini-batches had no readable image; check the "
+                                f"images in {self.train_split.where}")
+            return None
+        self.empty_updates = 0
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.network(x)
-        return (F.cross_entropy(logits.float(), y) * weight).view(1)
+        return F.cross_entropy(logits.float(), y).view(1)
 
     # --- evaluation ---
 
@@ -178,11 +193,13 @@ class ImagenetTask:
         """Single centre crop top-1/top-5 over the whole validation set, each image counted exactly once."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             return math.nan, math.nan  # "machine infinity": nothing meaningful to evaluate
-        sampler = images.EvaluationBatches(len(self.val_split), self.profile.batch_size, self.replicas.rank,
-                                           self.replicas.world)
+        if self.val_loader is None:  # its workers start once and serve every evaluation
+            sampler = images.EvaluationBatches(len(self.val_split), self.profile.batch_size, self.replicas.rank,
+                                               self.replicas.world)
+            self.val_loader = self._loader(self.val_split, self.eval_transform, sampler, persistent=True)
         counts = torch.zeros(4, dtype=torch.float64, device=self.device)  # top-1 hits, top-5 hits, images, skipped
         skipped_before = self.skipped
-        for batch in self._loader(self.val_split, self.eval_transform, sampler):
+        for batch in self.val_loader:
             x, y = self._tensor(batch, self.eval_transform)
             if len(y) == 0:
                 continue
@@ -196,11 +213,39 @@ class ImagenetTask:
         self.val_skipped = int(counts[3])
         return float(counts[0] / counts[2]), float(counts[1] / counts[2])
 
-    def evaluate(self, step: int, train_loss: Tensor) -> dict[str, float]:
+    @torch.no_grad()
+    def estimate_population(self, step: int) -> int:
+        """Alg. 2: BN's population statistics over the ``population_batches`` training mini-batches from paper
+        step ``step`` on (the stream's own, so a pure function of the step), split between the replicas and
+        summed over them; their images get ``data.population_transform``. Returns the batches averaged."""
+        transform = self.train_transform if self.recipe.data.population_transform == "train" else self.eval_transform
+        mine = len(range(self.replicas.rank, self.profile.population_batches, self.replicas.world))
+        skipped = self.skipped
+
+        def forward() -> None:
+            for batch in itertools.islice(self._stream(step, transform), mine):
+                x, _ = self._tensor(batch, transform)
+                if len(x):
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                        self.model(x)
+
+        try:
+            return estimate_population(self.model, forward, self.replicas.sum_)
+        finally:
+            self.skipped = skipped  # these images are counted when training reads them
+
+    def evaluate(self, step: int, train_loss: Tensor, statistics: Statistics) -> dict[str, float]:
+        if any(isinstance(module, BatchNorm) for module in self.model.modules()):
+            if statistics == "population" and self.estimate_population(step) == 0:
+                raise UserError(f"no readable image in {self.profile.population_batches} training mini-batches "
+                                f"for BN's population statistics; check {self.train_split.where}")
+            use_statistics(self.model, statistics)
         self.average_bn_statistics()
         top1, top5 = self.accuracy()
-        row = {"step": step, "epoch": step * self.profile.batch_size * self.replicas.world / len(self.train_split),
-               "train_loss": float(train_loss[0]), "lr": self.lr(max(step - 1, 0)), "top1": top1, "top5": top5}
+        world = self.replicas.world
+        row = {"step": step, "optimizer_step": step // world, "epoch": step * self.profile.batch_size / len(
+               self.train_split), "statistics": statistics, "train_loss": float(train_loss[0]),
+               "lr": self.lr(max(step - world, 0)), "top1": top1, "top5": top5}
         self.rows.append(row)
         if self.metrics_file is not None and self.replicas.is_main:  # a long run shows its curve as it goes
             atomic_write(self.metrics_file, pd.DataFrame(self.rows).to_csv(index=False))
@@ -217,17 +262,45 @@ class ImagenetTask:
 # --- runs ------------------------------------------------------------------------------------------------
 
 
-def _data(recipe: ImagenetRecipe, dataset_dir: Path) -> tuple[images.Split, images.Split, list[str]]:
-    """The two splits, and the deviations from the recipe that the data forces (recorded, never silent)."""
-    train_split = images.open_split(dataset_dir, "train")
-    val_split = images.open_split(dataset_dir, "val", train_split.classes)
+def _data(profile: Profile, dataset_dir: Path) -> tuple[images.Split, images.Split]:
+    """The two splits; class folders come in virtual shards of ``profile.shard_size``, so ``train.shuffle``
+    holds for them too."""
+    train_split = images.open_split(dataset_dir, "train", shard_size=profile.shard_size)
+    val_split = images.open_split(dataset_dir, "val", train_split.classes, shard_size=profile.shard_size)
     if val_split.classes != train_split.classes:
         raise UserError(f"train and val in {dataset_dir} have different class lists; pack them together")
-    deviations = []
-    if not train_split.sharded:
-        deviations.append(f"train.shuffle={recipe.train.shuffle} needs shards; folder data is shuffled fully "
-                          f"each epoch (pack it with `bnrepro pack` to get the recipe's shuffling)")
-    return train_split, val_split, deviations
+    return train_split, val_split
+
+
+def deviations(recipe: ImagenetRecipe, profile_name: str, overrides: list[str], task: ImagenetTask) -> list[str]:
+    """Every way this run differs from the paper's ImageNet run of the recipe (recorded, printed, reported)."""
+    paper, profile, split, world = recipe.profiles["paper"], task.profile, task.train_split, task.replicas.world
+    found = []
+    if profile.dataset != paper.dataset:
+        found.append(f"data: {profile.dataset} ({len(split):,} training images), not ImageNet")
+    elif len(split) != paper.train_examples:
+        found.append(f"data: {len(split):,} training images, not ImageNet's {paper.train_examples:,}")
+    if len(split) != profile.train_examples:
+        found.append(f"profile '{profile_name}' budgets assume {profile.train_examples:,} training examples; the data "
+                     f"has {len(split):,} (the learning-rate decay follows the data's epochs)")
+    if profile.resolution != paper.resolution:
+        found.append(f"resolution {profile.resolution} px, not {paper.resolution}")
+    if profile.batch_size != paper.batch_size:
+        found.append(f"mini-batch {profile.batch_size}, not {paper.batch_size}")
+    if profile.steps != paper.steps:
+        found.append(f"budget {profile.steps:,} steps ({profile.epochs(profile.steps):,.1f} epochs of this data), "
+                     f"not the paper profile's {paper.steps:,}")
+    if not split.packed:
+        found.append(f"class folders: stored order by path hash, in virtual shards of {profile.shard_size:,} "
+                     f"(for train.shuffle={recipe.train.shuffle})")
+    if world > 1:
+        found.append(f"{world} replicas' mini-batches of {profile.batch_size} make one synchronous update (global "
+                     f"batch {world * profile.batch_size}); learning rate x{recipe.train.lr_factor(world):g} "
+                     f"(train.lr_scaling={recipe.train.lr_scaling}); the paper's replicas were asynchronous")
+    if task.device.type == "cuda":
+        found.append("bf16 autocast (the paper does not state its precision; 2015 training was fp32)")
+    found += [f"recipe changed for this run: --set {text}" for text in overrides]
+    return found
 
 
 def _build(recipe: ImagenetRecipe, profile_name: str, options: Options, replicas: Replicas):
@@ -238,12 +311,9 @@ def _build(recipe: ImagenetRecipe, profile_name: str, options: Options, replicas
     if device.type == "cuda" and replicas.distributed:
         device = torch.device("cuda", replicas.local_rank)
         torch.cuda.set_device(device)
-    train_split, val_split, deviations = _data(recipe, options.dataset_dir)
-    if len(train_split) != profile.train_examples:
-        deviations.append(f"profile '{profile_name}' budgets assume {profile.train_examples:,} training examples; "
-                          f"the data has {len(train_split):,} (the learning-rate decay follows the data's epochs)")
+    train_split, val_split = _data(profile, options.dataset_dir)
     task = ImagenetTask(recipe, profile, train_split, val_split, device, replicas, options)
-    return task, sgd(task.model, recipe), profile, deviations
+    return task, sgd(task.model, recipe), profile
 
 
 def run(recipe_name: str, profile_name: str, overrides: list[str], options: Options, out: Path,
@@ -252,7 +322,7 @@ def run(recipe_name: str, profile_name: str, overrides: list[str], options: Opti
     recipe = recipe_io.load(recipe_name, overrides)
     if not isinstance(recipe, ImagenetRecipe):
         raise UserError(f"recipe '{recipe_name}' is a {recipe.experiment} recipe, not an ImageNet one")
-    task, optimizer, profile, deviations = _build(recipe, profile_name, options, replicas)
+    task, optimizer, profile = _build(recipe, profile_name, options, replicas)
     short = Path(recipe_name).stem
     run_dir = None
     if replicas.is_main:  # only now: every check that can fail has passed
@@ -265,10 +335,12 @@ def run(recipe_name: str, profile_name: str, overrides: list[str], options: Opti
         "profile": profile_name, "dataset": f"{task.train_split.where} ({len(task.train_split):,} train, "
                                             f"{len(task.val_split):,} val, {len(task.train_split.classes)} classes)",
         "dataset_dir": str(Path(options.dataset_dir).resolve()), "classes": task.train_split.classes,
-        "train_examples": len(task.train_split), "sharded": task.train_split.sharded,
+        "train_examples": len(task.train_split), "packed": task.train_split.packed,
+        "shard_size": None if task.train_split.packed else profile.shard_size,
         "seed": options.seed,
         "replicas": replicas.world, "bn_statistics": "synchronised" if recipe.train.bn_sync else "per replica",
-        "global_batch": profile.batch_size * replicas.world, "deviations": deviations,
+        "global_batch": profile.batch_size * replicas.world, "lr_factor": recipe.train.lr_factor(replicas.world),
+        "deviations": deviations(recipe, profile_name, overrides, task),
         "compile": options.compile, "workers": options.workers, "gpu_decode": task.jpegs_as_bytes,
         "precision": _precision(task.device),
         "device": device_name(task.device), "versions": versions(), "git_commit": git_commit(),
@@ -293,10 +365,11 @@ def resume(run_dir: Path, replicas: Replicas, dataset_dir: Path | None = None, *
         raise UserError(f"run {run_dir} trained on {manifest['replicas']} process(es); resume it on as many "
                         f"(the global batch and the data stream depend on it), not {replicas.world}")
     options = Options(Path(dataset_dir or manifest["dataset_dir"]), seed=manifest["seed"], **how)
-    task, optimizer, profile, _ = _build(recipe, manifest["profile"], options, replicas)
+    task, optimizer, profile = _build(recipe, manifest["profile"], options, replicas)
     split = task.train_split
-    if (len(split), split.sharded, split.classes) != (manifest["train_examples"], manifest["sharded"],
-                                                      manifest["classes"]):
+    shard_size = None if split.packed else profile.shard_size
+    if (len(split), split.packed, shard_size, split.classes) != (
+            manifest["train_examples"], manifest.get("packed"), manifest.get("shard_size"), manifest["classes"]):
         raise UserError(f"the data in {options.dataset_dir} is not the data run {run_dir} trained on "
                         f"({manifest['dataset']}); resume with the same --dataset-dir")
     manifest["resumed"] = [*manifest.get("resumed", []), {"at": now(), "device": device_name(task.device),
@@ -306,19 +379,24 @@ def resume(run_dir: Path, replicas: Replicas, dataset_dir: Path | None = None, *
 
 def _train(run_dir: Path, recipe: ImagenetRecipe, manifest: dict[str, Any], task: ImagenetTask,
            optimizer: torch.optim.Optimizer, profile: Profile, replicas: Replicas, resume: bool) -> Path:
-    schedule = Schedule(profile.steps, profile.eval_every, profile.checkpoint_every)
+    schedule = Schedule(profile.steps, profile.eval_every, profile.checkpoint_every, stride=replicas.world)
     main = replicas.is_main
     task.metrics_file = run_dir / "metrics.csv"
+    if main:
+        announce(f"{recipe.label} ({manifest['profile']})", manifest["deviations"])
     with training(run_dir, manifest, main):
         log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=1, resume=resume,
                     show_progress=task.options.show_progress, learning_rate=task.lr, replicas=replicas,
-                    rate=("images", profile.batch_size * replicas.world), describe=_describe)
+                    rate=("images", profile.batch_size), describe=_describe)
     skipped = int(replicas.sum_(torch.tensor([task.skipped], device=replicas.flag_device)).item())
     skipped += task.val_skipped  # summed over replicas by the evaluation
     if not main:
         return run_dir
     metrics = pd.DataFrame(task.rows)
     summary = summarize(metrics, recipe, manifest, log.diverged_at[0], skipped)
+    if skipped:
+        summary["deviations"].append(f"{skipped:,} unreadable images skipped")
+    announce(f"{recipe.label} ({manifest['profile']}), finished", summary["deviations"])
     atomic_write(run_dir / "metrics.csv", metrics.to_csv(index=False))
     write_json(run_dir / "summary.json", summary)
     manifest.update(status="diverged" if summary["diverged_at"] else "complete", finished=now())
@@ -352,4 +430,6 @@ def summarize(metrics: pd.DataFrame, recipe: ImagenetRecipe, manifest: dict[str,
         "final_top5": None if math.isnan(last["top5"]) else float(last["top5"]),
         "diverged_at": diverged_at,
         "skipped_images": skipped,
+        "replicas": manifest["replicas"], "global_batch": manifest["global_batch"],
+        "deviations": list(manifest["deviations"]),
     }

@@ -22,6 +22,7 @@ from bnrepro import recipes as recipe_io
 from bnrepro.data import mnist
 from bnrepro.engine.trainer import Schedule, train
 from bnrepro.errors import UserError
+from bnrepro.models.batchnorm import Statistics
 from bnrepro.models.binary import BinaryBatch
 from bnrepro.models.mlp import MLPStack
 from bnrepro.models.mlp_native import BinaryRows, NativeStack, torch_single_threaded, unsupported
@@ -80,14 +81,24 @@ class MnistTask:
         logits, pre = self.model.predict(self.test)
         return logits, pre[:, :, self.recipe.eval.probe_unit]
 
-    def evaluate(self, step: int, train_loss: Tensor) -> dict[str, float]:
+    def estimate_population(self, step: int) -> None:
+        """Alg. 2: BN's population statistics over the ``eval.population_batches`` training mini-batches that
+        follow ``step`` in the run's order (a pure function of the step, so a resumed run gets the same)."""
+        batches = [BinaryBatch(self.train_bits.index_select(0, self.batches.indices(s).to(self.train_bits.device)))
+                   for s in range(step, step + self.recipe.eval.population_batches)]
+        self.model.estimate_population(batches)
+
+    def evaluate(self, step: int, train_loss: Tensor, statistics: Statistics) -> dict[str, float]:
+        if statistics == "population" and self.model.normalized:
+            self.estimate_population(step)
+        self.model.statistics = statistics
         logits, probe = self.predict()  # probe: one fixed sigmoid of the last hidden layer (Fig. 1b, c)
         accuracy = (logits.argmax(2) == self.test_labels[:, None]).float().mean(0)
         percentiles = torch.quantile(probe, self.quantiles, dim=0)  # (percentiles, members)
         finite = torch.isfinite(logits).all(2).all(0) & torch.isfinite(probe).all(0)
         accuracy, percentiles = accuracy.where(finite, math.nan).cpu(), percentiles.where(finite, math.nan).cpu()
         for i, member in enumerate(self.members):
-            row = {"variant": member.variant, "seed": member.seed, "step": step,
+            row = {"variant": member.variant, "seed": member.seed, "step": step, "statistics": statistics,
                    "test_accuracy": float(accuracy[i]), "train_loss": float(train_loss[i])}
             row.update({f"p{p:g}": float(percentiles[j, i]) for j, p in enumerate(self.recipe.eval.percentiles)})
             self.rows.append(row)

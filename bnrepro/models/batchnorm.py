@@ -1,10 +1,12 @@
 """Batch Normalization as the paper defines it (Alg. 1 and 2), owned by this project.
 
 Training normalizes with the mini-batch's own mean and *biased* variance (Alg. 1) and back-propagates
-through those statistics with the gradients of Sec. 3.1. Inference uses population statistics,
-Var[x] = m/(m-1) * E_B[sigma_B^2] (Alg. 2, unbiased), here tracked as moving averages of the batch
-statistics during training, as Sec. 3.1 allows. With frozen statistics BN is an affine map, which
-``fold_linear`` merges into the preceding linear layer (Alg. 2, step 11).
+through those statistics with the gradients of Sec. 3.1. Inference uses population statistics (Alg. 2):
+E[x] = E_B[mu_B] and Var[x] = m/(m-1) * E_B[sigma_B^2], averaged over N training mini-batches of the
+trained, frozen network (``estimate_population``). Moving averages of the batch statistics are also kept,
+as Alg. 2 allows, to track accuracy during training; ``statistics`` says which of the two inference uses.
+With frozen statistics BN is an affine map, which ``fold_linear`` merges into the preceding linear layer
+(Alg. 2, step 11).
 
 One module serves every layout: the statistics are taken over ``reduce_dims`` and ``gamma``/``beta``
 have size 1 there, so (batch, features) uses ``(0,)``, convolutions (N, C, H, W) use ``(0, 2, 3)``
@@ -14,9 +16,14 @@ have size 1 there, so (batch, features) uses ``(0,)``, convolutions (N, C, H, W)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Literal
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+Statistics = Literal["moving", "population"]
 
 
 def bn_forward(x: Tensor, gamma: Tensor, beta: Tensor, dims: tuple[int, ...], eps: float):
@@ -113,6 +120,29 @@ def batch_norm_train(x: Tensor, gamma: Tensor, beta: Tensor, dims: tuple[int, ..
     return _BatchNormTrain.apply(x, gamma, beta, dims, eps)
 
 
+class PopulationSums:
+    """Alg. 2's averages over mini-batches, summed in float64: E[x] = mean of mu_B, Var[x] = mean of
+    m/(m-1) * sigma2_B. With one batch size m this is exactly Alg. 2; a batch of another size (the last of a
+    split, or one that lost unreadable images) enters with its own m. A batch of one value has no variance
+    and is left out."""
+
+    def __init__(self) -> None:
+        self.mean: Tensor | None = None
+        self.var: Tensor | None = None
+        self.batches = 0
+
+    def add(self, mean: Tensor, var: Tensor, m: int) -> None:
+        if m < 2:
+            return
+        mean, var = mean.detach().double(), var.detach().double() * (m / (m - 1))
+        if self.mean is None:
+            self.mean, self.var = mean.clone(), var.clone()
+        else:
+            self.mean += mean
+            self.var += var
+        self.batches += 1
+
+
 class BatchNorm(nn.Module):
     """BN over ``reduce_dims`` of an input whose other dims match ``shape`` (which has 1 at ``reduce_dims``)."""
 
@@ -122,12 +152,18 @@ class BatchNorm(nn.Module):
             raise ValueError(f"shape {shape} must have size 1 at the reduced dims {reduce_dims}")
         self.reduce_dims, self.eps, self.momentum = tuple(reduce_dims), eps, momentum
         self.sync = False  # statistics over all DDP replicas' mini-batches (off: per replica, as the paper)
+        self.statistics: Statistics = "moving"  # which statistics inference uses (set by ``use_statistics``)
+        self.collecting: PopulationSums | None = None  # set while ``estimate_population`` runs
         self.gamma = nn.Parameter(torch.ones(shape))
         self.beta = nn.Parameter(torch.zeros(shape))
         # E_B[mu_B] and E_B[sigma_B^2] (biased), tracked as moving averages; m is the batch's value count
         self.register_buffer("mean_avg", torch.zeros(shape))
         self.register_buffer("var_avg", torch.ones(shape))
         self.register_buffer("m", torch.zeros((), dtype=torch.long))
+        # Alg. 2's population statistics E[x], Var[x] (unbiased), and how many mini-batches they average (0: none)
+        self.register_buffer("pop_mean", torch.zeros(shape))
+        self.register_buffer("pop_var", torch.ones(shape))
+        self.register_buffer("pop_batches", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: Tensor) -> Tensor:
         # statistics in float32 whatever the input (bf16 autocast would lose the variance), output as input
@@ -135,6 +171,10 @@ class BatchNorm(nn.Module):
         if not self.training:
             scale, shift = self.affine()
             return torch.addcmul(shift, x, scale).to(dtype)
+        if self.collecting is not None:  # Alg. 2: the frozen network's batch statistics, for the population
+            y, mean, var, _, _ = bn_forward(x, self.gamma, self.beta, self.reduce_dims, self.eps)
+            self.collecting.add(mean, var, x.numel() // mean.numel())
+            return y.to(dtype)
         y, mean, var = batch_norm_train(x, self.gamma, self.beta, self.reduce_dims, self.eps, self.synced)
         self.track(mean, var, x.numel() // mean.numel() * (dist.get_world_size() if self.synced else 1))
         return y.to(dtype)
@@ -150,12 +190,72 @@ class BatchNorm(nn.Module):
     def synced(self) -> bool:
         return self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    def affine(self) -> tuple[Tensor, Tensor]:
-        """The inference transform y = scale * x + shift (Alg. 2, step 11)."""
-        return inference_affine(self.gamma, self.beta, self.mean_avg, self.var_avg, int(self.m), self.eps)
+    def affine(self, statistics: Statistics | None = None) -> tuple[Tensor, Tensor]:
+        """The inference transform y = scale * x + shift (Alg. 2, step 11), with ``statistics`` (default:
+        ``self.statistics``): Alg. 2's population statistics, or the moving averages."""
+        if (statistics or self.statistics) == "population":
+            if int(self.pop_batches) == 0:
+                raise RuntimeError("BN has no population statistics yet (estimate_population computes them)")
+            mean, var = self.pop_mean, self.pop_var
+        else:
+            mean, var = population(self.mean_avg, self.var_avg, int(self.m))
+        return inference_affine(self.gamma, self.beta, mean, var, self.eps)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.gamma.shape)}, reduce_dims={self.reduce_dims}, eps={self.eps}"
+
+
+@torch.no_grad()
+def estimate_population(model: nn.Module, forward_batches: Callable[[], None],
+                        reduce: Callable[[Tensor], Tensor] = lambda sums: sums) -> int:
+    """Alg. 2, steps 8-10: population statistics of every BN of ``model`` from the mini-batches that
+    ``forward_batches()`` passes through it; returns how many batches they average.
+
+    The trained network is frozen: no parameter or moving average changes, dropout is off, and each BN
+    normalizes with its batch's own statistics (the training network N_BN^tr of Alg. 2), so every layer sees
+    the inputs it saw in training. ``reduce`` sums the totals over DDP replicas (each replica passes its
+    share of the batches), so every replica ends with the same statistics.
+    """
+    layers = [m for m in model.modules() if isinstance(m, BatchNorm)]
+    training = model.training
+    model.eval()
+    for bn in layers:
+        bn.train()
+        bn.collecting = PopulationSums()
+    try:
+        forward_batches()
+        sums = [bn.collecting for bn in layers]
+    finally:
+        model.train(training)
+        for bn in layers:
+            bn.collecting = None
+    parts = []
+    for bn, found in zip(layers, sums):
+        zero = torch.zeros(bn.gamma.shape, dtype=torch.float64, device=bn.gamma.device)
+        parts += [zero if found.mean is None else found.mean, zero if found.var is None else found.var,
+                  torch.tensor([float(found.batches)], dtype=torch.float64, device=bn.gamma.device)]
+    if not parts:
+        return 0
+    sizes = [p.numel() for p in parts]
+    totals = reduce(torch.cat([p.reshape(-1) for p in parts])).split(sizes)
+    batches = []
+    for i, bn in enumerate(layers):
+        mean, var, count = totals[3 * i : 3 * i + 3]
+        n = int(count.item())
+        batches.append(n)
+        if n:
+            bn.pop_mean.copy_((mean / n).view(bn.pop_mean.shape))
+            bn.pop_var.copy_((var / n).view(bn.pop_var.shape))
+        bn.pop_batches.fill_(n)
+    return min(batches)
+
+
+def use_statistics(model: nn.Module, statistics: Statistics) -> None:
+    """Make every BN of ``model`` infer with ``statistics``; population statistics must have been estimated."""
+    for bn in (m for m in model.modules() if isinstance(m, BatchNorm)):
+        if statistics == "population" and int(bn.pop_batches) == 0:
+            raise RuntimeError("BN has no population statistics yet (estimate_population computes them)")
+        bn.statistics = statistics
 
 
 def population(mean_avg: Tensor, var_avg: Tensor, m: int) -> tuple[Tensor, Tensor]:
@@ -164,13 +264,10 @@ def population(mean_avg: Tensor, var_avg: Tensor, m: int) -> tuple[Tensor, Tenso
     return mean_avg, var_avg * (m / (m - 1))
 
 
-def inference_affine(
-    gamma: Tensor, beta: Tensor, mean_avg: Tensor, var_avg: Tensor, m: int, eps: float
-) -> tuple[Tensor, Tensor]:
-    """BN with frozen population statistics as y = scale * x + shift (Alg. 2, step 11)."""
-    mean, var = population(mean_avg, var_avg, m)
-    scale = gamma * torch.rsqrt(var + eps)
-    return scale, beta - mean * scale
+def inference_affine(gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """BN with frozen population statistics E[x], Var[x] (unbiased) as y = scale * x + shift (Alg. 2, step 11)."""
+    scale = gamma * torch.rsqrt(var.to(gamma.dtype) + eps)
+    return scale, beta - mean.to(gamma.dtype) * scale
 
 
 @torch.no_grad()

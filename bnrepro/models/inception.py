@@ -6,10 +6,13 @@ The switches cover every variant of Secs. 4.2-4.2.3: BN before every nonlinearit
 conv bias dropped) or none; ReLU or sigmoid; LRN after the stem's first and third convolutions (the
 baseline's GoogLeNet heritage) or none; dropout before the classifier; per-activation BN in the last
 hidden layer (ensemble members); a scale on the initial conv weights; a plain or separable stem conv.
+The paper leaves open, and the recipe states: the conv and classifier initialisation, and whether the
+modules' average pools count the zero padding.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,12 +72,36 @@ class InceptionConfig:
     dropout: float = 0.0
     per_activation_bn: bool = False  # BN on the 1024 pooled features before the classifier
     init_scale: float = 1.0  # multiplies the initial conv weights
+    conv_init: Literal["he_normal", "he_truncated_normal", "lecun_uniform"] = "he_normal"  # see CONV_INIT
+    classifier_init_std: float = 0.01  # the softmax layer's weights ~ N(0, std^2), bias 0
+    pool_count_include_pad: bool = False  # the modules' 3x3/1 average pools divide by the zero padding too
     stem: Literal["plain", "separable"] = "plain"
     depth_multiplier: int = 8
     num_classes: int = 1000
     in_channels: int = 3
     bn_eps: float = 1e-3
     bn_momentum: float = 0.01
+
+
+def _he_truncated_normal(weight: Tensor) -> None:
+    """TF-slim's ``variance_scaling_initializer()`` (factor 2, fan-in, truncated normal): cut at 2 std, with
+    the std widened by sqrt(1.3) so the truncated weights keep a variance of about 2 / fan-in."""
+    std = math.sqrt(1.3 * 2 / weight[0].numel())
+    nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
+def _lecun_uniform(weight: Tensor) -> None:
+    """Caffe's "xavier" filler (its default fan-in form, as in GoogLeNet's prototxt): U(+-sqrt(3 / fan-in))."""
+    bound = math.sqrt(3 / weight[0].numel())
+    nn.init.uniform_(weight, -bound, bound)
+
+
+# The initial conv weights, before ``init_scale`` (fan-in counts one output filter: in/groups x kh x kw).
+CONV_INIT = {
+    "he_normal": lambda weight: nn.init.kaiming_normal_(weight, nonlinearity="relu"),  # N(0, 2 / fan-in)
+    "he_truncated_normal": _he_truncated_normal,
+    "lecun_uniform": _lecun_uniform,
+}
 
 
 def _nonlinearity(name: str) -> nn.Module:
@@ -120,8 +147,8 @@ class InceptionModule(nn.Module):
         if spec.pool == "pass":
             self.branches.append(nn.MaxPool2d(3, 2, padding=1))
         else:
-            pool = nn.AvgPool2d(3, 1, padding=1, count_include_pad=False) if spec.pool == "avg" \
-                else nn.MaxPool2d(3, 1, padding=1)
+            pool = nn.AvgPool2d(3, 1, padding=1, count_include_pad=cfg.pool_count_include_pad) \
+                if spec.pool == "avg" else nn.MaxPool2d(3, 1, padding=1)
             self.branches.append(nn.Sequential(pool, ConvUnit(cfg, cin, spec.proj, 1)))
         self.out_channels = spec.out_channels(cin)
 
@@ -162,13 +189,16 @@ class Inception(nn.Module):
         self._initialise()
 
     def _initialise(self) -> None:
+        if self.cfg.conv_init not in CONV_INIT:
+            raise ValueError(f"conv_init must be one of {sorted(CONV_INIT)}, not {self.cfg.conv_init!r}")
+        initialise = CONV_INIT[self.cfg.conv_init]
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                initialise(m.weight)
                 m.weight.data.mul_(self.cfg.init_scale)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.normal_(self.classifier.weight, std=self.cfg.classifier_init_std)
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -210,14 +240,15 @@ def count_flops(model: nn.Module, resolution: int) -> int:
 
 @torch.no_grad()
 def fold(model: Inception) -> Inception:
-    """The inference network of Alg. 2: every BN merged into the convolution before it (a new model)."""
+    """The inference network of Alg. 2: every BN, with its population statistics (``estimate_population``),
+    merged into the convolution before it (a new model)."""
     folded_cfg = InceptionConfig(**{**model.cfg.__dict__, "batch_norm": False, "per_activation_bn": False})
     folded = Inception(folded_cfg).to(next(model.parameters()))  # same device and dtype
     source = [m for m in model.modules() if isinstance(m, ConvUnit)]
     target = [m for m in folded.modules() if isinstance(m, ConvUnit)]
     for unit, plain in zip(source, target, strict=True):
         conv, bn, out = unit[0], unit[1], plain[0]
-        scale, shift = bn.affine()
+        scale, shift = bn.affine("population")
         weight, bias = fold_linear(conv.weight, None, scale.view(-1, 1, 1, 1), shift.view(-1))
         out.weight.copy_(weight)
         out.bias.copy_(bias)
@@ -225,7 +256,7 @@ def fold(model: Inception) -> Inception:
         folded.stem[0][0].weight.copy_(model.stem[0][0].weight)
     classifier_weight, classifier_bias = model.classifier.weight, model.classifier.bias
     if model.head_bn is not None:  # y = W(scale*x + shift) + b
-        scale, shift = model.head_bn.affine()
+        scale, shift = model.head_bn.affine("population")
         classifier_bias = classifier_bias + classifier_weight @ shift.view(-1)
         classifier_weight = classifier_weight * scale.view(1, -1)
     folded.classifier.weight.copy_(classifier_weight)

@@ -24,7 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnrepro.models.batchnorm import bn_backward, bn_forward, fold_linear, inference_affine
+from bnrepro.models.batchnorm import (
+    PopulationSums,
+    Statistics,
+    bn_backward,
+    bn_forward,
+    fold_linear,
+    inference_affine,
+    population,
+)
 from bnrepro.models.binary import BinaryBatch
 
 
@@ -78,6 +86,12 @@ class MLPStack(nn.Module):
             self.register_buffer(mean_name, torch.zeros(1, self.normalized * width))
             self.register_buffer(var_name, torch.ones(1, self.normalized * width))
         self.register_buffer("bn_batch", torch.zeros((), dtype=torch.long))  # m, for Var's m/(m-1)
+        for layer, width in enumerate(self.hidden):  # Alg. 2's population statistics (see estimate_population)
+            self.register_buffer(f"pop_mean{layer}", torch.zeros(1, self.normalized * width))
+            self.register_buffer(f"pop_var{layer}", torch.ones(1, self.normalized * width))
+        self.register_buffer("pop_batches", torch.zeros((), dtype=torch.long))  # 0: not estimated yet
+        self.statistics: Statistics = "moving"  # which statistics inference uses
+        self._collecting: list[PopulationSums] | None = None
 
     @property
     def hidden(self) -> list[int]:
@@ -163,16 +177,45 @@ class MLPStack(nn.Module):
         return logits, caches, pre
 
     @torch.no_grad()
+    def estimate_population(self, batches: list[BinaryBatch]) -> None:
+        """Alg. 2, steps 8-10: E[x] = mean of mu_B and Var[x] = mean of m/(m-1) sigma2_B of every BN over
+        ``batches``, each passed through the trained network frozen (batch statistics, nothing updated)."""
+        params = self.unflatten(self.flat)
+        self._collecting = [PopulationSums() for _ in self.hidden]
+        try:
+            for x in batches:
+                self._forward(params, x, train=True)
+            sums = self._collecting
+        finally:
+            self._collecting = None
+        if self.normalized and sums[0].batches == 0:
+            raise ValueError("population statistics need at least one mini-batch of two or more examples")
+        for layer, found in enumerate(sums):
+            if found.mean is not None:
+                self._buffers[f"pop_mean{layer}"].copy_(found.mean / found.batches)
+                self._buffers[f"pop_var{layer}"].copy_(found.var / found.batches)
+        self.pop_batches.fill_(sums[0].batches)
+
+    @torch.no_grad()
     def _track(self, layer: int, mean: Tensor, var: Tensor, batch: int) -> None:
+        if self._collecting is not None:  # estimating the population: the moving averages stay as they are
+            self._collecting[layer].add(mean, var, batch)
+            return
         mean_avg, var_avg = self.averages(layer)
         mean_avg.lerp_(mean, self.bn_momentum)
         var_avg.lerp_(var, self.bn_momentum)
         if layer == 0:
             self.bn_batch.fill_(batch)
 
-    def _affine(self, params: StackParams, layer: int) -> tuple[Tensor, Tensor]:
-        return inference_affine(params.gamma[layer], params.beta[layer], *self.averages(layer), int(self.bn_batch),
-                                self.bn_eps)
+    def _affine(self, params: StackParams, layer: int, statistics: Statistics | None = None) -> tuple[Tensor, Tensor]:
+        """BN of a hidden layer's BN members at inference, with ``statistics`` (default ``self.statistics``)."""
+        if (statistics or self.statistics) == "population":
+            if int(self.pop_batches) == 0:
+                raise RuntimeError("the stack has no population statistics yet (estimate_population computes them)")
+            mean, var = self._buffers[f"pop_mean{layer}"], self._buffers[f"pop_var{layer}"]
+        else:
+            mean, var = population(*self.averages(layer), int(self.bn_batch))
+        return inference_affine(params.gamma[layer], params.beta[layer], mean, var, self.bn_eps)
 
     def _backward(self, params: StackParams, grads: StackParams, x: BinaryBatch, caches, grad_logits: Tensor) -> None:
         """Write d(loss)/d(parameter) into ``grads`` (views of one flat buffer), last layer first."""
@@ -202,13 +245,14 @@ class MLPStack(nn.Module):
 
     @torch.no_grad()
     def folded(self) -> list[tuple[Tensor, Tensor]]:
-        """The inference network with every BN merged into its layer (Alg. 2): [(W (members, in, out),
-        b (members, 1, out))] per layer, for a plain ``act(h @ W + b)`` evaluation."""
+        """The inference network with every BN merged into its layer, with Alg. 2's population statistics:
+        [(W (members, in, out), b (members, 1, out))] per layer, for a plain ``act(h @ W + b)`` evaluation."""
         params, members = self.unflatten(self.flat), self.members
         weights = [params.weights[0].view(self.widths[0], members, -1).transpose(0, 1), *params.weights[1:]]
         layers = []
         for layer, weight in enumerate(weights[:-1]):
-            scale, shift = self._affine(params, layer)
+            scale, shift = self._affine(params, layer, "population") if self.normalized else (
+                params.gamma[layer], params.beta[layer])
             plain = torch.ones_like(params.bias[layer])
             scale, shift = torch.cat([scale, plain], 1), torch.cat([shift, params.bias[layer]], 1)
             layers.append(fold_linear(weight, None, scale.view(members, 1, -1), shift.view(members, 1, -1)))

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -61,6 +62,13 @@ def summary_table(run_dir: Path) -> Table:
     return table
 
 
+def probe_unit(run_dir: Path) -> int:
+    """The unit of the last hidden layer that Fig. 1(b, c) follows: ``eval.probe_unit`` of the run's resolved
+    recipes (one for all its variants, which are trained together)."""
+    resolved = yaml.safe_load((run_dir / "recipes.yaml").read_text())
+    return next(iter(resolved.values()))["eval"]["probe_unit"]
+
+
 def figure_1(run_dir: Path, out: Path) -> list[Path]:
     """Fig. 1: (a) test accuracy vs steps (mean and min-max band over seeds); (b, c) the 15/50/85th
     percentiles of one sigmoid input of the last hidden layer, without and with BN (first seed)."""
@@ -89,7 +97,8 @@ def figure_1(run_dir: Path, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.ticklabel_format(axis="x", style="sci", scilimits=(3, 3))
     fig.suptitle(f"Fig. 1 reproduced: {len(metrics.seed.unique())} seed(s), run {run_dir.name}; "
-                 f"(b, c) show percentiles {', '.join(p[1:] for p in percentiles)} of unit 0, seed {first_seed}",
+                 f"(b, c) show percentiles {', '.join(p[1:] for p in percentiles)} of unit {probe_unit(run_dir)}, "
+                 f"seed {first_seed}",
                  fontsize=9)
     fig.tight_layout()
     return save_figure(fig, out, "fig1_mnist")
