@@ -89,7 +89,10 @@ def e2e(tmp_path_factory):
 def test_mnist_run_prints_the_summary_and_its_folder(e2e):
     assert e2e.first.returncode == 0
     assert "Traceback" not in e2e.first.stderr
-    assert e2e.first.stderr.strip() == ""
+    deviations = ["  - recipe changed for this run: --set eval.every=100",
+                  "  - recipe changed for this run: --set train.steps=300"]
+    assert e2e.first.stderr.splitlines() == ["MNIST: 2 deviations from the paper:", *deviations,
+                                             "MNIST, finished: 2 deviations from the paper:", *deviations]
     assert e2e.first.stdout.count("results:") == 1
     assert squeeze(str(e2e.run)) in squeeze(e2e.first.stdout)
     assert "With BN" in e2e.first.stdout and "Without BN" in e2e.first.stdout
@@ -641,7 +644,11 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(interrupted):
 
 
 def test_ctrl_c_message_is_one_line_with_the_resume_command(interrupted):
-    stderr = interrupted.cut.stderr
+    lines = interrupted.cut.stderr.splitlines()
+    assert lines[0] == "MNIST: 2 deviations from the paper:", lines  # printed when the run started
+    assert lines[1:3] == [f"  - recipe changed for this run: --set {key}" for key in ("eval.every=250",
+                                                                                     f"train.steps={STEPS}")]
+    stderr = "\n".join(lines[3:])
     assert len(stderr.splitlines()) == 1, stderr
     assert f"bnrepro mnist --resume {interrupted.run}" in stderr
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnrepro.engine.trainer import Interrupted, Schedule, train
+from bnrepro.engine.trainer import Interrupted, Schedule, _Display, train
 from bnrepro.experiments import mnist as experiment
 
 
@@ -134,15 +134,22 @@ def test_a_skipped_update_changes_nothing(tmp_path):
     assert not torch.equal(reference.model.w, task.model.w)
 
 
-def test_progress_is_plain_lines_when_output_is_not_a_terminal(tmp_path, capsys):
+def test_progress_is_plain_lines_when_output_is_not_a_terminal(tmp_path, capsys, monkeypatch):
+    """Not a terminal (pytest captures stderr): the first check, then every PLAIN_EVERY seconds, and the end."""
     task = ToyTask(1)
     optimizer = torch.optim.SGD(task.model.parameters(), lr=0.1)
-    train(task, optimizer, Schedule(100, 50, 1000), tmp_path / "e.pt", members=1, show_progress=True,
-          describe=lambda shown: f"at {shown.get('step')}", rate=("images", 32))
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
-    assert len(lines) == 2, lines  # one per evaluation after step 0
-    assert lines[0].startswith("step 50/100 (50%)") and "images/s  at 50  ETA " in lines[0]
-    assert lines[1].startswith("step 100/100 (100%)") and lines[1].endswith("ETA 0:00:00")
+
+    def run(every: float) -> list[str]:
+        monkeypatch.setattr(_Display, "PLAIN_EVERY", every)
+        train(task, optimizer, Schedule(200, 100, 1000), tmp_path / f"{every}.pt", members=1, show_progress=True,
+              describe=lambda shown: f"at {shown.get('step')}", rate=("images", 32))
+        return [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+
+    lines = run(3600.0)
+    assert len(lines) == 2, lines  # the first check (step 50) and the end
+    assert lines[0].startswith("step 50/200 (25%)") and "images/s  at 0  ETA " in lines[0]
+    assert lines[1].startswith("step 200/200 (100%)") and lines[1].endswith("at 200  ETA 0:00:00")
+    assert len(run(0.0)) == 4  # every check: steps 50, 100, 150, 200
 
 
 def test_one_member_diverges_and_the_others_go_on(tmp_path):

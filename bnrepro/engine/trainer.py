@@ -246,7 +246,8 @@ def _set_rng_state(state: dict[str, Tensor]) -> None:
 
 class _Display:
     """Progress of a run: a rich bar on a terminal; elsewhere (nohup, a cluster's log file), where a bar shows
-    nothing until the end, a plain line every ``PLAIN_EVERY`` seconds and at every evaluation, as timm prints."""
+    nothing until the end, a plain line at the first check, then every ``PLAIN_EVERY`` seconds and at the end,
+    as timm prints."""
 
     PLAIN_EVERY = 30.0
 
@@ -260,8 +261,7 @@ class _Display:
             console=self.console, disable=not enabled or self.plain, transient=False)
         self.bar = self.progress.add_task("", total=total, completed=start, rate="-")
         self.tick = self.began = self.printed = time.perf_counter()
-        self.ticked = self.first = start
-        self.description = ""
+        self.ticked = self.first = self.printed_step = start
 
     def __enter__(self) -> _Display:
         self.progress.__enter__()
@@ -276,15 +276,17 @@ class _Display:
         speed = (done - self.ticked) * per_step / max(now - self.tick, 1e-9)
         self.progress.update(self.bar, completed=done, description=description,
                              rate=f"{speed:,.0f}" if done > self.ticked else "-")
-        fresh = description != self.description
-        if self.plain and done > self.first and (fresh or now - self.printed >= self.PLAIN_EVERY or done >= self.total):
-            overall = (done - self.first) / max(now - self.began, 1e-9)  # steps per second since this process began
+        first = self.ticked == self.first
+        if self.plain and done > self.first and (first or now - self.printed >= self.PLAIN_EVERY or done >= self.total):
+            # the speed since the last line (evaluations included), and the ETA at the speed since this process began
+            speed = (done - self.printed_step) * per_step / max(now - self.printed, 1e-9)
+            overall = (done - self.first) / max(now - self.began, 1e-9)
             eta = (self.total - done) / overall if overall > 0 else float("nan")
             self.console.print(f"step {done:,}/{self.total:,} ({100 * done / self.total:.0f}%)  "
                                f"{speed:,.0f} {self.unit}/s  {description}  ETA {_clock(eta)}",
                                highlight=False, markup=False, soft_wrap=True)
-            self.printed = now
-        self.tick, self.ticked, self.description = now, done, description
+            self.printed, self.printed_step = now, done
+        self.tick, self.ticked = now, done
 
 
 def _clock(seconds: float) -> str:

@@ -33,6 +33,7 @@ from bnrepro.models.batchnorm import BatchNorm
 from bnrepro.models.inception import Inception, fold
 from bnrepro.recipes import EnsembleRecipe, ImagenetRecipe
 from bnrepro.runs import (
+    announce,
     atomic_write,
     device_name,
     git_commit,
@@ -201,12 +202,17 @@ def run(recipe_name: str, overrides: list[str], results: Path, dataset_dir: Path
         "experiment": "ensemble", "status": "running", "started": now(), "recipe": Path(recipe_name).stem,
         "label": recipe.label, "recipe_digest": recipe.digest, "overrides": list(overrides),
         "members": [{"name": m.name, "label": m.recipe.label, "run": str(m.run), "recipe_digest": m.recipe.digest,
-                     "git_commit": m.manifest.get("git_commit")} for m in members],
+                     "git_commit": m.manifest.get("git_commit"), "replicas": m.manifest.get("replicas", 1),
+                     "global_batch": m.manifest.get("global_batch"), "deviations": m.manifest.get("deviations", [])}
+                    for m in members],
         "crops": list(recipe.crops), "resolution": first.resolution, "dataset": split.where,
-        "val_images": len(split), "inference": "BN folded into the convolutions (Alg. 2)",
+        "val_images": len(split),
+        "inference": "BN folded into the convolutions, with Alg. 2's population statistics from each member's run",
+        "deviations": deviations(members, split),
         "device": device_name(device), "versions": versions(), "git_commit": git_commit(),
     }
     write_json(run_dir / "manifest.json", manifest)
+    announce(recipe.label, manifest["deviations"])
     started, skipped, cached = time.perf_counter(), 0, {}
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=not show_progress) as progress:
@@ -219,7 +225,25 @@ def run(recipe_name: str, overrides: list[str], results: Path, dataset_dir: Path
                 checkpoint.save(cache_path(run_dir, member.name, crops), cached[(member.name, crops)])
     results_table = table(cached, [m.name for m in members], list(recipe.crops))
     atomic_write(run_dir / "results.csv", results_table.to_csv(index=False))
+    if skipped:
+        manifest["deviations"].append(f"{skipped:,} unreadable validation images skipped")
     manifest.update(status="complete", finished=now(), skipped_images=skipped,
                     wall_seconds=round(time.perf_counter() - started, 2))
     write_json(run_dir / "manifest.json", manifest)
+    announce(f"{recipe.label}, finished", manifest["deviations"])
     return run_dir
+
+
+def deviations(members: list[Member], split: images.Split) -> list[str]:
+    """How this evaluation differs from the paper's Fig. 4: its own, then each member's training deviations."""
+    found = []
+    if len(members) != 6:
+        found.append(f"{len(members)} member(s), not the paper's 6")
+    if {m.resolution for m in members} != {224}:
+        found.append(f"crops at {', '.join(sorted({f'{m.resolution} px' for m in members}))}, not 224 px "
+                     f"(the 144-crop scales 256-352 are scaled with them)")
+    if len(split) != 50_000:
+        found.append(f"{len(split):,} validation images, not ImageNet's 50,000")
+    for m in members:
+        found += [f"{m.name}: {text}" for text in m.manifest.get("deviations", [])]
+    return found

@@ -28,6 +28,7 @@ from bnrepro.models.mlp import MLPStack
 from bnrepro.models.mlp_native import BinaryRows, NativeStack, torch_single_threaded, unsupported
 from bnrepro.recipes import MnistRecipe
 from bnrepro.runs import (
+    announce,
     atomic_write,
     check_free,
     device_name,
@@ -212,6 +213,7 @@ def run(
         "recipes": {name: {"source": src, "digest": variants[name].digest}
                     for name, src in zip(variants, recipe_names)},
         "overrides": list(overrides), "seeds": list(range(seeds)), "data_seed": data_seed,
+        "deviations": [f"recipe changed for this run: --set {text}" for text in overrides],
         "data": {"source": data.source, "matches_official_md5": data.official},
         "device": device_name(device), "engine": setup.engine, "versions": versions(), "git_commit": git_commit(),
     }
@@ -230,6 +232,8 @@ def resume(run_dir: Path, device_name_: str, data_dir: Path | None, show_progres
         raise UserError(f"{run_dir} is not an MNIST run folder (no readable manifest.json/recipes.yaml)") from None
     if manifest.get("status") == "complete":
         raise UserError(f"run {run_dir} is already complete; start a new one instead")
+    if not (run_dir / CHECKPOINT).is_file():
+        raise UserError(f"no checkpoint at {run_dir / CHECKPOINT}: that run cannot be resumed")
     check_free(run_dir)
     variants = {name: MnistRecipe.model_validate(tree) for name, tree in resolved.items()}
     device = resolve_device(device_name_)
@@ -245,6 +249,7 @@ def _train(run_dir: Path, variants: dict[str, MnistRecipe], manifest: dict[str, 
     task, optimizer, members = setup.task, setup.optimizer, setup.members
     recipe = task.recipe
     schedule = Schedule(recipe.train.steps, recipe.eval.every, checkpoint_every=max(recipe.eval.every, 10_000))
+    announce("MNIST", manifest.get("deviations", []))
     with training(run_dir, manifest), task.running():
         log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=len(members), resume=resume,
                     show_progress=show_progress,
@@ -253,6 +258,8 @@ def _train(run_dir: Path, variants: dict[str, MnistRecipe], manifest: dict[str, 
     divergences = [{"variant": m.variant, "seed": m.seed, "step": step}
                    for m, step in zip(members, log.diverged_at) if step is not None]
     summary = summarize(metrics, variants, divergences)
+    summary["deviations"] = manifest.get("deviations", [])
+    announce("MNIST, finished", summary["deviations"])
     atomic_write(run_dir / "metrics.csv", metrics.to_csv(index=False))
     write_json(run_dir / "summary.json", summary)
     manifest.update(status="complete", finished=now())

@@ -14,7 +14,7 @@ import pandas as pd
 
 from bnrepro.errors import UserError
 from bnrepro.evaluate import ensemble as evaluation
-from bnrepro.report.imagenet import markdown_table
+from bnrepro.report.imagenet import deviations_list, markdown_table
 from bnrepro.runs import atomic_write, check_writable, runs_of
 
 IMAGENET_CLASSES = 1000
@@ -170,6 +170,7 @@ def markdown(run: EnsembleRun, results: Path, superseded: list[EnsembleRun]) -> 
     note = comparability(classes, images)
     if note:
         lines += [f"**{note}**", ""]
+    lines += [deviations_list(m.get("deviations"), "this evaluation and its members"), ""]
     lines += ["Errors are recombined from the run's cached class probabilities: the mean over crops, then over "
               "models (the paper's arithmetic mean). The paper's rows are its Fig. 4 (shared/paper/README.md, "
               "section 4), validation errors as it prints them (ours have 2 decimals); its ensemble's 4.82% top-5 is "

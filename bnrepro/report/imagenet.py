@@ -177,6 +177,14 @@ def fig3_table(runs: dict[str, Run], target: float | None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def deviations_list(found: list[str] | None, what: str, indent: int = 0) -> str:
+    """A run's recorded deviations from the paper, as Markdown: a count, then one indented bullet each."""
+    if found is None:
+        return "deviations from the paper: not recorded"
+    head = f"deviations from the paper{f' ({what})' if what else ''}: " + ("none" if not found else f"{len(found)}")
+    return "\n".join([head, *(f"{' ' * indent}- {text}" for text in found)])
+
+
 def markdown_table(df: pd.DataFrame) -> str:
     """GitHub markdown for ``df`` (``DataFrame.to_markdown`` needs tabulate, which is not a dependency)."""
     def cell(x: object) -> str:
@@ -207,7 +215,10 @@ def figure_2(profile: str, runs: dict[str, Run], target: float | None, out: Path
     if target is not None:
         what = "paper's target" if profile == "paper" else "target: Inception's max"
         ax.axhline(target, color="0.5", linestyle=":", linewidth=1, label=f"{what} ({100 * target:.1f}%)")
-    ax.set(xlabel="training steps", ylabel="validation top-1 (single crop)", ylim=(0, None))
+    batches = sorted({r.manifest["global_batch"] // r.manifest.get("replicas", 1) for r in runs.values()
+                      if "global_batch" in r.manifest})  # a step is one mini-batch of the profile's size
+    steps = "training steps" + (f" (mini-batches of {'/'.join(map(str, batches))})" if batches else "")
+    ax.set(xlabel=steps, ylabel="validation top-1 (single crop)", ylim=(0, None))
     ax.set_title(f"Fig. 2 reproduced, profile {profile}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))  # plain up to 9,999 steps, then 1e4, 1e6...
@@ -232,8 +243,12 @@ def profile_section(profile: str, runs: dict[str, Run], superseded: list[Run]) -
              f"- Target accuracy: {target_text}", "- Runs (latest finished run per recipe):"]
     for name, run in runs.items():
         steps = run.summary.get("steps", int(run.metrics.step.max()))
+        replicas = run.manifest.get("replicas", 1)
+        batch = run.manifest.get("global_batch", "not recorded")
         lines.append(f"  - {run.label} (`{name}`): `{run.rel}`, status {run.manifest.get('status')}, "
-                     f"{steps:,} steps, commit `{str(run.manifest.get('git_commit', 'unknown'))[:12]}`")
+                     f"{steps:,} steps, {replicas} replica{'s' * (replicas != 1)}, global batch {batch}, "
+                     f"commit `{str(run.manifest.get('git_commit', 'unknown'))[:12]}`; "
+                     + deviations_list(run.summary.get("deviations", run.manifest.get("deviations")), "", indent=4))
     lines += ["", markdown_table(fig3_table(runs, target)), ""]
     notes = [f"{runs[name].label}: {note}." for name, note in PAPER_NOTES.items() if name in runs]
     if notes:
@@ -247,8 +262,12 @@ def profile_section(profile: str, runs: dict[str, Run], superseded: list[Run]) -
 def markdown(by_profile: dict[str, dict[str, Run]], runs: list[Run]) -> str:
     shown = {id(r) for chosen in by_profile.values() for r in chosen.values()}
     lines = ["# ImageNet (paper Sec. 4.2, Fig. 2 and Fig. 3)", "",
-             "Steps to target count evaluated steps only, so they are upper bounds within one evaluation interval. "
-             "Max accuracy is the best single-crop validation top-1 over the run's finite evaluations. "
+             "A step is one mini-batch of the profile's batch size, the paper's unit, however many replicas "
+             "trained the run. Steps to target count evaluated steps only, so they are upper bounds within one "
+             "evaluation interval. Max accuracy is the best single-crop validation top-1 over the run's finite "
+             "evaluations. Each evaluation says which BN statistics it used (`statistics` in `metrics.csv`): the "
+             "last one, as step 0, Alg. 2's population statistics; those between, BN's moving averages, which "
+             "Alg. 2 allows for tracking accuracy. "
              "The paper's columns are its Fig. 3 (shared/paper/README.md, section 3); its step counts are "
              "for the full ImageNet setup, comparable to ours only at profile `paper`. Its text rounds BN-x5's "
              "31.0e6 / 2.1e6 = 14.8x down to \"14 times fewer steps\".", ""]

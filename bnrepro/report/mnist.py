@@ -36,6 +36,13 @@ def wall_text(manifest: dict) -> str:
     return "—" if wall is None else f"{wall:,.0f} s"
 
 
+def statistics_text(metrics: pd.DataFrame) -> str:
+    """Which BN statistics the run's last evaluation used (runs from before Alg. 2 was computed record none)."""
+    if "statistics" not in metrics:
+        return "moving averages (not recorded: made before Alg. 2's statistics)"
+    return str(metrics[metrics.step == metrics.step.max()].statistics.iloc[0])
+
+
 def complete_runs(results: Path) -> list[Path]:
     """MNIST run folders whose manifest says complete, oldest first."""
     return [folder for folder, _ in runs_of(results, "mnist")]
@@ -106,11 +113,19 @@ def figure_1(run_dir: Path, out: Path) -> list[Path]:
 
 def markdown(runs: list[Path]) -> str:
     latest = runs[-1]
-    _, summary, manifest = load(latest)
+    metrics, summary, manifest = load(latest)
+    found = summary.get("deviations", manifest.get("deviations"))
     lines = ["# MNIST (paper Sec. 4.1, Fig. 1)", "", PAPER_NOTE, "",
              f"Latest complete run: `{latest.name}` ({summary['steps']:,} steps, seeds {manifest['seeds']}, "
              f"device {manifest['device']}, commit `{manifest['git_commit'][:12]}`, "
-             f"{wall_text(manifest)}).", "",
+             f"{wall_text(manifest)}); "
+             + ("deviations from the paper: not recorded" if found is None else
+                f"deviations from the paper: {'; '.join(found) if found else 'none'}") + ".", "",
+             "BN's statistics at inference: the final accuracies and Fig. 1's first and last points use Alg. 2's "
+             "population statistics (the mean of the batch means and of the unbiased batch variances over "
+             "`eval.population_batches` training mini-batches); the points between use BN's moving averages, "
+             "as Alg. 2 allows for tracking accuracy during training. This run's final row: "
+             f"{statistics_text(metrics)}.", "",
              "| variant | seeds | final test accuracy (mean ± std) | steps to the baseline's final accuracy "
              "| public reproduction cited by the paper's notes |",
              "|---|---|---|---|---|"]
@@ -123,13 +138,14 @@ def markdown(runs: list[Path]) -> str:
         lines += ["", "Diverged (NaN/inf loss): " + ", ".join(
             f"{d['variant']} seed {d['seed']} at step {d['step']:,}" for d in summary["divergences"])]
     lines += ["", "![Fig. 1](fig1_mnist.png)", "", "## Every complete MNIST run", "",
-              "| run | steps | seeds | variant: final accuracy | engine | wall |", "|---|---|---|---|---|---|"]
+              "| run | steps | seeds | variant: final accuracy | final BN statistics | engine | wall |",
+              "|---|---|---|---|---|---|---|"]
     for run in runs:
-        _, s, m = load(run)
+        frame, s, m = load(run)
         finals = "; ".join(f"{n}: {accuracy_text(v)}" for n, v in s["variants"].items())
         engine = m.get("engine", "torch")  # runs from before the native engine record none: torch was the only one
-        lines.append(f"| `{run.name}` | {s['steps']:,} | {len(m['seeds'])} | {finals} | {engine} | "
-                     f"{wall_text(m)} |")
+        lines.append(f"| `{run.name}` | {s['steps']:,} | {len(m['seeds'])} | {finals} | {statistics_text(frame)} | "
+                     f"{engine} | {wall_text(m)} |")
     return "\n".join(lines) + "\n"
 
 
