@@ -149,7 +149,7 @@ def pack(
     shard_size: Annotated[int, typer.Option(help="Examples per shard.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the one fixed packing order.")] = 0,
 ) -> None:
-    """Pack a data set into WebDataset tar shards, so `train.shuffle` (shards / within_shard) means what it says."""
+    """Pack a data set into WebDataset tar shards (`train.shuffle` works on class folders too, over virtual shards)."""
     from bnrepro.data.images import pack as pack_shards
 
     for split, count in pack_shards(source, dest, shard_size, seed).items():
