@@ -1,42 +1,52 @@
-"""ImageNet training speed: `bnrepro imagenet` against a plain PyTorch loop doing the same work, in one invocation.
+"""ImageNet-recipe training speed: `bnrepro imagenet`'s update against a plain PyTorch loop doing the same work.
 
-Both sides train the project's Fig. 5 network (bnrepro.models.inception, so the arithmetic is identical) with
-the recipe's augmentation, batch and resolution; warm-up steps (worker start, cuDNN autotuning, compilation)
-are left out of the timing. bnrepro's side is the trainer's per-step work on the task `bnrepro imagenet` builds
-(lr from the schedule, the task's loss, zero_grad, backward, SGD step; no evaluation, no run folder). The
-reference is what one would write first: ImageFolder (or, for `bnrepro pack` shards, a small Dataset that
-decodes each example on the CPU workers), transforms v2, DataLoader(shuffle=True), SGD, cross-entropy; bf16
-autocast and channels_last on CUDA as bnrepro does. The question is what bnrepro's data path (decoding on the
-GPU in the main process, per-example seeded augmentation) costs or gains against that.
+Both sides train the Fig. 5 network (bnrepro.models.inception) at the same width, resolution, batch and recipe
+arithmetic (BN-x5 by default: SGD with momentum, L2 on the weights, the recipe's augmentation), on Fashion-MNIST,
+in one invocation; warm-up updates are left out of the timing.
 
-    python benchmarks/bench_imagenet.py --dataset-dir ../shared/data/fashion-shards             # bn-x5, proxy
-    python benchmarks/bench_imagenet.py --dataset-dir /tmp/benchdata --profile smoke --steps 20 --device cpu
+- plain: what one writes first: torchvision's `FashionMNIST` dataset, transforms v2 per example
+  (RandomResizedCrop, flip, ColorJitter, ToDtype, Normalize), a DataLoader with worker processes, and the
+  network as it is usually written: four branches per module, each with its own convolutions, and
+  `nn.BatchNorm2d`; in NCHW and again in channels_last.
+- bnrepro: the task `bnrepro imagenet` builds (the idx files held in memory as one uint8 tensor, augmented a
+  mini-batch at a time on the device with each example's own seed, channels_last, torch's fused BN kernel) and
+  the trainer's update (bnrepro.experiments.imagenet.time_training).
 
-Also prints the compute each side achieves: multiply-adds per image (count_flops) x 2 FLOPs x 3 (forward and
-backward) x images/s.
+    python benchmarks/bench_imagenet.py                                  # ../shared/data/fashion-mnist/raw, 2 cores
+    python benchmarks/bench_imagenet.py --width 1 --resolution 224 --batch 64 --device cuda --synthetic
+
+Also printed: where bnrepro's time goes (data vs step), the compute bound (multiply-adds x 6 per training
+image against this machine's measured GFLOP/s for the network's own convolutions, forward and backward, with no
+data at all), and the peak resident memory of the process.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import gzip
+import resource
+import shutil
+import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets import ImageFolder
-from torchvision.io import ImageReadMode, decode_image
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.datasets import FashionMNIST
 from torchvision.transforms import v2
 
 from bnrepro import recipes
-from bnrepro.data import images
 from bnrepro.engine.distributed import SINGLE_PROCESS
-from bnrepro.engine.trainer import LossLog
 from bnrepro.experiments import imagenet as experiment
+from bnrepro.models import inception
+from bnrepro.models.batchnorm import BatchNorm
 from bnrepro.models.inception import Inception, count_flops
 from bnrepro.runs import device_name
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "fashion-mnist" / "raw"
 
 
 def clock(device: torch.device) -> float:
@@ -45,136 +55,184 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def bnrepro_loop(recipe: recipes.ImagenetRecipe, profile: str, options: experiment.Options, steps: int,
-                 warmup: int) -> tuple[float, torch.device, list[str], images.Split]:
-    """The trainer's step (bnrepro/engine/trainer.py) on the task `bnrepro imagenet` builds; returns images/s."""
-    task, optimizer, settings, deviations = experiment._build(recipe, profile, options, SINGLE_PROCESS)
-    log = LossLog(1)
-    for step in range(warmup + steps):
-        if step == warmup:
-            start = clock(task.device)
-        for group in optimizer.param_groups:
-            group["lr"] = task.lr(step)
-        task.model.train()
-        losses = task.losses(step)
-        optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        optimizer.step()
-        log.add(losses.detach())
-        if (step + 1) % 50 == 0:
-            log.all_diverged()
-    rate = steps * settings.batch_size / (clock(task.device) - start)
-    device, split = task.device, task.train_split
-    del task, optimizer  # its loader's workers stop before the reference starts its own
-    gc.collect()
-    return rate, device, deviations, split
+class FourBranches(nn.Module):
+    """An Inception module as usually written: each branch its own convolutions (bnrepro runs the three 1x1
+    convolutions that read the module's input as one; same arithmetic)."""
+
+    def __init__(self, cfg: inception.InceptionConfig, spec: inception.Module, cin: int):
+        super().__init__()
+        unit, s = inception.ConvUnit, spec.stride
+        self.branches = nn.ModuleList([unit(cfg, cin, spec.n1x1, 1)] if spec.n1x1 else [])
+        self.branches.append(nn.Sequential(unit(cfg, cin, spec.n3x3_reduce, 1),
+                                           unit(cfg, spec.n3x3_reduce, spec.n3x3, 3, s)))
+        self.branches.append(nn.Sequential(unit(cfg, cin, spec.double_reduce, 1),
+                                           unit(cfg, spec.double_reduce, spec.double, 3),
+                                           unit(cfg, spec.double, spec.double, 3, s)))
+        pool = {"pass": nn.MaxPool2d(3, 2, padding=1), "max": nn.MaxPool2d(3, 1, padding=1),
+                "avg": nn.AvgPool2d(3, 1, padding=1, count_include_pad=cfg.pool_count_include_pad)}[spec.pool]
+        self.branches.append(pool if spec.pool == "pass" else nn.Sequential(pool, unit(cfg, cin, spec.proj, 1)))
+        self.out_channels = spec.out_channels(cin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([branch(x) for branch in self.branches], 1)
 
 
-class ShardExamples(Dataset):
-    """The examples of `bnrepro pack` shards, decoded and augmented on the CPU workers."""
-
-    def __init__(self, split: images.Split, transform: v2.Compose):
-        self.split, self.transform = split, transform
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        data = torch.frombuffer(bytearray(self.split.read(i)), dtype=torch.uint8)
-        return self.transform(decode_image(data, mode=ImageReadMode.RGB)), int(self.split.labels[i])
+def plain_network(cfg: inception.InceptionConfig) -> nn.Module:
+    """The Fig. 5 network as a plain loop would have it: four-branch modules, torch's BN."""
+    with mock.patch.object(inception, "InceptionModule", FourBranches):
+        return with_torch_bn(Inception(cfg))
 
 
-def plain_loop(recipe: recipes.ImagenetRecipe, profile: recipes.Profile, dataset_dir: Path, split: images.Split,
-               device: torch.device, steps: int, warmup: int, workers: int, compile_: bool) -> float:
-    """The same network trained the ordinary way; returns images/s."""
+def with_torch_bn(model: nn.Module) -> nn.Module:
+    """The same network with every project BN replaced by torch's own module (same eps and momentum)."""
+    for name, child in model.named_children():
+        if isinstance(child, BatchNorm):
+            kind = nn.BatchNorm2d if len(child.reduce_dims) == 3 else nn.BatchNorm1d
+            setattr(model, name, kind(child.gamma.numel(), eps=child.eps, momentum=child.momentum))
+        else:
+            with_torch_bn(child)
+    return model
+
+
+def plain_loop(recipe: recipes.ImagenetRecipe, profile: recipes.Profile, raw: Path, device: torch.device,
+               steps: int, warmup: int, workers: int, channels_last: bool) -> tuple[float, float]:
+    """The network trained the ordinary way; returns (images/s of training, images/s of the loader alone)."""
     data = recipe.data
     transform = v2.Compose([
-        v2.ToImage(),
+        v2.ToImage(), v2.RGB(),
         v2.RandomResizedCrop(profile.resolution, scale=(data.crop_min_area, 1.0), ratio=data.crop_aspect,
                              antialias=True),
         *([v2.RandomHorizontalFlip()] if data.flip else []),
         v2.ColorJitter(**data.photometric[recipe.train.distortions].model_dump()),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(data.mean, data.std),
+        v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.mean, data.std),
     ])
-    dataset = ShardExamples(split, transform) if split.sharded else ImageFolder(str(dataset_dir / "train"), transform)
-    loader = DataLoader(dataset, batch_size=profile.batch_size, shuffle=True, num_workers=workers,
-                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0)
-    torch.manual_seed(0)
-    model = Inception(experiment.model_config(recipe, len(split.classes))).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    network = torch.compile(model) if compile_ else model
-    t = recipe.train
-    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    if len(loader) == 0:
-        raise SystemExit(f"the training split has fewer than {profile.batch_size} (one batch) images")
-    model.train()
-    step, start = 0, 0.0
-    while step < warmup + steps:
-        for x, y in loader:
+    with tempfile.TemporaryDirectory() as root:  # torchvision wants FashionMNIST/raw with the files unpacked
+        folder = Path(root, "FashionMNIST", "raw")
+        folder.mkdir(parents=True)
+        for gz in raw.glob("*-ubyte.gz"):
+            with gzip.open(gz) as src, open(folder / gz.stem, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        dataset = FashionMNIST(root, train=True, transform=transform)
+        loader = DataLoader(dataset, batch_size=profile.batch_size, shuffle=True, num_workers=workers,
+                            pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0)
+        torch.manual_seed(0)
+        model = plain_network(experiment.model_config(recipe, profile, 10)).to(device)
+        memory = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(memory_format=memory)
+        t = recipe.train
+        optimizer = experiment.sgd(model, recipe)
+        model.train()
+        batches = iter(loader)
+        for step in range(warmup + steps):
             if step == warmup:
                 start = clock(device)
-            if step == warmup + steps:
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x, y = next(batches)
+            x, y = x.to(device, non_blocking=True).contiguous(memory_format=memory), y.to(device, non_blocking=True)
+            for group in optimizer.param_groups:
+                group["lr"] = t.lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = F.cross_entropy(network(x), y)
+                loss = F.cross_entropy(model(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            step += 1
-    return steps * profile.batch_size / (clock(device) - start)
+        training = steps * profile.batch_size / (clock(device) - start)
+        start = time.perf_counter()
+        for _ in range(steps):
+            next(batches)
+        loading = steps * profile.batch_size / (time.perf_counter() - start)
+    return training, loading
+
+
+def bnrepro_loop(recipe: recipes.ImagenetRecipe, profile_name: str, options: experiment.Options, steps: int,
+                 warmup: int, synthetic: bool) -> tuple[float, float, experiment.ImagenetTask]:
+    """The trainer's update on the task `bnrepro imagenet` builds; returns (images/s of training, images/s of
+    producing the augmented batches alone, the task)."""
+    task, optimizer, profile = experiment._build(recipe, profile_name, options, SINGLE_PROCESS, synthetic=synthetic)
+    training = experiment.time_training(task, optimizer, steps, warmup)
+    batches = task._batches(task.train_split, task._stream(0), train=True)
+    next(batches)
+    start = clock(task.device)
+    for _ in range(steps):
+        next(batches)
+    loading = steps * profile.batch_size / (clock(task.device) - start)
+    return training, loading, task
+
+
+def compute_only(model: nn.Module, batch: int, resolution: int, device: torch.device, steps: int) -> float:
+    """Images/s of forward + backward + SGD on one fixed batch already on the device: the network's own speed."""
+    x = torch.randn(batch, 3, resolution, resolution, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    model.train()
+    for step in range(steps + 3):
+        if step == 3:
+            start = clock(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return steps * batch / (clock(device) - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset-dir", type=Path, required=True, help="train/ and val/ class folders, or shards")
+    parser.add_argument("--data", type=Path, default=DATA, help="Fashion-MNIST's raw idx .gz files")
     parser.add_argument("--recipe", default="bn-x5")
-    parser.add_argument("--profile", default="proxy", help="paper, proxy or smoke: resolution and batch size")
-    parser.add_argument("--steps", type=int, default=200, help="timed steps per side")
-    parser.add_argument("--warmup", type=int, default=20, help="steps before the timing starts")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--width", type=float, default=0.25, help="the network's width multiplier")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=40, help="timed updates per side")
+    parser.add_argument("--warmup", type=int, default=5, help="updates before the timing starts")
+    parser.add_argument("--workers", type=int, default=2, help="the plain loop's DataLoader workers")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--workers", type=int, default=4, help="data-loading worker processes (both sides)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override key=value")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network (both sides)")
+    parser.add_argument("--synthetic", action="store_true", help="random images on both sides' place: the step alone")
     args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0 or args.workers < 0:
-        parser.error("--steps must be at least 1, --warmup and --workers at least 0")
 
-    recipe = recipes.load(args.recipe, args.overrides)
-    if not isinstance(recipe, recipes.ImagenetRecipe):
-        parser.error(f"recipe '{args.recipe}' is not an ImageNet recipe")
-    if args.profile not in recipe.profiles:
-        parser.error(f"recipe '{args.recipe}' has no profile '{args.profile}'")
-    profile = recipe.profiles[args.profile]
-    options = experiment.Options(args.dataset_dir, device=args.device, workers=args.workers, compile=args.compile,
-                                 show_progress=False)
+    settings = [f"profiles.proxy.resolution={args.resolution}", f"profiles.proxy.width={args.width}",
+                f"profiles.proxy.batch_size={args.batch}"]
+    recipe = recipes.load(args.recipe, settings)
+    profile = recipe.profiles["proxy"]
+    options = experiment.Options(args.data, device=args.device, show_progress=False)
+    ours, ours_data, task = bnrepro_loop(recipe, "proxy", options, args.steps, args.warmup, args.synthetic)
+    device = task.device
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    resident_mib = sum(p.numel() * p.element_size() for p, _ in task.resident.values()) / 2**20
+    del task
+    rows = [("bnrepro imagenet", ours, ours_data)]
+    if not args.synthetic:
+        for memory in (False, True):
+            rate, loading = plain_loop(recipe, profile, args.data, device, args.steps, args.warmup, args.workers,
+                                       memory)
+            rows.insert(len(rows) - 1, (f"plain PyTorch, {'channels_last' if memory else 'NCHW'}", rate, loading))
+    model = Inception(experiment.model_config(recipe, profile, 10))
+    macs = count_flops(model, args.resolution)
+    alone = compute_only(model.to(device, memory_format=torch.channels_last), args.batch, args.resolution, device,
+                         args.steps)
+    nchw = compute_only(plain_network(experiment.model_config(recipe, profile, 10)).to(device), args.batch,
+                        args.resolution, device, args.steps)
 
-    ours, device, deviations, split = bnrepro_loop(recipe, args.profile, options, args.steps, args.warmup)
-    plain = plain_loop(recipe, profile, args.dataset_dir, split, device, args.steps, args.warmup, args.workers,
-                       args.compile)
-    macs = count_flops(Inception(experiment.model_config(recipe, len(split.classes))), profile.resolution)
-
-    print(f"device: {device_name(device)}; torch {torch.__version__}"
-          f"{'; bf16 autocast, channels_last' if device.type == 'cuda' else '; fp32'}"
-          f"{'; torch.compile' if args.compile else ''}")
-    print(f"recipe {recipe.label}, profile {args.profile}: resolution {profile.resolution}, batch "
-          f"{profile.batch_size}, {args.steps} steps timed after {args.warmup} warm-up, {args.workers} workers")
-    print(f"data: {split.where} ({len(split):,} train examples, {len(split.classes)} classes); plain side reads "
-          f"{'the shards through a Dataset over images.open_split' if split.sharded else 'ImageFolder'}")
-    for line in deviations:
-        print(f"note: {line}")
-    print(f"network: {macs / 1e6:.1f} M multiply-adds per image forward; "
-          f"{6 * macs / 1e9:.3f} GFLOP per training image (x2 FLOPs/MAC, x3 forward+backward)")
-
-    print("\n| loop | images/s | achieved GFLOP/s |")
-    print("|---|---|---|")
-    for name, rate in (("plain PyTorch", plain), ("bnrepro imagenet", ours)):
-        print(f"| {name} | {rate:,.1f} | {6 * macs * rate / 1e9:,.1f} |")
-    print(f"\nbnrepro / plain: {ours / plain:.2f}x")
+    print(f"device: {device_name(device)}; torch {torch.__version__}; "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; {torch.get_num_threads()} threads")
+    print(f"recipe {recipe.label}: {args.resolution} px, width x{args.width:g}, batch {args.batch}; {args.steps} "
+          f"updates timed after {args.warmup}; data: {'synthetic' if args.synthetic else args.data}")
+    print(f"network: {macs / 1e6:.2f} M multiply-adds per image forward = {6 * macs / 1e6:.1f} MFLOP per training "
+          f"image (x2 FLOPs per multiply-add, x3 forward and backward)")
+    print(f"compute alone (one batch on the device, no data): {alone:,.0f} images/s = "
+          f"{6 * macs * alone / 1e9:,.1f} GFLOP/s (bnrepro's network: channels_last, fused BN, merged 1x1 "
+          f"entries); {nchw:,.0f} images/s for the plain loop's network in NCHW")
+    print("\n| loop | images/s | vs plain NCHW | vs plain channels_last | data alone, images/s | data share |")
+    print("|---|---|---|---|---|---|")
+    plain = {name: rate for name, rate, _ in rows}
+    for name, rate, loading in rows:
+        ratio = [f"{rate / plain[k]:.2f}x" if k in plain else "—"
+                 for k in ("plain PyTorch, NCHW", "plain PyTorch, channels_last")]
+        share = f"{100 * rate / loading:.0f}%" if not name.startswith("plain") else "(workers run beside the step)"
+        print(f"| {name} | {rate:,.0f} | {ratio[0]} | {ratio[1]} | {loading:,.0f} | {share} |")
+    print(f"\nbnrepro's bound here: the compute-alone rate above ({alone:,.0f} images/s); it reaches "
+          f"{100 * ours / alone:.0f}% of it")
+    print(f"peak resident memory after bnrepro's side: {peak_mib:,.0f} MiB (resident images on the device: "
+          f"{resident_mib:,.1f} MiB)")
 
 
 if __name__ == "__main__":

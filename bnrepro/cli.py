@@ -93,6 +93,10 @@ def imagenet(
         help="Data-loading worker processes per replica (default: 4, or the usable CPUs if fewer).")] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the network.")] = False,
     gpu_decode: Annotated[bool, typer.Option(help="On a GPU, decode JPEGs there rather than in the workers.")] = True,
+    resident: Annotated[bool, typer.Option(
+        help="Hold a data set that fits in memory decoded there, augmented in batches on the device.")] = True,
+    synthetic: Annotated[bool, typer.Option(
+        help="Time the training step on random images of the profile's size (no data, no run folder).")] = False,
     out: Annotated[Path, typer.Option(help="Results folder; the run goes to OUT/imagenet/<recipe>-<time>.")] = Path(
         "results"),
     set_: Overrides = None,
@@ -120,12 +124,20 @@ def imagenet(
     how = dict(device=device, workers=workers, compile=compile, gpu_decode=gpu_decode, show_progress=progress)
     replicas = Replicas.from_environment("nccl" if device != "cpu" and torch.cuda.is_available() else "gloo")
     try:
+        if synthetic:
+            if recipe is None or resume is not None:
+                raise UserError("--synthetic times a recipe's training step: give --recipe NAME (and no --resume)")
+            timing = experiment.synthetic(recipe, profile, list(set_ or []), experiment.Options(Path("."), seed=seed,
+                                          **how), steps or 20, replicas)
+            if replicas.is_main:
+                console.print(synthetic_summary(timing), highlight=False, markup=False)
+            return
         if resume is not None:
             run_dir = experiment.resume(resume, replicas, dataset_dir, **how)
         else:
             if recipe is None or dataset_dir is None:
                 raise UserError("give --recipe NAME and --dataset-dir DIR (or --resume RUN_FOLDER)")
-            options = experiment.Options(dataset_dir, seed=seed, **how)
+            options = experiment.Options(dataset_dir, seed=seed, resident=resident, **how)
             run_dir = experiment.run(recipe, profile, overrides, options, out, replicas)
     finally:
         replicas.close()
@@ -133,6 +145,13 @@ def imagenet(
         summary = json.loads((run_dir / "summary.json").read_text())
         console.print(imagenet_summary(summary), highlight=False)
         console.print(f"results: {run_dir}", markup=False)
+
+
+def synthetic_summary(timing: dict) -> str:
+    return (f"{timing['label']} ({timing['profile']}), synthetic data on {timing['device']} ({timing['precision']}, "
+            f"{timing['replicas']} replica(s)): {timing['images_per_second']:,.0f} images/s over {timing['steps']} "
+            f"steps; the profile's {timing['budget_steps']:,} steps would train in about "
+            f"{timing['budget_hours']:,.1f} h (evaluations not included)")
 
 
 def imagenet_summary(summary: dict) -> str:

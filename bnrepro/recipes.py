@@ -189,6 +189,8 @@ class Profile(Strict):
 
     dataset: str = Field(description="imagenet, fashion-mnist, or generated (tests)")
     resolution: int = Field(gt=0)
+    width: float = Field(1.0, gt=0, le=1, description="the network's width: every filter count of Fig. 5 (the "
+                                                         "stem's too) times this; 1 is the paper's network")
     batch_size: int = Field(gt=0)
     train_examples: int = Field(gt=0, description="size of the training set, to convert steps to epochs")
     steps: int = Field(ge=0)

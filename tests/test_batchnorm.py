@@ -114,6 +114,37 @@ def test_module_forward_backward_matches_torch(layout):
     assert bn.gamma.grad.shape == shape
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_the_fused_kernel_is_the_closed_form(layout, memory_format):
+    """Training runs on torch's fused kernel; the project's closed form of Alg. 1 and Sec. 3.1 is the reference
+    it is held to (float64): output, the three gradients and the moving averages, over several steps."""
+    if layout == "2d" and memory_format is torch.channels_last:
+        pytest.skip("channels_last is a 4-d layout")
+    _, dims, shape = LAYOUTS[layout]
+    fused, closed = (BatchNorm(shape, dims, eps=EPS, momentum=0.3).double() for _ in range(2))
+    closed.fused = False
+    assert fused.fused
+    with torch.no_grad():
+        for bn in (fused, closed):
+            bn.gamma.copy_(torch.linspace(0.5, 1.5, shape[1], dtype=torch.float64).view(shape))
+            bn.beta.copy_(torch.linspace(-1, 1, shape[1], dtype=torch.float64).view(shape))
+    for seed in range(3):
+        x, *_ = _inputs(layout, seed=10 + seed)
+        x = x.detach().contiguous(memory_format=memory_format) if x.ndim == 4 else x.detach()
+        upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        found = []
+        for bn in (fused, closed):
+            xi = x.clone().requires_grad_()
+            y = bn(xi)
+            grads = torch.autograd.grad((y * upstream).sum(), (xi, bn.gamma, bn.beta))
+            found.append((y, *grads))
+        for got, want in zip(*found):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-11)
+        torch.testing.assert_close(fused.mean_avg, closed.mean_avg, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(fused.var_avg, closed.var_avg, rtol=1e-12, atol=1e-13)
+
+
 def test_shape_must_have_size_one_at_reduced_dims():
     with pytest.raises(ValueError):
         BatchNorm((4, 6), (0,), eps=EPS, momentum=0.1)
@@ -142,10 +173,9 @@ def test_population_variance_is_unbiased(layout):
     bn, seen, dims = _trained(layout, momentum=1.0)
     last = seen[-1]
     m = last.numel() // bn.gamma.numel()
-    assert int(bn.m) == m
     mean_b, var_b = _biased_stats(last, dims)
     torch.testing.assert_close(bn.mean_avg, mean_b)
-    torch.testing.assert_close(bn.var_avg, var_b)
+    torch.testing.assert_close(bn.var_avg, var_b * m / (m - 1))  # kept unbiased, torch's convention
     scale, shift = bn.affine()
     want_scale = bn.gamma / torch.sqrt(m / (m - 1) * var_b + EPS)
     torch.testing.assert_close(scale, want_scale)
@@ -159,7 +189,8 @@ def test_moving_averages(layout):
     mean, var = torch.zeros_like(bn.mean_avg), torch.ones_like(bn.var_avg)
     for x in seen:
         mean_b, var_b = _biased_stats(x, dims)
-        mean, var = (1 - momentum) * mean + momentum * mean_b, (1 - momentum) * var + momentum * var_b
+        m = x.numel() // mean_b.numel()
+        mean, var = (1 - momentum) * mean + momentum * mean_b, (1 - momentum) * var + momentum * var_b * m / (m - 1)
     torch.testing.assert_close(bn.mean_avg, mean)
     torch.testing.assert_close(bn.var_avg, var)
 

@@ -92,7 +92,7 @@ def trainers_evaluation(run: Path, data: Path, eval_resize: float | None = None)
     seen = torch.stack([examples[(i, i)][0] for i in range(len(split))])
     mean = torch.tensor([255 * m for m in recipe.data.mean], dtype=torch.float64).view(1, 3, 1, 1)
     std = torch.tensor([255 * s for s in recipe.data.std], dtype=torch.float64).view(1, 3, 1, 1)
-    trainer_net = Inception(experiment.model_config(recipe, len(classes)))
+    trainer_net = Inception(experiment.model_config(recipe, recipe.profiles[member.manifest["profile"]], len(classes)))
     trainer_net.load_state_dict(checkpoint.load(run / "checkpoint.pt")["model"])
     if recipe.model.batch_norm:
         use_statistics(trainer_net, "population")

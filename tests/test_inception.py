@@ -2,10 +2,20 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bnrepro.models.batchnorm import BatchNorm, estimate_population, use_statistics
-from bnrepro.models.inception import FIG5, ConvUnit, Inception, InceptionConfig, count_flops, count_parameters, fold
+from bnrepro.models.inception import (
+    FIG5,
+    ConvUnit,
+    Inception,
+    InceptionConfig,
+    InceptionModule,
+    count_flops,
+    count_parameters,
+    fold,
+)
 
 # Fig. 5, typed from shared/paper/README.md section 5 (not read from FIG5, the constant under test):
 # #1x1, #3x3 reduce, #3x3, double #3x3 reduce, double #3x3, pool, proj, out channels ("pass" = max pool
@@ -123,7 +133,7 @@ def test_conv_init_schemes(scheme, variance, bound):
     std sqrt(2.6 / fan-in), which keeps 0.774 of its variance (about 2). ``bound`` is max |w| x sqrt(fan-in)."""
     torch.manual_seed(0)
     model = Inception(InceptionConfig(stem="plain", conv_init=scheme))
-    conv = model.inception[-1].branches[2][2][0]  # 5b's last double-3x3 conv: 224 x 224 x 3 x 3 weights
+    conv = model.inception[-1].double3x3[1][0]  # 5b's last double-3x3 conv: 224 x 224 x 3 x 3 weights
     fan_in = conv.weight[0].numel()
     assert fan_in == 224 * 9
     assert conv.weight.var().item() * fan_in == pytest.approx(variance, rel=0.02)
@@ -132,7 +142,7 @@ def test_conv_init_schemes(scheme, variance, bound):
         assert conv.weight.abs().max().item() * fan_in ** 0.5 <= bound + 1e-6
     torch.manual_seed(0)
     scaled = Inception(InceptionConfig(stem="plain", conv_init=scheme, init_scale=1.5))
-    torch.testing.assert_close(scaled.inception[-1].branches[2][2][0].weight, 1.5 * conv.weight)
+    torch.testing.assert_close(scaled.inception[-1].double3x3[1][0].weight, 1.5 * conv.weight)
     with pytest.raises(ValueError, match="conv_init"):
         Inception(InceptionConfig(conv_init="orthogonal"))
 
@@ -191,3 +201,28 @@ def test_torch_compile_matches_eager():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_the_merged_entry_convolution_computes_the_three_1x1_branches():
+    """The module's three 1x1 convolutions on its input run as one (filters side by side) with one BN: each
+    branch gets exactly what its own conv, BN (per-channel batch statistics) and ReLU would give it."""
+    torch.manual_seed(0)
+    cfg = InceptionConfig(width=0.25, num_classes=10)
+    spec = FIG5[0].scaled(0.25)
+    module = InceptionModule(cfg, spec, 48).double().train()
+    with torch.no_grad():
+        module.entry[1].gamma.uniform_(0.5, 1.5)
+        module.entry[1].beta.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 48, 8, 8, dtype=torch.float64)
+    weight, bn = module.entry[0].weight, module.entry[1]
+    gamma, beta = bn.gamma.view(-1), bn.beta.view(-1)
+    own, start = [], 0
+    for width in (spec.n1x1, spec.n3x3_reduce, spec.double_reduce):
+        part = slice(start, start + width)
+        z = F.conv2d(x, weight[part])
+        own.append(torch.relu(F.batch_norm(z, None, None, gamma[part], beta[part], training=True, eps=bn.eps)))
+        start += width
+    with torch.no_grad():
+        want = torch.cat([own[0], module.branch3x3(own[1]), module.double3x3(own[2]), module.pool(x)], 1)
+        torch.testing.assert_close(module(x), want, rtol=1e-12, atol=1e-12)
+    assert module(x).shape[1] == spec.out_channels(48)

@@ -19,6 +19,15 @@ Class folders have shards too, virtual ones: their examples are stored in a fixe
 SHA-256 of each file's path ``<class>/<file name>`` relative to the split folder (pseudo-random, so classes
 mix, yet the same on every machine and independent of any run seed), cut into ``shard_size`` consecutive
 examples. Both shuffling orders therefore mean for folders what they mean for ``bnrepro pack``'s tar shards.
+A folder of MNIST-format idx files (MNIST, Fashion-MNIST) is a third source: its examples keep the files'
+stored order (the data set as distributed), in virtual shards of ``shard_size`` consecutive examples.
+
+Data that fits in memory can be resident: decoded once into one uint8 tensor ``Split.pixels`` (N, C, H, W),
+so training reads it without decoding and needs no worker processes. Idx folders always are; ``resident()``
+(or ``open_split(..., resident=True)``) makes a folder or tar split of same-size images so, and keeps the
+tensor in the user cache while the files' bytes are unchanged. Images gray in every channel (Fashion-MNIST
+packed as PNGs) keep one channel, C = 1, as the idx files have; any colour image makes it C = 3. Either way
+``Split.image(i)`` gives the RGB (3, H, W) that ``decode`` gives for the file.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import io
 import os
 import tarfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -41,7 +50,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_png
 from torchvision.transforms import v2
 
 from bnrepro.errors import UserError
-from bnrepro.runs import atomic_write
+from bnrepro.runs import atomic_write, cache_dir
 
 IMAGE_SUFFIXES = {".jpeg": "jpg", ".jpg": "jpg", ".png": "png", ".webp": "webp", ".gif": "gif"}
 Order = Literal["full", "shards", "within_shard"]
@@ -57,7 +66,10 @@ def imagenet_wnids() -> list[str]:
 class Split:
     """Where each example of one split lies: ``files[file_of[i]]`` from byte ``offset[i]``, ``size[i]`` bytes
     (-1: the whole file). ``shard_starts`` bounds the shards' example ranges: tar shards, or a folder's virtual
-    shards; ``packed``: the examples lie in tar shards (else they are class-folder image files)."""
+    shards; ``packed``: the examples lie in tar shards (else they are class-folder image files, or idx records).
+    ``pixels``: when set, the split is resident: uint8 (N, C, H, W), C = 1 (gray) or 3, ``pixels[i]`` is example
+    ``i``, and every example is read from it (an idx record's address is its byte range in the uncompressed
+    images file, where the bytes are raw pixels, not an encoded image)."""
 
     files: list[str]
     file_of: np.ndarray
@@ -68,18 +80,37 @@ class Split:
     shard_starts: np.ndarray
     packed: bool
     where: str
+    pixels: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def read(self, i: int) -> bytes:
+        """Example ``i`` encoded: its file's bytes, or for a resident split a (lossless) PNG of ``pixels[i]``."""
+        if self.pixels is not None:
+            return encode_png(self.pixels[i]).numpy().tobytes()
         with open(self.files[self.file_of[i]], "rb") as f:
             f.seek(int(self.offset[i]))
             return f.read(int(self.size[i]))
 
+    def image(self, i: int) -> Tensor | None:
+        """Example ``i`` as ``decode`` gives it, uint8 RGB (3, H, W): a copy of ``pixels[i]`` (one gray channel
+        repeated) when resident, else decoded from its file; ``None`` if unreadable."""
+        if self.pixels is not None:
+            return self.pixels[i].expand(3, -1, -1).clone()
+        try:
+            return decode(torch.frombuffer(bytearray(self.read(i)), dtype=torch.uint8))
+        except (OSError, ValueError):  # unreadable, or empty (frombuffer refuses zero bytes)
+            return None
+
+    @property
+    def folders(self) -> bool:
+        """Class folders: one whole file per example, stored in path-hash order in virtual shards."""
+        return not self.packed and len(self.size) > 0 and int(self.size[0]) == -1
+
     def name(self, i: int) -> str:
         where = self.files[self.file_of[i]]
-        return f"{where}@{self.offset[i]}" if self.packed else where
+        return f"{where}@{self.offset[i]}" if self.size[i] >= 0 else where  # a part of the file, or all of it
 
 
 def class_names(folder: Path) -> list[str]:
@@ -91,19 +122,26 @@ def class_names(folder: Path) -> list[str]:
     return wnids if set(found) <= set(wnids) else found
 
 
-def open_split(root: Path, split: str, classes: list[str] | None = None, shard_size: int = 1000) -> Split:
-    """``root/split/<class>/*`` (folders, in virtual shards of ``shard_size``) or ``root/split-*.tar`` (shards
-    written by ``bnrepro pack``)."""
+def open_split(root: Path, split: str, classes: list[str] | None = None, shard_size: int = 1000,
+               resident: bool = False) -> Split:
+    """``root/split/<class>/*`` (folders, in virtual shards of ``shard_size``), ``root/split-*.tar`` (shards
+    written by ``bnrepro pack``) or ``root/*-idx?-ubyte[.gz]`` (MNIST-format idx files: "train" the train files,
+    "val" the t10k ones; always resident). With ``resident`` a folder or tar split is made resident (see
+    ``resident()``) if its images allow it."""
     root = Path(root)
     if shard_size < 1:
         raise UserError(f"shard_size must be at least 1, not {shard_size}")
     shards = sorted(root.glob(f"{split}-*.tar"))
     if shards:
-        return _open_shards(root, shards)
-    if (root / split).is_dir():
-        return _open_folder(root / split, classes or class_names(root / split), shard_size)
-    raise UserError(f"no '{split}' data in {root}: expected {root}/{split}/<class>/<images> or "
-                    f"{root}/{split}-*.tar shards (see `bnrepro pack`)")
+        found = _open_shards(root, shards)
+    elif (root / split).is_dir():
+        found = _open_folder(root / split, classes or class_names(root / split), shard_size)
+    elif _is_idx_folder(root):
+        return _open_idx(root, split, classes, shard_size)
+    else:
+        raise UserError(f"no '{split}' data in {root}: expected {root}/{split}/<class>/<images>, "
+                        f"{root}/{split}-*.tar shards (see `bnrepro pack`) or MNIST-format idx files")
+    return _resident(found) if resident else found
 
 
 def path_key(relative: str) -> str:
@@ -166,6 +204,141 @@ def _open_shards(root: Path, shards: list[Path]) -> Split:
     return Split([str(s) for s in shards], np.array(file_of), np.array(offset, np.int64), np.array(size, np.int64),
                  np.array(labels, np.int64), classes, np.array(starts, np.int64), True,
                  f"{len(shards)} shards in {root}")
+
+
+def _is_idx_folder(folder: Path) -> bool:
+    return any((folder / f"train-labels-idx1-ubyte{ext}").is_file() for ext in (".gz", ""))
+
+
+def _open_idx(folder: Path, split: str, classes: list[str] | None, shard_size: int) -> Split:
+    """MNIST-format idx files (parsed by ``mnist.read_folder``, through its cache), resident, in stored order."""
+    from bnrepro.data import mnist
+
+    if split not in ("train", "val"):
+        raise UserError(f"the idx files in {folder} hold the splits 'train' and 'val' (the t10k files), not '{split}'")
+    arrays = mnist.read_folder(folder)
+    images, labels = (arrays.train_images, arrays.train_labels) if split == "train" else \
+        (arrays.test_images, arrays.test_labels)
+    names = _idx_class_names(folder)
+    if classes is not None and list(classes) != names:
+        raise UserError(f"the idx files in {folder} have the classes {', '.join(names)}, not the ones asked for")
+    if not len(labels):
+        raise UserError(f"the {split} idx files in {folder} hold no examples")
+    stem = "train" if split == "train" else "t10k"
+    path = folder / f"{stem}-images-idx3-ubyte.gz"
+    path = path if path.is_file() else folder / f"{stem}-images-idx3-ubyte"
+    n, record = len(labels), images[0].numel()
+    starts = np.append(np.arange(0, n, shard_size, dtype=np.int64), n)
+    kind = "MNIST" if names == [str(digit) for digit in range(10)] else "Fashion-MNIST"
+    return Split([str(path)], np.zeros(n, np.int64), 16 + record * np.arange(n, dtype=np.int64),
+                 np.full(n, record, np.int64), labels.numpy().astype(np.int64), names, starts, False,
+                 f"{kind} idx files in {folder}", images.unsqueeze(1))
+
+
+# --- resident data ---------------------------------------------------------------------------------------
+
+
+def synthetic(resolution: int, classes: int = 1000, train: int = 1024, val: int = 256) -> tuple[Split, Split]:
+    """Random resident RGB images of ``resolution`` (``bnrepro imagenet --synthetic``): to time the training step
+    alone, on any device, before a data set is fetched."""
+    generator = torch.Generator().manual_seed(0)
+    names = [f"class{c:04d}" for c in range(classes)]
+
+    def split(n: int, name: str) -> Split:
+        pixels = torch.randint(0, 256, (n, 3, resolution, resolution), dtype=torch.uint8, generator=generator)
+        labels = torch.randint(0, classes, (n,), generator=generator).numpy()
+        zeros = np.zeros(n, np.int64)
+        return Split([name], zeros, zeros, zeros, labels, names, np.append(np.arange(0, n, 1000), n), False,
+                     f"{n:,} synthetic {resolution}x{resolution} images", pixels)
+
+    return split(train, "synthetic-train"), split(val, "synthetic-val")
+
+
+def resident(split: Split, cache: bool = True) -> Split:
+    """``split`` with every image decoded once into ``pixels`` (see the module docstring), or ``split`` itself,
+    not resident, if that cannot be: images of different sizes, an unreadable one, or more pixels than a quarter
+    of this machine's memory. With ``cache`` the tensor is kept in the user cache (``resident/``, one entry per
+    split location) and loaded from there, without decoding, while a SHA-256 over the split's files' bytes and
+    the examples' addresses is unchanged."""
+    from bnrepro.data import mnist
+
+    if split.pixels is not None or not len(split):
+        return split
+    try:
+        if _encoded_bytes(split) > _memory_budget():  # decoded images are larger still: do not even hash them
+            return split
+        if not cache:
+            pixels = _decode_all(split)
+        else:
+            entry = cache_dir() / "resident" / f"{path_key(chr(0).join(map(os.path.abspath, split.files)))[:16]}.pt"
+            saved = mnist.cached(entry, _split_digest(split), lambda: _made(_decode_all(split)),
+                                 accept=lambda saved: _fits(split, saved.get("pixels")))
+            pixels = None if saved is None else saved["pixels"]
+    except OSError:  # a file went missing or unreadable
+        return split
+    return split if pixels is None else replace(split, pixels=pixels)
+
+
+_resident = resident  # open_split's keyword of the same name hides it there
+
+
+def _made(pixels: Tensor | None) -> dict[str, Tensor] | None:
+    return None if pixels is None else {"pixels": pixels}
+
+
+def _fits(split: Split, pixels: object) -> bool:
+    return isinstance(pixels, Tensor) and pixels.dtype == torch.uint8 and pixels.ndim == 4 \
+        and len(pixels) == len(split) and pixels.shape[1] in (1, 3)
+
+
+def _memory_budget() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (AttributeError, OSError, ValueError):
+        return 8 << 30
+
+
+def _encoded_bytes(split: Split) -> int:
+    whole = {int(number) for number in split.file_of[split.size < 0]}
+    return int(split.size[split.size >= 0].sum()) + sum(os.path.getsize(split.files[number]) for number in whole)
+
+
+def _split_digest(split: Split) -> str:
+    """SHA-256 over the bytes of the split's files (each with its length) and the examples' addresses."""
+    digest = hashlib.sha256(b"bnrepro resident v1\0")
+    for path in split.files:
+        with open(path, "rb") as f:
+            digest.update(os.fstat(f.fileno()).st_size.to_bytes(8, "little"))
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    for array in (split.file_of, split.offset, split.size):
+        digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _decode_all(split: Split) -> Tensor | None:
+    """Every image of ``split`` decoded into one (N, C, H, W) tensor, each file read once; ``None`` at the first
+    unreadable image, or one of another size. C stays 1 while every image is gray in all three channels."""
+    pixels, budget, current, data = None, _memory_budget(), -1, b""
+    for i in range(len(split)):
+        number = int(split.file_of[i])
+        if number != current:
+            current, data = number, Path(split.files[number]).read_bytes()
+        start, size = int(split.offset[i]), int(split.size[i])
+        chunk = data[start:] if size < 0 else data[start:start + size]
+        image = decode(torch.frombuffer(bytearray(chunk), dtype=torch.uint8)) if chunk else None
+        if image is None:
+            return None
+        if pixels is None:
+            if len(split) * image.numel() > budget:
+                return None
+            pixels = torch.empty((len(split), 1, *image.shape[1:]), dtype=torch.uint8)
+        if image.shape[1:] != pixels.shape[2:]:
+            return None
+        if pixels.shape[1] == 1 and not (torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])):
+            pixels = pixels.repeat(1, 3, 1, 1)  # the first colour image: every image keeps all three channels
+        pixels[i] = image[:pixels.shape[1]]
+    return pixels
 
 
 # --- packing ---------------------------------------------------------------------------------------------
@@ -308,7 +481,8 @@ def prepare(data: Tensor, transform: Callable[[Tensor], Tensor], seed: int) -> T
 class Examples(Dataset):
     """Item ``(position, index)`` -> ``(image, label, position)``, decoded and transformed in the worker; an
     unreadable image gives ``None``. With ``jpegs_as_bytes`` a JPEG comes back still encoded (1-d uint8),
-    for the main process to decode on the GPU."""
+    for the main process to decode on the GPU. A resident split's images come from ``pixels`` as RGB
+    (3, H, W), only transformed: cheap enough for the main process (``num_workers=0``)."""
 
     def __init__(self, split: Split, transform: Callable[[Tensor], Tensor], seed: int, jpegs_as_bytes: bool):
         self.split, self.transform, self.seed, self.jpegs_as_bytes = split, transform, seed, jpegs_as_bytes
@@ -319,6 +493,8 @@ class Examples(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor | None, int, int]:
         position, index = item
         label = int(self.split.labels[index])
+        if self.split.pixels is not None:  # resident: nothing to read or decode
+            return augment(self.split.image(index), self.transform, example_seed(self.seed, position)), label, position
         try:
             data = torch.frombuffer(bytearray(self.split.read(index)), dtype=torch.uint8)
         except (OSError, ValueError):  # unreadable, or empty (frombuffer refuses zero bytes)

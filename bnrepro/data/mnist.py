@@ -19,8 +19,10 @@ import os
 import shutil
 import tempfile
 import zlib
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -94,17 +96,29 @@ def read_folder(folder: Path, cache: bool = True) -> MnistArrays:
     except OSError:  # a file is missing or unreadable: parsing says which
         return _parse(folder)
     entry = cache_dir() / "mnist-parsed" / f"{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]}.pt"
+    names = {field.name for field in fields(MnistArrays)}
+    saved = cached(entry, digest, lambda: asdict(_parse(folder)), accept=lambda saved: set(saved) == names)
+    return replace(MnistArrays(**saved), source=str(folder))
+
+
+def cached(entry: Path, digest: str, make: Callable[[], dict[str, Any] | None],
+           accept: Callable[[dict[str, Any]], bool] = lambda saved: True) -> dict[str, Any] | None:
+    """``make()``'s tensors (a dict), kept in the user cache file ``entry`` and returned from there while
+    ``digest`` (of whatever they are made from) is unchanged and ``accept`` takes them. A missing, stale or
+    damaged entry is made again and replaced atomically; a ``None`` from ``make`` is not kept; a read-only
+    cache only costs the saving."""
     try:
         saved = torch.load(entry, weights_only=True)
-        if saved.pop("digest") == digest:
-            return replace(MnistArrays(**saved), source=str(folder))
-    except Exception:  # none yet, or damaged: parse again
+        if saved.pop("digest") == digest and accept(saved):
+            return saved
+    except Exception:  # none yet, or damaged: make it again
         pass
-    arrays = _parse(folder)
-    with contextlib.suppress(OSError):  # a read-only cache: the next run parses again, nothing worse
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.save(entry, {**asdict(arrays), "digest": digest})
-    return arrays
+    made = make()
+    if made is not None:
+        with contextlib.suppress(OSError):  # a read-only cache: the next run makes it again, nothing worse
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.save(entry, {**made, "digest": digest})
+    return made
 
 
 def _digest(folder: Path) -> str:

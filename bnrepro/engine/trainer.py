@@ -176,6 +176,7 @@ def train(
 
     shown: dict[str, float] = {}
     if start == 0:
+        task.model.eval()
         shown = task.evaluate(0, log.close_interval(), "population")  # Alg. 2 before any update, too
     unit, per_step = rate
     train_steps = getattr(task, "train_steps", None)  # a task that trains whole chunks of steps itself

@@ -86,7 +86,7 @@ def load_member(run: Path, device: torch.device) -> Member:
     state = checkpoint.load(run / "checkpoint.pt")
     from bnrepro.experiments.imagenet import model_config
 
-    model = Inception(model_config(recipe, len(manifest["classes"])))
+    model = Inception(model_config(recipe, recipe.profiles[manifest["profile"]], len(manifest["classes"])))
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as err:
@@ -96,9 +96,7 @@ def load_member(run: Path, device: torch.device) -> Member:
         raise UserError(f"checkpoint {run / 'checkpoint.pt'} holds no Alg. 2 population statistics for BN (a run "
                         f"stores them when it finishes); train the member again")
     network = fold(model) if recipe.model.batch_norm else model.eval()
-    network = network.to(device)
-    if device.type == "cuda":
-        network = network.to(memory_format=torch.channels_last)
+    network = network.to(device, memory_format=torch.channels_last)  # faster on CPUs and GPUs alike
     return Member(manifest["recipe"], run, recipe, manifest, network)
 
 
@@ -123,9 +121,7 @@ def probabilities(member: Member, split: images.Split, crops: int, device: torch
         if len(batch.labels):
             views = torch.cat([crops_of(image, crops, member.resolution, data.eval_resize)  # 1 crop = the trainer's
                                for image in batch.images])
-            x = views.float().sub_(mean).div_(scale)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = views.float().sub_(mean).div_(scale).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = torch.cat([member.model(chunk) for chunk in x.split(batch_crops)])
             found.append(logits.float().softmax(1).view(len(batch.labels), crops, -1).mean(1).cpu())

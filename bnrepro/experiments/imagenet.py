@@ -9,9 +9,12 @@ mini-batch; only the main replica writes files.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +28,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from bnrepro import recipes as recipe_io
-from bnrepro.data import images
+from bnrepro.data import augment, images
 from bnrepro.engine.distributed import Replicas
 from bnrepro.engine.trainer import Schedule, train
 from bnrepro.errors import UserError
 from bnrepro.models.batchnorm import BatchNorm, Statistics, estimate_population, use_statistics
-from bnrepro.models.inception import Inception, InceptionConfig
+from bnrepro.models.inception import Inception, InceptionConfig, count_parameters
 from bnrepro.recipes import ImagenetRecipe, Profile
 from bnrepro.runs import (
     announce,
@@ -60,11 +63,13 @@ class Options:
     workers: int = 4
     compile: bool = False
     gpu_decode: bool = True  # on a GPU, decode JPEGs there (nvJPEG); other formats are decoded by the workers
+    resident: bool = True  # hold a data set that fits in memory decoded there (augmented in batches, no workers)
     show_progress: bool = True
 
 
-def model_config(recipe: ImagenetRecipe, num_classes: int) -> InceptionConfig:
-    return InceptionConfig(**recipe.model.model_dump(), num_classes=num_classes)
+def model_config(recipe: ImagenetRecipe, profile: Profile, num_classes: int) -> InceptionConfig:
+    """The Fig. 5 network the recipe describes, at the profile's width."""
+    return InceptionConfig(**recipe.model.model_dump(), width=profile.width, num_classes=num_classes)
 
 
 def learning_rate(recipe: ImagenetRecipe, batch_size: int, train_examples: int, replicas: int = 1):
@@ -85,8 +90,9 @@ def sgd(model: nn.Module, recipe: ImagenetRecipe) -> torch.optim.Optimizer:
     weights = [p for name, p in model.named_parameters() if name.endswith("weight")]  # conv and linear
     others = [p for name, p in model.named_parameters() if not name.endswith("weight")]  # biases, gamma, beta
     t = recipe.train
-    return torch.optim.SGD([{"params": weights, "weight_decay": t.weight_decay}, {"params": others, "weight_decay": 0}],
-                           lr=t.lr, momentum=t.momentum)
+    groups = [{"params": weights, "weight_decay": t.weight_decay}, {"params": others, "weight_decay": 0}]
+    # fused: the same update in one kernel per step (CPU and CUDA; ~6% of a CPU step at width 1/4 saved)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, fused=True)
 
 
 class ImagenetTask:
@@ -98,12 +104,11 @@ class ImagenetTask:
         self.recipe, self.profile, self.device, self.replicas, self.options = recipe, profile, device, replicas, options
         self.train_split, self.val_split = train_split, val_split
         torch.manual_seed(options.seed)  # the same initial weights on every replica
-        self.model = Inception(model_config(recipe, len(train_split.classes))).to(device)
+        self.model = Inception(model_config(recipe, profile, len(train_split.classes))).to(device)
         for module in self.model.modules():
             if isinstance(module, BatchNorm):
                 module.sync = recipe.train.bn_sync
-        if device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.model.to(memory_format=torch.channels_last)  # faster on CPUs and GPUs alike (README)
         network: nn.Module = self.model
         if replicas.distributed:  # BN buffers stay per replica; they are averaged before use (see below)
             network = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -118,6 +123,13 @@ class ImagenetTask:
             profile.resolution, data.crop_min_area, data.crop_aspect, data.flip,
             data.photometric[recipe.train.distortions].model_dump())
         self.eval_transform = images.evaluation_transform(profile.resolution, data.eval_resize)
+        # resident data: the uint8 pixels and labels of each split on the device, augmented there batch by batch
+        self.resident = {id(split): (split.pixels.to(device), torch.as_tensor(split.labels).to(device))
+                         for split in (train_split, val_split) if split.pixels is not None}
+        self.augment = augment.TrainingAugment(profile.resolution, data.crop_min_area, data.crop_aspect, data.flip,
+                                               **data.photometric[recipe.train.distortions].model_dump())
+        self.eval_view = functools.partial(augment.evaluation_view, resolution=profile.resolution,
+                                           resize=data.eval_resize)
         self.jpegs_as_bytes = device.type == "cuda" and options.gpu_decode  # workers pass JPEGs on undecoded
         self.order = recipe.train.shuffle
         self.stream, self.next_step, self.val_loader = None, -1, None
@@ -137,12 +149,33 @@ class ImagenetTask:
                           persistent_workers=persistent and workers > 0,
                           generator=torch.Generator())  # the loader must not draw from the global RNG (resume)
 
-    def _stream(self, step: int, transform) -> DataLoader:
+    def _stream(self, step: int) -> images.TrainingStream:
         """This replica's mini-batches from paper step ``step`` on: replica r reads steps step + r, step + r + W, ..."""
-        sampler = images.TrainingStream(self.train_split, self.order, self.options.seed, self.profile.batch_size,
-                                        self.replicas.rank, self.replicas.world, step // self.replicas.world,
-                                        self.recipe.train.shuffle_buffer_shards)
-        return self._loader(self.train_split, transform, sampler)
+        return images.TrainingStream(self.train_split, self.order, self.options.seed, self.profile.batch_size,
+                                     self.replicas.rank, self.replicas.world, step // self.replicas.world,
+                                     self.recipe.train.shuffle_buffer_shards)
+
+    def _batches(self, split: images.Split, sampler, train: bool) -> Iterator[tuple[Tensor, Tensor]]:
+        """(normalized channels_last images, labels) of each mini-batch ``sampler`` names, augmented for training
+        or cut to the evaluation view. Resident data (``split.pixels``) is cut, augmented and resized on the
+        device in one batched call per mini-batch, each example with its own seed; files are decoded and
+        augmented example by example by the loader's workers (JPEGs on the GPU when asked)."""
+        if split.pixels is not None:
+            pixels, labels = self.resident[id(split)]
+            for items in sampler:
+                positions, indices = (torch.tensor(column, device=self.device) for column in zip(*items))
+                seeds = images.example_seed(self.options.seed, 0) + positions  # each example's own, as on files
+                batch = pixels[indices]
+                x = self.augment(batch, seeds) if train else self.eval_view(batch)
+                yield self._normalize(x), labels[indices]
+            return
+        transform = self.train_transform if train else self.eval_transform
+        loader = self.val_loader if split is self.val_split else self._loader(split, transform, sampler)
+        for batch in loader:
+            yield self._tensor(batch, transform)
+
+    def _normalize(self, pictures: Tensor) -> Tensor:
+        return pictures.float().sub_(self.mean).div_(self.scale).contiguous(memory_format=torch.channels_last)
 
     def _tensor(self, batch: images.Batch, transform) -> tuple[Tensor, Tensor]:
         """The batch's readable images (JPEGs the workers left encoded are decoded here, on the GPU) as a
@@ -153,20 +186,16 @@ class ImagenetTask:
             resolution = self.profile.resolution
             return torch.empty(0, 3, resolution, resolution, device=self.device), batch.labels
         pictures = batch.images if isinstance(batch.images, Tensor) else torch.stack(batch.images)
-        x = pictures.float().sub_(self.mean).div_(self.scale)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, batch.labels.to(self.device, non_blocking=True)
+        return self._normalize(pictures), batch.labels.to(self.device, non_blocking=True)
 
     def losses(self, step: int) -> Tensor | None:
         """The loss of this replica's mini-batch of the update at paper step ``step``; ``None`` (every replica
         skips the update: no forward, no BN averages, no weight decay or momentum) when any replica's
         mini-batch had no readable image."""
         if step != self.next_step:  # first update of this process: the stream starts where the run stands
-            self.stream = iter(self._stream(step, self.train_transform))
-        batch = next(self.stream)
+            self.stream = self._batches(self.train_split, self._stream(step), train=True)
+        x, y = next(self.stream)
         self.next_step = step + self.replicas.world
-        x, y = self._tensor(batch, self.train_transform)
         if self.replicas.any(len(y) == 0):
             self.empty_updates += 1
             if self.empty_updates >= MAX_EMPTY_UPDATES:
@@ -193,14 +222,13 @@ class ImagenetTask:
         """Single centre crop top-1/top-5 over the whole validation set, each image counted exactly once."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             return math.nan, math.nan  # "machine infinity": nothing meaningful to evaluate
-        if self.val_loader is None:  # its workers start once and serve every evaluation
-            sampler = images.EvaluationBatches(len(self.val_split), self.profile.batch_size, self.replicas.rank,
-                                               self.replicas.world)
+        sampler = images.EvaluationBatches(len(self.val_split), self.profile.batch_size, self.replicas.rank,
+                                           self.replicas.world)
+        if self.val_loader is None and self.val_split.pixels is None:  # its workers start once, serve every evaluation
             self.val_loader = self._loader(self.val_split, self.eval_transform, sampler, persistent=True)
         counts = torch.zeros(4, dtype=torch.float64, device=self.device)  # top-1 hits, top-5 hits, images, skipped
         skipped_before = self.skipped
-        for batch in self.val_loader:
-            x, y = self._tensor(batch, self.eval_transform)
+        for x, y in self._batches(self.val_split, sampler, train=False):
             if len(y) == 0:
                 continue
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -218,13 +246,12 @@ class ImagenetTask:
         """Alg. 2: BN's population statistics over the ``population_batches`` training mini-batches from paper
         step ``step`` on (the stream's own, so a pure function of the step), split between the replicas and
         summed over them; their images get ``data.population_transform``. Returns the batches averaged."""
-        transform = self.train_transform if self.recipe.data.population_transform == "train" else self.eval_transform
+        train = self.recipe.data.population_transform == "train"
         mine = len(range(self.replicas.rank, self.profile.population_batches, self.replicas.world))
         skipped = self.skipped
 
         def forward() -> None:
-            for batch in itertools.islice(self._stream(step, transform), mine):
-                x, _ = self._tensor(batch, transform)
+            for x, _ in itertools.islice(self._batches(self.train_split, self._stream(step), train), mine):
                 if len(x):
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                         self.model(x)
@@ -262,11 +289,13 @@ class ImagenetTask:
 # --- runs ------------------------------------------------------------------------------------------------
 
 
-def _data(profile: Profile, dataset_dir: Path) -> tuple[images.Split, images.Split]:
+def _data(profile: Profile, options: Options) -> tuple[images.Split, images.Split]:
     """The two splits; class folders come in virtual shards of ``profile.shard_size``, so ``train.shuffle``
-    holds for them too."""
-    train_split = images.open_split(dataset_dir, "train", shard_size=profile.shard_size)
-    val_split = images.open_split(dataset_dir, "val", train_split.classes, shard_size=profile.shard_size)
+    holds for them too; a data set that fits in memory is held there decoded (``options.resident``)."""
+    dataset_dir, resident = options.dataset_dir, options.resident
+    train_split = images.open_split(dataset_dir, "train", shard_size=profile.shard_size, resident=resident)
+    val_split = images.open_split(dataset_dir, "val", train_split.classes, shard_size=profile.shard_size,
+                                  resident=resident)
     if val_split.classes != train_split.classes:
         raise UserError(f"train and val in {dataset_dir} have different class lists; pack them together")
     return train_split, val_split
@@ -285,12 +314,15 @@ def deviations(recipe: ImagenetRecipe, profile_name: str, overrides: list[str], 
                      f"has {len(split):,} (the learning-rate decay follows the data's epochs)")
     if profile.resolution != paper.resolution:
         found.append(f"resolution {profile.resolution} px, not {paper.resolution}")
+    if profile.width != paper.width:
+        found.append(f"network width x{profile.width:g}: every filter count of Fig. 5 (the stem's too) scaled, "
+                     f"{count_parameters(task.model):,} parameters")
     if profile.batch_size != paper.batch_size:
         found.append(f"mini-batch {profile.batch_size}, not {paper.batch_size}")
     if profile.steps != paper.steps:
         found.append(f"budget {profile.steps:,} steps ({profile.epochs(profile.steps):,.1f} epochs of this data), "
                      f"not the paper profile's {paper.steps:,}")
-    if not split.packed:
+    if split.folders:
         found.append(f"class folders: stored order by path hash, in virtual shards of {profile.shard_size:,} "
                      f"(for train.shuffle={recipe.train.shuffle})")
     if world > 1:
@@ -303,7 +335,7 @@ def deviations(recipe: ImagenetRecipe, profile_name: str, overrides: list[str], 
     return found
 
 
-def _build(recipe: ImagenetRecipe, profile_name: str, options: Options, replicas: Replicas):
+def _build(recipe: ImagenetRecipe, profile_name: str, options: Options, replicas: Replicas, synthetic: bool = False):
     if profile_name not in recipe.profiles:
         raise UserError(f"recipe '{recipe.label}' has no profile '{profile_name}'; it has {', '.join(recipe.profiles)}")
     profile = recipe.profiles[profile_name]
@@ -311,17 +343,59 @@ def _build(recipe: ImagenetRecipe, profile_name: str, options: Options, replicas
     if device.type == "cuda" and replicas.distributed:
         device = torch.device("cuda", replicas.local_rank)
         torch.cuda.set_device(device)
-    train_split, val_split = _data(profile, options.dataset_dir)
+    train_split, val_split = images.synthetic(profile.resolution) if synthetic else _data(profile, options)
     task = ImagenetTask(recipe, profile, train_split, val_split, device, replicas, options)
     return task, sgd(task.model, recipe), profile
+
+
+def time_training(task: ImagenetTask, optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> float:
+    """Images per second of the trainer's update on ``task`` (learning rate, loss, zero_grad, backward, SGD step),
+    timed over ``steps`` updates after ``warmup`` (worker start, cuDNN autotuning, compilation); no evaluation."""
+    task.model.train()
+    per_update = task.profile.batch_size * task.replicas.world
+    for update in range(warmup + steps):
+        if update == warmup:
+            start = _clock(task.device)
+        step = update * task.replicas.world
+        for group in optimizer.param_groups:
+            group["lr"] = task.lr(step)
+        losses = task.losses(step)
+        optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        optimizer.step()
+    return steps * per_update / (_clock(task.device) - start)
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def synthetic(recipe_name: str, profile_name: str, overrides: list[str], options: Options, steps: int,
+              replicas: Replicas, warmup: int = 5) -> dict[str, Any]:
+    """Time the training step alone on random resident images of the profile's size (no data set, no run folder),
+    so a run can be sized on any device before its data is fetched."""
+    recipe = _imagenet_recipe(recipe_name, overrides)
+    task, optimizer, profile = _build(recipe, profile_name, options, replicas, synthetic=True)
+    rate = time_training(task, optimizer, steps, warmup)
+    return {"label": recipe.label, "profile": profile_name, "device": device_name(task.device),
+            "precision": _precision(task.device), "replicas": replicas.world, "images_per_second": rate,
+            "steps": steps, "budget_steps": profile.steps,
+            "budget_hours": profile.steps * profile.batch_size / rate / 3600}
+
+
+def _imagenet_recipe(recipe_name: str, overrides: list[str]) -> ImagenetRecipe:
+    recipe = recipe_io.load(recipe_name, overrides)
+    if not isinstance(recipe, ImagenetRecipe):
+        raise UserError(f"recipe '{recipe_name}' is a {recipe.experiment} recipe, not an ImageNet one")
+    return recipe
 
 
 def run(recipe_name: str, profile_name: str, overrides: list[str], options: Options, out: Path,
         replicas: Replicas) -> Path:
     """Train one recipe at one profile in a new run folder ``out/imagenet/<recipe>-<time>``; returns the folder."""
-    recipe = recipe_io.load(recipe_name, overrides)
-    if not isinstance(recipe, ImagenetRecipe):
-        raise UserError(f"recipe '{recipe_name}' is a {recipe.experiment} recipe, not an ImageNet one")
+    recipe = _imagenet_recipe(recipe_name, overrides)
     task, optimizer, profile = _build(recipe, profile_name, options, replicas)
     short = Path(recipe_name).stem
     run_dir = None
@@ -336,12 +410,14 @@ def run(recipe_name: str, profile_name: str, overrides: list[str], options: Opti
                                             f"{len(task.val_split):,} val, {len(task.train_split.classes)} classes)",
         "dataset_dir": str(Path(options.dataset_dir).resolve()), "classes": task.train_split.classes,
         "train_examples": len(task.train_split), "packed": task.train_split.packed,
+        "resident": task.train_split.pixels is not None,
         "shard_size": None if task.train_split.packed else profile.shard_size,
         "seed": options.seed,
         "replicas": replicas.world, "bn_statistics": "synchronised" if recipe.train.bn_sync else "per replica",
         "global_batch": profile.batch_size * replicas.world, "lr_factor": recipe.train.lr_factor(replicas.world),
         "deviations": deviations(recipe, profile_name, overrides, task),
-        "compile": options.compile, "workers": options.workers, "gpu_decode": task.jpegs_as_bytes,
+        "compile": options.compile, "gpu_decode": task.jpegs_as_bytes,
+        "workers": 0 if task.train_split.pixels is not None else options.workers,  # resident data needs none
         "precision": _precision(task.device),
         "device": device_name(task.device), "versions": versions(), "git_commit": git_commit(),
     }
@@ -364,7 +440,8 @@ def resume(run_dir: Path, replicas: Replicas, dataset_dir: Path | None = None, *
     if replicas.world != manifest["replicas"]:
         raise UserError(f"run {run_dir} trained on {manifest['replicas']} process(es); resume it on as many "
                         f"(the global batch and the data stream depend on it), not {replicas.world}")
-    options = Options(Path(dataset_dir or manifest["dataset_dir"]), seed=manifest["seed"], **how)
+    options = Options(Path(dataset_dir or manifest["dataset_dir"]), seed=manifest["seed"],
+                      resident=manifest.get("resident", False), **how)  # the same pipeline, so the same augmentation
     task, optimizer, profile = _build(recipe, manifest["profile"], options, replicas)
     split = task.train_split
     shard_size = None if split.packed else profile.shard_size

@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 Statistics = Literal["moving", "population"]
@@ -154,18 +155,25 @@ class BatchNorm(nn.Module):
         self.sync = False  # statistics over all DDP replicas' mini-batches (off: per replica, as the paper)
         self.statistics: Statistics = "moving"  # which statistics inference uses (set by ``use_statistics``)
         self.collecting: PopulationSums | None = None  # set while ``estimate_population`` runs
+        # (batch, C) and (batch, C, H, W) train on torch's fused kernel (cuDNN on a GPU); other layouts, synced
+        # statistics and Alg. 2's estimate on the closed form below, which the tests hold the fused kernel to
+        self.fused = reduce_dims in ((0,), (0, 2, 3)) and len(shape) == len(reduce_dims) + 1
         self.gamma = nn.Parameter(torch.ones(shape))
         self.beta = nn.Parameter(torch.zeros(shape))
-        # E_B[mu_B] and E_B[sigma_B^2] (biased), tracked as moving averages; m is the batch's value count
+        # moving averages of mu_B and of the unbiased m/(m-1) sigma2_B (torch's convention), for tracking accuracy
         self.register_buffer("mean_avg", torch.zeros(shape))
         self.register_buffer("var_avg", torch.ones(shape))
-        self.register_buffer("m", torch.zeros((), dtype=torch.long))
         # Alg. 2's population statistics E[x], Var[x] (unbiased), and how many mini-batches they average (0: none)
         self.register_buffer("pop_mean", torch.zeros(shape))
         self.register_buffer("pop_var", torch.ones(shape))
         self.register_buffer("pop_batches", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.fused and self.collecting is None and not self.synced:
+            # Alg. 1 in one fused kernel; it accumulates bf16 inputs' statistics in float32 and updates the
+            # moving averages in place (through views of the buffers)
+            return F.batch_norm(x, self.mean_avg.view(-1), self.var_avg.view(-1), self.gamma.view(-1),
+                                self.beta.view(-1), True, self.momentum, self.eps)
         # statistics in float32 whatever the input (bf16 autocast would lose the variance), output as input
         dtype, x = x.dtype, x.to(torch.promote_types(x.dtype, torch.float32))
         if not self.training:
@@ -181,10 +189,10 @@ class BatchNorm(nn.Module):
 
     @torch.no_grad()
     def track(self, mean: Tensor, var: Tensor, m: int) -> None:
-        """Fold one mini-batch's statistics into the moving averages (Alg. 2 allows these for tracking)."""
+        """Fold one mini-batch's mean and biased variance over ``m`` values into the moving averages, as the
+        fused kernel does (Alg. 2 allows these for tracking)."""
         self.mean_avg.lerp_(mean, self.momentum)
-        self.var_avg.lerp_(var, self.momentum)
-        self.m.fill_(m)
+        self.var_avg.lerp_(var * (m / max(m - 1, 1)), self.momentum)
 
     @property
     def synced(self) -> bool:
@@ -198,7 +206,7 @@ class BatchNorm(nn.Module):
                 raise RuntimeError("BN has no population statistics yet (estimate_population computes them)")
             mean, var = self.pop_mean, self.pop_var
         else:
-            mean, var = population(self.mean_avg, self.var_avg, int(self.m))
+            mean, var = self.mean_avg, self.var_avg
         return inference_affine(self.gamma, self.beta, mean, var, self.eps)
 
     def extra_repr(self) -> str:

@@ -43,6 +43,17 @@ class Module:
     def out_channels(self, in_channels: int) -> int:
         return self.n1x1 + self.n3x3 + self.double + (in_channels if self.pool == "pass" else self.proj)
 
+    def scaled(self, width: float) -> Module:
+        """This row with every filter count times ``width`` (the CPU profile's narrower network)."""
+        counts = {name: scale_width(getattr(self, name), width)
+                  for name in ("n1x1", "n3x3_reduce", "n3x3", "double_reduce", "double", "proj")}
+        return Module(self.name, pool=self.pool, **counts)
+
+
+def scale_width(filters: int, width: float) -> int:
+    """``filters`` x ``width``, rounded, at least 1 where the table has any (0 stays 0: an absent branch)."""
+    return max(1, round(filters * width)) if filters else 0
+
 
 # Fig. 5 of the paper, as given in shared/paper/README.md section 5 (4c/4d sum to 608, 4e to 1056).
 FIG5 = (
@@ -77,6 +88,7 @@ class InceptionConfig:
     pool_count_include_pad: bool = False  # the modules' 3x3/1 average pools divide by the zero padding too
     stem: Literal["plain", "separable"] = "plain"
     depth_multiplier: int = 8
+    width: float = 1.0  # multiplies every filter count of Fig. 5, the stem's too (1: the paper's network)
     num_classes: int = 1000
     in_channels: int = 3
     bn_eps: float = 1e-3
@@ -131,29 +143,34 @@ class SeparableStem(nn.Sequential):
 
 
 class InceptionModule(nn.Module):
-    """Four parallel branches concatenated along channels (Fig. 5 row ``spec``)."""
+    """Four parallel branches concatenated along channels (Fig. 5 row ``spec``).
+
+    The three 1x1 convolutions that read the module's input (the 1x1 branch, the 3x3 reduce and the double-3x3
+    reduce) are one convolution with their filters side by side, followed by one BN over those channels: the
+    same arithmetic (BN's statistics are per channel), in one kernel instead of three; measured 15% faster
+    training at width 1/4 and 32 px on 2 CPU cores. ``entry`` is split back into the branches' inputs.
+    """
 
     def __init__(self, cfg: InceptionConfig, spec: Module, cin: int):
         super().__init__()
         s = spec.stride
-        self.branches = nn.ModuleList()
-        if spec.n1x1:
-            self.branches.append(ConvUnit(cfg, cin, spec.n1x1, 1))
-        self.branches.append(nn.Sequential(ConvUnit(cfg, cin, spec.n3x3_reduce, 1),
-                                           ConvUnit(cfg, spec.n3x3_reduce, spec.n3x3, 3, s)))
-        self.branches.append(nn.Sequential(ConvUnit(cfg, cin, spec.double_reduce, 1),
-                                           ConvUnit(cfg, spec.double_reduce, spec.double, 3),
-                                           ConvUnit(cfg, spec.double, spec.double, 3, s)))
+        self.widths = [spec.n1x1, spec.n3x3_reduce, spec.double_reduce]  # the 1x1 branch may be absent (0)
+        self.entry = ConvUnit(cfg, cin, sum(self.widths), 1)
+        self.branch3x3 = ConvUnit(cfg, spec.n3x3_reduce, spec.n3x3, 3, s)
+        self.double3x3 = nn.Sequential(ConvUnit(cfg, spec.double_reduce, spec.double, 3),
+                                       ConvUnit(cfg, spec.double, spec.double, 3, s))
         if spec.pool == "pass":
-            self.branches.append(nn.MaxPool2d(3, 2, padding=1))
+            self.pool = nn.MaxPool2d(3, 2, padding=1)
         else:
             pool = nn.AvgPool2d(3, 1, padding=1, count_include_pad=cfg.pool_count_include_pad) \
                 if spec.pool == "avg" else nn.MaxPool2d(3, 1, padding=1)
-            self.branches.append(nn.Sequential(pool, ConvUnit(cfg, cin, spec.proj, 1)))
+            self.pool = nn.Sequential(pool, ConvUnit(cfg, cin, spec.proj, 1))
         self.out_channels = spec.out_channels(cin)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([branch(x) for branch in self.branches], 1)
+        single, reduced, double_reduced = self.entry(x).split(self.widths, 1)
+        branches = [self.branch3x3(reduced), self.double3x3(double_reduced), self.pool(x)]
+        return torch.cat([single, *branches] if self.widths[0] else branches, 1)
 
 
 class Inception(nn.Module):
@@ -165,19 +182,20 @@ class Inception(nn.Module):
     def __init__(self, cfg: InceptionConfig):
         super().__init__()
         self.cfg = cfg
-        stem: list[nn.Module] = [SeparableStem(cfg, cfg.in_channels, 64) if cfg.stem == "separable"
-                                 else ConvUnit(cfg, cfg.in_channels, 64, 7, 2),
+        c64, c192 = scale_width(64, cfg.width), scale_width(192, cfg.width)
+        stem: list[nn.Module] = [SeparableStem(cfg, cfg.in_channels, c64) if cfg.stem == "separable"
+                                 else ConvUnit(cfg, cfg.in_channels, c64, 7, 2),
                                  nn.MaxPool2d(3, 2, padding=1)]
         if cfg.lrn:
             stem.append(nn.LocalResponseNorm(cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k))
-        stem += [ConvUnit(cfg, 64, 64, 1), ConvUnit(cfg, 64, 192, 3)]
+        stem += [ConvUnit(cfg, c64, c64, 1), ConvUnit(cfg, c64, c192, 3)]
         if cfg.lrn:
             stem.append(nn.LocalResponseNorm(cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k))
         stem.append(nn.MaxPool2d(3, 2, padding=1))
         self.stem = nn.Sequential(*stem)
-        modules, channels = [], 192
+        modules, channels = [], c192
         for spec in FIG5:
-            module = InceptionModule(cfg, spec, channels)
+            module = InceptionModule(cfg, spec.scaled(cfg.width), channels)
             modules.append(module)
             channels = module.out_channels
         self.inception = nn.Sequential(*modules)
