@@ -218,6 +218,58 @@ def pd_table(csv: Path) -> Table:
 
 
 @app.command()
+def reproduce(
+    profile: Annotated[str, typer.Option(help="cpu (a 2-core CPU, about an hour), proxy or paper (GPUs).")] = "cpu",
+    dataset_dir: Annotated[Path | None, typer.Option(help="The profile's data: for cpu, Fashion-MNIST's raw folder.")
+                           ] = None,
+    results: Annotated[Path, typer.Option(help="Where the runs, the ensemble and the report go.")] = Path("results"),
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    workers: Annotated[int | None, typer.Option(help="Data-loading workers for data that is not held in memory.")
+                       ] = None,
+    val_limit: Annotated[int | None, typer.Option(
+        help="Ensemble: evaluate the first this many validation images (default: 1,000 at cpu, all elsewhere).")
+                         ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan and an estimate of its time, train nothing.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show each run's progress bar.")] = True,
+) -> None:
+    """Every run of Figs. 2-4 at one profile, in order (finished runs kept, an interrupted one resumed), then the
+    ensemble at 1, 10 and 144 crops, then the report. Ctrl-C is safe at any point: run the command again."""
+    from bnrepro.experiments import reproduce as campaign
+    from bnrepro.report import build
+    from bnrepro.runs import default_workers
+
+    limit = val_limit if val_limit is not None else (1000 if profile == "cpu" else None)
+    steps = campaign.plan(profile, results)
+    console.print(f"campaign at profile {profile}: {len(steps)} runs, then the ensemble and the report", markup=False)
+    for line in campaign.describe(steps):
+        console.print(line, markup=False, highlight=False)
+    if dry_run:
+        guess = campaign.estimate(steps, profile, device, limit)
+        rates = ", ".join(f"{rate:,.0f}" for rate in guess["images_per_second"].values())
+        console.print(f"estimate from a short measurement here (training images/s: {rates}): training and evaluation "
+                      f"{guess['training_and_evaluation_s'] / 60:,.0f} min, ensemble {guess['ensemble_s'] / 60:,.0f} "
+                      f"min, in all about {guess['total_s'] / 60:,.0f} min", markup=False)
+        return
+    if dataset_dir is None:
+        raise UserError("give --dataset-dir DIR (for --profile cpu: Fashion-MNIST's raw folder, e.g. "
+                        "../shared/data/fashion-mnist/raw)")
+    how = dict(device=device, workers=default_workers() if workers is None else workers, show_progress=progress)
+    try:
+        folders = campaign.train(steps, profile, dataset_dir, results, how,
+                                 say=lambda line: console.print(line, markup=False, highlight=False))
+    except Interrupted as stop:
+        errors.print(f"interrupted at step {stop.step} of {escape(str(stop.path.parent))}; checkpoint saved. Continue "
+                     f"the campaign with the same command: bnrepro reproduce --profile {profile} ...", highlight=False)
+        sys.exit(130)
+    ensemble_dir = campaign.ensemble(folders, profile, dataset_dir, results, device, how["workers"], limit, progress)
+    for line in campaign.summary(folders):
+        console.print(line, markup=False, highlight=False)
+    console.print(f"ensemble: {ensemble_dir}", markup=False)
+    for path in build(results, results / "report"):
+        console.print(f"wrote {path}", markup=False)
+
+
+@app.command()
 def report(
     results: Annotated[Path, typer.Option(help="Folder holding the runs.")] = Path("results"),
     out: Annotated[Path | None, typer.Option(help="Where figures and tables go (default RESULTS/report).")] = None,
@@ -252,12 +304,15 @@ def _profile_epochs(recipe: recipes.ImagenetRecipe) -> list[str]:
     """Budgets are in steps; these YAML comments say what they mean in epochs of each profile's data."""
     decay = recipe.train.lr_decay
     lines = ["# profiles in epochs (steps x batch / training examples):"]
+    paper = recipe.profiles["paper"]
     for name, p in recipe.profiles.items():
-        decay_steps = decay.period * p.train_examples / p.batch_size
+        lr = recipes.learning_rate(recipe, p, p.train_examples)
+        decay_steps = decay.period * (paper.train_examples / paper.batch_size * p.compression if p.compression
+                                      else p.train_examples / p.batch_size)
         lines.append(f"#   {name}: budget {p.steps:,} steps = {p.epochs(p.steps):,.1f} epochs; evaluate every "
-                     f"{p.eval_every:,} steps = {p.epochs(p.eval_every):,.2f} epochs; lr x{decay.rate} every "
-                     f"{decay_steps:,.0f} steps = {decay.period:.2f} epochs; lr at the end: "
-                     f"{100 * decay.factor(p.epochs(max(p.steps - 1, 0))):.1f}% of its start")
+                     f"{p.eval_every:,} steps = {p.epochs(p.eval_every):,.2f} epochs; lr {lr(0):.3g} "
+                     f"(x{lr(0) / recipe.train.lr:g} the paper's), x{decay.rate} every {decay_steps:,.0f} steps; "
+                     f"at the end {100 * lr(max(p.steps - 1, 0)) / lr(0):.1f}% of its start")
     return lines
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -151,11 +152,11 @@ class ImagenetTrain(Strict):
     distortions: Literal["full", "reduced"] = Field(description="Sec. 4.2.1 change 7")
     bn_sync: bool = Field(description="BN statistics over all DDP replicas (the paper: per replica)")
     lr_scaling: Literal["linear", "sqrt", "none"] = Field(
-        description="learning rate x (global batch / batch_size) ** 1, 0.5 or 0 when replicas share an update")
+        description="learning rate x (global batch / the paper's 32) ** 1, 0.5 or 0")
 
-    def lr_factor(self, replicas: int) -> float:
-        """What the rule multiplies the recipe's learning rate by when ``replicas`` mini-batches make one update."""
-        return {"linear": float(replicas), "sqrt": replicas ** 0.5, "none": 1.0}[self.lr_scaling]
+    def lr_factor(self, batch_ratio: float) -> float:
+        """What the rule multiplies the paper's learning rate by for a global batch ``batch_ratio`` x the paper's."""
+        return {"linear": batch_ratio, "sqrt": batch_ratio ** 0.5, "none": 1.0}[self.lr_scaling]
 
     @property
     def weight_decay(self) -> float:
@@ -198,6 +199,9 @@ class Profile(Strict):
     checkpoint_every: int = Field(gt=0)
     population_batches: int = Field(gt=0, description="Alg. 2: training mini-batches averaged for BN's population "
                                                      "statistics (step 0 and the final evaluation)")
+    compression: float | None = Field(None, gt=0, description="this profile's steps per paper step: set, the "
+                                      "learning-rate decay runs on paper-equivalent steps (step / compression), so "
+                                      "a budget of compression x the paper's spans as many decays as the paper's")
     shard_size: int = Field(1000, gt=0,
                             description="class folders: examples per virtual shard (stored order by path hash)")
 
@@ -210,7 +214,27 @@ class ImagenetRecipe(RecipeBase):
     model: InceptionModel
     train: ImagenetTrain
     data: ImagenetData
-    profiles: dict[Literal["paper", "proxy", "smoke"], Profile]
+    profiles: dict[Literal["paper", "proxy", "cpu", "smoke"], Profile]
+
+
+def learning_rate(recipe: ImagenetRecipe, profile: Profile, train_examples: int,
+                  replicas: int = 1) -> Callable[[int], float]:
+    """The rate of the update that starts at step ``step``: the paper's rate x ``train.lr_scaling``'s factor for
+    the global batch against the paper's 32, decayed stepwise by rate ** floor(epoch / (every_epochs / speedup))
+    (Sec. 4.2.1 change 4). The epoch is this data's (step x batch / examples), or, with ``profile.compression``,
+    the paper's at the paper-equivalent step (step / compression), so a compressed budget spans as many decays."""
+    t, paper = recipe.train, recipe.profiles["paper"]
+    factor = t.lr_factor(profile.batch_size * replicas / paper.batch_size)
+
+    def epoch(step: int) -> float:
+        if profile.compression:
+            return step / profile.compression * paper.batch_size / paper.train_examples
+        return step * profile.batch_size / train_examples
+
+    def at(step: int) -> float:
+        return t.lr * factor * t.lr_decay.factor(epoch(step))
+
+    return at
 
 
 class EnsembleRecipe(RecipeBase):
@@ -218,9 +242,11 @@ class EnsembleRecipe(RecipeBase):
 
     experiment: Literal["ensemble"]
     members: list[str] = Field(min_length=1, description="ImageNet recipes; each member is its latest finished run")
-    profile: Literal["paper", "proxy", "smoke"] = Field(description="the scale the members were trained at")
+    profile: Literal["paper", "proxy", "cpu", "smoke"] = Field(description="the scale the members were trained at")
     crops: list[Literal[1, 10, 144]] = Field(min_length=1, description="crop schemes, each evaluated per member")
     batch_crops: int = Field(gt=0, description="crops per forward pass (memory, not results)")
+    val_limit: int | None = Field(None, gt=0, description="evaluate the first this many validation images only "
+                                                          "(the CPU campaign: 144 crops each); None: all")
 
 
 Recipe = Annotated[MnistRecipe | ImagenetRecipe | EnsembleRecipe, Field(discriminator="experiment")]

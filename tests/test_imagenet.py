@@ -298,9 +298,24 @@ def test_learning_rate_decays_six_times_faster_in_bn_x5():
 
     base, fast = recipes.load("inception"), recipes.load("bn-x5")
     per_epoch = 1000  # examples; batch of 10 -> 100 steps per epoch
-    slow_lr, fast_lr = experiment.learning_rate(base, 10, per_epoch), experiment.learning_rate(fast, 10, per_epoch)
-    assert slow_lr(799) == base.train.lr and slow_lr(800) == pytest.approx(base.train.lr * 0.96)  # every 8 epochs
-    assert fast_lr(133) == fast.train.lr and fast_lr(134) == pytest.approx(fast.train.lr * 0.96)  # every 8/6
+    profile = base.profiles["smoke"].model_copy(update={"batch_size": 10})
+    slow_lr, fast_lr = (experiment.learning_rate(recipe, profile, per_epoch) for recipe in (base, fast))
+    scale = 10 / 32  # linear scaling: batch 10 against the paper's 32
+    assert slow_lr(799) == pytest.approx(scale * base.train.lr)  # every 8 epochs
+    assert slow_lr(800) == pytest.approx(scale * base.train.lr * 0.96)
+    assert fast_lr(133) == pytest.approx(scale * fast.train.lr)  # every 8/6
+    assert fast_lr(134) == pytest.approx(scale * fast.train.lr * 0.96)
+
+
+def test_a_compressed_profile_decays_on_paper_equivalent_steps():
+    """profile.compression: step s stands for s / compression paper steps, whose epochs set the decay."""
+    recipe = recipe_io.load("bn-x5")
+    paper = recipe.profiles["paper"]
+    profile = paper.model_copy(update={"batch_size": 128, "compression": 1e-3})
+    lr = experiment.learning_rate(recipe, profile, 60_000)
+    period = 8 / 6 * paper.train_examples / paper.batch_size * 1e-3  # the paper's decay period, in these steps
+    assert lr(0) == pytest.approx(recipe.train.lr * 4)  # batch 128 = 4 x the paper's 32
+    assert lr(int(period) - 1) == lr(0) and lr(int(period) + 1) == pytest.approx(lr(0) * 0.96)
 
 
 def _run(recipe: str, data: Path, out: Path, steps: int, *overrides: str, workers: int = 0) -> Path:
@@ -490,12 +505,14 @@ def test_two_gloo_replicas_count_paper_steps_and_take_the_update_one_process_tak
     ddp_run, small_run, large_run = (next((tmp_path / o / "imagenet").iterdir()) for o in ("ddp", "small", "large"))
     manifest = json.loads((ddp_run / "manifest.json").read_text())
     assert manifest["replicas"] == 2 and manifest["global_batch"] == 8 and manifest["status"] == "complete"
-    assert manifest["lr_factor"] == 2 and any("2 replicas" in d for d in manifest["deviations"])
+    assert manifest["lr_factor"] == pytest.approx(8 / 32) and any("2 replicas" in d for d in manifest["deviations"])
     ddp_metrics, small_metrics = (pd.read_csv(run / "metrics.csv") for run in (ddp_run, small_run))
     pd.testing.assert_frame_equal(ddp_metrics[["step", "epoch", "statistics"]],
                                   small_metrics[["step", "epoch", "statistics"]])
     assert ddp_metrics["optimizer_step"].tolist() == [0, 1] and small_metrics["optimizer_step"].tolist() == [0, 2]
-    rule = experiment.learning_rate(recipe_io.load("bn-x5"), 4, manifest["train_examples"])
+    recipe = recipe_io.load("bn-x5")
+    rule = experiment.learning_rate(recipe, recipe.profiles["smoke"].model_copy(update={"batch_size": 4}),
+                                    manifest["train_examples"])
     assert ddp_metrics["lr"].iloc[-1] == pytest.approx(2 * rule(0))  # the update that started at step 0, x2
     assert small_metrics["lr"].iloc[-1] == pytest.approx(rule(1))  # the last of two updates started at step 1
     large_metrics = pd.read_csv(large_run / "metrics.csv")

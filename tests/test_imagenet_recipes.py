@@ -102,7 +102,7 @@ def test_short_names_and_epochs_in_show():
 
     assert yaml.safe_load(out.stdout)["train"]["lr"] == 0.045  # still valid YAML: epochs come as comments
     assert "6,000,000 steps = 149.9 epochs" in out.stdout
-    assert "lr at the end: 1.0% of its start" in out.stdout
+    assert "at the end 1.0% of its start" in out.stdout
 
 
 def test_the_six_ensemble_members_change_only_what_sec_4_2_3_allows():

@@ -30,7 +30,7 @@ PROBS = {
 
 
 def write_run(results: Path, folder: str, *, status: str = "complete", started: str = "2026-01-02T00:00:00+00:00",
-              probs: dict[tuple[str, int], list[list[float]]] | None = PROBS) -> Path:
+              probs: dict[tuple[str, int], list[list[float]]] | None = PROBS, extra: dict | None = None) -> Path:
     """A fabricated run folder in the layout `bnrepro ensemble` writes (manifest, results.csv, probabilities)."""
     run = results / "ensemble" / folder
     (run / "probabilities").mkdir(parents=True)
@@ -40,7 +40,7 @@ def write_run(results: Path, folder: str, *, status: str = "complete", started: 
         "experiment": "ensemble", "status": status, "started": started, "label": "BN-Inception ensemble",
         "recipe": "bn-inception", "members": members, "crops": [1, 144], "resolution": 32,
         "dataset": "fabricated 3-class data for tests", "val_images": len(LABELS), "git_commit": "e4e4b1e000000000",
-        "skipped_images": 0}))
+        "skipped_images": 0, **(extra or {})}))
     # results.csv says something else: the report must recombine the cached probabilities, not read this
     pd.DataFrame({"members": ["member-a"], "models": [1], "crops": [1], "top1_error": [0.99], "top5_error": [0.99]}
                  ).to_csv(run / "results.csv", index=False)
@@ -142,3 +142,42 @@ def test_imagenet_scale_runs_get_no_comparability_warning():
     assert ensemble.comparability(1000, 50_000) is None
     assert "not comparable" in ensemble.comparability(3, 4)
     assert "50,000" in ensemble.comparability(1000, 10_000)
+
+
+def test_members_table_has_the_ensemble_and_googlenet_at_1_10_144_crops(results, tmp_path):
+    ensemble.build(results, tmp_path / "report")
+    md = (tmp_path / "report" / "ensemble.md").read_text()
+    rows = tables(md, "Members")
+    assert list(rows) == ["member-a", "member-b", "ensemble (2 models)", "GoogLeNet, 1 model (top-5 only)",
+                          "GoogLeNet, 7 models (top-5 only)"]
+    assert (rows["ensemble (2 models)"]["1 crop top-1"], rows["ensemble (2 models)"]["144 crop top-1"]) == \
+        ("0.00%", "0.00%")
+    assert rows["member-a"]["10 crop top-1"] == "—"  # not evaluated in this run
+    assert [rows["GoogLeNet, 1 model (top-5 only)"][f"{c} crop top-5"] for c in (1, 10, 144)] == \
+        ["10.07%", "9.15%", "7.89%"]
+    assert [rows["GoogLeNet, 7 models (top-5 only)"][f"{c} crop top-5"] for c in (1, 10, 144)] == \
+        ["8.09%", "7.62%", "6.67%"]
+    assert rows["GoogLeNet, 7 models (top-5 only)"]["144 crop top-1"] == "—"
+    assert "subset" not in md  # the whole (fabricated) validation set
+
+
+def test_a_validation_subset_is_said_beside_the_tables(tmp_path):
+    root = tmp_path / "results"
+    write_run(root, "subset", extra={"val_limit": 4, "profile": "cpu"})
+    ensemble.build(root, tmp_path / "report")
+    md = (tmp_path / "report" / "ensemble.md").read_text()
+    note = "This run evaluated a subset of the validation images: the first 4 images of the split (`val_limit` 4)"
+    for section in ("Fig. 4", "Crop study", "Members"):
+        assert note in md.split(f"## {section}\n")[1].split("\n## ")[0]
+    assert "4 validation images (3 classes, a subset: `val_limit` 4)" in md and "Profile cpu." in md
+
+    whole = tmp_path / "whole"  # a limit above the split's size: the whole split, no note
+    write_run(whole, "all", extra={"val_limit": 10})
+    ensemble.build(whole, tmp_path / "report2")
+    assert "subset" not in (tmp_path / "report2" / "ensemble.md").read_text()
+
+
+def test_profile_from_the_runs_recipe_yaml(tmp_path):
+    run = write_run(tmp_path / "results", "from-yaml")
+    (run / "recipe.yaml").write_text("experiment: ensemble\nprofile: proxy\n")
+    assert ensemble.finished_runs(tmp_path / "results")[0].profile == "proxy"

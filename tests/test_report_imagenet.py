@@ -21,15 +21,16 @@ LABELS = {"inception": "Inception", "bn-baseline": "BN-Baseline", "bn-x5": "BN-x
 
 def write_run(results: Path, folder: str, recipe: str, profile: str, steps: list[int], top1: list[float], *,
               status: str = "complete", started: str = "2026-01-02T00:00:00+00:00", diverged_at: int | None = None,
-              commit: str = "c0ffee0000000000") -> Path:
-    """A fabricated run folder in the layout `bnrepro imagenet` writes (manifest, metrics.csv, summary)."""
+              commit: str = "c0ffee0000000000", extra: dict | None = None) -> Path:
+    """A fabricated run folder in the layout `bnrepro imagenet` writes (manifest, metrics.csv, summary); ``extra``:
+    more manifest keys (seed, overrides, compression)."""
     run = results / "imagenet" / folder
     run.mkdir(parents=True)
     label = LABELS[recipe]
     dataset = f"fabricated {profile} data for tests"
     (run / "manifest.json").write_text(json.dumps({
         "experiment": "imagenet", "status": status, "recipe": recipe, "label": label, "profile": profile,
-        "dataset": dataset, "git_commit": commit, "started": started}))
+        "dataset": dataset, "git_commit": commit, "started": started, **(extra or {})}))
     loss = [NAN if math.isnan(t) else 7.0 - t for t in top1]
     pd.DataFrame({"step": steps, "epoch": [s / 100 for s in steps], "train_loss": loss, "lr": 0.01,
                   "top1": top1, "top5": [NAN if math.isnan(t) else min(1.0, 2 * t) for t in top1]}
@@ -176,3 +177,59 @@ def test_report_build_without_finished_runs_is_a_user_error(tmp_path):
 def test_markdown_table_escapes_pipes():
     text = imagenet.markdown_table(pd.DataFrame({"a": ["x|y"], "b": [1]}))
     assert text.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
+
+
+def test_seeds_and_overrides_are_rows_of_their_own(tmp_path):
+    root = tmp_path / "results"
+    write_run(root, "a-inception", "inception", "proxy", STEPS, [0.0, 0.1, 0.2, 0.4, 0.5, 0.45], extra={"seed": 0})
+    # a later, better seed 1 does not replace seed 0's row (nor its target): it is the other seeds' max
+    write_run(root, "b-inception-seed1", "inception", "proxy", STEPS, [0.0, 0.2, 0.3, 0.6, 0.6, 0.6],
+              started="2026-01-03T00:00:00+00:00", extra={"seed": 1})
+    write_run(root, "c-inception-seed1-older", "inception", "proxy", STEPS, [0.0] * 6,
+              started="2026-01-01T00:00:00+00:00", extra={"seed": 1})
+    write_run(root, "d-bn-x5", "bn-x5", "proxy", STEPS, [0.0, 0.5, 0.6, 0.7, 0.7, 0.72], extra={"seed": 0})
+    # a step budget is no new row: this later run replaces d-bn-x5
+    write_run(root, "e-bn-x5-budget", "bn-x5", "proxy", STEPS, [0.0, 0.5, 0.6, 0.7, 0.7, 0.71],
+              started="2026-01-03T00:00:00+00:00", extra={"seed": 0, "overrides": ["profiles.proxy.steps=500"]})
+    write_run(root, "f-bn-x5-shards", "bn-x5", "proxy", STEPS, [0.0, 0.4, 0.5, 0.6, 0.7, 0.7],
+              started="2026-01-04T00:00:00+00:00",
+              extra={"seed": 0, "overrides": ["train.shuffle=shards", "profiles.proxy.steps=500"]})
+    chosen = imagenet.latest_per_recipe(imagenet.finished_runs(root))["proxy"]
+    assert list(chosen) == ["inception", "bn-x5", "bn-x5 [train.shuffle=shards]"]
+    assert chosen["inception"].path.name == "a-inception" and chosen["inception"].seed == 0
+    assert [r.path.name for r in chosen["inception"].others] == ["b-inception-seed1"]
+    assert chosen["bn-x5"].path.name == "e-bn-x5-budget" and chosen["bn-x5"].others == ()
+
+    imagenet.build(root, tmp_path / "report")
+    md = (tmp_path / "report" / "imagenet.md").read_text()
+    rows = table_rows(md, "proxy")
+    assert list(rows) == ["Inception", "BN-x5", "BN-x5, shards only (no change 6)"]
+    assert rows["Inception"]["Max accuracy"] == "50.0%" and rows["Inception"]["Other seeds' max"] == "60.0% (seed 1)"
+    assert rows["BN-x5"]["Other seeds' max"] == "—" and rows["BN-x5"]["Max accuracy"] == "71.0%"
+    assert (rows["BN-x5, shards only (no change 6)"]["Steps to target"],
+            rows["BN-x5, shards only (no change 6)"]["Max accuracy"]) == ("200", "70.0%")
+    assert "Target accuracy: 50.0%" in md
+    assert "seed 1: `imagenet/b-inception-seed1`" in md
+    assert "Older finished runs, not shown: `imagenet/c-inception-seed1-older` (inception), `imagenet/d-bn-x5`" in md
+    assert "Paper-equivalent steps to target" not in md  # no manifest carries a compression
+
+
+def test_compressed_profile_counts_paper_equivalent_steps(tmp_path):
+    root = tmp_path / "results"
+    cpu = {"compression": 2.5e-4, "global_batch": 128, "replicas": 1}  # a step stands for 4,000 paper steps
+    write_run(root, "inception", "inception", "cpu", [0, 400, 800], [0.1, 0.5, 0.6], extra=cpu)
+    write_run(root, "bn-x5", "bn-x5", "cpu", [0, 400, 800], [0.1, 0.7, 0.8], extra=cpu)
+    write_run(root, "inception-x5", "inception-x5", "cpu", [0, 400, 800], [0.1, 0.2, NAN], status="diverged",
+              diverged_at=500, extra=cpu)
+    out = tmp_path / "report"
+    imagenet.build(root, out)
+    rows = table_rows((out / "imagenet.md").read_text(), "cpu")
+    assert (rows["Inception"]["Steps to target"], rows["Inception"]["Paper-equivalent steps to target"]) == \
+        ("800", "3.2e6")
+    assert (rows["BN-x5"]["Steps to target"], rows["BN-x5"]["Paper-equivalent steps to target"],
+            rows["BN-x5"]["Speed-up vs Inception"]) == ("400", "1.6e6", "2.0x")
+    assert rows["Inception-x5"]["Paper-equivalent steps to target"] == "diverged at 2.0e6"
+    svg = (out / "fig2_imagenet_cpu.svg").read_text()
+    assert "paper-equivalent steps" in svg and "4,000 paper steps" in svg
+    assert "compression 0.00025 (a step stands for 4,000 paper steps)" in (out / "imagenet.md").read_text()
+    assert imagenet.paper_steps_text(31.0e6) == "31.0e6" and imagenet.paper_steps_text(4000) == "4,000"

@@ -103,6 +103,16 @@ class Split:
         except (OSError, ValueError):  # unreadable, or empty (frombuffer refuses zero bytes)
             return None
 
+    def first(self, n: int) -> Split:
+        """The split's first ``n`` examples (in its stored order), e.g. a validation subset."""
+        if n >= len(self):
+            return self
+        starts = self.shard_starts
+        starts = np.append(starts[starts < n], n)
+        return replace(self, file_of=self.file_of[:n], offset=self.offset[:n], size=self.size[:n],
+                       labels=self.labels[:n], shard_starts=starts, where=f"{self.where}, {n:,} images (first)",
+                       pixels=None if self.pixels is None else self.pixels[:n])
+
     @property
     def folders(self) -> bool:
         """Class folders: one whole file per example, stored in path-hash order in virtual shards."""

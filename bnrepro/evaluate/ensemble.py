@@ -191,6 +191,8 @@ def run(recipe_name: str, overrides: list[str], results: Path, dataset_dir: Path
     split = images.open_split(dataset_dir, "val", first.manifest["classes"])
     if split.classes != first.manifest["classes"]:
         raise UserError(f"the validation classes in {dataset_dir} are not the ones the members were trained on")
+    if recipe.val_limit:
+        split = split.first(recipe.val_limit)
     run_dir = new_run_dir(Path(out) / "ensemble", prefix=f"{Path(recipe_name).stem}-")
     (run_dir / PROBABILITIES).mkdir()
     atomic_write(run_dir / "recipe.yaml", recipe_io.to_yaml(recipe))
@@ -202,7 +204,7 @@ def run(recipe_name: str, overrides: list[str], results: Path, dataset_dir: Path
                      "global_batch": m.manifest.get("global_batch"), "deviations": m.manifest.get("deviations", [])}
                     for m in members],
         "crops": list(recipe.crops), "resolution": first.resolution, "dataset": split.where,
-        "val_images": len(split),
+        "val_images": len(split), "val_limit": recipe.val_limit,
         "inference": "BN folded into the convolutions, with Alg. 2's population statistics from each member's run",
         "deviations": deviations(members, split),
         "device": device_name(device), "versions": versions(), "git_commit": git_commit(),
@@ -239,7 +241,8 @@ def deviations(members: list[Member], split: images.Split) -> list[str]:
         found.append(f"crops at {', '.join(sorted({f'{m.resolution} px' for m in members}))}, not 224 px "
                      f"(the 144-crop scales 256-352 are scaled with them)")
     if len(split) != 50_000:
-        found.append(f"{len(split):,} validation images, not ImageNet's 50,000")
+        found.append(f"{len(split):,} validation images, not ImageNet's 50,000"
+                     + (" (the first of the split, ensemble's val_limit)" if split.where.endswith("(first)") else ""))
     for m in members:
         found += [f"{m.name}: {text}" for text in m.manifest.get("deviations", [])]
     return found

@@ -34,7 +34,7 @@ from bnrepro.engine.trainer import Schedule, train
 from bnrepro.errors import UserError
 from bnrepro.models.batchnorm import BatchNorm, Statistics, estimate_population, use_statistics
 from bnrepro.models.inception import Inception, InceptionConfig, count_parameters
-from bnrepro.recipes import ImagenetRecipe, Profile
+from bnrepro.recipes import ImagenetRecipe, Profile, learning_rate
 from bnrepro.runs import (
     announce,
     atomic_write,
@@ -70,19 +70,6 @@ class Options:
 def model_config(recipe: ImagenetRecipe, profile: Profile, num_classes: int) -> InceptionConfig:
     """The Fig. 5 network the recipe describes, at the profile's width."""
     return InceptionConfig(**recipe.model.model_dump(), width=profile.width, num_classes=num_classes)
-
-
-def learning_rate(recipe: ImagenetRecipe, batch_size: int, train_examples: int, replicas: int = 1):
-    """The rate of the update that starts at paper step ``step``: lr * rate ** floor(epoch / (every_epochs /
-    speedup)) (Sec. 4.2.1 change 4), epoch = step * batch_size / train_examples, times ``train.lr_scaling``'s
-    factor when ``replicas`` mini-batches make one update."""
-    t = recipe.train
-    factor = t.lr_factor(replicas)
-
-    def at(step: int) -> float:
-        return t.lr * factor * t.lr_decay.factor(step * batch_size / train_examples)
-
-    return at
 
 
 def sgd(model: nn.Module, recipe: ImagenetRecipe) -> torch.optim.Optimizer:
@@ -137,7 +124,7 @@ class ImagenetTask:
         self.rows: list[dict[str, Any]] = []
         self.metrics_file: Path | None = None  # rewritten at every evaluation when set
         self.skipped, self.val_skipped = 0, 0  # unreadable images: training (this replica), validation
-        self.lr = learning_rate(recipe, profile.batch_size, len(train_split), replicas.world)
+        self.lr = learning_rate(recipe, profile, len(train_split), replicas.world)
 
     # --- data ---
 
@@ -327,8 +314,14 @@ def deviations(recipe: ImagenetRecipe, profile_name: str, overrides: list[str], 
                      f"(for train.shuffle={recipe.train.shuffle})")
     if world > 1:
         found.append(f"{world} replicas' mini-batches of {profile.batch_size} make one synchronous update (global "
-                     f"batch {world * profile.batch_size}); learning rate x{recipe.train.lr_factor(world):g} "
-                     f"(train.lr_scaling={recipe.train.lr_scaling}); the paper's replicas were asynchronous")
+                     f"batch {world * profile.batch_size}); the paper's replicas were asynchronous")
+    factor = recipe.train.lr_factor(world * profile.batch_size / paper.batch_size)
+    if factor != 1:
+        found.append(f"learning rate x{factor:g}: global batch {world * profile.batch_size} against the paper's "
+                     f"{paper.batch_size} (train.lr_scaling={recipe.train.lr_scaling})")
+    if profile.compression:
+        found.append(f"time compressed: a step here stands for {1 / profile.compression:,.0f} paper steps; the "
+                     f"budget and the learning-rate decay are the paper's x{profile.compression:.3g}")
     if task.device.type == "cuda":
         found.append("bf16 autocast (the paper does not state its precision; 2015 training was fp32)")
     found += [f"recipe changed for this run: --set {text}" for text in overrides]
@@ -414,7 +407,8 @@ def run(recipe_name: str, profile_name: str, overrides: list[str], options: Opti
         "shard_size": None if task.train_split.packed else profile.shard_size,
         "seed": options.seed,
         "replicas": replicas.world, "bn_statistics": "synchronised" if recipe.train.bn_sync else "per replica",
-        "global_batch": profile.batch_size * replicas.world, "lr_factor": recipe.train.lr_factor(replicas.world),
+        "global_batch": profile.batch_size * replicas.world, "lr_factor": task.lr(0) / recipe.train.lr,
+        "compression": profile.compression,
         "deviations": deviations(recipe, profile_name, overrides, task),
         "compile": options.compile, "gpu_decode": task.jpegs_as_bytes,
         "workers": 0 if task.train_split.pixels is not None else options.workers,  # resident data needs none

@@ -7,10 +7,12 @@ its ``results.csv``, so the report shows what the cached probabilities say, what
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from bnrepro.errors import UserError
 from bnrepro.evaluate import ensemble as evaluation
@@ -51,6 +53,36 @@ class EnsembleRun:
     @property
     def crops(self) -> list[int]:
         return sorted(int(c) for c in self.manifest["crops"])
+
+    @property
+    def profile(self) -> str | None:
+        """The profile its members were trained at: the manifest's, else the run's resolved recipe.yaml's, else its
+        first member's run manifest's (None where none says)."""
+        if self.manifest.get("profile"):
+            return str(self.manifest["profile"])
+        try:
+            found = (yaml.safe_load((self.path / "recipe.yaml").read_text()) or {}).get("profile")
+            if found:
+                return str(found)
+        except (OSError, yaml.YAMLError, AttributeError):
+            pass
+        for member in self.manifest.get("members", [])[:1]:
+            try:
+                return json.loads((Path(member["run"]) / "manifest.json").read_text()).get("profile")
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        return None
+
+    def subset_note(self) -> str | None:
+        """One sentence when the run evaluated only part of the validation set (its manifest has ``val_limit``)."""
+        limit = self.manifest.get("val_limit")
+        images = self.manifest.get("val_images")
+        if not limit or (isinstance(images, int) and images < limit):  # a limit above the split's size takes it all
+            return None
+        counted = f"{images:,}" if isinstance(images, int) else "an unrecorded number of"
+        return (f"This run evaluated a subset of the validation images: the first {counted} images of the split "
+                f"(`val_limit` {limit:,}), not the whole validation set, so its errors carry that subset's sampling "
+                f"error.")
 
 
 def finished_runs(results: Path) -> list[EnsembleRun]:
@@ -125,13 +157,24 @@ def crop_study(run: EnsembleRun, table: pd.DataFrame) -> pd.DataFrame:
 
 
 def member_table(run: EnsembleRun, table: pd.DataFrame) -> pd.DataFrame:
-    """Each member's top-1 and top-5 error at each crop scheme."""
+    """Each member's and the ensemble's top-1 and top-5 error at 1, 10 and 144 crops (and any other scheme the run
+    has; a dash where the run did not evaluate one), then GoogLeNet's top-5 for 1 model and 7 models."""
+    schemes = sorted(set(run.crops) | set(PAPER_GOOGLENET_CROPS))
+    groups = [(member, [member]) for member in run.members]
+    if len(run.members) > 1:
+        groups.append((f"ensemble ({len(run.members)} models)", run.members))
     rows = []
-    for member in run.members:
-        row = {"Member": member}
-        for crops in run.crops:
-            top1, top5 = _error(table, [member], crops)
+    for name, members in groups:
+        row = {"Member": name}
+        for crops in schemes:
+            top1, top5 = _error(table, members, crops) if crops in run.crops else (None, None)
             row[f"{crops} crop top-1"], row[f"{crops} crop top-5"] = _percent(top1), _percent(top5)
+        rows.append(row)
+    for i, name in enumerate(("GoogLeNet, 1 model (top-5 only)", "GoogLeNet, 7 models (top-5 only)")):
+        row = {"Member": name}
+        for crops in schemes:
+            paper = PAPER_GOOGLENET_CROPS.get(crops)
+            row[f"{crops} crop top-1"], row[f"{crops} crop top-5"] = "—", _paper_percent(paper and paper[i])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -162,26 +205,33 @@ def markdown(run: EnsembleRun, results: Path, superseded: list[EnsembleRun]) -> 
     members = "; ".join(f"{x['name']} (`{_folder(x['run'], results)}`, commit `{str(x.get('git_commit'))[:12]}`)"
                         for x in m["members"])
     skipped = int(m.get("skipped_images") or 0)
+    subset = run.subset_note()
+    limit = f", a subset: `val_limit` {m['val_limit']:,}" if subset else ""
     lines = ["# Ensemble and multi-crop (paper Sec. 4.2.3, Fig. 4)", "",
              f"Data: {m.get('dataset', 'not recorded')}, {m.get('val_images', images):,} validation images "
-             f"({classes} classes" + (f", {skipped:,} unreadable and left out" if skipped else "") + "). "
+             f"({classes} classes{limit}" + (f", {skipped:,} unreadable and left out" if skipped else "") + "). "
+             f"Profile {run.profile or 'not recorded'}. "
              f"Members: {members}. Ensemble run `{run.rel}`, commit `{str(m.get('git_commit', 'unknown'))[:12]}`.",
              ""]
     note = comparability(classes, images)
     if note:
         lines += [f"**{note}**", ""]
+    beside = [f"*{subset}*", ""] if subset else []  # said again beside each table
     lines += [deviations_list(m.get("deviations"), "this evaluation and its members"), ""]
     lines += ["Errors are recombined from the run's cached class probabilities: the mean over crops, then over "
               "models (the paper's arithmetic mean). The paper's rows are its Fig. 4 (shared/paper/README.md, "
               "section 4), validation errors as it prints them (ours have 2 decimals); its ensemble's 4.82% top-5 is "
               "on the test set.", "",
-              "## Fig. 4", "", markdown_table(fig4_table(run, table)), "",
+              "## Fig. 4", "", *beside, markdown_table(fig4_table(run, table)), "",
               "## Crop study", "",
               "Like GoogLeNet's (Szegedy et al. 2014, Sec. 7): the first member alone and all members, at each crop "
               "scheme; GoogLeNet's columns are its top-5 errors for 1 model and its 7-model ensemble "
-              "(1/10/144 crops: 10.07/9.15/7.89% and 8.09/7.62/6.67%).", "",
-              markdown_table(crop_study(run, table)), "",
-              "## Members", "", markdown_table(member_table(run, table)), ""]
+              "(1/10/144 crops: 10.07/9.15/7.89% and 8.09/7.62/6.67%). Every member's are under Members.", "",
+              *beside, markdown_table(crop_study(run, table)), "",
+              "## Members", "",
+              "Each member and the ensemble at 1, 10 and 144 crops (a dash: not evaluated in this run), beside "
+              "GoogLeNet's top-5 errors, single model 10.07/9.15/7.89% and 7 models 8.09/7.62/6.67%.", "",
+              *beside, markdown_table(member_table(run, table)), ""]
     if superseded:
         lines += ["Older finished ensemble runs, not shown: " + ", ".join(f"`{r.rel}`" for r in superseded), ""]
     return "\n".join(lines).rstrip("\n") + "\n"

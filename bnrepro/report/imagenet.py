@@ -1,8 +1,12 @@
 """Fig. 2 (top-1 vs steps) and the Fig. 3 step-count table, from the files of finished ``bnrepro imagenet`` runs.
 
 A run is finished when its manifest says ``complete`` or ``diverged``: a diverged run is a result (the paper's
-Inception at 5x the learning rate is one), a running or interrupted one is not. Within each profile the latest
-finished run of each recipe is shown; profiles are never mixed, since their data and step budgets differ.
+Inception at 5x the learning rate is one), a running or interrupted one is not. Within each profile, each recipe with
+each set of ``--set`` overrides (step budgets aside) is its own row: the latest finished run of its lowest seed (seed 0
+as a rule); the latest run of each other seed is kept only for the "other seeds' max" column and the seed spread of
+the claims (``bnrepro.report.claims``). Profiles are never mixed, since their data and step budgets differ. Where the
+manifests carry ``compression`` (this profile's steps per paper step), steps are also given as paper-equivalent steps
+(step / compression), the paper's unit.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -46,6 +50,10 @@ RECIPE_ORDER = ("inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid", 
 COLOURS = {"inception": "black", "bn-baseline": "tab:blue", "bn-x5": "tab:orange", "bn-x30": "tab:red",
            "bn-x5-sigmoid": "tab:green", "inception-sigmoid": "tab:purple", "inception-x5": "tab:brown"}
 SPARE_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+# Overrides that only change a step budget (what --steps writes) do not make a row of their own.
+BUDGET_OVERRIDE = re.compile(r"^profiles\.[^.=]+\.steps=")
+# Rows the campaign runs with overrides, by (recipe, overrides): their names in the table.
+VARIANT_LABELS = {("bn-x5", ("train.shuffle=shards",)): "BN-x5, shards only (no change 6)"}
 
 
 @dataclass
@@ -57,6 +65,7 @@ class Run:
     manifest: dict
     summary: dict
     metrics: pd.DataFrame
+    others: tuple[Run, ...] = ()  # the same row's latest runs of its other seeds (set by latest_per_recipe)
 
     @property
     def recipe(self) -> str:
@@ -64,8 +73,32 @@ class Run:
         return name.removeprefix("imagenet/")
 
     @property
+    def variant(self) -> tuple[str, ...]:
+        """The run's ``--set`` overrides that change the recipe (step budgets aside), sorted: a row of its own."""
+        found = (re.sub(r"\s*=\s*", "=", str(text).strip(), count=1) for text in self.manifest.get("overrides") or [])
+        return tuple(sorted(text for text in found if not BUDGET_OVERRIDE.match(text)))
+
+    @property
+    def key(self) -> str:
+        """The run's row: its recipe, with its overrides where it has any."""
+        return row_key(self.recipe, self.variant)
+
+    @property
+    def seed(self) -> int:
+        return int(self.manifest.get("seed") or 0)
+
+    @property
+    def compression(self) -> float | None:
+        """This profile's steps per paper step, from the manifest (None where it records none)."""
+        c = self.manifest.get("compression")
+        return float(c) if c else None
+
+    @property
     def label(self) -> str:
-        return self.summary.get("label") or self.manifest.get("label") or self.recipe
+        base = self.summary.get("label") or self.manifest.get("label") or self.recipe
+        if not self.variant:
+            return base
+        return VARIANT_LABELS.get((self.recipe, self.variant)) or f"{base}, --set {' '.join(self.variant)}"
 
     @property
     def profile(self) -> str:
@@ -110,17 +143,31 @@ def finished_runs(results: Path) -> list[Run]:
     return runs
 
 
+def row_key(recipe: str, variant: tuple[str, ...] = ()) -> str:
+    """A row's name in ``latest_per_recipe``: the recipe alone, or with its overrides in brackets."""
+    return recipe if not variant else f"{recipe} [{' '.join(variant)}]"
+
+
 def latest_per_recipe(runs: list[Run]) -> dict[str, dict[str, Run]]:
-    """profile -> recipe -> its latest finished run, profiles and recipes in the paper's order."""
-    chosen: dict[str, dict[str, Run]] = {}
-    for run in runs:  # oldest first, so a later run replaces an earlier one
-        chosen.setdefault(run.profile, {})[run.recipe] = run
-    profiles = sorted(chosen, key=lambda p: (PROFILE_ORDER.index(p) if p in PROFILE_ORDER else len(PROFILE_ORDER), p))
-    return {p: dict(sorted(chosen[p].items(), key=lambda kv: _recipe_rank(kv[0]))) for p in profiles}
+    """profile -> row (``row_key``: recipe and overrides) -> the latest finished run of the row's lowest seed, with
+    the latest run of each other seed in its ``others``; profiles and rows in the paper's order."""
+    chosen: dict[tuple[str, str], dict[int, Run]] = {}
+    for run in runs:  # oldest first, so a later run replaces an earlier one of the same seed
+        chosen.setdefault((run.profile, run.key), {})[run.seed] = run
+    rows: dict[str, dict[str, Run]] = {}
+    for (profile, key), seeds in chosen.items():
+        first, *rest = sorted(seeds)
+        rows.setdefault(profile, {})[key] = replace(seeds[first], others=tuple(seeds[s] for s in rest))
+    profiles = sorted(rows, key=lambda p: (PROFILE_ORDER.index(p) if p in PROFILE_ORDER else len(PROFILE_ORDER), p))
+    return {p: dict(sorted(rows[p].items(), key=lambda kv: _row_rank(kv[1]))) for p in profiles}
 
 
 def _recipe_rank(recipe: str) -> tuple[int, str]:
     return (RECIPE_ORDER.index(recipe) if recipe in RECIPE_ORDER else len(RECIPE_ORDER), recipe)
+
+
+def _row_rank(run: Run) -> tuple[int, str, tuple[str, ...]]:
+    return (*_recipe_rank(run.recipe), run.variant)
 
 
 def colour(recipe: str) -> str:
@@ -142,6 +189,26 @@ def steps_to(run: Run, target: float) -> int | None:
     return int(reached.step.iloc[0]) if len(reached) else None
 
 
+def paper_equivalent(run: Run, step: float | None) -> float | None:
+    """``step`` of ``run`` in paper steps (step / compression); None without a step or a recorded compression."""
+    return None if step is None or run.compression is None else step / run.compression
+
+
+def comparable(runs: list[Run], steps: list[float | None]) -> list[float | None]:
+    """Steps of several runs on one scale: paper-equivalent where every one of them records its compression (which
+    may differ between them), else this profile's own steps."""
+    if all(run.compression is not None for run in runs):
+        return [paper_equivalent(run, step) for run, step in zip(runs, steps)]
+    return list(steps)
+
+
+def paper_steps_text(x: float | None) -> str:
+    """Paper(-equivalent) steps as the paper writes them (31.0e6); counts under 1e5 in full."""
+    if x is None:
+        return "—"
+    return f"{x / 1e6:.1f}e6" if x >= 1e5 else f"{x:,.0f}"
+
+
 def _percent(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
@@ -150,30 +217,49 @@ def _speedup(reference: float | None, steps: float | None) -> str:
     return "—" if not reference or not steps else f"{reference / steps:,.1f}x"
 
 
+def other_seeds_max(run: Run) -> str:
+    """The max top-1 of the row's other seeds, each with its seed; a dash where there are none."""
+    return ", ".join(f"{_percent(r.max_top1)} (seed {r.seed})" for r in run.others) or "—"
+
+
+def _reached(run: Run, steps: int | None, target: float | None, paper: bool) -> str:
+    """A steps-to-target cell: the step (``paper``: in paper-equivalent steps), else never or where it diverged."""
+    def text(step: int) -> str:
+        return paper_steps_text(paper_equivalent(run, step)) if paper else f"{step:,}"
+    diverged = "" if run.diverged_at is None else f"diverged at {text(run.diverged_at)}"
+    if target is None:
+        return "—"
+    if steps is not None:
+        return text(steps) + (f" ({diverged})" if diverged else "")
+    return diverged or "never"
+
+
 def fig3_table(runs: dict[str, Run], target: float | None) -> pd.DataFrame:
-    """Fig. 3 for one profile: our steps to ``target``, max accuracy and speed-up beside the paper's."""
+    """Fig. 3 for one profile: our steps to ``target`` (also in paper-equivalent steps where the manifests carry
+    ``compression``), max accuracy, the other seeds' max and the speed-up, beside the paper's."""
     steps = {name: (None if target is None else steps_to(run, target)) for name, run in runs.items()}
-    reference = steps.get("inception")
+    inception = runs.get("inception")
     paper_reference = PAPER_FIG3["inception"][0]
+    compressed = any(run.compression is not None for run in runs.values())
     rows = []
     for name, run in runs.items():
-        diverged = "" if run.diverged_at is None else f"diverged at {run.diverged_at:,}"
-        if target is None:
-            reached = "—"
-        elif steps[name] is not None:
-            reached = f"{steps[name]:,}" + (f" ({diverged})" if diverged else "")
-        else:
-            reached = diverged or "never"
         paper_steps, paper_max = PAPER_FIG3.get(name, (None, None))
-        rows.append({
-            "Model": run.label,
-            "Steps to target": reached,
+        row = {"Model": run.label, "Steps to target": _reached(run, steps[name], target, paper=False)}
+        if compressed:
+            row["Paper-equivalent steps to target"] = (_reached(run, steps[name], target, paper=True)
+                                                       if run.compression is not None else "no compression recorded")
+        speedup = "—"
+        if inception is not None:
+            speedup = _speedup(*comparable([inception, run], [steps["inception"], steps[name]]))
+        row.update({
             "Max accuracy": _percent(run.max_top1),
-            "Speed-up vs Inception": _speedup(reference, steps[name]),
+            "Other seeds' max": other_seeds_max(run),
+            "Speed-up vs Inception": speedup,
             "Paper: steps to 72.2%": "—" if paper_steps is None else f"{paper_steps / 1e6:.1f}e6",
             "Paper: max accuracy": _percent(paper_max),
             "Paper: speed-up": _speedup(paper_reference, paper_steps),
         })
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -200,17 +286,23 @@ def figure_name(profile: str) -> str:
 
 
 def figure_2(profile: str, runs: dict[str, Run], target: float | None, out: Path) -> list[Path]:
-    """Fig. 2: single-crop validation top-1 vs training steps, one line per recipe; a diverged run's line
-    stops at its last finite evaluation, marked with an x."""
+    """Fig. 2: single-crop validation top-1 vs training steps (paper-equivalent steps, step / compression, where
+    every run's manifest carries ``compression``), one line per row, dashed for a row with overrides; a diverged
+    run's line stops at its last finite evaluation, marked with an x."""
     fig, ax = plt.subplots(figsize=(7, 4.4))
-    for name, run in runs.items():
+    paper = bool(runs) and all(run.compression is not None for run in runs.values())  # x in paper-equivalent steps
+    for run in runs.values():
         curve = run.curve
+        x = curve.step / run.compression if paper else curve.step
         label = run.label
         if run.diverged_at is not None:
-            label += f" (diverged at step {run.diverged_at:,})"
-        (line,) = ax.plot(curve.step, curve.top1, color=colour(name), label=label, linewidth=1.5)
+            equivalent = paper_steps_text(paper_equivalent(run, run.diverged_at))
+            equivalent = f", {equivalent} paper-equivalent" if paper else ""
+            label += f" (diverged at step {run.diverged_at:,}{equivalent})"
+        (line,) = ax.plot(x, curve.top1, color=colour(run.recipe), label=label, linewidth=1.5,
+                          linestyle="--" if run.variant else "-")
         if run.diverged_at is not None and len(curve):
-            ax.plot(curve.step.iloc[-1], curve.top1.iloc[-1], marker="x", markersize=10, markeredgewidth=2,
+            ax.plot(x.iloc[-1], curve.top1.iloc[-1], marker="x", markersize=10, markeredgewidth=2,
                     color=line.get_color())
     if target is not None:
         what = "paper's target" if profile == "paper" else "target: Inception's max"
@@ -218,6 +310,10 @@ def figure_2(profile: str, runs: dict[str, Run], target: float | None, out: Path
     batches = sorted({r.manifest["global_batch"] // r.manifest.get("replicas", 1) for r in runs.values()
                       if "global_batch" in r.manifest})  # a step is one mini-batch of the profile's size
     steps = "training steps" + (f" (mini-batches of {'/'.join(map(str, batches))})" if batches else "")
+    if paper:
+        factors = sorted({round(1 / run.compression) for run in runs.values()})
+        steps = f"paper-equivalent steps (step / compression; one step here = {'/'.join(map('{:,}'.format, factors))} "
+        steps += "paper steps)"
     ax.set(xlabel=steps, ylabel="validation top-1 (single crop)", ylim=(0, None))
     ax.set_title(f"Fig. 2 reproduced, profile {profile}", fontsize=10)
     ax.grid(alpha=0.3)
@@ -240,15 +336,21 @@ def profile_section(profile: str, runs: dict[str, Run], superseded: list[Run]) -
         target_text = f"{100 * target:.1f}%, the best top-1 of this profile's `inception` run (as in the paper)"
     lines = [f"## Profile `{profile}`", "",
              f"- Data: {'; '.join(datasets)}" + (" (**the runs used different data**)" if len(datasets) > 1 else ""),
-             f"- Target accuracy: {target_text}", "- Runs (latest finished run per recipe):"]
+             f"- Target accuracy: {target_text}",
+             "- Runs (per recipe and overrides, the latest finished run of the lowest seed; other seeds below it):"]
     for name, run in runs.items():
         steps = run.summary.get("steps", int(run.metrics.step.max()))
         replicas = run.manifest.get("replicas", 1)
         batch = run.manifest.get("global_batch", "not recorded")
-        lines.append(f"  - {run.label} (`{name}`): `{run.rel}`, status {run.manifest.get('status')}, "
-                     f"{steps:,} steps, {replicas} replica{'s' * (replicas != 1)}, global batch {batch}, "
+        compression = "" if run.compression is None else \
+            f", compression {run.compression:.3g} (a step stands for {1 / run.compression:,.0f} paper steps)"
+        lines.append(f"  - {run.label} (`{name}`): `{run.rel}`, seed {run.seed}, status {run.manifest.get('status')}, "
+                     f"{steps:,} steps{compression}, {replicas} replica{'s' * (replicas != 1)}, global batch {batch}, "
                      f"commit `{str(run.manifest.get('git_commit', 'unknown'))[:12]}`; "
                      + deviations_list(run.summary.get("deviations", run.manifest.get("deviations")), "", indent=4))
+        for other in run.others:
+            lines.append(f"    - seed {other.seed}: `{other.rel}`, status {other.manifest.get('status')}, "
+                         f"max {_percent(other.max_top1)} (in the table's \"other seeds' max\" only)")
     lines += ["", markdown_table(fig3_table(runs, target)), ""]
     notes = [f"{runs[name].label}: {note}." for name, note in PAPER_NOTES.items() if name in runs]
     if notes:
@@ -260,7 +362,7 @@ def profile_section(profile: str, runs: dict[str, Run], superseded: list[Run]) -
 
 
 def markdown(by_profile: dict[str, dict[str, Run]], runs: list[Run]) -> str:
-    shown = {id(r) for chosen in by_profile.values() for r in chosen.values()}
+    shown = {r.path for chosen in by_profile.values() for row in chosen.values() for r in (row, *row.others)}
     lines = ["# ImageNet (paper Sec. 4.2, Fig. 2 and Fig. 3)", "",
              "A step is one mini-batch of the profile's batch size, the paper's unit, however many replicas "
              "trained the run. Steps to target count evaluated steps only, so they are upper bounds within one "
@@ -269,10 +371,15 @@ def markdown(by_profile: dict[str, dict[str, Run]], runs: list[Run]) -> str:
              "last one, as step 0, Alg. 2's population statistics; those between, BN's moving averages, which "
              "Alg. 2 allows for tracking accuracy. "
              "The paper's columns are its Fig. 3 (shared/paper/README.md, section 3); its step counts are "
-             "for the full ImageNet setup, comparable to ours only at profile `paper`. Its text rounds BN-x5's "
-             "31.0e6 / 2.1e6 = 14.8x down to \"14 times fewer steps\".", ""]
+             "for the full ImageNet setup, comparable to ours only at profile `paper`, or, where the manifests carry "
+             "`compression` (this profile's steps per paper step), through the paper-equivalent steps (step / "
+             "compression), which Fig. 2 then has on its x-axis. Its text rounds BN-x5's "
+             "31.0e6 / 2.1e6 = 14.8x down to \"14 times fewer steps\". "
+             "Each recipe with each set of `--set` overrides (step budgets aside) is a row: the latest finished run "
+             "of its lowest seed; the other seeds' runs appear only in \"Other seeds' max\" and in the seed spread "
+             "of claims.md. Speed-ups are over paper-equivalent steps where both runs carry `compression`.", ""]
     for profile, chosen in by_profile.items():
-        superseded = [r for r in runs if r.profile == profile and id(r) not in shown]
+        superseded = [r for r in runs if r.profile == profile and r.path not in shown]
         lines.append(profile_section(profile, chosen, superseded))
     return "\n".join(lines).rstrip("\n") + "\n"
 
