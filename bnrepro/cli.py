@@ -82,6 +82,45 @@ def mnist(
 
 
 @app.command()
+def sweep(
+    lr_min: Annotated[float, typer.Option(help="Smallest learning rate of the grid.")] = 0.01,
+    lr_max: Annotated[float, typer.Option(help="Largest learning rate.")] = 100.0,
+    lrs: Annotated[int, typer.Option(help="Learning rates, log-spaced.")] = 8,
+    init_min: Annotated[float, typer.Option(help="Smallest initial weight std.")] = 0.01,
+    init_max: Annotated[float, typer.Option(help="Largest initial weight std.")] = 10.0,
+    inits: Annotated[int, typer.Option(help="Initial stds, log-spaced.")] = 6,
+    seeds: Annotated[int, typer.Option(help="Seeds per grid point (initial weights).")] = 2,
+    steps: Annotated[int, typer.Option(help="Training steps of every model.")] = 10_000,
+    data_seed: Annotated[int, typer.Option(help="Seed of the mini-batch order, shared by all models.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    out: Annotated[Path, typer.Option(help="Results folder; the run goes to OUT/sweep/<time>.")] = Path("results"),
+    data_dir: DataDir = None,
+    set_: Overrides = None,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    engine: Annotated[str, typer.Option(help="native (C++, CPU), torch, or auto: native where it can run.")] = "auto",
+) -> None:
+    """Beyond the paper: the MNIST network of Fig. 1 over a grid of learning rates x initial weight scales, with
+    and without BN, every model trained together; divergence is a result. `bnrepro report` draws it."""
+    from bnrepro.experiments import mnist as experiment
+    from bnrepro.experiments.sweep import log_grid
+
+    for name, low, high, count in (("--lr", lr_min, lr_max, lrs), ("--init", init_min, init_max, inits)):
+        if not 0 < low <= high or count < 1:
+            raise UserError(f"{name}-min and {name}-max must be positive with min <= max, and the count >= 1")
+    if steps < 0:
+        raise UserError(f"--steps must be 0 or more, not {steps}")
+    grid = experiment.Grid(log_grid(lr_min, lr_max, lrs), log_grid(init_min, init_max, inits))
+    overrides = _with_flag(list(set_ or []), "--steps", "train.steps", steps)
+    run_dir = experiment.run(experiment.DEFAULT_VARIANTS, overrides, seeds, data_seed, device, out, data_dir,
+                             show_progress=progress, engine=engine, grid=grid)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    diverged = len(summary["divergences"])
+    console.print(f"{len(summary['members'])} models, {diverged} diverged; `bnrepro report` draws the heatmaps",
+                  markup=False)
+    console.print(f"results: {run_dir}", markup=False)
+
+
+@app.command()
 def imagenet(
     recipe: Annotated[str | None, typer.Option(help="Recipe to train, e.g. bn-x30 (`bnrepro recipes list`).")] = None,
     profile: Annotated[str, typer.Option(help="paper (ImageNet), proxy (small data, one GPU) or smoke.")] = "paper",

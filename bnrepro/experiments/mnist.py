@@ -50,6 +50,16 @@ CHECKPOINT = "checkpoint.pt"
 class Member:
     variant: str  # the recipe's short name, e.g. "bn"
     seed: int
+    lr: float | None = None  # a sweep's own learning rate and initial weight std (None: the recipe's)
+    init_std: float | None = None
+
+
+@dataclass(frozen=True)
+class Grid:
+    """``bnrepro sweep``: every (learning rate, initial weight std) pair, for every variant and seed."""
+
+    lrs: tuple[float, ...]
+    init_stds: tuple[float, ...]
 
 
 class MnistTask:
@@ -100,6 +110,7 @@ class MnistTask:
         accuracy, percentiles = accuracy.where(finite, math.nan).cpu(), percentiles.where(finite, math.nan).cpu()
         for i, member in enumerate(self.members):
             row = {"variant": member.variant, "seed": member.seed, "step": step, "statistics": statistics,
+                   **({} if member.lr is None else {"lr": member.lr, "init_std": member.init_std}),
                    "test_accuracy": float(accuracy[i]), "train_loss": float(train_loss[i])}
             row.update({f"p{p:g}": float(percentiles[j, i]) for j, p in enumerate(self.recipe.eval.percentiles)})
             self.rows.append(row)
@@ -163,17 +174,19 @@ class Setup:
 
 
 def _build(variants: dict[str, MnistRecipe], seeds: list[int], data: mnist.MnistArrays, data_seed: int,
-           device: torch.device, engine: str) -> Setup:
+           device: torch.device, engine: str, grid: Grid | None = None) -> Setup:
     shared = _check_trainable_together(variants)
     ordered = sorted(variants.items(), key=lambda item: not item[1].model.batch_norm)  # BN members first
-    members = [Member(name, seed) for name, _ in ordered for seed in seeds]
-    m = shared.model
+    points = [(lr, std) for lr in grid.lrs for std in grid.init_stds] if grid else [(None, None)]
+    members = [Member(name, seed, lr, std) for name, _ in ordered for lr, std in points for seed in seeds]
+    m, t = shared.model, shared.train
     stack = MLPStack(
         [member.seed for member in members], [28 * 28, *m.hidden, 10],
-        batch_norm=[recipe.model.batch_norm for _, recipe in ordered for _ in seeds],
-        nonlinearity=m.nonlinearity, init=m.init, init_std=m.init_std, bn_eps=m.bn_eps, bn_momentum=m.bn_momentum,
+        batch_norm=[variants[member.variant].model.batch_norm for member in members],
+        nonlinearity=m.nonlinearity, init=m.init, bn_eps=m.bn_eps, bn_momentum=m.bn_momentum,
+        init_std=[m.init_std if member.init_std is None else member.init_std for member in members],
+        lr_scale=[1.0 if member.lr is None else member.lr / t.lr for member in members],  # x the recipe's rate
     ).to(device)
-    t = shared.train
     optimizer = torch.optim.SGD([stack.flat], lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     if engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, not '{engine}'")
@@ -194,8 +207,10 @@ def run(
     data_dir: Path | None,
     show_progress: bool = True,
     engine: str = "auto",
+    grid: Grid | None = None,
 ) -> Path:
-    """Train every variant for ``seeds`` seeds in a new run folder under ``out/mnist``; returns the folder."""
+    """Train every variant for ``seeds`` seeds in a new run folder under ``out/mnist`` (a ``grid``: every point of
+    it too, under ``out/sweep``); returns the folder."""
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, not {seeds}")
     variants = {variant_name(name): recipe_io.load(name, overrides) for name in recipe_names}
@@ -204,12 +219,13 @@ def run(
             raise UserError(f"recipe '{name}' is a {recipe.experiment} recipe, not an MNIST one")
     device = resolve_device(device_name_)
     data = mnist.load(data_dir)
-    setup = _build(variants, list(range(seeds)), data, data_seed, device, engine)
-    run_dir = new_run_dir(Path(out) / "mnist")  # only now: every check that can fail has passed
+    setup = _build(variants, list(range(seeds)), data, data_seed, device, engine, grid)
+    run_dir = new_run_dir(Path(out) / ("sweep" if grid else "mnist"))  # only now: every check that can fail passed
     resolved = {name: recipe.model_dump(mode="json") for name, recipe in variants.items()}
     atomic_write(run_dir / "recipes.yaml", yaml.safe_dump(resolved, sort_keys=False, width=100))
     manifest = {
-        "experiment": "mnist", "status": "running", "started": now(),
+        "experiment": "sweep" if grid else "mnist", "status": "running", "started": now(),
+        **({"grid": {"lrs": list(grid.lrs), "init_stds": list(grid.init_stds)}} if grid else {}),
         "recipes": {name: {"source": src, "digest": variants[name].digest}
                     for name, src in zip(variants, recipe_names)},
         "overrides": list(overrides), "seeds": list(range(seeds)), "data_seed": data_seed,
@@ -238,7 +254,8 @@ def resume(run_dir: Path, device_name_: str, data_dir: Path | None, show_progres
     variants = {name: MnistRecipe.model_validate(tree) for name, tree in resolved.items()}
     device = resolve_device(device_name_)
     data = mnist.load(data_dir)
-    setup = _build(variants, manifest["seeds"], data, manifest["data_seed"], device, engine)
+    grid = Grid(tuple(manifest["grid"]["lrs"]), tuple(manifest["grid"]["init_stds"])) if "grid" in manifest else None
+    setup = _build(variants, manifest["seeds"], data, manifest["data_seed"], device, engine, grid)
     manifest["resumed"] = [*manifest.get("resumed", []), now()]
     manifest["resumed_engines"] = [*manifest.get("resumed_engines", []), setup.engine]
     return _train(run_dir, variants, manifest, setup, resume=True, show_progress=show_progress)
@@ -257,7 +274,12 @@ def _train(run_dir: Path, variants: dict[str, MnistRecipe], manifest: dict[str, 
     metrics = pd.DataFrame(task.rows)
     divergences = [{"variant": m.variant, "seed": m.seed, "step": step}
                    for m, step in zip(members, log.diverged_at) if step is not None]
-    summary = summarize(metrics, variants, divergences)
+    if "grid" in manifest:  # bnrepro sweep: per member, and Sec. 3.3 checked on one trained BN network
+        from bnrepro.experiments import sweep
+
+        summary = sweep.summarize(metrics, members, log.diverged_at, task)
+    else:
+        summary = summarize(metrics, variants, divergences)
     summary["deviations"] = manifest.get("deviations", [])
     announce("MNIST, finished", summary["deviations"])
     atomic_write(run_dir / "metrics.csv", metrics.to_csv(index=False))

@@ -58,6 +58,8 @@ class MLPStack(nn.Module):
     Members with ``batch_norm[i]`` compute g(BN(Wu)) in every hidden layer, with no bias (BN's beta
     replaces it, Sec. 3.2); the others compute g(Wu + b). BN members come first, so each layer's BN acts
     on one contiguous block of columns. The output layer is a plain affine map into the softmax.
+    ``init_std`` and ``lr_scale`` may differ per member (``bnrepro sweep``): member i's initial weights have
+    std ``init_std[i]`` and its SGD steps are ``lr_scale[i]`` x the optimizer's learning rate.
     """
 
     def __init__(
@@ -68,19 +70,27 @@ class MLPStack(nn.Module):
         batch_norm: list[bool],
         nonlinearity: str,
         init: str,
-        init_std: float,
+        init_std: float | list[float],
         bn_eps: float,
         bn_momentum: float,
+        lr_scale: list[float] | None = None,
     ):
         super().__init__()
         if len(batch_norm) != len(seeds) or list(batch_norm) != sorted(batch_norm, reverse=True):
             raise ValueError("batch_norm needs one flag per seed, BN members first")
+        stds = [init_std] * len(seeds) if isinstance(init_std, int | float) else list(init_std)
+        self.lr_scale = [1.0] * len(seeds) if lr_scale is None else [float(x) for x in lr_scale]
+        if len(stds) != len(seeds) or len(self.lr_scale) != len(seeds):
+            raise ValueError("init_std and lr_scale need one value per member")
         self.members, self.widths, self.normalized = len(seeds), list(widths), sum(batch_norm)
         self.bn_eps, self.bn_momentum, self.nonlinearity = bn_eps, bn_momentum, nonlinearity
         self.activation, self.activation_backward = _ACTIVATIONS[nonlinearity]
         self.shapes = self._layout()
         self.flat = nn.Parameter(torch.zeros(sum(math.prod(s) for s in self.shapes.values())))
-        self._initialise(seeds, init, init_std)
+        self._initialise(seeds, init, stds)
+        if any(scale != 1.0 for scale in self.lr_scale):  # the torch engine: each member's gradient x its scale
+            self.register_buffer("lr_multiplier", self.member_values(self.lr_scale), persistent=False)
+            self.flat.register_hook(self._scale_gradient)
         self._avg_names = [(f"mean_avg{layer}", f"var_avg{layer}") for layer in range(len(self.hidden))]
         for (mean_name, var_name), width in zip(self._avg_names, self.hidden):
             self.register_buffer(mean_name, torch.zeros(1, self.normalized * width))
@@ -121,10 +131,31 @@ class MLPStack(nn.Module):
         mean_name, var_name = self._avg_names[layer]
         return self._buffers[mean_name], self._buffers[var_name]
 
+    def _scale_gradient(self, grad: Tensor) -> Tensor:
+        return grad * self.lr_multiplier
+
     @torch.no_grad()
-    def _initialise(self, seeds: list[int], init: str, std: float) -> None:
+    def member_values(self, values: list[float]) -> Tensor:
+        """A tensor shaped like ``flat`` holding ``values[i]`` at every parameter of member i."""
+        out = torch.zeros_like(self.flat)
+        params, members, bn = self.unflatten(out), self.members, self.normalized
+        for m, value in enumerate(values):
+            params.weights[0].view(self.widths[0], members, -1)[:, m] = value
+            for weight in params.weights[1:]:
+                weight[m] = value
+            if m < bn:
+                for t in (*params.gamma, *params.beta):
+                    t.view(bn, -1)[m] = value
+            else:
+                for t in params.bias:
+                    t.view(members - bn, -1)[m - bn] = value
+            params.bias_out.view(members, -1)[m] = value
+        return out
+
+    @torch.no_grad()
+    def _initialise(self, seeds: list[int], init: str, stds: list[float]) -> None:
         params = self.unflatten(self.flat)
-        for member, seed in enumerate(seeds):
+        for member, (seed, std) in enumerate(zip(seeds, stds)):
             generator = torch.Generator().manual_seed(seed)
             for layer, (fan_in, fan_out) in enumerate(zip(self.widths[:-1], self.widths[1:])):
                 w = torch.empty(fan_in, fan_out)

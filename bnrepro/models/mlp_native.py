@@ -162,7 +162,9 @@ class NativeStack:
         if len(learning_rates) != steps:
             raise ValueError(f"{steps} steps need {steps} learning rates, not {len(learning_rates)}")
         table, _ = self._train_table
-        lrs = torch.tensor(learning_rates, dtype=torch.float32)
+        # each step's rate for each member: (steps, members), the member's scale x the step's rate
+        lrs = torch.outer(torch.tensor(learning_rates, dtype=torch.float64),
+                          torch.tensor(stack.lr_scale, dtype=torch.float64)).float().contiguous()
         losses = torch.empty(steps, stack.members)
         status = self._train(*self._shape(), stack.bn_eps, stack.bn_momentum, stack.members, table,
                              self.bn.data_ptr(), steps, batch, examples.data_ptr(), data.offsets.data_ptr(),

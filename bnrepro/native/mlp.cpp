@@ -612,7 +612,7 @@ extern "C" {
 
 // Steps [0, steps) of a chunk for every member. examples: (steps, batch) training-example indices;
 // offsets/pixels: CSR of every training example's active pixels; params: members x (5H + 2) pointers;
-// bn: per member; lrs: per step; losses: (steps, members) out. Returns 0; 1 for a shape it cannot run, 2 when
+// bn: per member; lrs: (steps, members), each member's rate at each step; losses: (steps, members) out. Returns 0; 1 for a shape it cannot run, 2 when
 // it ran out of memory or threads.
 int bnrepro_mlp_train(int64_t hidden_layers, const int64_t* widths, int64_t w0_stride, int64_t activation,
                       float bn_eps, float bn_momentum, int64_t members, float** params, const uint8_t* bn,
@@ -638,7 +638,7 @@ int bnrepro_mlp_train(int64_t hidden_layers, const int64_t* widths, int64_t w0_s
       for (int64_t t = 0; t < steps; ++t)
         losses[t * members + m] = train_step(copy.shape(), mb, bn[m] != 0, batch, examples + t * batch, offsets,
                                              pixels, feature_offsets.data() + t * (inputs + 1), feature_rows[t].data(),
-                                             labels, lrs[t], w);
+                                             labels, lrs[t * members + m], w);
     });
   } catch (...) {  // out of memory, or no threads: Python raises
     return 2;
