@@ -33,7 +33,8 @@ def test_paper_learning_rates():
 
 def test_bn_x5_is_exactly_the_section_421_changes():
     diff = changed("bn-baseline", "bn-x5")
-    assert set(diff) == SEC_421 | {"profiles.paper.steps"}  # and its own budget, not a change of Sec. 4.2.1
+    budgets = {"profiles.paper.steps", "profiles.cpu.steps", "profiles.cpu.eval_every", "profiles.cpu.checkpoint_every"}
+    assert set(diff) == SEC_421 | budgets  # and its own budgets, not changes of Sec. 4.2.1
     assert diff["profiles.paper.steps"] == (31_000_000, 6_000_000)
     assert diff["model.dropout"] == (0.4, 0.0) and diff["model.lrn"] == (True, False)
     assert diff["train.l2_multiplier"] == (1.0, 0.2) and diff["train.lr_decay.speedup"] == (1.0, 6.0)
@@ -65,7 +66,16 @@ def test_profiles_are_in_steps_with_epochs_derivable():
     paper = recipes.load("imagenet/inception").profiles["paper"]
     assert paper.batch_size == 32 and paper.resolution == 224
     assert paper.epochs(31_000_000) == pytest.approx(774.3, abs=0.1)  # ~775 epochs, as section 3 notes
-    assert set(recipes.load("imagenet/bn-x5").profiles) == {"paper", "proxy", "smoke"}
+    assert set(recipes.load("imagenet/bn-x5").profiles) == {"paper", "proxy", "cpu", "smoke"}
+
+
+def test_the_cpu_profile_keeps_the_papers_ratios_between_budgets():
+    """Every recipe's cpu budget is its paper budget x the profile's compression (to the step)."""
+    for name in ("inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid", "inception-sigmoid",
+                 "inception-x5", *(f"bn-x30-member{n}" for n in range(1, 7))):
+        profiles = recipes.load(name).profiles
+        cpu = profiles["cpu"]
+        assert cpu.steps == round(profiles["paper"].steps * cpu.compression), name
 
 
 @pytest.mark.parametrize("override", ["train.shuffle=random", "model.dropout=1.5", "model.lrnn=true",

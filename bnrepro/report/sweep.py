@@ -85,7 +85,7 @@ def baseline_accuracy(results: Path) -> tuple[float, str] | None:
 def heatmaps(table: pd.DataFrame, out: Path, title: str) -> list[Path]:
     """Final test accuracy over learning rate x initial std, without and with BN; diverged cells marked."""
     lrs, stds = sorted(table.lr.unique()), sorted(table.init_std.unique())
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True, layout="constrained")
     for ax, variant in zip(axes, ("baseline", "bn")):
         grid = np.full((len(stds), len(lrs)), np.nan)
         marks = []
