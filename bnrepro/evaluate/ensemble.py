@@ -206,7 +206,7 @@ def run(recipe_name: str, overrides: list[str], results: Path, dataset_dir: Path
         "crops": list(recipe.crops), "resolution": first.resolution, "dataset": split.where,
         "val_images": len(split), "val_limit": recipe.val_limit,
         "inference": "BN folded into the convolutions, with Alg. 2's population statistics from each member's run",
-        "deviations": deviations(members, split),
+        "deviations": deviations(members, split, recipe.val_limit),
         "device": device_name(device), "versions": versions(), "git_commit": git_commit(),
     }
     write_json(run_dir / "manifest.json", manifest)
@@ -232,7 +232,7 @@ def run(recipe_name: str, overrides: list[str], results: Path, dataset_dir: Path
     return run_dir
 
 
-def deviations(members: list[Member], split: images.Split) -> list[str]:
+def deviations(members: list[Member], split: images.Split, val_limit: int | None) -> list[str]:
     """How this evaluation differs from the paper's Fig. 4: its own, then each member's training deviations."""
     found = []
     if len(members) != 6:
@@ -242,7 +242,7 @@ def deviations(members: list[Member], split: images.Split) -> list[str]:
                      f"(the 144-crop scales 256-352 are scaled with them)")
     if len(split) != 50_000:
         found.append(f"{len(split):,} validation images, not ImageNet's 50,000"
-                     + (" (the first of the split, ensemble's val_limit)" if split.where.endswith("(first)") else ""))
+                     + (" (the first of the split, ensemble's val_limit)" if val_limit else ""))
     for m in members:
         found += [f"{m.name}: {text}" for text in m.manifest.get("deviations", [])]
     return found
