@@ -41,18 +41,13 @@ from torchvision.transforms import v2
 from bnrepro import recipes
 from bnrepro.engine.distributed import SINGLE_PROCESS
 from bnrepro.experiments import imagenet as experiment
+from bnrepro.experiments.imagenet import clock
 from bnrepro.models import inception
 from bnrepro.models.batchnorm import BatchNorm
 from bnrepro.models.inception import Inception, count_flops
 from bnrepro.runs import device_name
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "fashion-mnist" / "raw"
-
-
-def clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 class FourBranches(nn.Module):

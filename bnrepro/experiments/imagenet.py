@@ -348,7 +348,7 @@ def time_training(task: ImagenetTask, optimizer: torch.optim.Optimizer, steps: i
     per_update = task.profile.batch_size * task.replicas.world
     for update in range(warmup + steps):
         if update == warmup:
-            start = _clock(task.device)
+            start = clock(task.device)
         step = update * task.replicas.world
         for group in optimizer.param_groups:
             group["lr"] = task.lr(step)
@@ -356,10 +356,11 @@ def time_training(task: ImagenetTask, optimizer: torch.optim.Optimizer, steps: i
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         optimizer.step()
-    return steps * per_update / (_clock(task.device) - start)
+    return steps * per_update / (clock(task.device) - start)
 
 
-def _clock(device: torch.device) -> float:
+def clock(device: torch.device) -> float:
+    """A timestamp after the device has finished its queued work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
