@@ -1,11 +1,13 @@
-"""The claims table (bnrepro.report.claims) on fabricated run folders: each rule's every verdict, on numbers made up
-so that each can be checked by hand; no training, no network."""
+"""The claims table (bnrepro.report.claims) on fabricated run folders: each rule's every verdict, v1's and v2's, on
+numbers made up so that each can be checked by hand; no training, no network."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -36,7 +38,7 @@ CAMPAIGN = {
 def write_run(results: Path, folder: str, recipe: str, steps: list[int], top1: list[float], *, seed: int = 0,
               status: str = "complete", overrides: list[str] = (), profile: str = "cpu",
               compression: float | None = COMPRESSION, classes: list[str] | None = CLASSES,
-              diverged_at: int | None = None) -> Path:
+              diverged_at: int | None = None, train_examples: int | None = 5000) -> Path:
     """A fabricated `bnrepro imagenet` run folder (manifest.json, summary.json, metrics.csv)."""
     run = results / "imagenet" / folder
     run.mkdir(parents=True)
@@ -46,6 +48,8 @@ def write_run(results: Path, folder: str, recipe: str, steps: list[int], top1: l
                 "started": "2026-01-02T00:00:00+00:00"}
     if classes is not None:
         manifest["classes"] = classes
+    if train_examples is not None:
+        manifest["train_examples"] = train_examples
     (run / "manifest.json").write_text(json.dumps(manifest))
     pd.DataFrame({"step": steps, "optimizer_step": steps, "epoch": [s / 100 for s in steps],
                   "statistics": "moving", "train_loss": [2.0 - t for t in top1], "lr": 0.01, "top1": top1,
@@ -57,9 +61,11 @@ def write_run(results: Path, folder: str, recipe: str, steps: list[int], top1: l
     return run
 
 
-def campaign(results: Path, drop: tuple[str, ...] = (), profile: str = "cpu", **changes: dict) -> Path:
-    """The campaign above under ``results``, less ``drop``, with ``changes`` (name with _ for space -> fields)."""
-    for name, spec in CAMPAIGN.items():
+def campaign(results: Path, drop: tuple[str, ...] = (), profile: str = "cpu", runs: dict | None = None,
+             **changes: dict) -> Path:
+    """The campaign ``runs`` (default: the one above) under ``results``, less ``drop``, with ``changes`` (name with _
+    for space and -> fields)."""
+    for name, spec in (CAMPAIGN if runs is None else runs).items():
         if name in drop:
             continue
         spec = {**spec, **changes.get(name.replace(" ", "_").replace("-", "_"), {})}
@@ -70,19 +76,27 @@ def campaign(results: Path, drop: tuple[str, ...] = (), profile: str = "cpu", **
 # Ensemble: 4 validation images of a 3-class set; per member and crops, the images it gets wrong.
 LABELS = [0, 1, 2, 0]
 RIGHT = {0: [0.8, 0.1, 0.1], 1: [0.1, 0.8, 0.1], 2: [0.1, 0.1, 0.8]}
-WRONG = {0: [0.3, 0.6, 0.1], 1: [0.6, 0.3, 0.1]}  # image 0 taken for class 1, image 1 for class 0
 
 
-def write_ensemble(results: Path, folder: str, wrong: dict[tuple[str, int], set[int]], *, profile: str = "cpu",
-                   in_recipe_yaml: bool = True, started: str = "2026-01-03T00:00:00+00:00") -> Path:
+def wrong(label: int) -> list[float]:
+    """Taken for the next class: 0.6 there, 0.3 on the label. Averaged with a right member's 0.8/0.1 the label wins
+    (0.55 against 0.35), so an ensemble of two is wrong only where both members are."""
+    probs = [0.1, 0.1, 0.1]
+    probs[label], probs[(label + 1) % 3] = 0.3, 0.6
+    return probs
+
+
+def write_ensemble(results: Path, folder: str, bad: dict[tuple[str, int], set[int]], *, profile: str = "cpu",
+                   in_recipe_yaml: bool = True, started: str = "2026-01-03T00:00:00+00:00",
+                   labels: list[int] = LABELS) -> Path:
     """A fabricated `bnrepro ensemble` run folder: manifest, results.csv, cached probabilities; the profile either
     in its recipe.yaml (as `bnrepro ensemble` writes it) or in the manifest."""
     run = results / "ensemble" / folder
     (run / "probabilities").mkdir(parents=True)
-    names = sorted({name for name, _ in wrong})
+    names = sorted({name for name, _ in bad})
     manifest = {"experiment": "ensemble", "status": "complete", "started": started, "recipe": "bn-inception",
                 "members": [{"name": n, "run": str(results / "imagenet" / n)} for n in names],
-                "crops": sorted({c for _, c in wrong}), "val_images": len(LABELS)}
+                "crops": sorted({c for _, c in bad}), "val_images": len(labels)}
     if in_recipe_yaml:
         (run / "recipe.yaml").write_text(f"experiment: ensemble\nprofile: {profile}\n")
     else:
@@ -90,10 +104,10 @@ def write_ensemble(results: Path, folder: str, wrong: dict[tuple[str, int], set[
     (run / "manifest.json").write_text(json.dumps(manifest))
     pd.DataFrame({"members": names, "models": 1, "crops": 1, "top1_error": 0.99, "top5_error": 0.99}
                  ).to_csv(run / "results.csv", index=False)  # not read: the cache decides, as in ensemble.md
-    for (name, crops), bad in wrong.items():
-        probs = [WRONG[i] if i in bad else RIGHT[label] for i, label in enumerate(LABELS)]
-        torch.save({"probs": torch.tensor(probs).half(), "labels": torch.tensor(LABELS, dtype=torch.int64),
-                    "indices": torch.arange(len(LABELS), dtype=torch.int64)},
+    for (name, crops), images in bad.items():
+        probs = [wrong(label) if i in images else RIGHT[label] for i, label in enumerate(labels)]
+        torch.save({"probs": torch.tensor(probs).half(), "labels": torch.tensor(labels, dtype=torch.int64),
+                    "indices": torch.arange(len(labels), dtype=torch.int64)},
                    run / "probabilities" / f"{name}-{crops}crop.pt")
     return run
 
@@ -123,10 +137,18 @@ def test_every_claim_held_and_the_report(tmp_path):
     md = (out / "claims.md").read_text()
     for text in [*claims.COMMON, *claims.RULES.values()]:
         assert text in md  # the rules, as the module states them
-    assert "Seed spread: s = 2.0 points (inception seeds 0: 80.0%, 1: 79.0%; bn-x5 seeds 0: 85.0%, 1: 83.0%)." in md
-    table = markdown_rows(md.split("## Profile `cpu`")[1])
-    assert [row["Verdict"] for row in table.values()] == ["held"] * 7
+    assert ("v1's seed spread: s = 2.0 points (inception seeds 0: 80.0%, 1: 79.0%; bn-x5 seeds 0: 85.0%, 1: 83.0%)."
+            in md)
+    table = markdown_rows(md.split("## Profile `cpu`")[1].split("v1's figures")[0])
+    assert [row["v1 verdict"] for row in table.values()] == ["held"] * 7
     assert table["2"]["Paper"] == "2.1e6 steps, 14.8x fewer"
+    # v2 beside it: two seeds of Inception and BN-x5, one of the rest, 4 images: nothing it can call
+    assert [row["v2 verdict"] for row in table.values()] == ["inconclusive"] * 7
+    assert table["1"]["This scale (v2)"].startswith("fewer than 3 seeds: INCEPTION has 2, BN-BASELINE has 1")
+    for text in [*claims.COMMON_V2, *claims.RULES_V2.values(), *claims.CHANGES_V2]:
+        assert text in md
+    order = ["## Rules v2", claims.COMMON_V2[0], "## Rules v1", claims.COMMON[0], "## Profile `cpu`"]
+    assert [md.index(text) for text in order] == sorted(md.index(text) for text in order)  # v2's rules first
 
 
 def test_nothing_run_is_not_run(tmp_path):
@@ -233,3 +255,236 @@ def test_latest_ensemble_at_the_profile_is_judged(tmp_path, held):
                    started="2026-01-05T00:00:00+00:00")
     found = verdicts(results)[7]
     assert found.verdict == ("held" if held else "not held") and found.ours.startswith("`ensemble/newer`")
+
+
+# Rules v2 ------------------------------------------------------------------------------------------------------------
+
+def flat(reach: int, peak: float, last: int, every: int) -> dict:
+    """A curve evaluated every ``every`` steps up to ``last``: 10% at step 0, 50% before ``reach``, ``peak`` from
+    ``reach`` on; so it first reaches any level in (50%, peak] at ``reach``, after the evaluation at reach - every."""
+    steps = list(range(0, last + 1, every))
+    return dict(steps=steps, top1=[0.1 if s == 0 else 0.5 if s < reach else peak for s in steps])
+
+
+SHARDS = ["train.shuffle=shards"]
+DIVERGED = dict(recipe="inception-x5", steps=[0, 100, 200], top1=[0.1, 0.2, float("nan")], status="diverged",
+                diverged_at=150)
+# Three seeds of every recipe, every claim held by v2. T = mean(80, 79, 81)% = 80%. Inception's seeds reach their own
+# max at 1,400/1,300/1,400 (after 1,300/1,200/1,300); BN-x5 reaches 80% at 140/150/140 (after 130/140/130), so the
+# speed-up is at least 1,266 / 143 = 8.8x from the evaluations alone; BN-x5's budget 200 x 128 / 5,000 = 5.12 epochs.
+CAMPAIGN_V2 = {
+    "inception": dict(recipe="inception", **flat(1400, 0.80, 1400, 100)),
+    "inception seed 1": dict(recipe="inception", seed=1, **flat(1300, 0.79, 1400, 100)),
+    "inception seed 2": dict(recipe="inception", seed=2, **flat(1400, 0.81, 1400, 100)),
+    "bn-baseline": dict(recipe="bn-baseline", **flat(700, 0.82, 800, 100)),
+    "bn-baseline seed 1": dict(recipe="bn-baseline", seed=1, **flat(800, 0.83, 800, 100)),
+    "bn-baseline seed 2": dict(recipe="bn-baseline", seed=2, **flat(600, 0.84, 800, 100)),
+    "bn-x5": dict(recipe="bn-x5", **flat(140, 0.85, 200, 10)),
+    "bn-x5 seed 1": dict(recipe="bn-x5", seed=1, **flat(150, 0.84, 200, 10)),
+    "bn-x5 seed 2": dict(recipe="bn-x5", seed=2, **flat(140, 0.86, 200, 10)),
+    "bn-x30": dict(recipe="bn-x30", **flat(270, 0.90, 300, 10)),  # later than BN-x5, 5 points higher
+    "bn-x30 seed 1": dict(recipe="bn-x30", seed=1, **flat(280, 0.89, 300, 10)),
+    "bn-x30 seed 2": dict(recipe="bn-x30", seed=2, **flat(260, 0.91, 300, 10)),
+    "bn-x5-sigmoid": dict(recipe="bn-x5-sigmoid", **flat(100, 0.60, 200, 100)),  # >= 50%
+    "bn-x5-sigmoid seed 1": dict(recipe="bn-x5-sigmoid", seed=1, **flat(100, 0.62, 200, 100)),
+    "bn-x5-sigmoid seed 2": dict(recipe="bn-x5-sigmoid", seed=2, **flat(100, 0.58, 200, 100)),
+    "inception-sigmoid": dict(recipe="inception-sigmoid", steps=[0, 100, 200], top1=[0.1, 0.15, 0.12]),  # <= 20%
+    "inception-sigmoid seed 1": dict(recipe="inception-sigmoid", seed=1, steps=[0, 100, 200], top1=[0.1, 0.14, 0.1]),
+    "inception-sigmoid seed 2": dict(recipe="inception-sigmoid", seed=2, steps=[0, 100, 200], top1=[0.1, 0.16, 0.1]),
+    "inception-x5": DIVERGED,
+    "inception-x5 seed 1": {**DIVERGED, "seed": 1},
+    "inception-x5 seed 2": {**DIVERGED, "seed": 2},
+    "shards only": dict(recipe="bn-x5", overrides=SHARDS, **flat(140, 0.82, 200, 10)),  # 3 points under BN-x5
+    "shards only seed 1": dict(recipe="bn-x5", seed=1, overrides=SHARDS, **flat(140, 0.81, 200, 10)),
+    "shards only seed 2": dict(recipe="bn-x5", seed=2, overrides=SHARDS, **flat(140, 0.83, 200, 10)),
+}
+# 40 images, two members: each fixes 12 images at 144 crops and breaks none (b 12, c 0, p = 2 / 4096); together
+# they get every image right at 144 crops, 8 fewer errors than the best member m1 (b 8, c 0, p = 2 / 256).
+IMAGES_40 = [i % 3 for i in range(40)]
+ENSEMBLE_V2_HELD = {("m1", 1): set(range(0, 20)), ("m1", 144): set(range(0, 8)),
+                    ("m2", 1): set(range(20, 40)), ("m2", 144): set(range(20, 28))}
+
+
+def v2_campaign(results: Path, drop: tuple[str, ...] = (), **changes: dict) -> Path:
+    return campaign(results, drop, runs=CAMPAIGN_V2, **changes)
+
+
+def verdicts_v2(results: Path, profile: str = "cpu") -> dict[int, claims.Verdict]:
+    rows = imagenet.latest_per_recipe(imagenet.finished_runs(results))[profile]
+    found, _ = claims.judge_v2(profile, rows, results)
+    return {v.number: v for v in found}
+
+
+def log_mean(*steps: float) -> float:
+    return sum(math.log(s) for s in steps) / len(steps)
+
+
+def test_mcnemar_against_a_hand_computation():
+    assert claims.mcnemar(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)  # 0.0386
+    assert claims.mcnemar(2, 10) == claims.mcnemar(10, 2)
+    assert claims.mcnemar(0, 0) == 1.0 and claims.mcnemar(3, 3) == 1.0  # 2 * 42 / 64 > 1: capped
+    assert claims.mcnemar(12, 0) == pytest.approx(2 / 4096)
+    assert 0 < claims.mcnemar(700, 500) < 1e-8 and claims.mcnemar(1000, 1000) == 1.0  # no underflow past 1,074
+    x = pd.Series([True, True, False, False, True], index=[0, 1, 2, 3, 9])
+    y = pd.Series([False, True, True, False], index=[0, 1, 2, 3])  # image 9 has no pair: left out
+    assert claims.paired(x, y) == (1, 1, 4, 1.0)
+
+
+def test_band_against_a_hand_computation():
+    a, b = np.array([0.90, 0.88, 0.86]), np.array([0.85, 0.83, 0.84, 0.82])
+    # sA^2 = (0.02^2 + 0 + 0.02^2) / 2 = 4e-4; sB^2 = (0.015^2 + 0.005^2 + 0.005^2 + 0.015^2) / 3 = 5e-4 / 3
+    assert claims.band(a, b) == pytest.approx(2 * math.sqrt(4e-4 / 3 + 5e-4 / 3 / 4))
+    assert claims.band(np.array([0.60, 0.62, 0.58])) == pytest.approx(2 * 0.02 / math.sqrt(3))  # against a number
+
+
+def test_v2_every_claim_held_and_its_figures(tmp_path):
+    results = v2_campaign(tmp_path / "results")
+    write_ensemble(results, "e", ENSEMBLE_V2_HELD, labels=IMAGES_40)
+    found = verdicts_v2(results)
+    assert {n: v.verdict for n, v in found.items()} == {n: "held" for n in range(1, 8)}, found
+    # claim 2 by hand: geometric means of evaluated steps, the evaluations' interval, the band of log steps
+    inception, x5 = (1400, 1300, 1400), (140, 150, 140)
+    point = math.exp(log_mean(*inception) - log_mean(*x5))
+    low, high = math.exp(log_mean(1300, 1200, 1300) - log_mean(*x5)), math.exp(log_mean(*inception) - log_mean(130,
+                                                                                                              140, 130))
+    w = claims.band(np.log(inception), np.log(x5))
+    assert w == pytest.approx(2 * math.sqrt(math.log(1400 / 1300) ** 2 / 9 + math.log(150 / 140) ** 2 / 9))
+    assert (f"= {point:.2f}x (evaluations: {low:.2f}x to {high:.2f}x; with the seed band ±{w:.2f} in log steps: "
+            f"{low * math.exp(-w):.2f}x to {high * math.exp(w):.2f}x; threshold at least 7x)") in found[2].ours
+    assert low * math.exp(-w) > 7
+    assert "steps to T 80.00%: INCEPTION 1,400/1,300/1,400 (seeds 0/1/2) vs BN-X5 140/150/140" in found[2].ours
+    # claim 6: d = 85% - 82% with band 2 * sqrt(0.01^2 / 3 + 0.01^2 / 3) = 1.63 points, two decimals
+    assert "5.12 epochs" in found[6].ours and "d = +3.00 points, band ±1.63 points" in found[6].ours
+    assert "(b 12, c 0, p 0.000488)" in found[7].ours and "(b 8, c 0, p 0.00781)" in found[7].ours
+    assert "40 validation images, alpha 0.05" in found[7].ours and "best member m1 20.00%" in found[7].ours
+
+
+def test_v2_not_run(tmp_path):
+    results = tmp_path / "results"
+    write_run(results, "only-bn-x5", "bn-x5", [0, 100], [0.1, 0.5])
+    found = verdicts_v2(results)
+    assert {n: v.verdict for n, v in found.items()} == {n: "not run" for n in range(1, 8)}
+    assert found[3].ours == "no finished run of `bn-x30`"
+
+
+def test_v2_fewer_than_three_seeds_is_inconclusive_where_v1_decided(tmp_path):
+    results = campaign(tmp_path / "results")  # v1's campaign: two seeds of Inception and BN-x5, one of the rest
+    v1, v2 = verdicts(results), verdicts_v2(results)
+    assert all(v1[n].verdict == "held" for n in range(1, 7))
+    assert all(v2[n].verdict == "inconclusive" and "fewer than 3 seeds" in v2[n].ours for n in range(1, 7))
+    assert "max BN-X30 90.00% (seed 0) vs BN-X5 85.00%/83.00% (seeds 0/1, mean 84.00%): d = +6.00 points" in v2[3].ours
+
+
+def test_v2_claim_2_missed_by_less_than_the_noise_is_inconclusive(tmp_path):
+    """The review's case: BN-x5's seed 0 misses T by 0.02 points; v1 says never, v2 that it cannot tell."""
+    results = v2_campaign(tmp_path / "results", bn_x5=flat(140, 0.7998, 200, 10),
+                          bn_x5_seed_1=flat(150, 0.81, 200, 10), bn_x5_seed_2=flat(140, 0.80, 200, 10))
+    assert verdicts(results)[2].verdict == "not held"
+    found = verdicts_v2(results)[2]
+    assert found.verdict == "inconclusive"
+    assert ("BN-X5: 2 of 3 seeds reach T 80.00%; max 79.98%/81.00%/80.00% (seeds 0/1/2, mean 80.33%), d = +0.33 points "
+            "vs band ±1.34 points") in found.ours
+
+
+def test_v2_claim_2_not_held_and_inconclusive(tmp_path):
+    below = v2_campaign(tmp_path / "below", bn_x5=flat(140, 0.70, 200, 10), bn_x5_seed_1=flat(150, 0.71, 200, 10),
+                        bn_x5_seed_2=flat(140, 0.72, 200, 10))  # far under T: does not reach it
+    assert verdicts_v2(below)[2].verdict == "not held" and "0 of 3 seeds reach T" in verdicts_v2(below)[2].ours
+    # every seed at 220 (after 210): at most 1,366 / 210 = 6.5x, x exp(band of Inception's log steps 0.05) < 7
+    slow = v2_campaign(tmp_path / "slow", **{k: flat(220, p, 300, 10) for k, p in
+                                             (("bn_x5", 0.85), ("bn_x5_seed_1", 0.84), ("bn_x5_seed_2", 0.86))})
+    assert verdicts_v2(slow)[2].verdict == "not held"
+    # at 190 (after 180): between 6.7x and 7.6x: the threshold inside
+    near = v2_campaign(tmp_path / "near", **{k: flat(190, p, 300, 10) for k, p in
+                                             (("bn_x5", 0.85), ("bn_x5_seed_1", 0.84), ("bn_x5_seed_2", 0.86))})
+    assert verdicts_v2(near)[2].verdict == "inconclusive"
+
+
+def test_v2_claim_1_not_held_when_bn_baseline_does_not_reach_the_target(tmp_path):
+    results = v2_campaign(tmp_path / "results", bn_baseline=flat(700, 0.70, 800, 100),
+                          bn_baseline_seed_1=flat(700, 0.71, 800, 100), bn_baseline_seed_2=flat(700, 0.72, 800, 100))
+    assert verdicts_v2(results)[1].verdict == "not held"
+
+
+def test_v2_claim_3_parts(tmp_path):
+    close = v2_campaign(tmp_path / "close", bn_x30=flat(270, 0.86, 300, 10), bn_x30_seed_1=flat(280, 0.84, 300, 10),
+                        bn_x30_seed_2=flat(260, 0.85, 300, 10))  # ends level with BN-x5: d = 0
+    found = verdicts_v2(close)[3]
+    assert found.verdict == "inconclusive"
+    assert "(a) starts slower: held" in found.ours and "(b) ends higher: inconclusive" in found.ours
+    faster = v2_campaign(tmp_path / "faster", bn_x30=flat(100, 0.90, 300, 10), bn_x30_seed_1=flat(110, 0.89, 300, 10),
+                         bn_x30_seed_2=flat(100, 0.91, 300, 10))
+    assert verdicts_v2(faster)[3].verdict == "not held" and "(a) starts slower: not held" in verdicts_v2(faster)[3].ours
+    # neither reaches T (80%): steps to it cannot be compared, whatever (b) says
+    low = v2_campaign(tmp_path / "low", **{k: flat(100, p, 300, 10) for k, p in
+                                           (("bn_x5", 0.70), ("bn_x5_seed_1", 0.71), ("bn_x5_seed_2", 0.72),
+                                            ("bn_x30", 0.75), ("bn_x30_seed_1", 0.74), ("bn_x30_seed_2", 0.76))})
+    found = verdicts_v2(low)[3]
+    assert found.verdict == "not testable at this scale"
+    assert "(a) starts slower: not testable at this scale" in found.ours and "(b) ends higher: held" in found.ours
+
+
+def test_v2_claim_4_mixed_and_none(tmp_path):
+    complete = dict(top1=[0.1, 0.2, 0.3], status="complete", diverged_at=None)
+    mixed = v2_campaign(tmp_path / "mixed", inception_x5_seed_1=complete)
+    assert verdicts_v2(mixed)[4].verdict == "inconclusive" and verdicts_v2(mixed)[4].ours.startswith("2 of 3 seeds")
+    none = v2_campaign(tmp_path / "none", inception_x5=complete, inception_x5_seed_1=complete,
+                       inception_x5_seed_2=complete)
+    assert verdicts_v2(none)[4].verdict == "not held"
+
+
+def test_v2_claim_5_inconclusive_and_not_held(tmp_path):
+    near = v2_campaign(tmp_path / "near", inception_sigmoid=dict(top1=[0.1, 0.19, 0.1]),
+                       inception_sigmoid_seed_1=dict(top1=[0.1, 0.21, 0.1]),
+                       inception_sigmoid_seed_2=dict(top1=[0.1, 0.20, 0.1]))  # 20% +- 1.15 points
+    assert verdicts_v2(near)[5].verdict == "inconclusive"
+    above = v2_campaign(tmp_path / "above", inception_sigmoid=dict(top1=[0.1, 0.30, 0.1]),
+                        inception_sigmoid_seed_1=dict(top1=[0.1, 0.31, 0.1]),
+                        inception_sigmoid_seed_2=dict(top1=[0.1, 0.29, 0.1]))
+    assert verdicts_v2(above)[5].verdict == "not held"
+
+
+def test_v2_claim_6_not_testable_inconclusive_not_held(tmp_path):
+    short = v2_campaign(tmp_path / "short", **{k: {**CAMPAIGN_V2[k.replace("_", " ").replace("bn x5", "bn-x5")],
+                                                  "train_examples": 60_000}
+                                               for k in ("bn_x5", "bn_x5_seed_1", "bn_x5_seed_2")})
+    found = verdicts_v2(short)[6]
+    assert found.verdict == "not testable at this scale" and "= 0.43 epochs, under 3" in found.ours
+    assert verdicts(short)[6].verdict == "held"  # v1 had no such criterion
+    level = v2_campaign(tmp_path / "level", shards_only=flat(140, 0.85, 200, 10),
+                        shards_only_seed_1=flat(140, 0.84, 200, 10), shards_only_seed_2=flat(140, 0.86, 200, 10))
+    assert verdicts_v2(level)[6].verdict == "inconclusive"
+    better = v2_campaign(tmp_path / "better", shards_only=flat(140, 0.90, 200, 10),
+                         shards_only_seed_1=flat(140, 0.89, 200, 10), shards_only_seed_2=flat(140, 0.91, 200, 10))
+    assert verdicts_v2(better)[6].verdict == "not held"
+    unknown = v2_campaign(tmp_path / "unknown", bn_x5=dict(train_examples=None))
+    assert verdicts_v2(unknown)[6].verdict == "inconclusive" and "not recorded" in verdicts_v2(unknown)[6].ours
+
+
+def test_v2_claim_7_by_mcnemar(tmp_path):
+    tie = v2_campaign(tmp_path / "tie")  # 4 images: no difference can be significant
+    write_ensemble(tie, "e", ENSEMBLE_HELD)
+    assert verdicts(tie)[7].verdict == "held" and verdicts_v2(tie)[7].verdict == "inconclusive"
+    worse = v2_campaign(tmp_path / "worse")  # m1 breaks 12 images at 144 crops: p = 2 / 4096 < 0.05 / 2
+    write_ensemble(worse, "e", {**ENSEMBLE_V2_HELD, ("m1", 1): set(range(0, 8)), ("m1", 144): set(range(0, 20))},
+                   labels=IMAGES_40)
+    found = verdicts_v2(worse)[7]
+    assert found.verdict == "not held"
+    assert "(a) multicrop: not held" in found.ours and "(b) ensemble: held" in found.ours
+    assert "m1 20.00% -> 50.00% (b 0, c 12, p 0.000488)" in found.ours
+    no_gain = v2_campaign(tmp_path / "no-gain")  # m2 right everywhere at 144 crops: as good as the ensemble
+    write_ensemble(no_gain, "e", {**ENSEMBLE_V2_HELD, ("m2", 144): set()}, labels=IMAGES_40)
+    assert verdicts(no_gain)[7].verdict == "not held"  # v1: not lower than every member
+    assert verdicts_v2(no_gain)[7].verdict == "inconclusive" and "(b 0, c 0, p 1)" in verdicts_v2(no_gain)[7].ours
+
+
+def test_v2_at_profile_paper_inception_never_reaching_is_a_lower_bound(tmp_path):
+    results = tmp_path / "results"  # 72.2% fixed; Inception's three seeds end at 50%: from their last step on
+    for seed in range(3):
+        write_run(results, f"inception-{seed}", "inception", [0, 1400], [0.0, 0.5], seed=seed, profile="paper",
+                  compression=None)
+        write_run(results, f"bn-x5-{seed}", "bn-x5", [0, 100, 200], [0.0, 0.6 + 0.1 * (seed != 1), 0.74],
+                  seed=seed, profile="paper", compression=None)  # reaches 72.2% at 100/200/100
+    found = verdicts_v2(results, "paper")
+    assert found[2].verdict == "held" and "to ∞" in found[2].ours  # 1,400 / 200 at worst, no upper bound
+    assert "INCEPTION never/never/never" in found[2].ours and found[1].verdict == "not run"

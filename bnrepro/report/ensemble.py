@@ -246,3 +246,19 @@ def build(results: Path, out: Path) -> list[Path]:
     run = runs[-1]
     atomic_write(out / "ensemble.md", markdown(run, Path(results), runs[:-1]))
     return [out / "ensemble.md"]
+
+
+def top1_correct(run: EnsembleRun, members: list[str], crops: int) -> pd.Series:
+    """Per image, whether the mean of ``members``' cached probabilities at ``crops`` ranks its label first (as
+    ``evaluation.errors`` ranks them), indexed by the image's position in the validation split: a paired test of two
+    error rates (claims.md's McNemar) needs the images, not the rates. Loads only the caches it needs."""
+    import torch  # only here: the rest of this module reads tables, not tensors
+
+    try:
+        cached = {(m, crops): torch.load(evaluation.cache_path(run.path, m, crops), weights_only=True) for m in members}
+    except (OSError, KeyError, RuntimeError) as err:
+        raise UserError(f"ensemble run {run.path} lacks readable cached probabilities ({err}); run "
+                        f"`bnrepro ensemble` again") from None
+    probs, labels = evaluation.combine(cached, members, crops)
+    first = probs.topk(min(5, probs.shape[1]), dim=1).indices[:, 0]
+    return pd.Series((first == labels).numpy(), index=cached[(members[0], crops)]["indices"].numpy())
