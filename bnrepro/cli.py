@@ -269,17 +269,27 @@ def reproduce(
         help="Ensemble: evaluate the first this many validation images (default: 1,000 at cpu, all elsewhere).")
                          ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the plan and an estimate of its time, train nothing.")] = False,
+    allow_dirty: Annotated[bool, typer.Option(
+        help="Run from a checkout with uncommitted changes (recorded as <commit>+dirty); refused otherwise.")] = False,
     progress: Annotated[bool, typer.Option(help="Show each run's progress bar.")] = True,
 ) -> None:
-    """Every run of Figs. 2-4 at one profile, in order (finished runs kept, an interrupted one resumed), then the
-    ensemble at 1, 10 and 144 crops, then the report. Ctrl-C is safe at any point: run the command again."""
+    """Every run of Figs. 2-4 at one profile, in order (finished runs on the same data kept, an interrupted one
+    resumed), then the ensemble at 1, 10 and 144 crops, then the report. Ctrl-C is safe at any point: run the command
+    again. The code's commit is read once, before anything runs, and recorded in results/campaign/."""
+    from bnrepro.data import images
     from bnrepro.experiments import reproduce as campaign
     from bnrepro.report import build
     from bnrepro.runs import default_workers
 
     limit = val_limit if val_limit is not None else (1000 if profile == "cpu" else None)
-    steps = campaign.plan(profile, results)
-    console.print(f"campaign at profile {profile}: {len(steps)} runs, then the ensemble and the report", markup=False)
+    if dataset_dir is None and not dry_run:
+        raise UserError("give --dataset-dir DIR (for --profile cpu: Fashion-MNIST's raw folder, e.g. "
+                        "../shared/data/fashion-mnist/raw)")
+    commit = None if dry_run else campaign.load_code(allow_dirty)
+    data = None if dataset_dir is None else images.data_identity(dataset_dir)
+    steps = campaign.plan(profile, results, data)
+    console.print(f"campaign at profile {profile}: {len(steps)} runs, then the ensemble and the report"
+                  + ("" if data else " (no --dataset-dir: runs found are not checked against the data)"), markup=False)
     for line in campaign.describe(steps):
         console.print(line, markup=False, highlight=False)
     if dry_run:
@@ -289,21 +299,19 @@ def reproduce(
                       f"{guess['training_and_evaluation_s'] / 60:,.0f} min, ensemble {guess['ensemble_s'] / 60:,.0f} "
                       f"min, in all about {guess['total_s'] / 60:,.0f} min", markup=False)
         return
-    if dataset_dir is None:
-        raise UserError("give --dataset-dir DIR (for --profile cpu: Fashion-MNIST's raw folder, e.g. "
-                        "../shared/data/fashion-mnist/raw)")
+    record = campaign.Record(results, profile, commit, data, dataset_dir, steps)
     how = dict(device=device, workers=default_workers() if workers is None else workers, show_progress=progress)
     try:
-        folders = campaign.train(steps, profile, dataset_dir, results, how,
-                                 say=lambda line: console.print(line, markup=False, highlight=False))
+        folders, ensemble_dir = campaign.execute(record, steps, dataset_dir, how, limit,
+                                                 say=lambda line: console.print(line, markup=False, highlight=False))
     except Interrupted as stop:
         errors.print(f"interrupted at step {stop.step} of {escape(str(stop.path.parent))}; checkpoint saved. Continue "
                      f"the campaign with the same command: bnrepro reproduce --profile {profile} ...", highlight=False)
         sys.exit(130)
-    ensemble_dir = campaign.ensemble(folders, profile, dataset_dir, results, device, how["workers"], limit, progress)
     for line in campaign.summary(folders):
         console.print(line, markup=False, highlight=False)
     console.print(f"ensemble: {ensemble_dir}", markup=False)
+    console.print(f"campaign record: {record.folder / 'manifest.json'}", markup=False)
     for path in build(results, results / "report"):
         console.print(f"wrote {path}", markup=False)
 

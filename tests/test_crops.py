@@ -7,7 +7,7 @@ import torch
 from conftest import SHARED_DATA
 from torchvision.transforms import v2
 
-from bnrepro.evaluate.crops import Box, boxes, crops_of, resized_shape
+from bnrepro.evaluate.crops import Box, boxes, crops_of, distinct_views, resized_shape
 
 
 def test_144_crops_of_a_landscape_image_by_hand():
@@ -107,3 +107,38 @@ def test_real_photos_give_144_crops():
     split = images.open_split(SHARED_DATA / "imagenet-sample", "val")
     image = images.decode(torch.frombuffer(bytearray(split.read(0)), dtype=torch.uint8))
     assert crops_of(image, 144).shape == (144, 3, 224, 224)
+
+
+@pytest.mark.parametrize("shape,size", [((28, 28), 32), ((28, 28), 224), ((375, 500), 224), ((30, 44), 32),
+                                        ((40, 30), 32), ((64, 64), 64), ((20, 500), 32)])
+def test_distinct_views_are_the_distinct_crops_of_a_random_image(shape, size):
+    """The count from the geometry equals the number of different crops actually cut from a random image (which
+    has no symmetry that could make two different boxes give the same pixels)."""
+    image = torch.randint(0, 256, (3, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for crops in (1, 10, 144):
+        views = crops_of(image, crops, size)
+        assert distinct_views(*shape, crops, size) == len({view.numpy().tobytes() for view in views})
+
+
+def test_a_square_images_144_crops_are_48_views_three_times_each():
+    assert distinct_views(28, 28, 144, 32) == 48 and distinct_views(256, 256, 144) == 48
+    assert distinct_views(375, 500, 144) == 144 and distinct_views(28, 28, 10, 32) == 10
+    found = boxes(28, 28, 144, 32)
+    assert all(found.count(box) == 3 for box in found)
+
+
+@pytest.mark.parametrize("shape,size,resize", [((1, 28, 28), 32, 256 / 224), ((3, 40, 30), 32, 1.142857),
+                                               ((3, 300, 410), 64, 1.3)])
+def test_the_float_single_crop_is_the_resident_trainers_view(shape, size, resize):
+    """With ``float_view`` the single crop is ``augment.evaluation_view`` (what the trainer evaluates resident data
+    on), within 1 grey level of torchvision's uint8 view, which rounds it."""
+    from bnrepro.data import augment, images
+
+    image = torch.randint(0, 256, shape, dtype=torch.uint8).expand(3, *shape[1:])
+    view = crops_of(image, 1, size, resize, float_view=True)
+    assert view.dtype == torch.float32 and view.shape == (1, 3, size, size)
+    assert torch.equal(view, augment.evaluation_view(image[None], size, resize))
+    rounded = crops_of(image, 1, size, resize)
+    assert torch.equal(rounded[0], images.evaluation_transform(size, resize)(image))
+    assert (view - rounded.float()).abs().max() <= 1.0 + 1e-3
+    assert torch.equal(crops_of(image, 144, size, float_view=True), crops_of(image, 144, size))  # others: uint8

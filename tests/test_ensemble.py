@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, write_mnist
 from test_cli import cli_env, run_many
 from test_imagenet import write_images
 
-from bnrepro.data import images
+from bnrepro.data import augment, images
 from bnrepro.engine import checkpoint
 from bnrepro.engine.distributed import SINGLE_PROCESS
 from bnrepro.errors import UserError
@@ -149,6 +149,38 @@ def test_single_crop_uses_the_members_own_eval_resize(trained, tmp_path):
     torch.testing.assert_close(part["probs"].double(), expected[part["indices"]], rtol=0, atol=5e-4)
     assert (usual - expected).abs().max() > 1e-2  # the resize matters, so the check above can tell them apart
     assert torch.equal(part["probs"].float().argmax(1), expected.argmax(1)[part["indices"]])
+
+
+def test_a_resident_members_single_crop_is_its_trainers_float_view(tmp_path):
+    """A member trained on idx files (held resident, so its trainer evaluated views resampled in float, never
+    rounded) is evaluated at 1 crop on that same float view: the same top-1 as the trainer's final evaluation, the
+    same predictions as its network on ``augment.evaluation_view`` in float64. The manifest names the data, the
+    view, the image size and how many of the 144 views of a 28 x 28 image are distinct (48)."""
+    data = write_mnist(tmp_path / "data", n_train=64, n_test=24) / "mnist" / "raw"
+    run = train(MEMBERS[0], data, tmp_path / "results", steps=2)
+    out = evaluation.run("ensemble/bn-inception", ["profile=smoke", "crops=[1, 144]"], tmp_path, data, tmp_path, "cpu",
+                         0, member_runs=[run], show_progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["members"][0]["single_crop_view"] == "float" and manifest["image_size"] == [28, 28]
+    assert manifest["distinct_views"] == {"1": 1, "144": 48}
+    assert manifest["data_identity"] == images.data_identity(data)
+    member = evaluation.load_member(run, torch.device("cpu"))
+    split = images.open_split(data, "val", member.manifest["classes"])
+    recipe = member.recipe
+    x = augment.evaluation_view(split.pixels, member.resolution, recipe.data.eval_resize).double()
+    mean = torch.tensor([255 * m for m in recipe.data.mean], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor([255 * s for s in recipe.data.std], dtype=torch.float64).view(1, 3, 1, 1)
+    net = Inception(experiment.model_config(recipe, recipe.profiles["smoke"], len(split.classes)))
+    net.load_state_dict(checkpoint.load(run / "checkpoint.pt")["model"])
+    use_statistics(net, "population")
+    with torch.no_grad():
+        expected = net.eval().double()((x - mean) / std).softmax(1)
+    part = evaluation.load_cache(out)[("bn-x30-member1", 1)]
+    assert torch.equal(part["probs"].float().argmax(1), expected.argmax(1)[part["indices"]])
+    torch.testing.assert_close(part["probs"].double(), expected[part["indices"]], rtol=0, atol=5e-4)
+    summary = json.loads((run / "summary.json").read_text())
+    row = pd.read_csv(out / "results.csv").query("crops == 1").iloc[0]
+    assert 1 - row.top1_error == pytest.approx(summary["final_top1"], abs=1e-12)
 
 
 def test_members_come_from_explicit_run_folders_too(trained, tmp_path):

@@ -109,7 +109,7 @@ def test_per_member_table_and_header(results, tmp_path):
     assert (members["member-a"]["1 crop top-1"], members["member-a"]["144 crop top-1"]) == ("25.00%", "0.00%")
     assert (members["member-b"]["1 crop top-1"], members["member-b"]["144 crop top-1"]) == ("25.00%", "25.00%")
     assert members["member-b"]["144 crop top-5"] == "0.00%"  # 3 classes: every label is in the top 5
-    assert "fabricated 3-class data for tests, 4 validation images" in md
+    assert "fabricated 3-class data for tests, digest not recorded, 4 validation images" in md
     assert "`imagenet/run-member-a`, commit `aaaac0mm1t00`" in md and "commit `bbbbc0mm1t00`" in md
     assert "Ensemble run `ensemble/bn-inception-latest`" in md
     assert "Older finished ensemble runs, not shown: `ensemble/bn-inception-older`" in md
@@ -181,3 +181,42 @@ def test_profile_from_the_runs_recipe_yaml(tmp_path):
     run = write_run(tmp_path / "results", "from-yaml")
     (run / "recipe.yaml").write_text("experiment: ensemble\nprofile: proxy\n")
     assert ensemble.finished_runs(tmp_path / "results")[0].profile == "proxy"
+
+
+def test_no_folder_of_the_machine_is_named_and_commits_keep_their_dirty_flag(tmp_path):
+    root = tmp_path / "results"
+    run = write_run(root, "elsewhere", extra={"dataset": "Fashion-MNIST idx files in /home/someone/raw, 4 images "
+                                                        "(first)", "git_commit": "e4e4b1e000000000abc+dirty"})
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["members"][0]["run"] = "/home/someone/other-results/imagenet/run-member-a"  # outside this results folder
+    manifest["members"][1]["git_commit"] = "bbbbc0mm1t000000+dirty"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    ensemble.build(root, tmp_path / "report")
+    md = (tmp_path / "report" / "ensemble.md").read_text()
+    assert "/home" not in md and "someone" not in md and str(tmp_path) not in md
+    assert "`…/imagenet/run-member-a`" in md and "Data: Fashion-MNIST idx files, 4 images (first)" in md
+    assert "commit `bbbbc0mm1t00+dirty`" in md
+    assert "Ensemble run `ensemble/elsewhere`, commit `e4e4b1e00000+dirty`" in md
+
+
+def test_the_views_are_said_distinct_views_counted_and_an_older_single_crop_flagged(tmp_path):
+    root = tmp_path / "results"
+    write_run(root, "older", extra={"dataset": "MNIST idx files in raw, 4 images (first)"})
+    ensemble.build(root, tmp_path / "report")
+    md = (tmp_path / "report" / "ensemble.md").read_text()
+    assert "The single crop of this run predates" in md and "0.20 grey levels" in md
+    assert "Distinct views of the 28 x 28 validation images at 32 px: 1 of 1, 48 of 144" in md
+
+    newer = tmp_path / "newer"
+    run = write_run(newer, "newer", extra={"image_size": [30, 44], "data_identity": {
+        "name": "class folders 'x'", "classes": ["a", "b", "c"], "train_examples": 9, "val_examples": 4,
+        "digest": "0123456789abcdef"}})
+    manifest = json.loads((run / "manifest.json").read_text())
+    for member, view in zip(manifest["members"], ("float", "uint8")):
+        member["single_crop_view"] = view
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    ensemble.build(newer, tmp_path / "report2")
+    md = (tmp_path / "report2" / "ensemble.md").read_text()
+    assert "predates" not in md and "member-a resampled in float" in md and "member-b resized in uint8" in md
+    assert "Distinct views of the 30 x 44 validation images at 32 px: 1 of 1, 140 of 144" in md
+    assert "Data: class folders 'x' (9 train, 4 val, 3 classes), digest `0123456789ab`" in md

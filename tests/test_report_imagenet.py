@@ -233,3 +233,67 @@ def test_compressed_profile_counts_paper_equivalent_steps(tmp_path):
     assert "paper-equivalent steps" in svg and "4,000 paper steps" in svg
     assert "compression 0.00025 (a step stands for 4,000 paper steps)" in (out / "imagenet.md").read_text()
     assert imagenet.paper_steps_text(31.0e6) == "31.0e6" and imagenet.paper_steps_text(4000) == "4,000"
+
+
+# --- provenance without the machine's paths, commits with their +dirty, lines told apart --------------------------
+
+
+def test_commits_keep_their_dirty_flag():
+    assert imagenet.short_commit("bc4b6daa9bcf514e3d430eeb8cbb0c79ee266d24+dirty") == "bc4b6daa9bcf+dirty"
+    assert imagenet.short_commit("017d741f6c60fa43984e92015bc6549d5f52d632") == "017d741f6c60"
+    assert imagenet.short_commit(None) == "not recorded"
+
+
+def test_the_report_names_the_data_and_its_digest_never_a_folder_of_the_machine(tmp_path):
+    root = tmp_path / "results"
+    legacy = "Fashion-MNIST idx files in /home/someone/data/fashion-mnist/raw (60,000 train, 10,000 val, 10 classes)"
+    write_run(root, "a-inception", "inception", "cpu", STEPS, [0.1, 0.2, 0.3, 0.4, 0.5, 0.5],
+              commit="bc4b6daa9bcf514e3d430eeb8cbb0c79ee266d24+dirty",
+              extra={"dataset": legacy, "dataset_dir": "/home/someone/data/fashion-mnist/raw"})
+    identity = {"name": "Fashion-MNIST idx files", "format": "idx", "classes": [str(c) for c in range(10)],
+                "train_examples": 60_000, "val_examples": 10_000, "digest": "6401d756d98e30e1f3adae5fa7bf4b8a"}
+    write_run(root, "b-bn-x5", "bn-x5", "cpu", STEPS, [0.1, 0.5, 0.6, 0.6, 0.6, 0.6],
+              extra={"dataset": legacy, "dataset_dir": "/home/someone/data/fashion-mnist/raw",
+                     "data_identity": identity})
+    imagenet.build(root, tmp_path / "report")
+    md = (tmp_path / "report" / "imagenet.md").read_text()
+    assert "/home" not in md and "someone" not in md
+    assert "Fashion-MNIST idx files (60,000 train, 10,000 val, 10 classes), digest not recorded" in md  # the old run
+    assert "Fashion-MNIST idx files (60,000 train, 10,000 val, 10 classes), digest `6401d756d98e`" in md
+    assert "commit `bc4b6daa9bcf+dirty`" in md
+    assert imagenet.without_paths("/data/imagenet/train (3 train)") == "…/imagenet/train (3 train)"
+    assert imagenet.without_paths("12 shards in ../packed (5 train)") == "12 shards (5 train)"
+
+
+def test_the_latest_campaign_is_said_with_its_commit_and_runs_whose_manifest_disagrees(results, tmp_path):
+    record = results / "campaign" / "proxy-1"
+    record.mkdir(parents=True)
+    (record / "manifest.json").write_text(json.dumps({
+        "experiment": "campaign", "status": "complete", "started": "2026-01-03T00:00:00+00:00", "profile": "proxy",
+        "git_commit": "abcdef0123456789abcdef+dirty", "data_identity": None, "dataset": "x",
+        "runs": [{"folder": "imagenet/b-inception", "state": "kept"}, {"folder": "imagenet/d-bn-x5", "state": "new"}],
+        "other_commits": ["imagenet/d-bn-x5: its manifest names commit c0ffee, but the campaign trained it with the "
+                          "code of abcdef+dirty"]}))
+    imagenet.build(results, tmp_path / "report")
+    md = (tmp_path / "report" / "imagenet.md").read_text()
+    proxy = md.split("## Profile `proxy`")[1].split("## Profile")[0]
+    assert "the code of commit `abcdef012345+dirty` (**a checkout with uncommitted changes**" in proxy
+    assert "runs: 1 kept, 1 trained" in proxy and "imagenet/d-bn-x5: its manifest names commit c0ffee" in proxy
+    assert "Campaign" not in md.split("## Profile `proxy`")[0] + md.split("## Profile `smoke`")[1]
+
+
+def test_every_line_of_fig_2_differs_in_colour_or_style_however_many_rows(tmp_path):
+    root = tmp_path / "results"
+    recipes = [*imagenet.RECIPE_ORDER, *(f"bn-x30-member{i}" for i in range(1, 13))]
+    for i, recipe in enumerate(recipes):
+        LABELS.setdefault(recipe, recipe)
+        write_run(root, f"{i:02d}-{recipe}", recipe, "cpu", STEPS, [0.1, 0.2, 0.3, 0.4, 0.5, 0.5 + i / 100])
+    write_run(root, "99-variant", "bn-x5", "cpu", STEPS, [0.1] * 6, extra={"overrides": ["train.shuffle=shards"]})
+    chosen = imagenet.latest_per_recipe(imagenet.finished_runs(root))["cpu"]
+    styles = imagenet.line_styles(chosen)
+    assert len(chosen) == 20 and len(set(styles.values())) == 20
+    assert styles["inception"] == ("black", "-") and styles["bn-x5 [train.shuffle=shards]"] == ("tab:orange", "--")
+    members = [styles[key] for key in chosen if key.startswith("bn-x30-member")]  # in row order
+    assert len({c for c, _ in members[:6]}) == 6 and len({s for _, s in members[:4]}) == 4  # both change each row
+    assert all(colour not in imagenet.COLOURS.values() for colour, _ in members)
+    assert imagenet.build(root, tmp_path / "report")

@@ -1,19 +1,32 @@
-"""`bnrepro reproduce`: the campaign's plan (order, finished runs kept, an interrupted one resumed) and a short
-campaign through the CLI on generated data."""
+"""`bnrepro reproduce`: the campaign's plan (order, finished runs kept, an interrupted one resumed, runs on other
+data never kept), the commit it runs (a dirty checkout refused), its record, and a short campaign through the CLI on
+generated data."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_mnist
+from conftest import FILES, write_mnist
 from typer.testing import CliRunner
 
-from bnrepro import recipes
+from bnrepro import cli, recipes
 from bnrepro.cli import app
+from bnrepro.data import images
+from bnrepro.errors import UserError
 from bnrepro.experiments import imagenet
 from bnrepro.experiments import reproduce as campaign
+
+CLEAN = "c1ea0000000000000000000000000000000000c0"
+
+
+@pytest.fixture(autouse=True)
+def clean_checkout(monkeypatch):
+    """The checkout these tests run in may hold anyone's uncommitted work: the campaign reads a clean commit."""
+    monkeypatch.setattr(campaign, "git_commit", lambda: CLEAN)
 
 
 def test_the_campaign_is_figures_2_3_then_the_changes_alone_and_the_seeds_then_the_members():
@@ -27,14 +40,16 @@ def test_the_campaign_is_figures_2_3_then_the_changes_alone_and_the_seeds_then_t
     assert len(set(names)) == len(names)
 
 
-def _fake_run(results: Path, planned: campaign.Planned, profile: str, status: str, checkpoint: bool = False) -> Path:
+def _fake_run(results: Path, planned: campaign.Planned, profile: str, status: str, checkpoint: bool = False,
+              data: dict | None = None) -> Path:
+    """A run folder as `bnrepro imagenet` leaves it; ``data``: more manifest keys (its data's identity...)."""
     recipe = recipes.load(planned.recipe, list(planned.overrides))
     folder = results / "imagenet" / f"{Path(planned.recipe).stem}-{len(list(results.glob('imagenet/*')))}"
     folder.mkdir(parents=True)
     started = f"2026-12-01T00:00:{len(list(results.glob('*/*'))):02d}"  # in the order they were made
     manifest = {"experiment": "imagenet", "status": status, "recipe": Path(planned.recipe).stem,
                 "recipe_digest": recipe.digest, "profile": profile, "seed": planned.seed,
-                "overrides": list(planned.overrides), "started": started}
+                "overrides": list(planned.overrides), "started": started, "git_commit": "01d", **(data or {})}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     if checkpoint:
         (folder / imagenet.CHECKPOINT).write_bytes(b"")
@@ -92,12 +107,23 @@ def test_a_two_run_campaign_through_the_cli_trains_evaluates_reports_and_then_ke
     manifest = json.loads((ensemble / "manifest.json").read_text())
     assert manifest["val_images"] == 8 and manifest["crops"] == [1, 10, 144]
     assert {m["run"] for m in manifest["members"]} == {str(f) for f in folders}
+    identity = images.data_identity(data)
+    assert manifest["data_identity"] == identity
     for name in ("imagenet.md", "ensemble.md", "claims.md"):
         assert (results / "report" / name).is_file(), name
+        assert str(tmp_path) not in (results / "report" / name).read_text()  # no folder of this machine
+    (record,) = (results / "campaign").iterdir()
+    kept = json.loads((record / "manifest.json").read_text())
+    assert kept["status"] == "complete" and kept["git_commit"] == CLEAN and kept["data_identity"] == identity
+    assert [r["state"] for r in kept["runs"]] == ["trained", "trained"]
+    assert kept["ensemble"] == f"ensemble/{ensemble.name}"
+    assert f"the code of commit `{CLEAN[:12]}`" in (results / "report" / "imagenet.md").read_text()
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert again.output.count("finished earlier, kept") == 2
     assert sorted((results / "imagenet").iterdir()) == folders and len(list((results / "ensemble").iterdir())) == 1
+    latest = json.loads((sorted((results / "campaign").iterdir())[-1] / "manifest.json").read_text())
+    assert [r["state"] for r in latest["runs"]] == ["kept", "kept"] and latest["other_commits"] == []
 
 
 def test_dry_run_prints_the_plan_and_an_estimate_and_trains_nothing(two_runs, tmp_path):
@@ -106,3 +132,136 @@ def test_dry_run_prints_the_plan_and_an_estimate_and_trains_nothing(two_runs, tm
     assert result.exit_code == 0, result.output
     assert " 1. bn-x5 (seed 0)" in result.output and "estimate from a short measurement" in result.output
     assert not (tmp_path / "imagenet").exists()
+
+
+# --- runs tied to their data ---------------------------------------------------------------------------------
+
+
+def _altered(raw: Path) -> None:
+    """Change one pixel of the training images in place: the same classes and counts, other bytes."""
+    path = raw / FILES[0]
+    data = bytearray(gzip.decompress(path.read_bytes()))
+    data[16] ^= 0xFF
+    path.write_bytes(gzip.compress(bytes(data)))
+
+
+@pytest.fixture
+def two_datasets(tmp_path) -> tuple[Path, Path]:
+    """Two idx data sets with the same classes and example counts, whose bytes differ in one pixel."""
+    first = write_mnist(tmp_path / "a", n_train=40, n_test=20) / "mnist" / "raw"
+    second = write_mnist(tmp_path / "b", n_train=40, n_test=20) / "mnist" / "raw"
+    _altered(second)
+    return first, second
+
+
+def test_the_data_identity_tells_apart_data_sets_that_differ_only_in_their_bytes(two_datasets, tmp_path):
+    first, second = (images.data_identity(raw) for raw in two_datasets)
+    assert {k: v for k, v in first.items() if k != "digest"} == {k: v for k, v in second.items() if k != "digest"}
+    assert first["digest"] != second["digest"] and first["classes"] == [str(d) for d in range(10)]
+    assert (first["name"], first["format"], first["train_examples"], first["val_examples"]) == \
+        ("MNIST idx files", "idx", 40, 20)
+    copy = write_mnist(tmp_path / "elsewhere", n_train=40, n_test=20) / "mnist" / "raw"
+    assert images.data_identity(copy) == first  # where the files lie is not part of it
+
+
+def test_the_identity_of_class_folders_is_their_listing_not_their_contents(tmp_path):
+    def folders(root: Path, size: int = 3) -> Path:
+        for split, n in (("train", 2), ("val", 1)):
+            for name in ("cat", "dog"):
+                for i in range(n):
+                    (root / split / name).mkdir(parents=True, exist_ok=True)
+                    (root / split / name / f"{i}.png").write_bytes(bytes(size))
+        return root
+
+    first = images.data_identity(folders(tmp_path / "a"))
+    assert (first["format"], first["classes"], first["train_examples"], first["val_examples"]) == \
+        ("folders", ["cat", "dog"], 4, 2)
+    assert images.data_identity(folders(tmp_path / "b"))["digest"] == first["digest"]  # same names and sizes
+    assert images.data_identity(folders(tmp_path / "c", size=4))["digest"] != first["digest"]  # other sizes
+    (tmp_path / "b" / "train" / "cat" / "0.png").rename(tmp_path / "b" / "train" / "cat" / "9.png")
+    assert images.data_identity(tmp_path / "b")["digest"] != first["digest"]  # a file renamed
+
+
+def test_the_plan_keeps_only_runs_on_the_same_data(two_datasets, tmp_path):
+    first, second = two_datasets
+    identity = images.data_identity(first)
+    results = tmp_path / "results"
+    runs = campaign.campaign()
+    _fake_run(results, runs[0], "smoke", "complete", data={"data_identity": identity})
+    steps = campaign.plan("smoke", results, identity)
+    assert steps[0].state == "done" and steps[0].other_data == 0
+    other = campaign.plan("smoke", results, images.data_identity(second))
+    assert other[0].state == "new" and other[0].other_data == 1
+    assert "1 run of it on other data, not kept" in campaign.describe(other)[0]
+    assert campaign.plan("smoke", results)[0].state == "done"  # no data given (a dry run): not checked
+
+
+def test_a_run_without_data_identity_is_kept_only_if_its_folder_still_holds_the_same_data(two_datasets, tmp_path):
+    first, second = two_datasets
+    identity = images.data_identity(first)
+    runs = campaign.campaign()
+    recorded = {"classes": identity["classes"], "train_examples": 40, "dataset_dir": str(first)}
+    cases = {
+        "the same files": (recorded, "done"),
+        "other bytes": ({**recorded, "dataset_dir": str(second)}, "new"),
+        "a folder that is gone": ({**recorded, "dataset_dir": str(tmp_path / "gone")}, "new"),
+        "other classes": ({**recorded, "classes": ["T-shirt-top", *identity["classes"][1:]]}, "new"),
+        "another count": ({**recorded, "train_examples": 60_000}, "new"),
+        "no folder": ({k: v for k, v in recorded.items() if k != "dataset_dir"}, "new"),
+    }
+    for what, (manifest, state) in cases.items():
+        results = tmp_path / what.replace(" ", "-")
+        _fake_run(results, runs[0], "smoke", "complete", data=manifest)
+        assert campaign.plan("smoke", results, identity)[0].state == state, what
+
+
+def test_an_interrupted_run_on_other_data_is_not_resumed(two_datasets, tmp_path):
+    first, second = two_datasets
+    runs = campaign.campaign()
+    _fake_run(tmp_path, runs[0], "smoke", "interrupted", checkpoint=True,
+              data={"data_identity": images.data_identity(first)})
+    assert campaign.plan("smoke", tmp_path, images.data_identity(first))[0].state == "resume"
+    assert campaign.plan("smoke", tmp_path, images.data_identity(second))[0].state == "new"
+
+
+# --- the code's commit and the campaign's record ---------------------------------------------------------------
+
+
+def test_a_dirty_checkout_is_refused_unless_allowed(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(campaign, "git_commit", lambda: CLEAN + "+dirty")
+    with pytest.raises(UserError, match="uncommitted changes"):
+        campaign.load_code()
+    assert campaign.load_code(allow_dirty=True) == CLEAN + "+dirty"
+    data = write_mnist(tmp_path / "data", n_train=20, n_test=10) / "mnist" / "raw"
+    monkeypatch.setattr(sys, "argv", ["bnrepro", "reproduce", "--profile", "smoke", "--dataset-dir", str(data),
+                                      "--results", str(tmp_path / "results")])
+    with pytest.raises(SystemExit) as caught:
+        cli.main()
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err.startswith("error: the checkout has uncommitted changes")
+    assert "--allow-dirty" in err and len(err.strip().splitlines()) <= 2 and "Traceback" not in err
+    assert not (tmp_path / "results").exists()  # refused before anything was written
+
+
+def test_dry_run_needs_no_clean_checkout(monkeypatch, two_runs, tmp_path):
+    monkeypatch.setattr(campaign, "git_commit", lambda: CLEAN + "+dirty")
+    monkeypatch.setattr(campaign, "estimate", lambda *args: {"images_per_second": {}, "training_and_evaluation_s": 0,
+                                                              "ensemble_s": 0, "total_s": 0})
+    result = CliRunner().invoke(app, ["reproduce", "--profile", "smoke", "--results", str(tmp_path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "not checked against the data" in result.output
+
+
+def test_the_record_names_the_campaigns_commit_and_runs_whose_manifest_names_another(tmp_path):
+    runs = campaign.campaign()[:3]
+    kept = _fake_run(tmp_path, runs[0], "smoke", "complete")  # an earlier campaign's: its own commit is right
+    steps = campaign.plan("smoke", tmp_path)[:3]
+    record = campaign.Record(tmp_path, "smoke", CLEAN + "+dirty", None, tmp_path, steps)
+    trained = _fake_run(tmp_path, runs[1], "smoke", "complete")  # its manifest says 01d, not the campaign's code
+    same = _fake_run(tmp_path, runs[2], "smoke", "complete", data={"git_commit": CLEAN + "+dirty"})
+    warnings = record.finish([kept, trained, same], tmp_path / "ensemble" / "e")
+    assert len(warnings) == 1 and trained.name in warnings[0] and "01d" in warnings[0]
+    saved = json.loads((record.folder / "manifest.json").read_text())
+    assert saved["dirty_allowed"] and saved["git_commit"] == CLEAN + "+dirty" and saved["status"] == "complete"
+    assert [r["state"] for r in saved["runs"]] == ["kept", "trained", "trained"]
+    assert saved["runs"][0]["folder"] == f"imagenet/{kept.name}" and saved["other_commits"] == warnings

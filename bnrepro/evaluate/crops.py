@@ -1,8 +1,10 @@
 """Multi-crop views for Fig. 4: 1 crop, 10 crops, and GoogLeNet's 144 crops (Szegedy et al. 2014, Sec. 7).
 
 1 crop is the trainer's own evaluation view: the shorter side to the crop size times the recipe's
-``data.eval_resize``, then the centre. 10 crops: the shorter side to 256 (for 224 crops), the centre and the
-4 corners, and their mirrors.
+``data.eval_resize``, then the centre, computed as the trainer computed it: for data it held resident, resampled in
+float and never re-quantized (``augment.evaluation_view``, ``float_view``); for files, torchvision's uint8 resize
+(``images.evaluation_transform``), which rounds to whole grey levels. 10 crops: the shorter side to 256 (for 224
+crops), the centre and the 4 corners, and their mirrors.
 
 144 crops of one image: resize it so the shorter side is 256, 288, 320 and 352; take the left, centre and
 right squares of that side (top, centre, bottom for a portrait image); from each square the 4 corner and
@@ -10,7 +12,9 @@ the centre 224x224 crops plus the square itself resized to 224; and the mirror o
 4 x 3 x 6 x 2 = 144. The numbers scale with the network's resolution (e.g. 64 px: shorter sides 73-101).
 
 Every view is a ``Box`` in the coordinates of the resized image, so the geometry can be checked by hand
-(tests/test_crops.py) and the crops are cut from tensors on whatever device holds the image.
+(tests/test_crops.py) and the crops are cut from tensors on whatever device holds the image. Views are not always
+distinct: a square image's left, centre and right squares are one square, so its 144 crops are 48 views, each three
+times (``distinct_views``); the average over the 144 weighs every view by how often it occurs, as GoogLeNet's does.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torchvision.transforms.v2 import functional as F
+
+from bnrepro.data.augment import evaluation_view
 
 SCHEMES = (1, 10, 144)
 GOOGLENET_SCALES = (256, 288, 320, 352)  # shorter sides for 224-px crops
@@ -77,9 +83,19 @@ def boxes(height: int, width: int, crops: int, size: int = 224, resize: float = 
     return found
 
 
-def crops_of(image: Tensor, crops: int, size: int = 224, resize: float = 256 / 224) -> Tensor:
+def distinct_views(height: int, width: int, crops: int, size: int = 224, resize: float = 256 / 224) -> int:
+    """How many of the ``crops`` views of a ``height`` x ``width`` image differ: boxes with the same scale, place,
+    side and mirroring cut the same pixels, and different ones different pixels of any image that is not itself
+    symmetric (tests/test_crops.py counts distinct crops of random images to check this)."""
+    return len(set(boxes(height, width, crops, size, resize)))
+
+
+def crops_of(image: Tensor, crops: int, size: int = 224, resize: float = 256 / 224, float_view: bool = False) -> Tensor:
     """All views of one uint8 image (3, H, W) as a batch (crops, 3, size, size), on the image's device;
-    ``resize`` is the single crop's (see ``boxes``)."""
+    ``resize`` is the single crop's (see ``boxes``). With ``float_view`` the single crop is the resident trainer's
+    float32 view in [0, 255] (``augment.evaluation_view``), not torchvision's uint8 one."""
+    if crops == 1 and float_view:
+        return evaluation_view(image[None], size, resize)
     resized: dict[int, Tensor] = {}
     cut: dict[tuple[int, int, int, int], Tensor] = {}  # a view and its mirror share one crop (and resize)
     out = []

@@ -28,7 +28,7 @@ from bnrepro import recipes as recipe_io
 from bnrepro.data import images
 from bnrepro.engine import checkpoint
 from bnrepro.errors import UserError
-from bnrepro.evaluate.crops import crops_of
+from bnrepro.evaluate.crops import crops_of, distinct_views
 from bnrepro.models.batchnorm import BatchNorm
 from bnrepro.models.inception import Inception, fold
 from bnrepro.recipes import EnsembleRecipe, ImagenetRecipe
@@ -102,9 +102,11 @@ def load_member(run: Path, device: torch.device) -> Member:
 
 @torch.no_grad()
 def probabilities(member: Member, split: images.Split, crops: int, device: torch.device, batch_crops: int,
-                  workers: int, progress: Progress | None = None) -> tuple[Tensor, Tensor, Tensor, int]:
+                  workers: int, progress: Progress | None = None, float_view: bool = False
+                  ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Crop-averaged softmax probabilities (N, classes) of every readable validation image, their labels and
-    indices in the split, and how many images were unreadable."""
+    indices in the split, and how many images were unreadable. ``float_view``: the single crop as the trainer
+    cut it from resident data (see ``single_crop_view``)."""
     data = member.recipe.data
     mean = torch.tensor([255 * m for m in data.mean], device=device).view(1, 3, 1, 1)
     scale = torch.tensor([255 * s for s in data.std], device=device).view(1, 3, 1, 1)
@@ -119,8 +121,8 @@ def probabilities(member: Member, split: images.Split, crops: int, device: torch
         batch = images.on_device(batch, v2.Identity(), 0, device)
         skipped += len(batch.skipped)
         if len(batch.labels):
-            views = torch.cat([crops_of(image, crops, member.resolution, data.eval_resize)  # 1 crop = the trainer's
-                               for image in batch.images])
+            views = torch.cat([crops_of(image, crops, member.resolution, data.eval_resize, float_view)
+                               for image in batch.images])  # 1 crop = the trainer's view
             x = views.float().sub_(mean).div_(scale).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = torch.cat([member.model(chunk) for chunk in x.split(batch_crops)])
@@ -172,6 +174,41 @@ def table(cached: dict[tuple[str, int], dict[str, Tensor]], members: list[str], 
     return pd.DataFrame(rows)
 
 
+def single_crop_view(member: Member, split: images.Split) -> str:
+    """How the member's trainer cut its single-crop view of ``split``, so the ensemble's 1 crop is that same view:
+    ``float`` where the run held its data resident (its manifest's ``resident``) and these validation images are
+    resident too (the trainer resampled them in float, ``augment.evaluation_view``), else ``uint8`` (decoded files
+    through torchvision's uint8 resize, ``images.evaluation_transform``, which rounds to whole grey levels)."""
+    return "float" if member.manifest.get("resident") and split.pixels is not None else "uint8"
+
+
+def validation(members: list[Member], dataset_dir: Path, val_limit: int | None
+               ) -> tuple[images.Split, dict[str, Any] | None]:
+    """The validation split the members are evaluated on (resident where any member's run held its data so, as
+    its trainer did), cut to ``val_limit``, and the data set's identity (``images.data_identity``; ``None`` for a
+    folder holding validation data alone)."""
+    classes = members[0].manifest["classes"]
+    resident = any(m.manifest.get("resident") for m in members)
+    split = images.open_split(dataset_dir, "val", classes, resident=resident)
+    if split.classes != classes:
+        raise UserError(f"the validation classes in {dataset_dir} are not the ones the members were trained on")
+    try:
+        identity = images.data_identity(dataset_dir, val=split)
+    except UserError:  # no training split beside it: the identity has nothing to name
+        identity = None
+    return (split.first(val_limit) if val_limit else split), identity
+
+
+def views_of(split: images.Split, crops: list[int], resolution: int, resize: float) -> dict[str, Any]:
+    """The evaluated image size and, for each crop scheme, how many of its views are distinct (``None`` where the
+    images differ in size: then it depends on each image's shape)."""
+    if split.pixels is None:
+        return {"image_size": None, "distinct_views": {str(c): None for c in crops}}
+    height, width = (int(x) for x in split.pixels.shape[-2:])
+    return {"image_size": [height, width],
+            "distinct_views": {str(c): distinct_views(height, width, c, resolution, resize) for c in crops}}
+
+
 def run(recipe_name: str, overrides: list[str], results: Path, dataset_dir: Path, out: Path, device_name_: str,
         workers: int, member_runs: list[Path] | None = None, show_progress: bool = True) -> Path:
     """Evaluate every member at every crop scheme, cache the probabilities, and write the error table."""
@@ -188,11 +225,7 @@ def run(recipe_name: str, overrides: list[str], results: Path, dataset_dir: Path
         if member.manifest["classes"] != first.manifest["classes"] or member.resolution != first.resolution:
             raise UserError(f"members {first.name} and {member.name} differ in classes or resolution; they cannot "
                             f"be averaged")
-    split = images.open_split(dataset_dir, "val", first.manifest["classes"])
-    if split.classes != first.manifest["classes"]:
-        raise UserError(f"the validation classes in {dataset_dir} are not the ones the members were trained on")
-    if recipe.val_limit:
-        split = split.first(recipe.val_limit)
+    split, identity = validation(members, dataset_dir, recipe.val_limit)
     run_dir = new_run_dir(Path(out) / "ensemble", prefix=f"{Path(recipe_name).stem}-")
     (run_dir / PROBABILITIES).mkdir()
     atomic_write(run_dir / "recipe.yaml", recipe_io.to_yaml(recipe))
@@ -201,23 +234,34 @@ def run(recipe_name: str, overrides: list[str], results: Path, dataset_dir: Path
         "label": recipe.label, "recipe_digest": recipe.digest, "overrides": list(overrides),
         "members": [{"name": m.name, "label": m.recipe.label, "run": str(m.run), "recipe_digest": m.recipe.digest,
                      "git_commit": m.manifest.get("git_commit"), "replicas": m.manifest.get("replicas", 1),
-                     "global_batch": m.manifest.get("global_batch"), "deviations": m.manifest.get("deviations", [])}
+                     "global_batch": m.manifest.get("global_batch"), "deviations": m.manifest.get("deviations", []),
+                     "single_crop_view": single_crop_view(m, split)}
                     for m in members],
         "crops": list(recipe.crops), "resolution": first.resolution, "dataset": split.where,
+        "dataset_dir": str(Path(dataset_dir).resolve()), "data_identity": identity,
         "val_images": len(split), "val_limit": recipe.val_limit,
+        **views_of(split, list(recipe.crops), first.resolution, first.recipe.data.eval_resize),
         "inference": "BN folded into the convolutions, with Alg. 2's population statistics from each member's run",
         "deviations": deviations(members, split, recipe.val_limit),
         "device": device_name(device), "versions": versions(), "git_commit": git_commit(),
     }
     write_json(run_dir / "manifest.json", manifest)
     announce(recipe.label, manifest["deviations"])
+    evaluate_all(run_dir, manifest, recipe, members, split, device, workers, show_progress)
+    return run_dir
+
+
+def evaluate_all(run_dir: Path, manifest: dict[str, Any], recipe: EnsembleRecipe, members: list[Member],
+                 split: images.Split, device: torch.device, workers: int, show_progress: bool) -> None:
+    """Every member at every crop scheme into the cache, then the error table and the finished manifest."""
     started, skipped, cached = time.perf_counter(), 0, {}
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=not show_progress) as progress:
         for member in members:
+            float_view = single_crop_view(member, split) == "float"
             for crops in recipe.crops:
                 probs, labels, indices, skipped = probabilities(member, split, crops, device, recipe.batch_crops,
-                                                                workers, progress)  # the same files every time
+                                                                workers, progress, float_view)  # the same files
                 cached[(member.name, crops)] = {"probs": probs.half(), "labels": labels, "indices": indices}
                 # as stored, so the report's recombination gives these same numbers
                 checkpoint.save(cache_path(run_dir, member.name, crops), cached[(member.name, crops)])
@@ -229,7 +273,6 @@ def run(recipe_name: str, overrides: list[str], results: Path, dataset_dir: Path
                     wall_seconds=round(time.perf_counter() - started, 2))
     write_json(run_dir / "manifest.json", manifest)
     announce(f"{recipe.label}, finished", manifest["deviations"])
-    return run_dir
 
 
 def deviations(members: list[Member], split: images.Split, val_limit: int | None) -> list[str]:

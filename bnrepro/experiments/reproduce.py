@@ -2,26 +2,40 @@
 
 A campaign is a plan of ImageNet runs (recipe, seed, overrides) and the ensemble of Fig. 4. Each planned run is
 matched against the run folders under ``results/imagenet`` by recipe digest (the resolved recipe, overrides
-included), profile and seed: a finished one is kept, an interrupted one is resumed from its checkpoint, a
-missing one is started. Interrupting the campaign (Ctrl-C) is always safe: the run in progress saves its
-checkpoint, and the same command continues from there.
+included), profile, seed and data (``same_data``: the data set's identity, ``images.data_identity``): a finished
+one is kept, an interrupted one is resumed from its checkpoint, a missing one is started. Interrupting the campaign
+(Ctrl-C) is always safe: the run in progress saves its checkpoint, and the same command continues from there.
+
+A campaign runs the code of one commit: ``load_code`` imports the whole package, then reads the commit once, and
+refuses a checkout with uncommitted changes unless they are allowed (``--allow-dirty``). The campaign's own record,
+``results/campaign/<profile>-<time>/manifest.json``, names that commit, the data's identity and every run it
+kept or trained; a run whose manifest names another commit (the checkout changed while the campaign ran, so the
+run's own reading of it is not the code that trained it) is listed there, so the report can say so.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import bnrepro
 from bnrepro import recipes as recipe_io
+from bnrepro.data import images
 from bnrepro.engine.distributed import SINGLE_PROCESS
+from bnrepro.engine.trainer import Interrupted
 from bnrepro.errors import UserError
 from bnrepro.experiments import imagenet
-from bnrepro.runs import runs_of
+from bnrepro.runs import git_commit, new_run_dir, now, runs_of, write_json
 
 ENSEMBLE = "ensemble/bn-inception"
+CAMPAIGN = "campaign"  # results/campaign/<profile>-<time>/: each campaign's own record
 
 
 @dataclass(frozen=True)
@@ -66,24 +80,72 @@ class Step:
     state: Literal["done", "resume", "new"]
     folder: Path | None
     steps: int  # the run's budget at the profile
+    other_data: int = 0  # runs of this recipe, profile and seed under results that trained on other data
 
 
-def plan(profile: str, results: Path) -> list[Step]:
-    """The campaign at ``profile`` against what ``results`` already holds."""
+def load_code(allow_dirty: bool = False) -> str:
+    """The commit of the code this campaign runs: every module of the package is imported first, so what runs
+    later is what was on disk now, whatever the checkout becomes meanwhile. A checkout with uncommitted changes
+    names no code anyone can get back, so it is refused unless ``allow_dirty`` (the commit then ends ``+dirty``,
+    and the campaign's record and report say so)."""
+    for module in pkgutil.walk_packages(bnrepro.__path__, "bnrepro."):
+        if not module.name.endswith("__main__"):  # that one would run the command line
+            importlib.import_module(module.name)
+    commit = git_commit()
+    if commit.endswith("+dirty") and not allow_dirty:
+        raise UserError(f"the checkout has uncommitted changes ({commit}), so no commit names the code the runs "
+                        f"would come from; commit them, or pass --allow-dirty to record the runs as from a dirty tree")
+    return commit
+
+
+def identity_reader() -> Callable[[Path], dict[str, Any] | None]:
+    """``data_identity`` of a folder, each folder computed once; ``None`` where it is gone or is no data set."""
+    @cache
+    def read(folder: Path) -> dict[str, Any] | None:
+        try:
+            return images.data_identity(folder) if Path(folder).is_dir() else None
+        except (UserError, OSError, ValueError):
+            return None
+    return read
+
+
+def same_data(manifest: dict[str, Any], data: dict[str, Any] | None,
+              identity_of: Callable[[Path], dict[str, Any] | None]) -> bool:
+    """Whether a run folder's manifest says it used ``data`` (a ``data_identity``; ``None``: not checked).
+
+    A manifest with ``data_identity`` matches on its digest. An older one, without it, matches only if its
+    ``classes`` and ``train_examples`` are the data's and its ``dataset_dir`` still holds data with the same
+    digest (``identity_of``); a folder that is gone or changed proves nothing, so such a run is not kept."""
+    if data is None:
+        return True
+    recorded = manifest.get("data_identity")
+    if recorded:
+        return recorded.get("digest") == data["digest"]
+    if manifest.get("classes") != data["classes"] or manifest.get("train_examples") != data["train_examples"]:
+        return False
+    found = identity_of(Path(manifest["dataset_dir"])) if manifest.get("dataset_dir") else None
+    return found is not None and found["digest"] == data["digest"]
+
+
+def plan(profile: str, results: Path, data: dict[str, Any] | None = None) -> list[Step]:
+    """The campaign at ``profile`` against what ``results`` already holds; runs count only if they used ``data``
+    (``images.data_identity`` of the campaign's data; ``None``, as for a dry run without data: not checked)."""
     found = runs_of(results, "imagenet", ("complete", "diverged", "interrupted", "running"))
+    identity_of = identity_reader()
     steps = []
     for run in campaign():
         recipe = recipe_io.load(run.recipe, list(run.overrides))
         if profile not in recipe.profiles:
             raise UserError(f"recipe '{run.recipe}' has no profile '{profile}'")
-        mine = [(folder, m) for folder, m in found if m.get("recipe_digest") == recipe.digest
+        same = [(folder, m) for folder, m in found if m.get("recipe_digest") == recipe.digest
                 and m.get("profile") == profile and m.get("seed") == run.seed
                 and list(m.get("overrides", [])) == list(run.overrides)]
+        mine = [(folder, m) for folder, m in same if same_data(m, data, identity_of)]
         done = [folder for folder, m in mine if m.get("status") in ("complete", "diverged")]
         paused = [folder for folder, m in mine if (folder / imagenet.CHECKPOINT).is_file()
                   and m.get("status") not in ("complete", "diverged")]
         state, folder = ("done", done[-1]) if done else ("resume", paused[-1]) if paused else ("new", None)
-        steps.append(Step(run, state, folder, recipe.profiles[profile].steps))
+        steps.append(Step(run, state, folder, recipe.profiles[profile].steps, len(same) - len(mine)))
     return steps
 
 
@@ -114,9 +176,10 @@ def train(steps: list[Step], profile: str, dataset_dir: Path, results: Path, opt
 
 
 def ensemble(folders: list[Path], profile: str, dataset_dir: Path, results: Path, device: str, workers: int,
-             val_limit: int | None, show_progress: bool) -> Path:
+             val_limit: int | None, show_progress: bool, data: dict[str, Any] | None = None) -> Path:
     """Fig. 4 over the members' runs (the campaign's last six), unless a finished evaluation of exactly these
-    runs with this recipe exists."""
+    runs with this recipe exists (on ``data`` where its manifest records its data's identity; an older one is
+    kept on its members alone, which ``plan`` matched to the data)."""
     from bnrepro.evaluate import ensemble as evaluation
 
     overrides = [f"profile={profile}"] + ([f"val_limit={val_limit}"] if val_limit else [])
@@ -124,10 +187,83 @@ def ensemble(folders: list[Path], profile: str, dataset_dir: Path, results: Path
     members = folders[-len(recipe.members):]
     wanted = sorted(str(Path(m)) for m in members)
     for folder, manifest in reversed(runs_of(results, "ensemble")):
-        if manifest.get("recipe_digest") == recipe.digest and sorted(m["run"] for m in manifest["members"]) == wanted:
+        recorded = manifest.get("data_identity")
+        if manifest.get("recipe_digest") == recipe.digest and sorted(m["run"] for m in manifest["members"]) == wanted \
+                and (data is None or not recorded or recorded.get("digest") == data["digest"]):
             return folder
     return evaluation.run(ENSEMBLE, overrides, results, dataset_dir, results, device, workers, members,
                           show_progress=show_progress)
+
+
+class Record:
+    """The campaign's own record, ``results/campaign/<profile>-<time>/manifest.json``: the commit of the code
+    (``load_code``), the data's identity and folder, the plan, and at the end every run folder with the commit its
+    manifest names, so that runs whose manifest disagrees with the campaign's code are on file."""
+
+    def __init__(self, results: Path, profile: str, commit: str, data: dict[str, Any] | None, dataset_dir: Path,
+                 steps: list[Step]):
+        self.results = Path(results)
+        self.folder = new_run_dir(self.results / CAMPAIGN, prefix=f"{profile}-")
+        self.states = {s.folder: s.state for s in steps if s.folder is not None}
+        self.manifest: dict[str, Any] = {
+            "experiment": CAMPAIGN, "status": "running", "started": now(), "profile": profile,
+            "git_commit": commit, "dirty_allowed": commit.endswith("+dirty"),
+            "dataset_dir": str(Path(dataset_dir).resolve()), "data_identity": data,
+            "plan": [{"run": s.run.name, "state": s.state, "folder": self.relative(s.folder)} for s in steps]}
+        self.write()
+
+    def relative(self, folder: Path | None) -> str | None:
+        if folder is None:
+            return None
+        try:
+            return Path(folder).resolve().relative_to(self.results.resolve()).as_posix()
+        except ValueError:
+            return str(folder)
+
+    def write(self) -> None:
+        write_json(self.folder / "manifest.json", self.manifest)
+
+    def stop(self, status: str) -> None:
+        """The campaign ended before its report (``interrupted`` or ``failed``)."""
+        self.manifest.update(status=status, finished=now())
+        self.write()
+
+    def finish(self, folders: list[Path], ensemble_dir: Path) -> list[str]:
+        """Record every run and the ensemble; returns a line for each run this campaign trained or resumed whose
+        manifest names another commit than the campaign's code."""
+        commit, runs, warnings = self.manifest["git_commit"], [], []
+        for folder in folders:
+            recorded = json.loads((Path(folder) / "manifest.json").read_text()).get("git_commit")
+            state = {"done": "kept", "resume": "resumed"}.get(self.states.get(folder, "new"), "trained")
+            runs.append({"folder": self.relative(folder), "state": state, "git_commit": recorded})
+            if state != "kept" and recorded != commit:
+                warnings.append(f"{self.relative(folder)}: its manifest names commit {recorded}, but the campaign "
+                                f"{'resumed' if state == 'resumed' else 'trained'} it with the code of {commit}")
+        self.manifest.update(status="complete", finished=now(), runs=runs, ensemble=self.relative(ensemble_dir),
+                             other_commits=warnings)
+        self.write()
+        return warnings
+
+
+def execute(record: Record, steps: list[Step], dataset_dir: Path, options: dict, val_limit: int | None,
+            say: Callable[[str], Any] = print) -> tuple[list[Path], Path]:
+    """The planned runs (``train``), then the ensemble, on the campaign's ``record``: finished there with every run
+    folder, or marked interrupted or failed before the exception goes on. Returns the run folders and the ensemble's.
+    """
+    profile, results = record.manifest["profile"], record.results
+    try:
+        folders = train(steps, profile, dataset_dir, results, options, say=say)
+        ensemble_dir = ensemble(folders, profile, dataset_dir, results, options["device"], options["workers"],
+                                val_limit, options["show_progress"], record.manifest["data_identity"])
+    except (Interrupted, KeyboardInterrupt):
+        record.stop("interrupted")
+        raise
+    except BaseException:
+        record.stop("failed")
+        raise
+    for line in record.finish(folders, ensemble_dir):
+        say(f"warning: {line}")
+    return folders, ensemble_dir
 
 
 def estimate(steps: list[Step], profile: str, device: str, val_limit: int | None, updates: int = 8) -> dict:
@@ -163,9 +299,12 @@ def estimate(steps: list[Step], profile: str, device: str, val_limit: int | None
 
 
 def describe(steps: list[Step]) -> list[str]:
-    """The plan, one line a run."""
+    """The plan, one line a run; runs found on other data are counted (they are never kept)."""
+    def other(step: Step) -> str:
+        n = step.other_data
+        return f"  ({n} run{'s' * (n != 1)} of it on other data, not kept)" if n else ""
     return [f"{i:2d}. {s.run.name:<45} {s.steps:>7,} steps  {s.state:<6} {'' if s.folder is None else s.folder}"
-            for i, s in enumerate(steps, 1)]
+            + other(s) for i, s in enumerate(steps, 1)]
 
 
 def summary(folders: list[Path]) -> list[str]:

@@ -16,7 +16,8 @@ import yaml
 
 from bnrepro.errors import UserError
 from bnrepro.evaluate import ensemble as evaluation
-from bnrepro.report.imagenet import deviations_list, markdown_table
+from bnrepro.evaluate.crops import distinct_views
+from bnrepro.report.imagenet import data_text, deviations_list, markdown_table, short_commit
 from bnrepro.runs import atomic_write, check_writable, runs_of
 
 IMAGENET_CLASSES = 1000
@@ -180,11 +181,52 @@ def member_table(run: EnsembleRun, table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _folder(path: str, results: Path) -> str:
-    """A member's run folder relative to the results folder where it lies under it, else as recorded."""
+    """A member's run folder relative to the results folder where it lies under it, else its last two parts (the
+    report names no folder of the machine it ran on)."""
     try:
         return Path(path).resolve().relative_to(Path(results).resolve()).as_posix()
     except (ValueError, OSError):
-        return str(path)
+        return "…/" + "/".join(Path(path).parts[-2:])
+
+
+# The 1-crop view before the ensemble cut it as each member's trainer did (evaluate/crops.py, ``float_view``),
+# measured on the committed cpu-profile member results/imagenet/bn-x30-member1-20261201-222433 (Fashion-MNIST,
+# 28 px images to 32 px crops): uint8 resize against the trainer's float resample.
+UINT8_VIEW_MEASURED = ("a mean absolute difference of 0.20 grey levels (at most 1) per pixel; 4 of the first "
+                       "1,000 validation images' predictions differ (top-1 76.4% against 76.2%), 11 of all 10,000 "
+                       "(75.58% against 75.55%, the trainer's own final top-1)")
+
+
+def view_notes(manifest: dict) -> list[str]:
+    """What the views were: whether the single crop is each member's trainer's view (runs from before it was say
+    that it is not, and by how much that mattered where measured), and how many of the views are distinct for
+    the evaluated image size (a square image's 144 crops are 48 views, each three times)."""
+    members = manifest.get("members", [])
+    views = {m.get("single_crop_view") for m in members}
+    if None in views:
+        notes = ["The single crop of this run predates the ensemble cutting each member's trainer's own view: it "
+                 "was resized in uint8 (torchvision), while members trained on resident data (idx files, or "
+                 "same-size images held in memory) were evaluated by their trainer resampled in float, never "
+                 f"rounded. On a committed member that made {UINT8_VIEW_MEASURED}. Its 10- and 144-crop views are "
+                 "as they are now."]
+    else:
+        kinds = {"float": "resampled in float, as the trainer evaluates resident data",
+                 "uint8": "resized in uint8 by torchvision, as the trainer evaluates image files"}
+        notes = ["The single crop is each member's trainer's own evaluation view: " + "; ".join(
+            f"{m['name']} {kinds.get(m['single_crop_view'], m['single_crop_view'])}" for m in members) + "."]
+    size = manifest.get("image_size")
+    if not size and "idx files" in str(manifest.get("dataset", "")):
+        size = [28, 28]  # MNIST-format idx files hold 28 x 28 images
+    resolution, crops = manifest.get("resolution"), sorted(int(c) for c in manifest.get("crops", []))
+    if size and resolution:
+        counted = [f"{distinct_views(*size, c, resolution)} of {c}" for c in crops]
+        notes.append(f"Distinct views of the {size[0]} x {size[1]} validation images at {resolution} px: "
+                     f"{', '.join(counted)}; the mean over a scheme's views counts each as often as it occurs (a "
+                     f"square image's left, centre and right squares are one square).")
+    else:
+        notes.append("The validation images differ in size, so how many of the views are distinct depends on each "
+                     "image (all of them but for square images, whose 144 crops are 48 views, each three times).")
+    return notes
 
 
 def comparability(classes: int, images: int) -> str | None:
@@ -202,22 +244,24 @@ def markdown(run: EnsembleRun, results: Path, superseded: list[EnsembleRun]) -> 
     """ensemble.md: provenance, the Fig. 4 table, the crop study and the per-member errors."""
     m = run.manifest
     table, classes, images = scores(run)
-    members = "; ".join(f"{x['name']} (`{_folder(x['run'], results)}`, commit `{str(x.get('git_commit'))[:12]}`)"
+    members = "; ".join(f"{x['name']} (`{_folder(x['run'], results)}`, commit `{short_commit(x.get('git_commit'))}`)"
                         for x in m["members"])
     skipped = int(m.get("skipped_images") or 0)
     subset = run.subset_note()
     limit = f", a subset: `val_limit` {m['val_limit']:,}" if subset else ""
+    data = data_text(m)  # the name, counts and digest of the data, no folder of the machine it ran on
     lines = ["# Ensemble and multi-crop (paper Sec. 4.2.3, Fig. 4)", "",
-             f"Data: {m.get('dataset', 'not recorded')}, {m.get('val_images', images):,} validation images "
+             f"Data: {data}, {m.get('val_images', images):,} validation images "
              f"({classes} classes{limit}" + (f", {skipped:,} unreadable and left out" if skipped else "") + "). "
              f"Profile {run.profile or 'not recorded'}. "
-             f"Members: {members}. Ensemble run `{run.rel}`, commit `{str(m.get('git_commit', 'unknown'))[:12]}`.",
+             f"Members: {members}. Ensemble run `{run.rel}`, commit `{short_commit(m.get('git_commit'))}`.",
              ""]
     note = comparability(classes, images)
     if note:
         lines += [f"**{note}**", ""]
     beside = [f"*{subset}*", ""] if subset else []  # said again beside each table
     lines += [deviations_list(m.get("deviations"), "this evaluation and its members"), ""]
+    lines += [" ".join(view_notes(m)), ""]
     lines += ["Errors are recombined from the run's cached class probabilities: the mean over crops, then over "
               "models (the paper's arithmetic mean). The paper's rows are its Fig. 4 (shared/paper/README.md, "
               "section 4), validation errors as it prints them (ours have 2 decimals); its ensemble's 4.82% top-5 is "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,7 +48,10 @@ PAPER_NOTES = {
 RECIPE_ORDER = ("inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid", "inception-sigmoid", "inception-x5")
 COLOURS = {"inception": "black", "bn-baseline": "tab:blue", "bn-x5": "tab:orange", "bn-x30": "tab:red",
            "bn-x5-sigmoid": "tab:green", "inception-sigmoid": "tab:purple", "inception-x5": "tab:brown"}
-SPARE_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+# Other recipes (the ensemble's members...) take a colour and a line style each, both changing from row to row, so no
+# two lines of a figure share both, however many rows it has (see line_styles). No grey: the target line is grey.
+SPARE_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "darkmagenta", "gold", "navy")
+LINE_STYLES = ("-", "--", "-.", ":")
 # Overrides that only change a step budget (what --steps writes) do not make a row of their own.
 BUDGET_OVERRIDE = re.compile(r"^profiles\.[^.=]+\.steps=")
 # Rows the campaign runs with overrides, by (recipe, overrides): their names in the table.
@@ -170,9 +172,60 @@ def _row_rank(run: Run) -> tuple[int, str, tuple[str, ...]]:
     return (*_recipe_rank(run.recipe), run.variant)
 
 
-def colour(recipe: str) -> str:
-    """The same colour for a recipe in every figure, also for recipes this module does not know."""
-    return COLOURS.get(recipe) or SPARE_COLOURS[zlib.crc32(recipe.encode()) % len(SPARE_COLOURS)]
+def line_styles(runs: dict[str, Run]) -> dict[str, tuple[str, str]]:
+    """Row -> (colour, line style) for one figure, every pair different: a recipe of ``COLOURS`` keeps its colour
+    (solid; dashed, then the other styles, for its rows with overrides); the other recipes' rows take, in row order,
+    the next spare colour and the next line style, both cycling (6 colours x 4 styles: 12 rows before a pair
+    repeats, then every other pair). Colour alone cannot tell 13 and more lines apart, nor similar hues apart (the
+    pink of one member beside BN-x30's red), so the style always differs too."""
+    used: set[tuple[str, str]] = set()
+    cycle = [(SPARE_COLOURS[i % len(SPARE_COLOURS)], LINE_STYLES[i % len(LINE_STYLES)]) for i in range(12)]
+    spares = cycle + [(c, style) for style in LINE_STYLES for c in SPARE_COLOURS if (c, style) not in cycle]
+    chosen = {}
+    for key, run in runs.items():
+        known = COLOURS.get(run.recipe)
+        candidates = [(known, style) for style in (LINE_STYLES[1:] if run.variant else LINE_STYLES)] if known \
+            else spares
+        pick = next((pair for pair in candidates if pair not in used), None)
+        if pick is None:  # more rows than pairs: reuse, in order
+            pick = candidates[len(chosen) % len(candidates)]
+        used.add(pick)
+        chosen[key] = pick
+    return chosen
+
+
+def short_commit(commit: object) -> str:
+    """A recorded commit as the reports show it: 12 hex digits, keeping ``+dirty`` (code that no commit holds)."""
+    if not commit:
+        return "not recorded"
+    text = str(commit)
+    head, dirty, _ = text.partition("+dirty")
+    return head[:12] + dirty
+
+
+# " in <folder>" of a split's description, and any other absolute path: the reports name no folder of the machine
+# a run ran on (manifest.json keeps it).
+_IN_FOLDER = re.compile(r" in (?=[^\s,;()]*[/\\])[^\s,;()]+")
+_ABSOLUTE = re.compile(r"(?<![\w.~])(?:/|[A-Za-z]:[/\\])[^\s,;()`]*")
+
+
+def without_paths(text: str) -> str:
+    """``text`` without the folders it names: " in <folder>" dropped, any other absolute path cut to its last two
+    parts (``…/imagenet/train``)."""
+    def tail(match: re.Match) -> str:
+        parts = [part for part in re.split(r"[/\\]", match.group(0)) if part and not part.endswith(":")]
+        return "…/" + "/".join(parts[-2:])
+    return _ABSOLUTE.sub(tail, _IN_FOLDER.sub("", text))
+
+
+def data_text(manifest: dict) -> str:
+    """The data a run (or an evaluation) used, by name, counts and digest (its ``data_identity``); for a manifest
+    from before ``data_identity``, its ``dataset`` description without paths, digest not recorded."""
+    identity = manifest.get("data_identity")
+    if identity:
+        return (f"{identity['name']} ({identity['train_examples']:,} train, {identity['val_examples']:,} val, "
+                f"{len(identity['classes'])} classes), digest `{identity['digest'][:12]}`")
+    return f"{without_paths(str(manifest.get('dataset', 'not recorded')))}, digest not recorded"
 
 
 def target_for(profile: str, runs: dict[str, Run]) -> float | None:
@@ -287,11 +340,12 @@ def figure_name(profile: str) -> str:
 
 def figure_2(profile: str, runs: dict[str, Run], target: float | None, out: Path) -> list[Path]:
     """Fig. 2: single-crop validation top-1 vs training steps (paper-equivalent steps, step / compression, where
-    every run's manifest carries ``compression``), one line per row, dashed for a row with overrides; a diverged
-    run's line stops at its last finite evaluation, marked with an x."""
+    every run's manifest carries ``compression``), one line per row, each its own colour and style (``line_styles``);
+    a diverged run's line stops at its last finite evaluation, marked with an x."""
     fig, ax = plt.subplots(figsize=(7, 4.4))
     paper = bool(runs) and all(run.compression is not None for run in runs.values())  # x in paper-equivalent steps
-    for run in runs.values():
+    styles = line_styles(runs)
+    for key, run in runs.items():
         curve = run.curve
         x = curve.step / run.compression if paper else curve.step
         label = run.label
@@ -299,8 +353,8 @@ def figure_2(profile: str, runs: dict[str, Run], target: float | None, out: Path
             equivalent = paper_steps_text(paper_equivalent(run, run.diverged_at))
             equivalent = f", {equivalent} paper-equivalent" if paper else ""
             label += f" (diverged at step {run.diverged_at:,}{equivalent})"
-        (line,) = ax.plot(x, curve.top1, color=colour(run.recipe), label=label, linewidth=1.5,
-                          linestyle="--" if run.variant else "-")
+        colour, style = styles[key]
+        (line,) = ax.plot(x, curve.top1, color=colour, label=label, linewidth=1.5, linestyle=style)
         if run.diverged_at is not None and len(curve):
             ax.plot(x.iloc[-1], curve.top1.iloc[-1], marker="x", markersize=10, markeredgewidth=2,
                     color=line.get_color())
@@ -323,10 +377,40 @@ def figure_2(profile: str, runs: dict[str, Run], target: float | None, out: Path
     return save_figure(fig, out, figure_name(profile))
 
 
-def profile_section(profile: str, runs: dict[str, Run], superseded: list[Run]) -> str:
-    """One profile's Fig. 3 table, headed by its data, target and the run folders and commits it comes from."""
+def campaigns(results: Path) -> dict[str, list[dict]]:
+    """profile -> the records of ``bnrepro reproduce`` campaigns at it (``results/campaign``), oldest first."""
+    found: dict[str, list[dict]] = {}
+    for _, record in runs_of(results, "campaign", ("running", "interrupted", "failed", "complete")):
+        found.setdefault(str(record.get("profile")), []).append(record)
+    return found
+
+
+def campaign_lines(records: list[dict]) -> list[str]:
+    """The latest campaign's record as a bullet: the commit of its code (dirty where allowed), its data, what it
+    trained and kept, and every run it trained or resumed whose manifest names another commit."""
+    if not records:
+        return []
+    record = records[-1]
+    commit = short_commit(record.get("git_commit"))
+    dirty = (" (**a checkout with uncommitted changes**, run with `--allow-dirty`: no commit holds this code)"
+             if str(record.get("git_commit", "")).endswith("+dirty") else "")
+    counts: dict[str, int] = {}
+    for run in record.get("runs") or record.get("plan", []):
+        state = {"done": "kept", "resume": "resumed", "new": "trained"}.get(run["state"], run["state"])
+        counts[state] = counts.get(state, 0) + 1
+    done = ", ".join(f"{n} {state}" for state, n in counts.items())
+    earlier = f"; {len(records) - 1} earlier campaign record(s)" if len(records) > 1 else ""
+    lines = [f"- Campaign (`bnrepro reproduce`): status {record.get('status')}, the code of commit `{commit}`{dirty}, "
+             f"read once before it ran; data: {data_text(record)}; runs: {done}{earlier}"]
+    lines += [f"  - **{without_paths(text)}**" for text in record.get("other_commits", [])]
+    return lines
+
+
+def profile_section(profile: str, runs: dict[str, Run], superseded: list[Run], records: list[dict] = ()) -> str:
+    """One profile's Fig. 3 table, headed by its data, target, its latest campaign (``records``) and the run folders
+    and commits it comes from."""
     target = target_for(profile, runs)
-    datasets = sorted({str(r.manifest.get("dataset", "not recorded")) for r in runs.values()})
+    datasets = sorted({data_text(r.manifest) for r in runs.values()})
     if profile == "paper":
         target_text = f"{100 * PAPER_TARGET:.1f}%, the paper's (Inception's best single-crop top-1)"
     elif target is None:
@@ -336,7 +420,7 @@ def profile_section(profile: str, runs: dict[str, Run], superseded: list[Run]) -
         target_text = f"{100 * target:.1f}%, the best top-1 of this profile's `inception` run (as in the paper)"
     lines = [f"## Profile `{profile}`", "",
              f"- Data: {'; '.join(datasets)}" + (" (**the runs used different data**)" if len(datasets) > 1 else ""),
-             f"- Target accuracy: {target_text}",
+             f"- Target accuracy: {target_text}", *campaign_lines(list(records)),
              "- Runs (per recipe and overrides, the latest finished run of the lowest seed; other seeds below it):"]
     for name, run in runs.items():
         steps = run.summary.get("steps", int(run.metrics.step.max()))
@@ -346,7 +430,7 @@ def profile_section(profile: str, runs: dict[str, Run], superseded: list[Run]) -
             f", compression {run.compression:.3g} (a step stands for {1 / run.compression:,.0f} paper steps)"
         lines.append(f"  - {run.label} (`{name}`): `{run.rel}`, seed {run.seed}, status {run.manifest.get('status')}, "
                      f"{steps:,} steps{compression}, {replicas} replica{'s' * (replicas != 1)}, global batch {batch}, "
-                     f"commit `{str(run.manifest.get('git_commit', 'unknown'))[:12]}`; "
+                     f"commit `{short_commit(run.manifest.get('git_commit'))}`; "
                      + deviations_list(run.summary.get("deviations", run.manifest.get("deviations")), "", indent=4))
         for other in run.others:
             lines.append(f"    - seed {other.seed}: `{other.rel}`, status {other.manifest.get('status')}, "
@@ -361,7 +445,8 @@ def profile_section(profile: str, runs: dict[str, Run], superseded: list[Run]) -
     return "\n".join(lines)
 
 
-def markdown(by_profile: dict[str, dict[str, Run]], runs: list[Run]) -> str:
+def markdown(by_profile: dict[str, dict[str, Run]], runs: list[Run], records: dict[str, list[dict]] | None = None
+             ) -> str:
     shown = {r.path for chosen in by_profile.values() for row in chosen.values() for r in (row, *row.others)}
     lines = ["# ImageNet (paper Sec. 4.2, Fig. 2 and Fig. 3)", "",
              "A step is one mini-batch of the profile's batch size, the paper's unit, however many replicas "
@@ -377,10 +462,13 @@ def markdown(by_profile: dict[str, dict[str, Run]], runs: list[Run]) -> str:
              "31.0e6 / 2.1e6 = 14.8x down to \"14 times fewer steps\". "
              "Each recipe with each set of `--set` overrides (step budgets aside) is a row: the latest finished run "
              "of its lowest seed; the other seeds' runs appear only in \"Other seeds' max\" and in the seed spread "
-             "of claims.md. Speed-ups are over paper-equivalent steps where both runs carry `compression`.", ""]
+             "of claims.md. Speed-ups are over paper-equivalent steps where both runs carry `compression`. "
+             "Data are named by data set, counts and digest (`data_identity` in a run's manifest: the idx files' "
+             "bytes, or the paths and sizes of the files of shards and class folders), never by the folder they lay "
+             "in, which stays in each run's `manifest.json`; commits marked `+dirty` ran with uncommitted changes.", ""]
     for profile, chosen in by_profile.items():
         superseded = [r for r in runs if r.profile == profile and r.path not in shown]
-        lines.append(profile_section(profile, chosen, superseded))
+        lines.append(profile_section(profile, chosen, superseded, (records or {}).get(profile, [])))
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -393,5 +481,5 @@ def build(results: Path, out: Path) -> list[Path]:
     written = []
     for profile, chosen in by_profile.items():
         written += figure_2(profile, chosen, target_for(profile, chosen), out)
-    atomic_write(out / "imagenet.md", markdown(by_profile, runs))
+    atomic_write(out / "imagenet.md", markdown(by_profile, runs, campaigns(Path(results))))
     return [*written, out / "imagenet.md"]

@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from bnrepro.report import save_figure  # noqa: E402
+from bnrepro.report.imagenet import short_commit  # noqa: E402
 from bnrepro.runs import atomic_write, check_writable, runs_of  # noqa: E402
 
 # What the paper and the one public reproduction it cites report (shared/paper/README.md, section 2).
@@ -117,7 +118,7 @@ def markdown(runs: list[Path]) -> str:
     found = summary.get("deviations", manifest.get("deviations"))
     lines = ["# MNIST (paper Sec. 4.1, Fig. 1)", "", PAPER_NOTE, "",
              f"Latest complete run: `{latest.name}` ({summary['steps']:,} steps, seeds {manifest['seeds']}, "
-             f"device {manifest['device']}, commit `{manifest['git_commit'][:12]}`, "
+             f"device {manifest['device']}, commit `{short_commit(manifest.get('git_commit'))}`, "
              f"{wall_text(manifest)}); "
              + ("deviations from the paper: not recorded" if found is None else
                 f"deviations from the paper: {'; '.join(found) if found else 'none'}") + ".", "",

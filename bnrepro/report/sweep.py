@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bnrepro.report import save_figure  # noqa: E402
-from bnrepro.report.imagenet import markdown_table  # noqa: E402
+from bnrepro.report.imagenet import markdown_table, short_commit  # noqa: E402
 from bnrepro.runs import atomic_write, check_writable, runs_of  # noqa: E402
 
 STABLE_ACCURACY = 0.9
@@ -118,7 +118,7 @@ def markdown(folder: Path, summary: dict, manifest: dict, table: pd.DataFrame, r
              f"{', '.join(f'{v:g}' for v in manifest['grid']['lrs'])}; initial stds "
              f"{', '.join(f'{v:g}' for v in manifest['grid']['init_stds'])}; seeds {manifest['seeds']}), trained "
              f"as one stack on the {manifest['engine']} engine in {manifest.get('wall_seconds', 0):,.0f} s, commit "
-             f"`{str(manifest.get('git_commit'))[:12]}`.", "",
+             f"`{short_commit(manifest.get('git_commit'))}`.", "",
              "Rules (fixed before the run): a cell is stable if no seed diverged and every seed's final test "
              f"accuracy is at least {STABLE_ACCURACY:.0%}; a widest range is the longest run of consecutive stable "
              "grid values at one value of the other axis; the largest learning rate reaching the baseline's "
