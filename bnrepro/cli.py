@@ -300,7 +300,8 @@ def reproduce(
                       f"min, in all about {guess['total_s'] / 60:,.0f} min", markup=False)
         return
     record = campaign.Record(results, profile, commit, data, dataset_dir, steps)
-    how = dict(device=device, workers=default_workers() if workers is None else workers, show_progress=progress)
+    how = dict(device=device, workers=default_workers() if workers is None else workers, show_progress=progress,
+               git_commit=commit, allow_dirty=allow_dirty)
     try:
         folders, ensemble_dir = campaign.execute(record, steps, dataset_dir, how, limit,
                                                  say=lambda line: console.print(line, markup=False, highlight=False))

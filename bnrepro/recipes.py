@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from bnrepro.errors import UserError
+from bnrepro.models.batchnorm import Statistics
 
 RECIPES_DIR = Path(os.environ.get("BNREPRO_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
 
@@ -59,7 +60,10 @@ class MnistEval(Strict):
     probe_unit: int = Field(ge=0, description="which unit of the last hidden layer Fig. 1(b, c) follows")
     percentiles: list[Annotated[float, Field(ge=0, le=100)]] = Field(min_length=1)
     population_batches: int = Field(gt=0, description="Alg. 2: training mini-batches averaged for BN's population "
-                                                     "statistics (step 0 and the final evaluation)")
+                                                     "statistics, estimated afresh at each evaluation that uses them")
+    statistics: Statistics = Field("moving", description="what BN infers with at the evaluations between step 0 "
+                                   "and the end (those two always use Alg. 2's population statistics); the default is "
+                                   "what runs recorded before this field existed did, every recipe states its own")
 
 
 class RecipeBase(Strict):
@@ -198,7 +202,7 @@ class Profile(Strict):
     eval_every: int = Field(gt=0)
     checkpoint_every: int = Field(gt=0)
     population_batches: int = Field(gt=0, description="Alg. 2: training mini-batches averaged for BN's population "
-                                                     "statistics (step 0 and the final evaluation)")
+                                                     "statistics, estimated afresh at each evaluation that uses them")
     compression: float | None = Field(None, gt=0, description="this profile's steps per paper step: set, the "
                                       "learning-rate decay runs on paper-equivalent steps (step / compression), so "
                                       "a budget of compression x the paper's spans as many decays as the paper's")
@@ -209,11 +213,21 @@ class Profile(Strict):
         return steps * self.batch_size / self.train_examples
 
 
+class ImagenetEval(Strict):
+    statistics: Statistics = Field(description="what BN infers with at the evaluations between step 0 and the end "
+                                               "(those two always use Alg. 2's population statistics)")
+
+
+MOVING_BETWEEN = ImagenetEval(statistics="moving")  # what runs recorded before ``eval`` existed did
+
+
 class ImagenetRecipe(RecipeBase):
     experiment: Literal["imagenet"]
     model: InceptionModel
     train: ImagenetTrain
     data: ImagenetData
+    eval: ImagenetEval = Field(MOVING_BETWEEN, description="the default reads run folders recorded before this "
+                                                           "section existed; every recipe states its own")
     profiles: dict[Literal["paper", "proxy", "cpu", "smoke"], Profile]
 
 

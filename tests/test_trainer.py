@@ -49,10 +49,10 @@ class ToyTask:
         self.evaluations = list(state["evaluations"])
 
 
-def _train(task, tmp_path, steps=20, every=5):
+def _train(task, tmp_path, steps=20, every=5, **how):
     optimizer = torch.optim.SGD(task.model.parameters(), lr=0.1)
     return train(task, optimizer, Schedule(steps, every, checkpoint_every=1000), tmp_path / "ckpt.pt",
-                 members=task.members, show_progress=False)
+                 members=task.members, show_progress=False, **how)
 
 
 def test_train_loss_is_the_mean_over_the_interval(tmp_path):
@@ -74,12 +74,15 @@ def test_train_loss_is_the_mean_over_the_interval(tmp_path):
     torch.testing.assert_close(task.model.w.detach(), reference.model.w.detach())
 
 
-def test_population_statistics_at_step_0_and_at_the_end_moving_averages_between(tmp_path):
+def test_population_statistics_at_every_evaluation_unless_moving_averages_are_asked_for_between(tmp_path):
     task = ToyTask(2)
     _train(task, tmp_path, steps=20, every=5)
+    assert task.statistics == ["population"] * 5
+    task = ToyTask(2)
+    _train(task, tmp_path, steps=20, every=5, statistics="moving")
     assert task.statistics == ["population", "moving", "moving", "moving", "population"]
     diverging = ToyTask(2, bad=(0, 1), nan_step=6)
-    _train(diverging, tmp_path, steps=20, every=5)
+    _train(diverging, tmp_path, steps=20, every=5, statistics="moving")
     assert diverging.statistics == ["population", "moving", "population"]  # the run's last numbers
 
 

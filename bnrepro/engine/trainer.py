@@ -109,7 +109,7 @@ class LossLog:
     def all_diverged(self) -> bool:
         """Scan the rows not yet scanned for the first non-finite loss of each member; True once all have one."""
         if self.checked < len(self.rows):
-            bad = ~torch.isfinite(torch.stack(self.rows[self.checked:]).cpu())
+            bad = ~torch.isfinite(_stacked(self.rows[self.checked:]))
             for member in range(self.members):
                 if self.diverged_at[member] is None and bad[:, member].any():
                     self.diverged_at[member] = self.steps[self.checked + int(bad[:, member].nonzero()[0])]
@@ -121,18 +121,24 @@ class LossLog:
         if not self.rows:
             return torch.full((self.members,), float("nan"))
         self.all_diverged()
-        history = torch.stack(self.rows).cpu()
+        history = _stacked(self.rows)
         self.rows, self.steps, self.checked = [], [], 0
         return history.mean(0)
 
     def state_dict(self) -> dict[str, Any]:
-        rows = torch.stack(self.rows).cpu() if self.rows else torch.empty(0, self.members)
+        rows = _stacked(self.rows) if self.rows else torch.empty(0, self.members)
         return {"rows": rows, "steps": list(self.steps),
                 "diverged_at": [-1 if s is None else s for s in self.diverged_at]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows, self.steps, self.checked = list(state["rows"]), list(state["steps"]), 0
         self.diverged_at = [None if s < 0 else s for s in state["diverged_at"]]
+
+
+def _stacked(rows: list[Tensor]) -> Tensor:
+    """Rows as one CPU tensor. A resumed log holds the checkpoint's rows on the CPU beside new ones on the
+    training device (a GPU), so each row comes to the CPU first; this runs only at checks, which wait anyway."""
+    return torch.stack([row.cpu() for row in rows])
 
 
 def train(
@@ -148,13 +154,15 @@ def train(
     learning_rate: Callable[[int], float] | None = None,
     replicas: Replicas = SINGLE_PROCESS,
     rate: tuple[str, float] = ("steps", 1.0),
+    statistics: Statistics = "population",
 ) -> LossLog:
     """Train ``task`` for ``schedule.steps`` steps (continuing from the checkpoint if ``resume``).
 
     ``learning_rate(step)`` sets the rate of the update that starts at ``step`` (a pure function, so resuming
     needs no scheduler state); ``rate`` names what the progress display counts per second and how many of it
-    one step processes. BN infers with Alg. 2's population statistics at step 0 and at the end, with the
-    moving averages at the evaluations in between.
+    one step processes. BN infers with Alg. 2's population statistics at step 0 and at the end, and with
+    ``statistics`` at the evaluations in between: "population" by default, since moving averages lag the
+    weights by their window (~1 / momentum updates) and early in a run measure that lag, not the network.
     """
     log, start, stride = LossLog(members), 0, schedule.stride
     if resume:
@@ -210,7 +218,7 @@ def train(
             if evaluate or diverged:
                 task.model.eval()
                 final = last or diverged  # the run's final numbers infer with Alg. 2's population statistics
-                shown = task.evaluate(done, log.close_interval(), "population" if final else "moving")
+                shown = task.evaluate(done, log.close_interval(), "population" if final else statistics)
             if diverged:
                 save(done)
                 break

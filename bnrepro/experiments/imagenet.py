@@ -65,6 +65,8 @@ class Options:
     gpu_decode: bool = True  # on a GPU, decode JPEGs there (nvJPEG); other formats are decoded by the workers
     resident: bool = True  # hold a data set that fits in memory decoded there (augmented in batches, no workers)
     show_progress: bool = True
+    git_commit: str | None = None  # the code's commit as a campaign read it before it ran (default: read now)
+    allow_dirty: bool = False  # the campaign was allowed to run from uncommitted changes (recorded)
 
 
 def model_config(recipe: ImagenetRecipe, profile: Profile, num_classes: int) -> InceptionConfig:
@@ -315,6 +317,9 @@ def deviations(recipe: ImagenetRecipe, profile_name: str, overrides: list[str], 
     if world > 1:
         found.append(f"{world} replicas' mini-batches of {profile.batch_size} make one synchronous update (global "
                      f"batch {world * profile.batch_size}); the paper's replicas were asynchronous")
+    if profile.steps % world:  # an update covers one step per replica, so the last one overshoots the budget
+        found.append(f"budget {profile.steps:,} steps is not a multiple of {world} replicas: the run trains "
+                     f"{-(-profile.steps // world) * world:,} steps")
     factor = recipe.train.lr_factor(world * profile.batch_size / paper.batch_size)
     if factor != 1:
         found.append(f"learning rate x{factor:g}: global batch {world * profile.batch_size} against the paper's "
@@ -403,8 +408,9 @@ def run(recipe_name: str, profile_name: str, overrides: list[str], options: Opti
         "profile": profile_name, "dataset": f"{task.train_split.where} ({len(task.train_split):,} train, "
                                             f"{len(task.val_split):,} val, {len(task.train_split.classes)} classes)",
         "dataset_dir": str(Path(options.dataset_dir).resolve()), "classes": task.train_split.classes,
+        "data_identity": images.data_identity(options.dataset_dir, task.train_split, task.val_split),
         "train_examples": len(task.train_split), "packed": task.train_split.packed,
-        "resident": task.train_split.pixels is not None,
+        "resident": task.train_split.pixels is not None, "val_resident": task.val_split.pixels is not None,
         "shard_size": None if task.train_split.packed else profile.shard_size,
         "seed": options.seed,
         "replicas": replicas.world, "bn_statistics": "synchronised" if recipe.train.bn_sync else "per replica",
@@ -414,7 +420,8 @@ def run(recipe_name: str, profile_name: str, overrides: list[str], options: Opti
         "compile": options.compile, "gpu_decode": task.jpegs_as_bytes,
         "workers": 0 if task.train_split.pixels is not None else options.workers,  # resident data needs none
         "precision": _precision(task.device),
-        "device": device_name(task.device), "versions": versions(), "git_commit": git_commit(),
+        "device": device_name(task.device), "versions": versions(),
+        "git_commit": options.git_commit or git_commit(), "allow_dirty": options.allow_dirty,
     }
     return _train(run_dir, recipe, manifest, task, optimizer, profile, replicas, resume=False)
 
@@ -444,8 +451,13 @@ def resume(run_dir: Path, replicas: Replicas, dataset_dir: Path | None = None, *
             manifest["train_examples"], manifest.get("packed"), manifest.get("shard_size"), manifest["classes"]):
         raise UserError(f"the data in {options.dataset_dir} is not the data run {run_dir} trained on "
                         f"({manifest['dataset']}); resume with the same --dataset-dir")
-    manifest["resumed"] = [*manifest.get("resumed", []), {"at": now(), "device": device_name(task.device),
-                                                          "precision": _precision(task.device)}]
+    recorded = (manifest.get("data_identity") or {}).get("digest")
+    if recorded and images.data_identity(options.dataset_dir, split, task.val_split)["digest"] != recorded:
+        raise UserError(f"the files in {options.dataset_dir} differ from those run {run_dir} trained on (data digest "
+                        f"{recorded[:12]}); resume with the same data")
+    manifest["resumed"] = [*manifest.get("resumed", []), {
+        "at": now(), "device": device_name(task.device), "precision": _precision(task.device),
+        "git_commit": options.git_commit or git_commit(), "allow_dirty": options.allow_dirty}]
     return _train(run_dir, recipe, manifest, task, optimizer, profile, replicas, resume=True)
 
 
@@ -459,7 +471,7 @@ def _train(run_dir: Path, recipe: ImagenetRecipe, manifest: dict[str, Any], task
     with training(run_dir, manifest, main):
         log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=1, resume=resume,
                     show_progress=task.options.show_progress, learning_rate=task.lr, replicas=replicas,
-                    rate=("images", profile.batch_size), describe=_describe)
+                    rate=("images", profile.batch_size), describe=_describe, statistics=recipe.eval.statistics)
     skipped = int(replicas.sum_(torch.tensor([task.skipped], device=replicas.flag_device)).item())
     skipped += task.val_skipped  # summed over replicas by the evaluation
     if not main:

@@ -269,7 +269,7 @@ def _train(run_dir: Path, variants: dict[str, MnistRecipe], manifest: dict[str, 
     announce("MNIST", manifest.get("deviations", []))
     with training(run_dir, manifest), task.running():
         log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=len(members), resume=resume,
-                    show_progress=show_progress,
+                    show_progress=show_progress, statistics=recipe.eval.statistics,
                     describe=lambda s: f"loss {s.get('loss', math.nan):.3f}  acc {s.get('accuracy', math.nan):.4f}")
     metrics = pd.DataFrame(task.rows)
     divergences = [{"variant": m.variant, "seed": m.seed, "step": step}
