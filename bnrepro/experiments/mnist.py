@@ -25,7 +25,7 @@ from bnrepro.errors import UserError
 from bnrepro.models.batchnorm import Statistics
 from bnrepro.models.binary import BinaryBatch
 from bnrepro.models.mlp import MLPStack
-from bnrepro.models.mlp_native import BinaryRows, NativeStack, torch_single_threaded, unsupported
+from bnrepro.models.mlp_native import BinaryRows, NativeStack, torch_threads, unsupported
 from bnrepro.recipes import MnistRecipe
 from bnrepro.runs import (
     announce,
@@ -130,11 +130,16 @@ class NativeMnistTask(MnistTask):
     def __init__(self, *args):
         super().__init__(*args)
         self.engine = NativeStack(self.model)
+        self.threads = torch.get_num_threads()  # torch's own, for the work the kernel leaves to it
         self.train_rows, self.test_rows = BinaryRows.of(self.train_bits), BinaryRows.of(self.test.bits)
         self.train_labels = self.train_labels.to(torch.int64).contiguous()
 
     def running(self) -> AbstractContextManager:
-        return torch_single_threaded()  # the kernel's threads get the cores
+        return torch_threads(1)  # the kernel's threads get the cores
+
+    def estimate_population(self, step: int) -> None:
+        with torch_threads(self.threads):  # a large torch computation while the kernel is idle
+            super().estimate_population(step)
 
     def train_steps(self, start: int, stop: int, learning_rates: list[float]) -> Tensor:
         examples = torch.stack([self.batches.indices(step) for step in range(start, stop)])

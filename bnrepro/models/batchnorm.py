@@ -143,6 +143,18 @@ class PopulationSums:
             self.var += var
         self.batches += 1
 
+    def add_batches(self, means: Tensor, variances: Tensor, m: int) -> None:
+        """``add`` for several batches of size ``m`` at once: their statistics stacked along dim 0."""
+        if m < 2:
+            return
+        mean, var = means.detach().double().sum(0), variances.detach().double().mul(m / (m - 1)).sum(0)
+        if self.mean is None:
+            self.mean, self.var = mean, var
+        else:
+            self.mean += mean
+            self.var += var
+        self.batches += len(means)
+
 
 class BatchNorm(nn.Module):
     """BN over ``reduce_dims`` of an input whose other dims match ``shape`` (which has 1 at ``reduce_dims``)."""

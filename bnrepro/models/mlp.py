@@ -46,6 +46,7 @@ class StackParams:
     bias: list[Tensor]  # per hidden layer, (1, plain members * width)
     bias_out: Tensor  # (1, members * classes)
 
+POPULATION_VALUES = 4_000_000  # activations (rows x members x width) per pass of Alg. 2's estimate: ~16 MB
 _ACTIVATIONS = {
     "sigmoid": (torch.sigmoid, torch.ops.aten.sigmoid_backward),  # backward(grad, output)
     "relu": (torch.relu, lambda grad, out: torch.ops.aten.threshold_backward(grad, out, 0)),
@@ -101,7 +102,6 @@ class MLPStack(nn.Module):
             self.register_buffer(f"pop_var{layer}", torch.ones(1, self.normalized * width))
         self.register_buffer("pop_batches", torch.zeros((), dtype=torch.long))  # 0: not estimated yet
         self.statistics: Statistics = "moving"  # which statistics inference uses
-        self._collecting: list[PopulationSums] | None = None
 
     @property
     def hidden(self) -> list[int]:
@@ -210,15 +210,21 @@ class MLPStack(nn.Module):
     @torch.no_grad()
     def estimate_population(self, batches: list[BinaryBatch]) -> None:
         """Alg. 2, steps 8-10: E[x] = mean of mu_B and Var[x] = mean of m/(m-1) sigma2_B of every BN over
-        ``batches``, each passed through the trained network frozen (batch statistics, nothing updated)."""
+        ``batches``, each passed through the trained network frozen (batch statistics, nothing updated).
+
+        Consecutive batches of one size go through together, each normalized with its own statistics: a
+        mini-batch of 60 is too small to pay for ~30 tensor operations, and every evaluation runs this pass."""
         params = self.unflatten(self.flat)
-        self._collecting = [PopulationSums() for _ in self.hidden]
-        try:
-            for x in batches:
-                self._forward(params, x, train=True)
-            sums = self._collecting
-        finally:
-            self._collecting = None
+        sums = [PopulationSums() for _ in self.hidden]
+        rows = max(1, POPULATION_VALUES // (self.members * max(self.hidden)))  # rows per pass: bounded memory
+        start = 0
+        while start < len(batches):
+            m = batches[start].shape[0]
+            stop = start + 1
+            while stop < len(batches) and batches[stop].shape[0] == m and (stop - start + 1) * m <= rows:
+                stop += 1
+            self._population_pass(params, batches[start:stop], sums)
+            start = stop
         if self.normalized and sums[0].batches == 0:
             raise ValueError("population statistics need at least one mini-batch of two or more examples")
         for layer, found in enumerate(sums):
@@ -227,11 +233,28 @@ class MLPStack(nn.Module):
                 self._buffers[f"pop_var{layer}"].copy_(found.var / found.batches)
         self.pop_batches.fill_(sums[0].batches)
 
+    def _population_pass(self, params: StackParams, batches: list[BinaryBatch], sums: list[PopulationSums]) -> None:
+        """The training-mode forward pass of ``batches`` (all of one size m) as one computation: each batch's BN
+        inputs normalized with that batch's mean and biased variance (Alg. 1), which are added to ``sums``."""
+        k, m, members = len(batches), batches[0].shape[0], self.members
+        x = BinaryBatch(torch.cat([batch.bits for batch in batches])) if k > 1 else batches[0]
+        z = x.matmul(params.weights[0])
+        for layer, width in enumerate(self.hidden):
+            split = self.normalized * width  # columns [0, split) belong to BN members
+            parts = [z[:, split:] + params.bias[layer]] if split < z.shape[1] else []
+            if split:
+                by_batch = z[:, :split].reshape(k, m, split)  # as bn_forward computes it, per batch
+                mean = by_batch.sum(1, keepdim=True).div_(m)
+                centered = by_batch - mean
+                var = centered.square().sum(1, keepdim=True).div_(m)
+                y = torch.addcmul(params.beta[layer], params.gamma[layer], centered.mul_((var + self.bn_eps).rsqrt_()))
+                sums[layer].add_batches(mean.squeeze(1), var.squeeze(1), m)
+                parts = [y.view(k * m, split), *parts]
+            h = self.activation(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
+            z = _batched_matmul(h, params.weights[layer + 1], members)
+
     @torch.no_grad()
     def _track(self, layer: int, mean: Tensor, var: Tensor, batch: int) -> None:
-        if self._collecting is not None:  # estimating the population: the moving averages stay as they are
-            self._collecting[layer].add(mean, var, batch)
-            return
         mean_avg, var_avg = self.averages(layer)
         mean_avg.lerp_(mean, self.bn_momentum)
         var_avg.lerp_(var, self.bn_momentum)
