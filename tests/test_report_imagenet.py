@@ -297,3 +297,19 @@ def test_every_line_of_fig_2_differs_in_colour_or_style_however_many_rows(tmp_pa
     assert len({c for c, _ in members[:6]}) == 6 and len({s for _, s in members[:4]}) == 4  # both change each row
     assert all(colour not in imagenet.COLOURS.values() for colour, _ in members)
     assert imagenet.build(root, tmp_path / "report")
+
+
+def test_bn_points_evaluated_with_moving_averages_are_marked_and_said(tmp_path):
+    """A BN run's moving-average rows lag the weights; Fig. 2 marks them and the text says so. A network without
+    BN has no averages to lag, whatever its rows say."""
+    for folder, recipe, bn in (("bn-x5-a", "bn-x5", True), ("inception-a", "inception", False)):
+        run = write_run(tmp_path, folder, recipe, "cpu", STEPS, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+        metrics = pd.read_csv(run / "metrics.csv")
+        metrics["statistics"] = ["population", "moving", "moving", "moving", "moving", "population"]
+        metrics.to_csv(run / "metrics.csv", index=False)
+        (run / "recipe.yaml").write_text(f"model:\n  batch_norm: {str(bn).lower()}\n")
+    runs = {r.recipe: r for r in imagenet.finished_runs(tmp_path)}
+    assert runs["bn-x5"].lagging.tolist() == [False, True, True, True, True, False]
+    assert not runs["inception"].lagging.any()
+    imagenet.build(tmp_path, tmp_path / "report")
+    assert "open circles" in (tmp_path / "report" / "imagenet.md").read_text()

@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
 
 from bnrepro.report import save_figure  # noqa: E402
 from bnrepro.runs import atomic_write, check_writable, runs_of  # noqa: E402
@@ -115,6 +116,23 @@ class Run:
             return None
         bad = self.metrics[~_finite(self.metrics.train_loss) | ~_finite(self.metrics.top1)]
         return int(bad.step.iloc[0]) if len(bad) else int(self.metrics.step.max())
+
+    @property
+    def lagging(self) -> pd.Series:
+        """Per row of ``curve``: an evaluation of a BN network with the moving averages, which lag the weights
+        by their window (~1 / momentum updates); Fig. 2 marks such points. Networks without BN have nothing to lag."""
+        curve = self.curve
+        if "statistics" not in curve or not self.batch_norm:
+            return pd.Series(False, index=curve.index)
+        return curve.statistics == "moving"
+
+    @property
+    def batch_norm(self) -> bool:
+        """Whether the run's network has BN, from its resolved recipe (``recipe.yaml``)."""
+        try:
+            return bool(yaml.safe_load((self.path / "recipe.yaml").read_text())["model"]["batch_norm"])
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            return False
 
     @property
     def curve(self) -> pd.DataFrame:
@@ -345,6 +363,7 @@ def figure_2(profile: str, runs: dict[str, Run], target: float | None, out: Path
     fig, ax = plt.subplots(figsize=(7, 4.4))
     paper = bool(runs) and all(run.compression is not None for run in runs.values())  # x in paper-equivalent steps
     styles = line_styles(runs)
+    marked = False
     for key, run in runs.items():
         curve = run.curve
         x = curve.step / run.compression if paper else curve.step
@@ -355,9 +374,17 @@ def figure_2(profile: str, runs: dict[str, Run], target: float | None, out: Path
             label += f" (diverged at step {run.diverged_at:,}{equivalent})"
         colour, style = styles[key]
         (line,) = ax.plot(x, curve.top1, color=colour, label=label, linewidth=1.5, linestyle=style)
+        lagging = run.lagging
+        if lagging.any():  # BN evaluated with the moving averages: the point measures their lag (README)
+            ax.plot(x[lagging], curve.top1[lagging], linestyle="none", marker="o", markersize=4,
+                    markerfacecolor="white", markeredgecolor=colour, markeredgewidth=1)
+            marked = True
         if run.diverged_at is not None and len(curve):
             ax.plot(x.iloc[-1], curve.top1.iloc[-1], marker="x", markersize=10, markeredgewidth=2,
                     color=line.get_color())
+    if marked:
+        ax.plot([], [], linestyle="none", marker="o", markersize=4, markerfacecolor="white", markeredgecolor="0.3",
+                label="BN with moving averages, not Alg. 2 (lagging)")
     if target is not None:
         what = "paper's target" if profile == "paper" else "target: Inception's max"
         ax.axhline(target, color="0.5", linestyle=":", linewidth=1, label=f"{what} ({100 * target:.1f}%)")
@@ -452,9 +479,12 @@ def markdown(by_profile: dict[str, dict[str, Run]], runs: list[Run], records: di
              "A step is one mini-batch of the profile's batch size, the paper's unit, however many replicas "
              "trained the run. Steps to target count evaluated steps only, so they are upper bounds within one "
              "evaluation interval. Max accuracy is the best single-crop validation top-1 over the run's finite "
-             "evaluations. Each evaluation says which BN statistics it used (`statistics` in `metrics.csv`): the "
-             "last one, as step 0, Alg. 2's population statistics; those between, BN's moving averages, which "
-             "Alg. 2 allows for tracking accuracy. "
+             "evaluations. Each evaluation says which BN statistics it used (`statistics` in `metrics.csv`): "
+             "Alg. 2's population statistics at every evaluation unless the run's recipe chose `eval.statistics: "
+             "moving` (then at step 0 and the last one only); runs made before this project evaluated with Alg. 2 "
+             "throughout have moving-average rows between. Those rows of BN networks measure the averages' lag "
+             "(~1 / momentum updates) rather than the network: Fig. 2 marks them with open circles, and steps to "
+             "target or maxima read from them are not the network's. "
              "The paper's columns are its Fig. 3 (shared/paper/README.md, section 3); its step counts are "
              "for the full ImageNet setup, comparable to ours only at profile `paper`, or, where the manifests carry "
              "`compression` (this profile's steps per paper step), through the paper-equivalent steps (step / "
