@@ -226,3 +226,10 @@ def test_the_merged_entry_convolution_computes_the_three_1x1_branches():
         want = torch.cat([own[0], module.branch3x3(own[1]), module.double3x3(own[2]), module.pool(x)], 1)
         torch.testing.assert_close(module(x), want, rtol=1e-12, atol=1e-12)
     assert module(x).shape[1] == spec.out_channels(48)
+
+
+def test_multiply_adds_are_counted_where_the_model_is():
+    """``bnrepro reproduce --dry-run`` counts them on the training device: a CPU image fed to a GPU model failed
+    there (the GPU check). The meta device stands in for a GPU: any CPU tensor mixed in fails the same way."""
+    model = Inception(InceptionConfig(num_classes=10, width=0.25))
+    assert count_flops(model.to("meta"), 32) == count_flops(Inception(InceptionConfig(num_classes=10, width=0.25)), 32)

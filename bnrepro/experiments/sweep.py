@@ -50,6 +50,7 @@ def _member_copy(stack: MLPStack, member: int, eps: float) -> MLPStack:
     seed = 0
     one = MLPStack([seed], stack.widths, batch_norm=[member < stack.normalized], nonlinearity=stack.nonlinearity,
                    init="normal", init_std=1.0, bn_eps=eps, bn_momentum=stack.bn_momentum).double()
+    one = one.to(stack.flat.device)  # beside the stack and the test data it is checked on (a GPU too)
     src, dst = stack.unflatten(stack.flat.detach().double()), one.unflatten(one.flat.data)
     w1, members, bn = stack.widths[1], stack.members, stack.normalized
     dst.weights[0].copy_(src.weights[0][:, member * w1:(member + 1) * w1])

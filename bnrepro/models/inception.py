@@ -249,7 +249,8 @@ def count_flops(model: nn.Module, resolution: int) -> int:
     training = model.training
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(1, model.cfg.in_channels, resolution, resolution))
+        device = next(model.parameters()).device  # where the model is: a CPU image fails on a GPU model
+        model(torch.zeros(1, model.cfg.in_channels, resolution, resolution, device=device))
     model.train(training)
     for hook in hooks:
         hook.remove()
