@@ -243,13 +243,22 @@ def _top1_error(run: ensemble.EnsembleRun, members: list[str], crops: int) -> fl
     return 1.0 - float(ensemble.top1_correct(run, members, crops).mean())
 
 
-def claim_7(results: Path, profile: str) -> Verdict:
+def ensemble_for_claim_7(results: Path, profile: str) -> ensemble.EnsembleRun | Verdict:
+    """The latest ensemble run at ``profile`` if it can judge claim 7 (two or more members, 1 and 144 crops),
+    else the ``not run`` verdict saying why: both rule sets start from it."""
     run = ensemble_at(results, profile)
     if run is None:
         return Verdict(7, f"no finished ensemble run at profile `{profile}`", NOT_RUN)
     if len(run.members) < 2 or not {1, 144} <= set(run.crops):
         return Verdict(7, f"`{run.rel}` has {len(run.members)} member(s) and crops "
                           f"{'/'.join(map(str, run.crops))}: no ensemble at 1 and 144 crops", NOT_RUN)
+    return run
+
+
+def claim_7(results: Path, profile: str) -> Verdict:
+    run = ensemble_for_claim_7(results, profile)
+    if isinstance(run, Verdict):
+        return run
     first = run.members[0]
     try:
         one, many = _top1_error(run, [first], 1), _top1_error(run, [first], 144)
@@ -702,12 +711,9 @@ def _ensemble_gain(run: ensemble.EnsembleRun, correct: dict[tuple[str, int], pd.
 
 
 def claim_7_v2(results: Path, profile: str) -> Verdict:
-    run = ensemble_at(results, profile)
-    if run is None:
-        return Verdict(7, f"no finished ensemble run at profile `{profile}`", NOT_RUN)
-    if len(run.members) < 2 or not {1, 144} <= set(run.crops):
-        return Verdict(7, f"`{run.rel}` has {len(run.members)} member(s) and crops "
-                          f"{'/'.join(map(str, run.crops))}: no ensemble at 1 and 144 crops", NOT_RUN)
+    run = ensemble_for_claim_7(results, profile)
+    if isinstance(run, Verdict):
+        return run
     try:
         correct = {(m, c): ensemble.top1_correct(run, [m], c) for m in run.members for c in (1, 144)}
         (multi, multis), (gain, gains) = _multicrop(run, correct), _ensemble_gain(run, correct)
