@@ -3,7 +3,8 @@
 # with its own time limit and PASS / FAIL / WARN / INFO lines in $OUT/summary.txt (logs in $OUT/logs.tar.gz).
 # Run from the repository root (device tool: timeout_s 560, carry .whl and .device-data; README "GPU check").
 # Data: $DATA, .device-data, ../shared/data or shared/data with mnist/raw (or fashion-mnist/raw) and
-# imagenet-sample/val. pydantic is not in the device image: its wheels travel in .whl/.
+# imagenet-sample/val. pydantic is not in the device image: its wheels travel in .whl/. ONLY="a b" runs just
+# the checks named (pytest-gpu decode-race synthetic bench proxy resume ensemble torchrun other-cmds).
 set -u
 export DEADLINE=${DEADLINE:-465} END_AT=$(( $(date +%s) + ${DEADLINE:-465} ))
 W=$(mktemp -d); export REPO=$PWD W BNREPRO_CACHE=$W/cache PYTHONUNBUFFERED=1 MPLBACKEND=Agg OMP_NUM_THREADS=8
@@ -21,6 +22,7 @@ say "ENV   $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader); 
 print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version(), "nccl", torch.cuda.nccl.version(), "torchvision", v.__version__)' 2>&1 | tail -n1)"
 say "DATA  idx ${FM:-MISSING}; sample ${SAMPLE:-MISSING} ($(ls "$INET"/val/*/* 2>/dev/null | wc -l) JPEGs)"
 check() {  # NAME NEED BUDGET FUNCTION: skipped if < NEED s are left; lines PASS/FAIL/WARN/INFO go to the summary
+  [[ -n "${ONLY:-}" && " $ONLY " != *" $1 "* ]] && return   # ONLY="resume other-cmds": just those checks
   local rem=$(( END_AT - $(date +%s) )) b=$3 rc
   (( rem < $2 )) && { say "SKIP  $1 (${rem}s left)"; return; }; (( b > rem )) && b=$rem
   timeout -k 5 "$b" bash -c "$4" > "$W/$1.log" 2>&1; rc=$?
