@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -29,7 +29,8 @@ console = Console(soft_wrap=True)  # piped output (e.g. recipes show | yaml) is 
 errors = Console(stderr=True, soft_wrap=True)  # one line, however long
 
 Overrides = Annotated[list[str], typer.Option("--set", help="Override a recipe value: dotted.key=value.")]
-DataDir = Annotated[Path | None, typer.Option(help="Folder with mnist/raw/*.gz (default: $BNREPRO_DATA or cache).")]
+DataDir = Annotated[Path | None, typer.Option(
+    help="Folder with mnist/raw/*.gz (default: $BNREPRO_DATA, else the user cache, else the copy in the package).")]
 
 # What the command-line parser raises for a bad command line. typer >= 0.29 vendors click (typer._click) and no
 # longer installs the click package; older typer uses click itself. Either way typer's public BadParameter
@@ -67,14 +68,17 @@ def mnist(
     """The MNIST diagnostic (Fig. 1): a 3x100 sigmoid network with and without BN."""
     from bnrepro.experiments import mnist as experiment
 
-    if resume is not None:
-        run_dir = experiment.resume(resume, device, data_dir, show_progress=progress, engine=engine)
-    else:
-        if steps is not None and steps < 0:
-            raise UserError(f"--steps must be 0 or more, not {steps}")
-        overrides = _with_flag(list(set_ or []), "--steps", "train.steps", steps)
-        run_dir = experiment.run(recipe or experiment.DEFAULT_VARIANTS, overrides, seeds, data_seed, device, out,
-                                 data_dir, show_progress=progress, engine=engine)
+    try:
+        if resume is not None:
+            run_dir = experiment.resume(resume, device, data_dir, show_progress=progress, engine=engine)
+        else:
+            if steps is not None and steps < 0:
+                raise UserError(f"--steps must be 0 or more, not {steps}")
+            overrides = _with_flag(list(set_ or []), "--steps", "train.steps", steps)
+            run_dir = experiment.run(recipe or experiment.DEFAULT_VARIANTS, overrides, seeds, data_seed, device, out,
+                                     data_dir, show_progress=progress, engine=engine)
+    except Interrupted as stop:
+        _stopped(stop, "mnist", data_dir, device, engine)
     from bnrepro.report.mnist import summary_table
 
     console.print(summary_table(run_dir))
@@ -96,6 +100,7 @@ def sweep(
     out: Annotated[Path, typer.Option(help="Results folder; the run goes to OUT/sweep/<time>.")] = Path("results"),
     data_dir: DataDir = None,
     set_: Overrides = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted sweep folder.")] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
     engine: Annotated[str, typer.Option(help="native (C++, CPU), torch, or auto: native where it can run.")] = "auto",
 ) -> None:
@@ -111,13 +116,35 @@ def sweep(
         raise UserError(f"--steps must be 0 or more, not {steps}")
     grid = experiment.Grid(log_grid(lr_min, lr_max, lrs), log_grid(init_min, init_max, inits))
     overrides = _with_flag(list(set_ or []), "--steps", "train.steps", steps)
-    run_dir = experiment.run(experiment.DEFAULT_VARIANTS, overrides, seeds, data_seed, device, out, data_dir,
-                             show_progress=progress, engine=engine, grid=grid)
+    try:
+        if resume is not None:  # the grid, seeds and steps are the run's own, as its manifest recorded them
+            run_dir = experiment.resume(resume, device, data_dir, show_progress=progress, engine=engine,
+                                        command="sweep")
+        else:
+            run_dir = experiment.run(experiment.DEFAULT_VARIANTS, overrides, seeds, data_seed, device, out, data_dir,
+                                     show_progress=progress, engine=engine, grid=grid)
+    except Interrupted as stop:
+        _stopped(stop, "sweep", data_dir, device, engine)
     summary = json.loads((run_dir / "summary.json").read_text())
     diverged = len(summary["divergences"])
     console.print(f"{len(summary['members'])} models, {diverged} diverged; `bnrepro report` draws the heatmaps",
                   markup=False)
     console.print(f"results: {run_dir}", markup=False)
+
+
+def _stopped(stop: Interrupted, command: str, data_dir: Path | None, device: str, engine: str) -> NoReturn:
+    """Ctrl-C in an MNIST run or sweep: one line with the command that continues it, verbatim for a shell (paths
+    quoted), with the --data-dir, --device and --engine it ran with, so that a copy of it finds the same data
+    (offline too) and trains on the same engine."""
+    import shlex
+
+    words = ["bnrepro", command, "--resume", str(stop.path.parent)]
+    for flag, value, default in (("--data-dir", data_dir, None), ("--device", device, "auto"),
+                                 ("--engine", engine, "auto")):
+        words += [flag, str(value)] if value != default else []
+    errors.print(f"interrupted at step {stop.step}; checkpoint saved. Continue with: {shlex.join(words)}",
+                 markup=False, highlight=False)
+    sys.exit(130)
 
 
 @app.command()

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -283,7 +284,7 @@ ERRORS = {
     "no-cuda": (["--device", "cuda"], ["cuda"]),
     "resume-complete": (["--resume", "{root}/complete-run"], ["already complete"]),
     "resume-not-a-run": (["--resume", "{root}/data"], ["not an MNIST run folder"]),
-    "resume-no-checkpoint": (["--resume", "{root}/no-checkpoint-run"], ["{root}/no-checkpoint-run/checkpoint.pt"]),
+    "resume-other-data": (["--resume", "{root}/other-data-run"], ["other data", "{root}/data/mnist/raw"]),
     "batch-larger-than-data": (["--set", "train.batch_size=601"], ["601", "600"]),
     "probe-unit-out-of-range": (["--set", "eval.probe_unit=100"], ["probe_unit"]),
     "percentile-out-of-range": (["--set", "eval.percentiles=[150]"], ["percentiles"]),
@@ -302,11 +303,14 @@ def quick(tmp_path_factory):
     (root / "complete-run").mkdir()
     (root / "complete-run" / "manifest.json").write_text(json.dumps({"experiment": "mnist", "status": "complete"}))
     (root / "complete-run" / "recipes.yaml").write_text("{}\n")
-    (root / "no-checkpoint-run").mkdir()  # a run that died before its first checkpoint
-    resolved = {name: recipes.load(f"mnist/{name}").model_dump(mode="json") for name in ("baseline", "bn")}
-    (root / "no-checkpoint-run" / "recipes.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    (root / "no-checkpoint-run" / "manifest.json").write_text(json.dumps(
-        {"experiment": "mnist", "status": "interrupted", "seeds": [0], "data_seed": 0}))
+    short = ["train.steps=5", "eval.population_batches=10"]
+    resolved = {name: recipes.load(f"mnist/{name}", short).model_dump(mode="json") for name in ("baseline", "bn")}
+    for name, data_record in (("no-checkpoint-run", {}),  # a run that died before its first checkpoint
+                              ("other-data-run", {"source": "/elsewhere", "arrays_sha256": "0" * 64})):
+        (root / name).mkdir()
+        (root / name / "recipes.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        (root / name / "manifest.json").write_text(json.dumps(
+            {"experiment": "mnist", "status": "interrupted", "seeds": [0], "data_seed": 0, "data": data_record}))
 
     commands = {"recipes-list": ["recipes", "list"], "recipes-show": ["recipes", "show", "mnist/bn"],
                 "recipes-show-set": ["recipes", "show", "mnist/baseline", "--set", "train.lr=0.1"],
@@ -318,7 +322,10 @@ def quick(tmp_path_factory):
                 "imagenet-steps-and-set-steps": ["imagenet", "--recipe", "imagenet/bn-baseline", "--profile", "smoke",
                                                  "--dataset-dir", str(root / "nowhere"), "--device", "cpu",
                                                  "--out", str(root / "imagenet-out"), "--steps", "3",
-                                                 "--set", "profiles.smoke.steps=7"]}
+                                                 "--set", "profiles.smoke.steps=7"],
+                "resume-no-checkpoint": ["mnist", "--resume", str(root / "no-checkpoint-run"), "--data-dir", str(data),
+                                         "--no-progress", "--device", "cpu"],
+                "sweep-resume-of-an-mnist-run": ["sweep", "--resume", str(root / "complete-run"), "--no-progress"]}
     for name, (args, _) in ERRORS.items():
         args = [a.format(root=root) for a in args]
         out = [] if "--out" in args else ["--out", str(root / name / "out")]
@@ -411,6 +418,35 @@ def test_imagenet_steps_and_a_set_of_the_same_key_is_a_user_error(quick):
     for word in ("--steps 3", "profiles.smoke.steps=7"):
         assert squeeze(word) in squeeze(result.stderr), result.stderr
     assert not (quick.root / "imagenet-out").exists()
+
+
+def test_a_run_that_died_before_its_first_checkpoint_trains_again_from_step_0(quick):
+    result = quick.results["resume-no-checkpoint"]
+    assert result.returncode == 0, result.stderr
+    run = quick.root / "no-checkpoint-run"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and len(manifest["restarted"]) == 1
+    assert sorted(pd.read_csv(run / "metrics.csv").step.unique()) == [0, 5]
+
+
+def test_sweep_resume_of_an_mnist_run_names_the_command_that_continues_it(quick):
+    result = quick.results["sweep-resume-of-an-mnist-run"]
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert f"bnrepro mnist --resume {quick.root / 'complete-run'}" in result.stderr
+
+
+def test_ctrl_c_in_a_sweep_prints_the_sweeps_own_resume_command(tmp_path, capsys):
+    from bnrepro import cli
+    from bnrepro.engine.trainer import Interrupted
+
+    run = tmp_path / "my results" / "sweep" / "20260101-000000"
+    with pytest.raises(SystemExit) as caught:
+        cli._stopped(Interrupted(40, run / "checkpoint.pt"), "sweep", tmp_path / "my data", "auto", "torch")
+    assert caught.value.code == 130
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"interrupted at step 40; checkpoint saved. Continue with: bnrepro sweep --resume "
+                                f"{shlex.quote(str(run))} --data-dir {shlex.quote(str(tmp_path / 'my data'))} "
+                                "--engine torch"]
 
 
 # A bad command line (the parser's usage errors), from the real entry point in a fresh process.
@@ -583,17 +619,21 @@ def _wait_for_training(out: Path, proc: subprocess.Popen, deadline: float) -> Pa
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
+    """A run stopped by Ctrl-C, and continued by the command it printed, run verbatim by a shell (its data and run
+    folders have spaces in their paths); and the same run never interrupted."""
     root = tmp_path_factory.mktemp("sigint")
-    data, env = write_mnist(root / "data"), cli_env(root / "cache")
+    data, env = write_mnist(root / "my data"), cli_env(root / "cache")
     args = ["mnist", "--steps", STEPS, "--seeds", 1, "--data-seed", 3, "--data-dir", data, "--no-progress",
-            "--device", "cpu", "--set", "eval.every=250"]
+            "--device", "cpu", "--set", "eval.every=250", "--set", "eval.population_batches=100"]  # 3x quicker
     started: list[subprocess.Popen] = []
     try:
         reference = start(*args, "--out", root / "reference", env=env)  # the same run, never interrupted
         started.append(reference)
         cut = _interrupt(args, root, env, started)
-        resumed = bnrepro("mnist", "--resume", cut.run, "--data-dir", data, "--no-progress", "--device", "cpu",
-                          env=env)
+        printed = cut.stderr.splitlines()[-1].partition("Continue with: ")[2]
+        shell_env = {**env, "PATH": f"{Path(BNREPRO).parent}{os.pathsep}{env.get('PATH', '')}"}
+        resumed = subprocess.run(printed, shell=True, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                 env=shell_env, timeout=300)
         _, ref_err = reference.communicate(timeout=300)
         assert reference.returncode == 0, ref_err
     finally:
@@ -602,7 +642,8 @@ def interrupted(tmp_path_factory):
                 proc.kill()
                 proc.communicate()
     (ref_run,) = runs_under(root / "reference")
-    return SimpleNamespace(cut=cut, resumed=resumed, run=cut.run, reference=ref_run)
+    return SimpleNamespace(cut=cut, resumed=resumed, run=cut.run, reference=ref_run, printed=printed, args=args,
+                           data=data, env=env, root=root)
 
 
 def _interrupt(args, root: Path, env, started: list) -> SimpleNamespace:
@@ -610,7 +651,7 @@ def _interrupt(args, root: Path, env, started: list) -> SimpleNamespace:
     came before the training loop (or after the run ended), which timing alone cannot rule out."""
     delay, attempts = 0.5, []
     for attempt in range(5):
-        out = root / f"cut{attempt}"
+        out = root / f"cut {attempt}"
         proc = start(*args, "--out", out, env=env)
         started.append(proc)
         if _wait_for_training(out, proc, time.monotonic() + 180) is not None:
@@ -639,17 +680,20 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(interrupted):
     assert "Traceback" not in cut.stderr
     step = int(re.search(r"interrupted at step (\d+)", cut.stderr).group(1))
     assert 0 < step <= STEPS
-    assert f"bnrepromnist--resume{squeeze(str(cut.run))}" in squeeze(cut.stderr)
+    assert squeeze(f"bnrepro mnist --resume {shlex.quote(str(cut.run))}") in squeeze(cut.stderr)
 
 
 def test_ctrl_c_message_is_one_line_with_the_resume_command(interrupted):
     lines = interrupted.cut.stderr.splitlines()
-    assert lines[0] == "MNIST: 2 deviations from the paper:", lines  # printed when the run started
-    assert lines[1:3] == [f"  - recipe changed for this run: --set {key}" for key in ("eval.every=250",
-                                                                                     f"train.steps={STEPS}")]
-    stderr = "\n".join(lines[3:])
+    assert lines[0] == "MNIST: 3 deviations from the paper:", lines  # printed when the run started
+    assert lines[1:4] == [f"  - recipe changed for this run: --set {key}" for key in (
+        "eval.every=250", "eval.population_batches=100", f"train.steps={STEPS}")]
+    stderr = "\n".join(lines[4:])
     assert len(stderr.splitlines()) == 1, stderr
-    assert f"bnrepro mnist --resume {interrupted.run}" in stderr
+    assert " " in str(interrupted.run) and " " in str(interrupted.data)
+    assert stderr.endswith(f"Continue with: {interrupted.printed}")
+    assert interrupted.printed == shlex.join(["bnrepro", "mnist", "--resume", str(interrupted.run), "--data-dir",
+                                              str(interrupted.data), "--device", "cpu"])
 
 
 def test_resume_finishes_the_run(interrupted):
@@ -670,3 +714,41 @@ def test_resumed_run_equals_the_uninterrupted_run(interrupted):
     got_summary = json.loads((interrupted.run / "summary.json").read_text())
     want_summary = json.loads((interrupted.reference / "summary.json").read_text())
     assert got_summary == want_summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kill -9: no handler runs, so only the checkpoints written at every evaluation are there to resume from.
+
+@pytest.fixture(scope="module")
+def killed(interrupted):
+    """The run of ``interrupted`` killed with SIGKILL once its first checkpoint is on disk (step 250 of 5,000, long
+    before step 10,000), then resumed without --data-dir: the run's own folder is still there."""
+    attempts = []
+    for attempt in range(3):
+        out = interrupted.root / f"killed {attempt}"
+        proc = start(*interrupted.args, "--out", out, env=interrupted.env)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("mnist/*/checkpoint.pt")):
+            time.sleep(0.01)
+        proc.kill()
+        proc.communicate()
+        (run,) = runs_under(out)
+        manifest = json.loads((run / "manifest.json").read_text())
+        attempts.append((proc.returncode, manifest["status"]))
+        if proc.returncode == -signal.SIGKILL and manifest["status"] == "interrupted":
+            step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+            resumed = bnrepro("mnist", "--resume", run, "--no-progress", "--device", "cpu", env=interrupted.env)
+            return SimpleNamespace(run=run, step=step, resumed=resumed)
+    pytest.fail(f"could not kill a run between its first checkpoint and its end: {attempts}")
+
+
+def test_a_run_killed_with_sigkill_resumes_exactly(killed, interrupted):
+    assert 0 < killed.step < int(STEPS) < 10_000
+    assert killed.resumed.returncode == 0, killed.resumed.stderr
+    manifest = json.loads((killed.run / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and len(manifest["resumed"]) == 1 and "restarted" not in manifest
+    pd.testing.assert_frame_equal(pd.read_csv(killed.run / "metrics.csv"),
+                                  pd.read_csv(interrupted.reference / "metrics.csv"),
+                                  check_exact=False, rtol=0, atol=1e-6)
+    assert json.loads((killed.run / "summary.json").read_text()) == \
+        json.loads((interrupted.reference / "summary.json").read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -123,10 +124,72 @@ def test_incomplete_folder_is_missing_data(fake_mnist):
         mnist.load(fake_mnist)
 
 
-def test_missing_data_in_cache_without_download(isolated_cache):
+def test_missing_data_in_cache_and_package_without_download(isolated_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(mnist, "EMBEDDED", tmp_path / "deleted")  # an install that dropped the package's copy
     with pytest.raises(UserError) as caught:
         mnist.load(None, download=False)
     assert str(isolated_cache / "mnist" / "raw") in str(caught.value)
+    assert str(tmp_path / "deleted") in str(caught.value)
+
+
+def _no_download(root):
+    pytest.fail(f"tried to download MNIST into {root}")
+
+
+def test_the_cache_comes_before_the_embedded_copy(isolated_cache, monkeypatch):
+    monkeypatch.setattr(mnist, "_download", _no_download)
+    write_mnist(isolated_cache)
+    data = mnist.load()
+    assert (data.source, data.copy, data.official) == (str(_raw(isolated_cache)), "user cache", False)
+
+
+@pytest.mark.parametrize("how", ["--data-dir", "BNREPRO_DATA"])
+def test_an_explicit_folder_without_mnist_is_an_error_not_the_embedded_copy(tmp_path, monkeypatch, how):
+    monkeypatch.setattr(mnist, "_download", _no_download)
+    if how == "BNREPRO_DATA":
+        monkeypatch.setenv("BNREPRO_DATA", str(tmp_path))
+    with pytest.raises(UserError, match="not found"):
+        mnist.load(tmp_path if how == "--data-dir" else None)
+
+
+def test_downloads_into_the_cache_only_when_the_embedded_copy_is_gone(isolated_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(mnist, "EMBEDDED", tmp_path / "deleted")
+    downloads = []
+    monkeypatch.setattr(mnist, "_download", lambda root: downloads.append(root) or write_mnist(root))
+    data = mnist.load()
+    assert downloads == [isolated_cache]
+    assert (data.source, data.copy) == (str(_raw(isolated_cache)), "downloaded into the user cache")
+
+
+def test_the_embedded_files_are_the_official_ones():
+    """Byte for byte the four files torchvision downloads (its MD5s), and the shared copy where there is one."""
+    from torchvision.datasets import MNIST
+
+    for name, md5 in MNIST.resources:
+        data = (mnist.EMBEDDED / name).read_bytes()
+        assert hashlib.md5(data).hexdigest() == md5, name
+        if (SHARED_DATA / "mnist" / "raw" / name).is_file():
+            assert data == (SHARED_DATA / "mnist" / "raw" / name).read_bytes(), name
+    notice = (mnist.EMBEDDED / "NOTICE.md").read_text()
+    for words in ("Yann LeCun", "Corinna Cortes", "Burges", "CC BY-SA 3.0", "http://yann.lecun.com/exdb/mnist/"):
+        assert words in notice
+
+
+def test_the_digest_is_the_data_not_its_files(fake_mnist, tmp_path):
+    """Extracted files hold the same arrays as the .gz ones (same digest); one changed label is other data."""
+    packed = mnist.load(fake_mnist)
+    extracted = write_mnist(tmp_path / "extracted")
+    for name in FILES:
+        with gzip.open(_raw(extracted) / name, "rb") as src:
+            (_raw(extracted) / name.removesuffix(".gz")).write_bytes(src.read())
+        (_raw(extracted) / name).unlink()
+    assert mnist.load(extracted).arrays_sha256 == packed.arrays_sha256
+    labels = make_split(200, seed=2)[1]
+    labels[0] = (labels[0] + 1) % 10
+    with gzip.open(_raw(fake_mnist) / FILES[3], "wb") as f:
+        f.write(idx_labels(labels))
+    assert mnist.load(fake_mnist).arrays_sha256 != packed.arrays_sha256
+    assert len(packed.arrays_sha256) == 64
 
 
 def _truncate(path):

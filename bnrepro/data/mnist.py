@@ -1,9 +1,12 @@
 """MNIST through torchvision, from the original ``.gz`` files wherever they already are.
 
 Looked for, in order: ``DIR/mnist/raw/`` and ``DIR/MNIST/raw/`` for ``DIR`` = ``--data-dir``, else
-``$BNREPRO_DATA``, else the user cache (``$BNREPRO_CACHE`` or ``~/.cache/bnrepro``). The four ``.gz``
-files are read as they are (checked against torchvision's MD5s, recorded in the manifest); files
-torchvision extracted earlier work too. Only the user cache is downloaded into, by torchvision.
+``$BNREPRO_DATA`` (the user's explicit choices: a folder without the files is an error, never silently replaced),
+else the user cache (``$BNREPRO_CACHE`` or ``~/.cache/bnrepro``), else the copy embedded in the package
+(``bnrepro/data/mnist_raw/``, the four original files, CC BY-SA 3.0: see its NOTICE.md), so that the main
+command runs offline on a fresh machine. The four ``.gz`` files are read as they are (checked against
+torchvision's MD5s, recorded in the manifest); files torchvision extracted earlier work too. Only when the
+embedded copy was deleted too is MNIST downloaded, by torchvision, into the user cache.
 
 torchvision parses a folder once; the tensors are then kept in the user cache while the files are
 unchanged, so later runs need not import torchvision at all: that import alone takes ~3 s (it pulls in
@@ -33,8 +36,10 @@ from bnrepro.runs import cache_dir
 
 FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",  # as torchvision's MNIST.resources names them
          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+EMBEDDED = Path(__file__).resolve().parent / "mnist_raw"  # the four original files, shipped with the package
+EMBEDDED_COPY = "embedded (bnrepro/data/mnist_raw, MNIST by LeCun, Cortes and Burges, CC BY-SA 3.0)"
 HOW_TO_GET = ("put the four original MNIST .gz files in DIR/mnist/raw/ and pass --data-dir DIR "
-              "(or set BNREPRO_DATA=DIR), or run once with internet access to download them")
+              "(or set BNREPRO_DATA=DIR)")
 
 
 @dataclass(frozen=True)
@@ -45,12 +50,14 @@ class MnistArrays:
     train_labels: Tensor
     test_images: Tensor
     test_labels: Tensor
-    source: str
+    source: str  # the folder read, or "embedded": the package's own copy
     official: bool  # all four files match the MD5s torchvision publishes
+    arrays_sha256: str  # arrays_digest(): the data's identity, the same for .gz or extracted files
+    copy: str = ""  # which choice found it: "--data-dir", "BNREPRO_DATA", "user cache", EMBEDDED_COPY, ...
 
 
 def data_root(data_dir: Path | None) -> tuple[Path, bool]:
-    """The folder to search, and whether it is the user cache (the only place we download into)."""
+    """The folder to search, and whether it is the user cache (after which the embedded copy is the fallback)."""
     if data_dir is not None:
         return Path(data_dir), False
     if os.environ.get("BNREPRO_DATA"):
@@ -58,31 +65,64 @@ def data_root(data_dir: Path | None) -> tuple[Path, bool]:
     return cache_dir(), True
 
 
+def _complete(folder: Path) -> bool:
+    """Whether ``folder`` holds all four files, each packed or as torchvision extracted it."""
+    return all((folder / f).is_file() or (folder / f.removesuffix(".gz")).is_file() for f in FILES)
+
+
 def _raw_folder(root: Path) -> Path | None:
-    for name in ("mnist", "MNIST"):
-        folder = root / name / "raw"
-        if all((folder / f).is_file() or (folder / f.removesuffix(".gz")).is_file() for f in FILES):
-            return folder
-    return None
+    return next((root / name / "raw" for name in ("mnist", "MNIST") if _complete(root / name / "raw")), None)
 
 
 def load(data_dir: Path | None = None, download: bool = True) -> MnistArrays:
-    """Find (or, in the user cache, download) MNIST and return it as tensors; any problem is a UserError."""
+    """Find MNIST (in the order the module docstring gives) and return it as tensors; any problem is a UserError."""
     root, is_cache = data_root(data_dir)
     folder = _raw_folder(root)
-    if folder is None and is_cache and download:
-        from torchvision.datasets import MNIST
-
-        try:
-            MNIST(root=str(root), train=True, download=True)
-        except Exception as err:  # no network, mirror down, disk full: all mean the same to the user
-            raise UserError(f"MNIST is not in {root} and downloading it failed ({err.__class__.__name__}); "
-                            f"{HOW_TO_GET}") from None
-        folder = _raw_folder(root)
-    if folder is None:
-        looked = ", ".join(str(root / name / "raw") for name in ("mnist", "MNIST"))
+    if folder is not None:
+        copy = "user cache" if is_cache else "--data-dir" if data_dir is not None else "BNREPRO_DATA"
+        return replace(read_folder(folder), copy=copy)
+    looked = ", ".join(str(root / name / "raw") for name in ("mnist", "MNIST"))
+    if not is_cache:  # the user's explicit choice: say it is wrong rather than train on other files
         raise UserError(f"MNIST not found (looked in {looked}); {HOW_TO_GET}")
-    return read_folder(folder)
+    if _complete(EMBEDDED):
+        return embedded()
+    if not download:
+        raise UserError(f"MNIST not found (looked in {looked} and the package's copy {EMBEDDED}); {HOW_TO_GET}")
+    _download(root)
+    folder = _raw_folder(root)
+    if folder is None:
+        raise UserError(f"MNIST not found after downloading it into {root}; {HOW_TO_GET}")
+    return replace(read_folder(folder), copy="downloaded into the user cache")
+
+
+def embedded() -> MnistArrays:
+    """The copy shipped in the package (bnrepro/data/mnist_raw, see its NOTICE.md)."""
+    return replace(read_folder(EMBEDDED), source="embedded", copy=EMBEDDED_COPY)
+
+
+def _download(root: Path) -> None:
+    """torchvision's download of MNIST into ``root``, the user cache: only where the embedded copy was deleted
+    (a trimmed install), which is why this path is kept at all."""
+    from torchvision.datasets import MNIST
+
+    try:
+        MNIST(root=str(root), train=True, download=True)
+    except Exception as err:  # no network, mirror down, disk full: all mean the same to the user
+        raise UserError(f"MNIST is not in {root} nor in the package ({EMBEDDED} is incomplete) and downloading it "
+                        f"failed ({err.__class__.__name__}); {HOW_TO_GET}") from None
+
+
+def load_for_resume(source: str | None, data_dir: Path | None) -> MnistArrays:
+    """The data to resume a run with that recorded ``source``: ``data_dir`` if given; else the run's own copy (its
+    folder, or the embedded copy) while it is still there; else wherever ``load`` finds MNIST now. The caller
+    compares the result's ``arrays_sha256`` with the run's, so none of these can swap the data silently."""
+    if data_dir is not None:
+        return load(data_dir)
+    if source == "embedded" and _complete(EMBEDDED):
+        return embedded()
+    if source and source != "embedded" and _complete(Path(source)):
+        return replace(read_folder(Path(source)), copy="the run's own folder")
+    return load(None)
 
 
 def read_folder(folder: Path, cache: bool = True) -> MnistArrays:
@@ -152,7 +192,18 @@ def _parse(folder: Path) -> MnistArrays:
                             f"{tuple(data.data.shape[1:])} but {len(data.targets)} labels; replace them")
         if len(data.targets) and not 0 <= int(data.targets.min()) <= int(data.targets.max()) <= 9:
             raise UserError(f"the MNIST {split} labels in {folder} are not all digits 0-9; replace the file")
-    return MnistArrays(train.data, train.targets, test.data, test.targets, str(folder), official)
+    arrays = (train.data, train.targets, test.data, test.targets)
+    return MnistArrays(*arrays, str(folder), official, arrays_digest(*arrays))
+
+
+def arrays_digest(*arrays: Tensor) -> str:
+    """SHA-256 of the arrays' shapes, types and values (~0.1 s for MNIST, once per parse): what a resumed run must
+    train on again, whether its files come packed, extracted or from another folder."""
+    digest = hashlib.sha256(b"bnrepro mnist arrays 1\0")
+    for array in arrays:
+        digest.update(f"{tuple(array.shape)} {array.dtype}\0".encode())
+        digest.update(array.contiguous().numpy())
+    return digest.hexdigest()
 
 
 def _extract(folder: Path, name: str, target: Path) -> None:
