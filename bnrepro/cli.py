@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import sys
@@ -176,8 +177,8 @@ def imagenet(
     from bnrepro.experiments import imagenet as experiment
     from bnrepro.runs import default_workers
 
-    if steps is not None and steps < 0:
-        raise UserError(f"--steps must be 0 or more, not {steps}")
+    if steps is not None and steps < 1:  # a run of 0 steps keeps no checkpoint: no ensemble could use it
+        raise UserError(f"--steps must be 1 or more, not {steps}")
     workers = default_workers() if workers is None else workers
     if workers < 0:
         raise UserError(f"--workers must be 0 or more, not {workers}")
@@ -308,6 +309,10 @@ def reproduce(
     from bnrepro.report import build
     from bnrepro.runs import default_workers
 
+    if val_limit is not None and val_limit < 1:  # checked now, not at the ensemble after an hour of training
+        raise UserError(f"--val-limit must be 1 or more, not {val_limit}")
+    if workers is not None and workers < 0:
+        raise UserError(f"--workers must be 0 or more, not {workers}")
     limit = val_limit if val_limit is not None else (1000 if profile == "cpu" else None)
     if dataset_dir is None and not dry_run:
         raise UserError("give --dataset-dir DIR (for --profile cpu: Fashion-MNIST's raw folder, e.g. "
@@ -429,11 +434,25 @@ def main() -> None:
     except UsageError as err:  # an unknown option, a bad or missing value, an unexpected argument
         ctx = getattr(err, "ctx", None)
         see = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-        errors.print(f"[red]error:[/red] {escape(_one_line(err.format_message()) + see)}", highlight=False)
+        # no command at all: the help was printed (typer's rich help prints it itself and leaves the message empty)
+        message = _one_line(err.format_message()) or "give a command; they are listed above"
+        errors.print(f"[red]error:[/red] {escape(message + see)}", highlight=False)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in MACHINE_LIMITS:
+            raise  # anything else is a bug, and its traceback says where
+        what = (err.strerror or os.strerror(err.errno)) + (f": {err.filename}" if err.filename else "")
+        errors.print(f"[red]error:[/red] {escape(what)} (free some space or choose a folder you may write to, then "
+                     f"run the command again)", highlight=False)
         sys.exit(2)
     except ClickException as err:
         errors.print(f"[red]error:[/red] {escape(_one_line(err.format_message()))}", highlight=False)
         sys.exit(err.exit_code)
+
+
+# OSErrors that are the machine's limits and permissions, not a bug: a full disk or quota, a file over the size
+# limit, a read-only file system, a folder the user may not write to.
+MACHINE_LIMITS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _one_line(message: str) -> str:

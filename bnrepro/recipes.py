@@ -27,9 +27,10 @@ RECIPES_DIR = Path(os.environ.get("BNREPRO_RECIPES", Path(__file__).resolve().pa
 
 
 class Strict(BaseModel):
-    """Base for every recipe section: unknown keys are errors, not silently ignored."""
+    """Base for every recipe section: unknown keys are errors, not silently ignored; so are infinite and NaN
+    numbers (``--set train.lr=.inf`` would train nothing, and no bound such as ``gt=0`` refuses inf)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class MLPModel(Strict):
@@ -86,8 +87,11 @@ class RecipeBase(Strict):
     @property
     def digest(self) -> str:
         """A short hash of the resolved recipe: two runs with equal digests trained the same thing."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return _digest_of(self.model_dump(mode="json"))
+
+
+def _digest_of(tree: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class MnistRecipe(RecipeBase):
@@ -231,6 +235,16 @@ class ImagenetRecipe(RecipeBase):
     profiles: dict[Literal["paper", "proxy", "cpu", "smoke"], Profile]
 
 
+def recorded_digest(recipe: RecipeBase, tree: dict[str, Any]) -> str:
+    """The digest of ``recipe`` as the run that wrote ``tree`` (the run folder's recipe.yaml, ``recipe`` validated
+    from it) computed it. A run recorded before ImageNet recipes had ``eval`` hashed a recipe without that section;
+    its recipe.yaml now loads with the default (``MOVING_BETWEEN``), which today's digest includes, so such a run is
+    compared the old way: without ``eval``."""
+    if isinstance(recipe, ImagenetRecipe) and isinstance(tree, dict) and "eval" not in tree:
+        return _digest_of(recipe.model_dump(mode="json", exclude={"eval"}))
+    return recipe.digest
+
+
 def learning_rate(recipe: ImagenetRecipe, profile: Profile, train_examples: int,
                   replicas: int = 1) -> Callable[[int], float]:
     """The rate of the update that starts at step ``step``: the paper's rate x ``train.lr_scaling``'s factor for
@@ -321,20 +335,29 @@ def _read(name: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
         raise UserError(f"recipe '{name}' extends itself through {' -> '.join(chain)}")
     path = _path(name)
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise UserError(f"recipe {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                        f"save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise UserError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except OSError as err:
+        raise UserError(f"cannot read recipe {path} ({err.strerror})") from None
     if not isinstance(tree, dict):
         raise UserError(f"recipe {path} must be a mapping of keys to values")
     parent = tree.pop("extends", None)
+    if parent is not None and not isinstance(parent, str):
+        raise UserError(f"recipe {path}: extends must name one recipe (e.g. extends: imagenet/bn-x5), not "
+                        f"{type(parent).__name__} {parent!r}")
     return _merge(_read(parent, (*chain, name)), tree) if parent else tree
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``"train.lr=0.1"`` -> ``("train.lr", 0.1)``; the value is read as YAML, so types come out right."""
     key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise UserError(f"--set '{text}' must look like dotted.key=value, e.g. --set train.lr=0.1")
+    if not sep or not all(part.strip() for part in key.split(".")):
+        raise UserError(f"--set '{text}' must look like dotted.key=value (no empty part in the key), e.g. "
+                        f"--set train.lr=0.1")
     try:
         return key.strip(), yaml.safe_load(raw)
     except yaml.YAMLError:
@@ -359,12 +382,17 @@ def load(name: str, overrides: list[str] = ()) -> MnistRecipe | ImagenetRecipe |
     try:
         return _RECIPE.validate_python(tree)
     except ValidationError as err:
-        first = err.errors()[0]
-        experiments = ("mnist", "imagenet", "ensemble")
-        loc = first["loc"][1:] if first["loc"] and first["loc"][0] in experiments else first["loc"]
-        where = ".".join(str(part) for part in loc) or "recipe"
-        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-        raise UserError(f"recipe '{name}': {where}: {first['msg']}{more}") from None
+        raise UserError(f"recipe '{name}': {first_error(err)}") from None
+
+
+def first_error(err: ValidationError) -> str:
+    """A validation error in one line: where (a dotted key) and what, and how many more there are."""
+    first = err.errors()[0]
+    experiments = ("mnist", "imagenet", "ensemble")
+    loc = first["loc"][1:] if first["loc"] and first["loc"][0] in experiments else first["loc"]
+    where = ".".join(str(part) for part in loc) or "recipe"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
 
 
 def to_yaml(recipe: RecipeBase) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -10,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
@@ -27,10 +29,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BNREPRO_CACHE", Path.home() / ".cache" / "bnrepro"))
 
 
+TEMPORARY = ".tmp"  # atomic_write's temporary files: .<name>.<random>.tmp beside the file they become
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``path`` so that readers see the old file or the whole new one, never a torn one."""
+    """Write ``path`` so that readers see the old file or the whole new one, never a torn one. A failed write (a
+    full disk) leaves no temporary file, and its ``OSError`` names ``path``: ``write`` alone names no file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY)
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -40,9 +46,24 @@ def atomic_write(path: Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_temporary(folder: Path) -> list[Path]:
+    """Delete what ``atomic_write`` left in ``folder`` when its process was killed mid-write (kill -9, a power cut):
+    a checkpoint's is as large as the checkpoint. Only for a folder no other process writes (a run this process owns).
+    Returns the files removed."""
+    found = [path for path in Path(folder).glob(f".*{TEMPORARY}") if path.is_file()]
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -74,12 +95,80 @@ def new_run_dir(parent: Path, prefix: str = "") -> Path:
     raise UserError(f"cannot create a new run folder in {parent}")
 
 
+class Damaged(UserError):
+    """A file of a run folder that cannot be read as what it should be (torn by a crash, emptied, edited): readers
+    of many runs skip that run with one line (``skip``), so one bad folder never stops a report or a campaign; a
+    reader of one run reports it as the user error it is."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path} {why}")
+        self.path, self.why = Path(path), why
+
+
+def read_json(path: Path, keys: Iterable[str] = ()) -> dict[str, Any]:
+    """The JSON object in ``path``, with every one of ``keys``; anything else raises ``Damaged``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        value = json.loads(text)
+    except FileNotFoundError:
+        raise Damaged(path, "is missing") from None
+    except UnicodeDecodeError:
+        raise Damaged(path, "is not text") from None
+    except OSError as err:
+        raise Damaged(path, f"cannot be read ({err.strerror})") from None
+    except ValueError as err:
+        raise Damaged(path, "is empty" if not text.strip() else f"is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise Damaged(path, "holds no JSON object")
+    missing = [key for key in keys if key not in value]
+    if missing:
+        raise Damaged(path, f"lacks {', '.join(missing)}")
+    return value
+
+
+def read_table(path: Path, columns: Iterable[str]):
+    """The CSV table in ``path`` (a pandas DataFrame) with every one of ``columns``; anything else raises
+    ``Damaged``."""
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise Damaged(path, "is missing") from None
+    except pd.errors.EmptyDataError:
+        raise Damaged(path, "is empty") from None
+    except (OSError, ValueError) as err:  # ParserError and UnicodeDecodeError are ValueErrors
+        raise Damaged(path, f"is not a readable CSV table ({str(err).strip().splitlines()[0]})") from None
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise Damaged(path, f"lacks the column{'s' * (len(missing) > 1)} {', '.join(missing)}")
+    return frame
+
+
+_skipped: set[Path] = set()
+
+
+def skip(damage: Damaged) -> None:
+    """Say, once per file and process, that a run is left out because of ``damage`` (several readers of one
+    command, e.g. the report's figures and its claims, meet the same run)."""
+    if damage.path in _skipped:
+        return
+    _skipped.add(damage.path)
+    print(f"warning: skipping {damage.path.parent}: {damage.path.name} {damage.why}", file=sys.stderr, flush=True)
+
+
 def runs_of(results: Path, experiment: str, statuses: tuple[str, ...] = ("complete",)) -> list[tuple[Path, dict]]:
     """(folder, manifest) of every run under ``results/experiment`` whose status is one of ``statuses``,
-    oldest first (by start time, then folder name)."""
+    oldest first (by start time, then folder name). A run whose manifest cannot be read is skipped (``skip``)."""
     found = []
     for manifest_path in (Path(results) / experiment).glob("*/manifest.json"):
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = read_json(manifest_path)
+        except Damaged as damage:
+            skip(damage)
+            continue
         if manifest.get("status") in statuses and manifest.get("experiment", experiment) == experiment:
             found.append((manifest_path.parent, manifest))
     return sorted(found, key=lambda run: (str(run[1].get("started", "")), run[0].name))
@@ -143,7 +232,8 @@ OWNER = "running.pid"
 
 
 def check_free(run_dir: Path) -> None:
-    """Refuse to resume a run that a live process is still training (two writers would corrupt it)."""
+    """Refuse to resume a run that a live process is still training (two writers would corrupt it), as far as
+    ``running.pid`` tells. A check, not a claim: ``RunLock.claim`` is the atomic way to own a run."""
     lock = Path(run_dir) / OWNER
     try:
         pid, host = lock.read_text().split()
@@ -161,23 +251,93 @@ def check_free(run_dir: Path) -> None:
     raise UserError(f"run {run_dir} is still being trained by process {pid}; stop it before resuming")
 
 
+class RunLock:
+    """This process's claim on a run folder: an exclusive ``flock`` on ``RUN/running.pid``, which names the process.
+
+    Taken before anything else happens to the folder, so of two processes started together on one run exactly one
+    trains it; the kernel drops the lock when its process dies (kill -9 included), so a crash leaves no lock to
+    clear by hand, only a stale name that the next claim overwrites. A name from another host is still obeyed
+    (``check_free``'s rule), since a lock over a network file system may not reach this host."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def claim(cls, run_dir: Path) -> RunLock:
+        """Own ``run_dir`` or raise a ``UserError`` naming who does."""
+        path = Path(run_dir) / OWNER
+        for _ in range(100):  # each retry means another process released the folder in between: rare
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise UserError(f"cannot take {path} ({err.strerror}); is {run_dir} a run folder you may write?") \
+                    from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+                os.close(fd)
+                who = f"process {holder[0]}" if holder else "another process"
+                raise UserError(f"run {run_dir} is being trained by {who}; wait for it to end, or stop it, before "
+                                f"resuming") from None
+            if cls._still_there(path, fd):  # not unlinked by its last owner between our open and our flock
+                return cls._named(path, fd)
+            os.close(fd)
+        raise UserError(f"cannot take {path}: other processes keep claiming and releasing {run_dir}")
+
+    @staticmethod
+    def _still_there(path: Path, fd: int) -> bool:
+        try:
+            return os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    @classmethod
+    def _named(cls, path: Path, fd: int) -> RunLock:
+        """Write this process's name into the locked file, unless it names a process of another host."""
+        mark = os.pread(fd, 200, 0).decode(errors="replace").split()
+        here = socket.gethostname()
+        if len(mark) == 2 and mark[1] != here:
+            os.close(fd)
+            raise UserError(f"run {path.parent} is being trained on {mark[1]} (process {mark[0]}); if that has ended, "
+                            f"delete {path} and resume again")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {here}\n".encode(), 0)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Give the folder up: the file goes first, so no later claim can lock a name that is about to vanish."""
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            if self._still_there(self.path, self.fd):
+                self.path.unlink()
+        os.close(self.fd)
+        self.fd = -1
+
+
 @contextmanager
-def training(run_dir: Path, manifest: dict[str, Any], main: bool = True) -> Iterator[None]:
+def training(run_dir: Path, manifest: dict[str, Any], main: bool = True, owner: RunLock | None = None
+             ) -> Iterator[None]:
     """While the block trains: the manifest says "interrupted" (what the folder should say if the process dies)
-    and ``running.pid`` names this process; afterwards, interrupted or not, the time spent is added to the
-    manifest's ``wall_seconds``. Only the main replica writes."""
-    lock, started = Path(run_dir) / OWNER, time.perf_counter()
+    and the run is owned by this process (``owner``, or a ``RunLock`` claimed here and released at the end);
+    afterwards, interrupted or not, the time spent is added to the manifest's ``wall_seconds``. Only the main
+    replica writes or claims."""
+    started = time.perf_counter()
+    mine = RunLock.claim(run_dir) if main and owner is None else None
     manifest["status"] = "interrupted"
-    if main:
-        write_json(Path(run_dir) / "manifest.json", manifest)
-        atomic_write(lock, f"{os.getpid()} {socket.gethostname()}\n")
     try:
+        if main:
+            write_json(Path(run_dir) / "manifest.json", manifest)
         yield
     finally:
         manifest["wall_seconds"] = round(manifest.get("wall_seconds", 0) + time.perf_counter() - started, 2)
-        if main:
-            write_json(Path(run_dir) / "manifest.json", manifest)
-            lock.unlink(missing_ok=True)
+        try:
+            if main:
+                write_json(Path(run_dir) / "manifest.json", manifest)
+        finally:
+            if mine is not None:
+                mine.release()
 
 
 def announce(run: str, deviations: list[str]) -> None:

@@ -51,6 +51,9 @@ def _fake_run(results: Path, planned: campaign.Planned, profile: str, status: st
                 "recipe_digest": recipe.digest, "profile": profile, "seed": planned.seed,
                 "overrides": list(planned.overrides), "started": started, "git_commit": "01d", **(data or {})}
     (folder / "manifest.json").write_text(json.dumps(manifest))
+    if status in ("complete", "diverged"):  # what a finished run also holds (the plan keeps only readable ones)
+        (folder / "summary.json").write_text(json.dumps({"label": recipe.label, "max_top1": 0.5, "diverged_at": None}))
+        (folder / "metrics.csv").write_text("step,train_loss,top1,top5\n0,,0.1,0.5\n")
     if checkpoint:
         (folder / imagenet.CHECKPOINT).write_bytes(b"")
     return folder

@@ -32,11 +32,14 @@ packed as PNGs) keep one channel, C = 1, as the idx files have; any colour image
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -50,8 +53,9 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_png
 from torchvision.transforms import v2
 
+from bnrepro.data import idx
 from bnrepro.errors import UserError
-from bnrepro.runs import atomic_write, cache_dir
+from bnrepro.runs import TEMPORARY, atomic_write, cache_dir
 
 IMAGE_SUFFIXES = {".jpeg": "jpg", ".jpg": "jpg", ".png": "png", ".webp": "webp", ".gif": "gif"}
 Order = Literal["full", "shards", "within_shard"]
@@ -237,23 +241,12 @@ def _open_shards(root: Path, shards: list[Path]) -> Split:
     classes = [line for line in classes_file.read_text().splitlines() if line.strip()]
     file_of, offset, size, labels, starts = [], [], [], [], [0]
     for number, shard in enumerate(shards):
-        try:
-            images, found = {}, {}
-            with tarfile.open(shard, "r:") as tar:
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    if ext == "cls":
-                        found[key] = int(tar.extractfile(member).read())
-                    elif f".{ext.lower()}" in IMAGE_SUFFIXES:
-                        images[key] = (member.offset_data, member.size)
-        except (OSError, tarfile.TarError, ValueError) as err:
-            raise UserError(f"shard {shard} is unreadable ({err.__class__.__name__}); pack it again") from None
+        images, found = _index_shard(shard)
         for key, (start, length) in images.items():
-            if key in found:
-                file_of.append(number)
-                offset.append(start)
-                size.append(length)
-                labels.append(found[key])
+            file_of.append(number)
+            offset.append(start)
+            size.append(length)
+            labels.append(found[key])
         starts.append(len(labels))
     if not labels:
         raise UserError(f"the shards in {root} hold no <key>.<image> + <key>.cls pairs")
@@ -262,6 +255,48 @@ def _open_shards(root: Path, shards: list[Path]) -> Split:
     return Split([str(s) for s in shards], np.array(file_of), np.array(offset, np.int64), np.array(size, np.int64),
                  np.array(labels, np.int64), classes, np.array(starts, np.int64), True,
                  f"{len(shards)} shards in {root}")
+
+
+def _index_shard(shard: Path) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
+    """One shard's images (key -> byte offset and size) and labels (key -> class number), every example whole.
+
+    Python's tar reader stops without a word at a damaged member header or where a file is cut short, so a
+    scrambled or truncated shard would lose its later examples in silence (a run trained on 22 of 32 images and
+    counted none skipped). So a shard must end as tar files do, with zero blocks after its last member; its members
+    must lie inside the file; and every image must have its label and every label its image."""
+    try:
+        images, found = {}, {}
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if ext == "cls":
+                    found[key] = int(tar.extractfile(member).read())
+                elif f".{ext.lower()}" in IMAGE_SUFFIXES:
+                    images[key] = (member.offset_data, member.size)
+            end = tar.offset  # where reading stopped: the end-of-archive blocks, or what could not be read
+    except (OSError, tarfile.TarError, ValueError) as err:
+        detail = f": {err}" if str(err) else ""
+        raise UserError(f"shard {shard} is unreadable ({err.__class__.__name__}{detail}); pack it again") from None
+    why = _damage(shard, end, max((start + length for start, length in images.values()), default=0))
+    unpaired = len(images.keys() ^ found.keys())
+    if why is None and unpaired:
+        why = f"{unpaired} of its examples lack their image or their .cls label"
+    if why is not None:
+        raise UserError(f"shard {shard} is damaged: {why}; pack it again")
+    return images, found
+
+
+def _damage(shard: Path, end: int, last_byte: int) -> str | None:
+    """What is wrong with the bytes of ``shard`` from ``end`` (where its tar reader stopped) on, if anything."""
+    size = os.path.getsize(shard)
+    if last_byte > size or end + 512 > size:
+        return f"it is cut short ({size:,} bytes, no end-of-archive block after byte {min(end, size):,})"
+    with open(shard, "rb") as f:
+        f.seek(end)
+        while chunk := f.read(1 << 20):
+            if chunk.strip(b"\0"):
+                return f"the member at byte {end:,} has a damaged header (the examples from there on would be lost)"
+    return None
 
 
 def _is_idx_folder(folder: Path) -> bool:
@@ -274,6 +309,7 @@ def _open_idx(folder: Path, split: str, classes: list[str] | None, shard_size: i
 
     if split not in ("train", "val"):
         raise UserError(f"the idx files in {folder} hold the splits 'train' and 'val' (the t10k files), not '{split}'")
+    idx.check_headers(idx_files(folder))
     arrays = mnist.read_folder(folder)
     images, labels = (arrays.train_images, arrays.train_labels) if split == "train" else \
         (arrays.test_images, arrays.test_labels)
@@ -402,56 +438,109 @@ def _decode_all(split: Split) -> Tensor | None:
 # --- packing ---------------------------------------------------------------------------------------------
 
 
+Example = tuple[Callable[[], bytes], str, int]  # (read its encoded bytes, file extension, label)
+
+
 def pack(source: Path, dest: Path, shard_size: int = 1000, seed: int = 0) -> dict[str, int]:
     """Write ``source`` (class folders, or an MNIST/Fashion-MNIST ``raw`` folder of idx .gz files) as WebDataset
     tar shards ``dest/{train,val}-NNNNNN.tar`` plus ``dest/classes.txt``.
 
     Examples are packed in one fixed random order (``seed``), so each shard holds a mix of classes, as a
     data set's shards would; image bytes are stored as they are (idx images become PNGs).
-    Returns the number of examples written per split.
+    ``dest`` is a new or empty folder, or one holding an earlier packing alone, which is replaced whole once the new
+    shards are all written (a split the source lacks keeps no old shards, which a run would read as this data's);
+    until then, and if packing fails, ``dest`` stays as it was. Returns the number of examples written per split.
     """
-    from bnrepro.data import mnist
-
     source, dest = Path(source), Path(dest)
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, not {shard_size}")
-    if (source / "train-labels-idx1-ubyte.gz").is_file() or (source / "train-labels-idx1-ubyte").is_file():
-        arrays = mnist.read_folder(source, cache=False)  # packing imports torchvision anyway
-        classes = _idx_class_names(source)
-        splits = {"train": (arrays.train_images, arrays.train_labels), "val": (arrays.test_images, arrays.test_labels)}
-        items = {name: [(lambda im=im: encode_png(im[None]).numpy().tobytes(), "png", int(label))
-                        for im, label in zip(images, labels)] for name, (images, labels) in splits.items()}
-    elif (source / "train").is_dir():
-        classes = class_names(source / "train")
-        items = {}
-        for name in ("train", "val"):
-            if (source / name).is_dir():
-                split = _open_folder(source / name, classes)
-                listed = sorted(zip(split.files, split.labels.tolist()),  # by class, then file name: the seed
-                                key=lambda item: (Path(item[0]).parent.name, Path(item[0]).name))  # order's input
-                items[name] = [(lambda path=path: Path(path).read_bytes(), IMAGE_SUFFIXES[Path(path).suffix.lower()],
-                                int(label)) for path, label in listed]
-    else:
+    if not (source / "train").is_dir() and not _is_idx_folder(source):
         raise UserError(f"{source} holds neither train/<class>/ folders nor MNIST-format idx files; nothing to pack")
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in items:  # shards of an earlier packing would otherwise be read as part of this one
-        for old in dest.glob(f"{name}-*.tar"):
-            old.unlink()
-    atomic_write(dest / "classes.txt", "\n".join(classes) + "\n")
-    counts = {}
-    for name, examples in items.items():
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-        for number, first in enumerate(range(0, len(order), shard_size)):
-            buffer = io.BytesIO()
-            with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for i in order[first:first + shard_size]:
-                    read, ext, label = examples[i]
-                    key = f"{name}{i:08d}"
-                    _add(tar, f"{key}.{ext}", read())
-                    _add(tar, f"{key}.cls", str(label).encode())
-            atomic_write(dest / f"{name}-{number:06d}.tar", buffer.getvalue())
-        counts[name] = len(order)
+    existed = dest.exists()
+    staging = _staging(dest)
+    try:
+        classes, items = _examples(source)
+        counts = {name: _write_split(staging, name, examples, shard_size, seed) for name, examples in items.items()}
+        atomic_write(staging / "classes.txt", "\n".join(classes) + "\n")
+        _replace_packing(dest, staging)
+    except BaseException as err:
+        shutil.rmtree(staging if existed else dest, ignore_errors=True)  # a folder made here goes again
+        if isinstance(err, OSError):
+            raise UserError(f"cannot write shards to {dest} ({err.strerror})") from None
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     return counts
+
+
+def _examples(source: Path) -> tuple[list[str], dict[str, list[Example]]]:
+    """The class names and, per split, every example of ``source`` (read lazily), in a fixed order."""
+    from bnrepro.data import mnist
+
+    if _is_idx_folder(source):
+        idx.check_headers(idx_files(source))
+        arrays = mnist.read_folder(source, cache=False)  # packing imports torchvision anyway
+        splits = {"train": (arrays.train_images, arrays.train_labels), "val": (arrays.test_images, arrays.test_labels)}
+        return _idx_class_names(source), {
+            name: [(lambda im=im: encode_png(im[None]).numpy().tobytes(), "png", int(label))
+                   for im, label in zip(images, labels)] for name, (images, labels) in splits.items()}
+    classes = class_names(source / "train")
+    items = {}
+    for name in ("train", "val"):
+        if (source / name).is_dir():
+            split = _open_folder(source / name, classes)
+            listed = sorted(zip(split.files, split.labels.tolist()),  # by class, then file name: the seed
+                            key=lambda item: (Path(item[0]).parent.name, Path(item[0]).name))  # order's input
+            items[name] = [(lambda path=path: Path(path).read_bytes(), IMAGE_SUFFIXES[Path(path).suffix.lower()],
+                            int(label)) for path, label in listed]
+    return classes, items
+
+
+def _write_split(folder: Path, name: str, examples: list[Example], shard_size: int, seed: int) -> int:
+    """``examples`` as shards ``folder/name-NNNNNN.tar`` in the seed's one fixed order; returns how many."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    for number, first in enumerate(range(0, len(order), shard_size)):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in order[first:first + shard_size]:
+                read, ext, label = examples[i]
+                key = f"{name}{i:08d}"
+                _add(tar, f"{key}.{ext}", read())
+                _add(tar, f"{key}.cls", str(label).encode())
+        atomic_write(folder / f"{name}-{number:06d}.tar", buffer.getvalue())
+    return len(order)
+
+
+def _of_a_packing(name: str) -> bool:
+    """Whether a file named ``name`` is what ``pack`` writes into its destination (or leaves there when killed)."""
+    return name == "classes.txt" or fnmatch.fnmatch(name, "train-*.tar") or fnmatch.fnmatch(name, "val-*.tar") \
+        or name.startswith(STAGING) or (name.startswith(".") and name.endswith(TEMPORARY))
+
+
+STAGING = ".packing-"  # where pack writes the new shards, inside the destination, until they are all there
+
+
+def _staging(dest: Path) -> Path:
+    """A private folder inside ``dest`` for the new shards; ``dest`` must be a folder pack may replace whole."""
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"{dest} is a file; pack writes a folder of shards, give a new or empty folder")
+    others = sorted(entry.name for entry in os.scandir(dest) if not _of_a_packing(entry.name)) if dest.is_dir() else []
+    if others:
+        raise UserError(f"{dest} holds files that no packing wrote ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}); pack into a new or empty folder")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=STAGING, dir=dest))
+    except OSError as err:
+        raise UserError(f"cannot write shards to {dest} ({err.strerror})") from None
+
+
+def _replace_packing(dest: Path, staging: Path) -> None:
+    """The earlier packing in ``dest`` (every split's shards) goes, the new one from ``staging`` takes its place."""
+    for entry in list(dest.iterdir()):
+        if entry != staging and _of_a_packing(entry.name):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    for entry in list(staging.iterdir()):
+        os.replace(entry, dest / entry.name)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

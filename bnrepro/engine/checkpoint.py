@@ -20,10 +20,16 @@ def save(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def load(path: Path) -> dict[str, Any]:
+RESUME = "that run cannot be resumed; start a new run"
+
+
+def load(path: Path, consequence: str = RESUME) -> dict[str, Any]:
+    """The checkpoint at ``path``, on the CPU; a missing or damaged one is a ``UserError`` that names the file and
+    says what follows for the reader (``consequence``): a run that cannot be resumed, an ensemble member that
+    cannot be evaluated."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}: that run cannot be resumed") from None
+        raise UserError(f"no checkpoint at {path}: {consequence}") from None
     except Exception as err:
-        raise UserError(f"checkpoint {path} is unreadable ({err.__class__.__name__}); start a new run") from None
+        raise UserError(f"checkpoint {path} is damaged ({err.__class__.__name__}): {consequence}") from None

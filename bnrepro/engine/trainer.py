@@ -148,7 +148,7 @@ def train(
     checkpoint_path: Path,
     *,
     members: int,
-    resume: bool = False,
+    resume: bool | dict[str, Any] = False,
     show_progress: bool = True,
     describe: Callable[[dict[str, float]], str] = lambda shown: "",
     learning_rate: Callable[[int], float] | None = None,
@@ -156,7 +156,9 @@ def train(
     rate: tuple[str, float] = ("steps", 1.0),
     statistics: Statistics = "population",
 ) -> LossLog:
-    """Train ``task`` for ``schedule.steps`` steps (continuing from the checkpoint if ``resume``).
+    """Train ``task`` for ``schedule.steps`` steps (continuing from the checkpoint if ``resume``: True reads it
+    from ``checkpoint_path``, a dict is that checkpoint already read, so a caller can check it before it announces
+    the run).
 
     ``learning_rate(step)`` sets the rate of the update that starts at ``step`` (a pure function, so resuming
     needs no scheduler state); ``rate`` names what the progress display counts per second and how many of it
@@ -166,7 +168,7 @@ def train(
     """
     log, start, stride = LossLog(members), 0, schedule.stride
     if resume:
-        state = checkpoint.load(checkpoint_path)
+        state = resume if isinstance(resume, dict) else checkpoint.load(checkpoint_path)
         task.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         task.load_state_dict(state["task"])

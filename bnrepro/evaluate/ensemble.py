@@ -10,6 +10,7 @@ cached in the ensemble's run folder, so any subset of members and schemes can be
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -33,12 +34,14 @@ from bnrepro.models.batchnorm import BatchNorm
 from bnrepro.models.inception import Inception, fold
 from bnrepro.recipes import EnsembleRecipe, ImagenetRecipe
 from bnrepro.runs import (
+    Damaged,
     announce,
     atomic_write,
     device_name,
     git_commit,
     new_run_dir,
     now,
+    read_json,
     resolve_device,
     runs_of,
     versions,
@@ -83,7 +86,8 @@ def load_member(run: Path, device: torch.device) -> Member:
             from None
     if manifest.get("status") != "complete" or "classes" not in manifest:
         raise UserError(f"run {run} is not a finished training run (status {manifest.get('status')}); finish it first")
-    state = checkpoint.load(run / "checkpoint.pt")
+    state = checkpoint.load(run / "checkpoint.pt", f"ensemble member {manifest.get('recipe', run.name)} cannot be "
+                            f"evaluated; train it again, or pass another run of it with --member")
     from bnrepro.experiments.imagenet import model_config
 
     model = Inception(model_config(recipe, recipe.profiles[manifest["profile"]], len(manifest["classes"])))
@@ -157,10 +161,24 @@ def cache_path(run_dir: Path, member: str, crops: int) -> Path:
 
 
 def load_cache(run_dir: Path) -> dict[tuple[str, int], dict[str, Tensor]]:
-    """Every cached (member, crops) -> {probs, labels, indices} of an ensemble run folder."""
-    manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
-    return {(m["name"], crops): torch.load(cache_path(run_dir, m["name"], crops), weights_only=True)
+    """Every cached (member, crops) -> {probs, labels, indices} of an ensemble run folder; a file that cannot be
+    read raises ``Damaged``, naming it."""
+    manifest = read_json(Path(run_dir) / "manifest.json", keys=("members", "crops"))
+    return {(m["name"], crops): read_cache(cache_path(run_dir, m["name"], crops))
             for m in manifest["members"] for crops in manifest["crops"]}
+
+
+def read_cache(path: Path) -> dict[str, Tensor]:
+    """One member's cached probabilities at one crop scheme; ``Damaged`` if it cannot be read as such."""
+    try:
+        found = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise Damaged(path, "is missing") from None
+    except Exception as err:  # torch.load raises anything from a damaged file
+        raise Damaged(path, f"cannot be read ({err.__class__.__name__})") from None
+    if not isinstance(found, dict) or not {"probs", "labels", "indices"} <= found.keys():
+        raise Damaged(path, "holds no cached probabilities")
+    return found
 
 
 def table(cached: dict[tuple[str, int], dict[str, Tensor]], members: list[str], schemes: list[int]) -> pd.DataFrame:
@@ -247,8 +265,23 @@ def run(recipe_name: str, overrides: list[str], results: Path, dataset_dir: Path
     }
     write_json(run_dir / "manifest.json", manifest)
     announce(recipe.label, manifest["deviations"])
-    evaluate_all(run_dir, manifest, recipe, members, split, device, workers, show_progress)
+    try:
+        evaluate_all(run_dir, manifest, recipe, members, split, device, workers, show_progress)
+    except BaseException as err:
+        mark_failed(run_dir, manifest, err)
+        raise
     return run_dir
+
+
+def mark_failed(run_dir: Path, manifest: dict[str, Any], err: BaseException) -> None:
+    """Say in the manifest that this evaluation ended without its results ("failed", or "interrupted" by Ctrl-C),
+    and why, rather than leave it "running" forever; an evaluation is never resumed, so it stays a record. Best
+    effort: the disk that stopped the evaluation may not take the manifest either."""
+    status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+    reason = (str(err).strip().splitlines() or [""])[0] or err.__class__.__name__
+    manifest.update(status=status, finished=now(), error=f"{err.__class__.__name__}: {reason}")
+    with contextlib.suppress(OSError):
+        write_json(run_dir / "manifest.json", manifest)
 
 
 def evaluate_all(run_dir: Path, manifest: dict[str, Any], recipe: EnsembleRecipe, members: list[Member],

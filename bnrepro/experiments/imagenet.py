@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 import torch
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from bnrepro import recipes as recipe_io
 from bnrepro.data import augment, images
+from bnrepro.engine import checkpoint
 from bnrepro.engine.distributed import Replicas
 from bnrepro.engine.trainer import Schedule, train
 from bnrepro.errors import UserError
@@ -36,13 +38,17 @@ from bnrepro.models.batchnorm import BatchNorm, Statistics, estimate_population,
 from bnrepro.models.inception import Inception, InceptionConfig, count_parameters
 from bnrepro.recipes import ImagenetRecipe, Profile, learning_rate
 from bnrepro.runs import (
+    Damaged,
+    RunLock,
     announce,
     atomic_write,
-    check_free,
     device_name,
     git_commit,
     new_run_dir,
     now,
+    read_json,
+    read_table,
+    remove_temporary,
     resolve_device,
     training,
     versions,
@@ -290,14 +296,19 @@ def _data(profile: Profile, options: Options) -> tuple[images.Split, images.Spli
     return train_split, val_split
 
 
-def deviations(recipe: ImagenetRecipe, profile_name: str, overrides: list[str], task: ImagenetTask) -> list[str]:
-    """Every way this run differs from the paper's ImageNet run of the recipe (recorded, printed, reported)."""
+def deviations(recipe: ImagenetRecipe, profile_name: str, overrides: list[str], task: ImagenetTask,
+               data_name: str | None = None) -> list[str]:
+    """Every way this run differs from the paper's ImageNet run of the recipe (recorded, printed, reported). The
+    data is named as what was opened (``data_name``: its ``data_identity`` name; else where it lies), never as what
+    the profile was made for: a smoke run on real shards did not train on generated images."""
     paper, profile, split, world = recipe.profiles["paper"], task.profile, task.train_split, task.replicas.world
     found = []
-    if profile.dataset != paper.dataset:
-        found.append(f"data: {profile.dataset} ({len(split):,} training images), not ImageNet")
+    if split.classes != images.imagenet_wnids():
+        found.append(f"data: {data_name or split.where} ({len(split):,} training images, {len(split.classes)} "
+                     f"classes), not ImageNet")
     elif len(split) != paper.train_examples:
-        found.append(f"data: {len(split):,} training images, not ImageNet's {paper.train_examples:,}")
+        found.append(f"data: {len(split):,} training images of ImageNet's classes, not ImageNet's "
+                     f"{paper.train_examples:,}")
     if len(split) != profile.train_examples:
         found.append(f"profile '{profile_name}' budgets assume {profile.train_examples:,} training examples; the data "
                      f"has {len(split):,} (the learning-rate decay follows the data's epochs)")
@@ -395,20 +406,19 @@ def run(recipe_name: str, profile_name: str, overrides: list[str], options: Opti
         replicas: Replicas) -> Path:
     """Train one recipe at one profile in a new run folder ``out/imagenet/<recipe>-<time>``; returns the folder."""
     recipe = _imagenet_recipe(recipe_name, overrides)
+    if profile_name in recipe.profiles and recipe.profiles[profile_name].steps < 1:
+        raise UserError(f"a run of '{recipe_name}' at profile '{profile_name}' would train 0 steps and keep no "
+                        f"checkpoint; give it at least 1 (--steps N)")
     task, optimizer, profile = _build(recipe, profile_name, options, replicas)
     short = Path(recipe_name).stem
-    run_dir = None
-    if replicas.is_main:  # only now: every check that can fail has passed
-        run_dir = new_run_dir(Path(out) / "imagenet", prefix=f"{short}-")
-        atomic_write(run_dir / "recipe.yaml", recipe_io.to_yaml(recipe))
-    run_dir = Path(replicas.gather(str(run_dir))[0])
+    identity = images.data_identity(options.dataset_dir, task.train_split, task.val_split)
     manifest = {
         "experiment": "imagenet", "status": "running", "started": now(),
         "recipe": short, "label": recipe.label, "recipe_digest": recipe.digest, "overrides": list(overrides),
         "profile": profile_name, "dataset": f"{task.train_split.where} ({len(task.train_split):,} train, "
                                             f"{len(task.val_split):,} val, {len(task.train_split.classes)} classes)",
         "dataset_dir": str(Path(options.dataset_dir).resolve()), "classes": task.train_split.classes,
-        "data_identity": images.data_identity(options.dataset_dir, task.train_split, task.val_split),
+        "data_identity": identity,
         "train_examples": len(task.train_split), "packed": task.train_split.packed,
         "resident": task.train_split.pixels is not None, "val_resident": task.val_split.pixels is not None,
         "shard_size": None if task.train_split.packed else profile.shard_size,
@@ -416,60 +426,185 @@ def run(recipe_name: str, profile_name: str, overrides: list[str], options: Opti
         "replicas": replicas.world, "bn_statistics": "synchronised" if recipe.train.bn_sync else "per replica",
         "global_batch": profile.batch_size * replicas.world, "lr_factor": task.lr(0) / recipe.train.lr,
         "compression": profile.compression,
-        "deviations": deviations(recipe, profile_name, overrides, task),
+        "deviations": deviations(recipe, profile_name, overrides, task, identity["name"]),
         "compile": options.compile, "gpu_decode": task.jpegs_as_bytes,
         "workers": 0 if task.train_split.pixels is not None else options.workers,  # resident data needs none
         "precision": _precision(task.device),
         "device": device_name(task.device), "versions": versions(),
         "git_commit": options.git_commit or git_commit(), "allow_dirty": options.allow_dirty,
     }
-    return _train(run_dir, recipe, manifest, task, optimizer, profile, replicas, resume=False)
+    # only now: every check that can fail has passed
+    owner = _on_main(replicas, lambda: _new_folder(Path(out) / "imagenet", f"{short}-"))
+    run_dir = Path(replicas.gather(None if owner is None else str(owner.path.parent))[0])
+    with _owning(run_dir, owner, fresh=True, replicas=replicas):
+        if owner is not None:
+            atomic_write(run_dir / "recipe.yaml", recipe_io.to_yaml(recipe))
+        return _train(run_dir, recipe, manifest, task, optimizer, profile, replicas, owner=owner)
 
 
 def resume(run_dir: Path, replicas: Replicas, dataset_dir: Path | None = None, **how: Any) -> Path:
-    """Continue an interrupted run exactly where its checkpoint left it (same recipe, profile, data, seed)."""
+    """Continue an interrupted run exactly where its checkpoint left it (same recipe, profile, data, seed).
+
+    The run is claimed first (``RunLock``), before anything that takes time, so of two resumes started together
+    one trains and the other stops at once; every check then runs before the run's deviations are announced, so a
+    refusal is the one line a user sees."""
     run_dir = Path(run_dir)
+    if not (run_dir / "manifest.json").is_file():
+        raise UserError(f"{run_dir} is not an ImageNet run folder (it has no manifest.json)")
+    owner = _on_main(replicas, lambda: RunLock.claim(run_dir))
+    with _owning(run_dir, owner, fresh=False, replicas=replicas):
+        manifest, recipe = _resumable(run_dir, replicas)
+        if owner is not None:
+            remove_temporary(run_dir)  # a checkpoint write cut short by kill -9: as large as the checkpoint
+        state = _saved_state(run_dir, replicas)
+        options = Options(Path(dataset_dir or manifest["dataset_dir"]), seed=manifest["seed"],
+                          resident=manifest.get("resident", False), **how)  # the same pipeline, the same augmentation
+        task, optimizer, profile = _build(recipe, manifest["profile"], options, replicas)
+        _check_same_data(run_dir, manifest, task, options.dataset_dir, profile)
+        _check_fits(run_dir, state, task, optimizer)
+        manifest["resumed"] = [*manifest.get("resumed", []), {
+            "at": now(), "device": device_name(task.device), "precision": _precision(task.device),
+            "git_commit": options.git_commit or git_commit(), "allow_dirty": options.allow_dirty}]
+        return _train(run_dir, recipe, manifest, task, optimizer, profile, replicas, owner=owner, state=state)
+
+
+T = TypeVar("T")
+
+
+def _on_main(replicas: Replicas, action: Callable[[], T]) -> T | None:
+    """``action()`` on the main replica alone (it creates or claims the run folder); its ``UserError`` is raised on
+    every replica, which would otherwise wait for the main one forever at their next collective. Returns the
+    action's result on the main replica, ``None`` on the others."""
+    result, failure = None, None
+    if replicas.is_main:
+        try:
+            result = action()
+        except UserError as err:
+            failure = str(err)
+    failure = replicas.gather(failure)[0]
+    if failure is not None:
+        raise UserError(failure)
+    return result
+
+
+def _new_folder(parent: Path, prefix: str) -> RunLock:
+    """A new run folder under ``parent``, claimed by this process."""
     try:
-        manifest = json.loads((run_dir / "manifest.json").read_text())
-        recipe = ImagenetRecipe.model_validate(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
-    except (OSError, ValueError, yaml.YAMLError):
+        folder = new_run_dir(parent, prefix=prefix)
+    except OSError as err:  # a full disk: nothing was made
+        raise UserError(f"cannot create a run folder in {parent} ({err.strerror})") from None
+    try:
+        return RunLock.claim(folder)
+    except UserError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def _owning(run_dir: Path, owner: RunLock | None, fresh: bool, replicas: Replicas) -> Iterator[None]:
+    """Whatever happens to a run folder while this process owns it. On the way out the claim is released, however
+    the block ended; a new run (``fresh``) that ends without a checkpoint leaves no folder behind (it could not be
+    resumed, and held only its recipe and the start of its manifest and metrics); an ``OSError`` (a full disk, a
+    file gone) becomes one line that says what was kept."""
+    try:
+        yield
+    except BaseException as err:
+        kept = (run_dir / CHECKPOINT).is_file()
+        if fresh and not kept and replicas.is_main:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        if isinstance(err, OSError):
+            what = f"{err.strerror or err.__class__.__name__}" + (f": {err.filename}" if err.filename else "")
+            then = f"run {run_dir} keeps its last checkpoint; once that is fixed, continue it with: bnrepro imagenet " \
+                   f"--resume {run_dir}" if kept else \
+                "the run had no checkpoint yet, so nothing of it was kept; start it again once that is fixed"
+            raise UserError(f"training stopped: {what}; {then}") from None
+        raise
+    finally:
+        if owner is not None:
+            owner.release()
+
+
+def _resumable(run_dir: Path, replicas: Replicas) -> tuple[dict[str, Any], ImagenetRecipe]:
+    """The manifest and recipe of a run that can be continued as it was set up (read under its claim: another
+    process may have finished it meanwhile), or a ``UserError`` saying why it cannot."""
+    recipe_file = run_dir / "recipe.yaml"
+    try:
+        manifest = read_json(run_dir / "manifest.json", keys=("profile", "seed", "replicas", "dataset_dir"))
+        tree = yaml.safe_load(recipe_file.read_text())
+    except (Damaged, OSError, ValueError, yaml.YAMLError):
         raise UserError(f"{run_dir} is not an ImageNet run folder (no readable manifest.json/recipe.yaml)") from None
+    if manifest.get("experiment", "imagenet") != "imagenet":
+        raise UserError(f"{run_dir} is a {manifest['experiment']} run, not an ImageNet one")
     if manifest.get("status") in ("complete", "diverged"):
         raise UserError(f"run {run_dir} is already {manifest['status']}; start a new one instead")
     if not (run_dir / CHECKPOINT).is_file():
         raise UserError(f"run {run_dir} has no {CHECKPOINT} to resume from; start a new one instead")
-    check_free(run_dir)
+    try:
+        recipe = ImagenetRecipe.model_validate(tree)
+    except ValueError as err:  # pydantic's ValidationError
+        raise UserError(f"{recipe_file} is no longer a valid recipe ({recipe_io.first_error(err)}); restore it, or "
+                        f"start a new run") from None
+    recorded, found = manifest.get("recipe_digest"), recipe_io.recorded_digest(recipe, tree)
+    if recorded and found != recorded:
+        raise UserError(f"{recipe_file} was edited since the run started (digest {found}, the manifest's {recorded}); "
+                        f"restore it to continue the run, or start a new run with --recipe and --set")
     if replicas.world != manifest["replicas"]:
         raise UserError(f"run {run_dir} trained on {manifest['replicas']} process(es); resume it on as many "
                         f"(the global batch and the data stream depend on it), not {replicas.world}")
-    options = Options(Path(dataset_dir or manifest["dataset_dir"]), seed=manifest["seed"],
-                      resident=manifest.get("resident", False), **how)  # the same pipeline, so the same augmentation
-    task, optimizer, profile = _build(recipe, manifest["profile"], options, replicas)
+    return manifest, recipe
+
+
+SAVED = ("step", "model", "optimizer", "task", "log", "rng")  # what the trainer's checkpoints hold
+
+
+def _saved_state(run_dir: Path, replicas: Replicas) -> dict[str, Any]:
+    """The run's checkpoint, read and checked before anything is announced or built."""
+    path = run_dir / CHECKPOINT
+    state = checkpoint.load(path)
+    missing = [key for key in SAVED if key not in state] if isinstance(state, dict) else list(SAVED)
+    if missing or len(state["rng"]) != replicas.world:
+        lacks = f"lacks {', '.join(missing)}" if missing else f"holds {len(state['rng'])} replicas' random state"
+        raise UserError(f"checkpoint {path} is damaged ({lacks}); the run cannot be resumed, start a new one")
+    return state
+
+
+def _check_same_data(run_dir: Path, manifest: dict[str, Any], task: ImagenetTask, dataset_dir: Path,
+                     profile: Profile) -> None:
+    """Refuse data other than the run's: other examples, classes or layout, or (where recorded) other files."""
     split = task.train_split
     shard_size = None if split.packed else profile.shard_size
-    if (len(split), split.packed, shard_size, split.classes) != (
-            manifest["train_examples"], manifest.get("packed"), manifest.get("shard_size"), manifest["classes"]):
-        raise UserError(f"the data in {options.dataset_dir} is not the data run {run_dir} trained on "
-                        f"({manifest['dataset']}); resume with the same --dataset-dir")
+    recorded = tuple(manifest.get(key) for key in ("train_examples", "packed", "shard_size", "classes"))
+    if (len(split), split.packed, shard_size, split.classes) != recorded:
+        raise UserError(f"the data in {dataset_dir} is not the data run {run_dir} trained on "
+                        f"({manifest.get('dataset')}); resume with the same --dataset-dir")
     recorded = (manifest.get("data_identity") or {}).get("digest")
-    if recorded and images.data_identity(options.dataset_dir, split, task.val_split)["digest"] != recorded:
-        raise UserError(f"the files in {options.dataset_dir} differ from those run {run_dir} trained on (data digest "
+    if recorded and images.data_identity(dataset_dir, split, task.val_split)["digest"] != recorded:
+        raise UserError(f"the files in {dataset_dir} differ from those run {run_dir} trained on (data digest "
                         f"{recorded[:12]}); resume with the same data")
-    manifest["resumed"] = [*manifest.get("resumed", []), {
-        "at": now(), "device": device_name(task.device), "precision": _precision(task.device),
-        "git_commit": options.git_commit or git_commit(), "allow_dirty": options.allow_dirty}]
-    return _train(run_dir, recipe, manifest, task, optimizer, profile, replicas, resume=True)
+
+
+def _check_fits(run_dir: Path, state: dict[str, Any], task: ImagenetTask, optimizer: torch.optim.Optimizer) -> None:
+    """The checkpoint's weights and optimizer state load into the network its recipe builds."""
+    try:
+        task.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:200]
+        raise UserError(f"checkpoint {run_dir / CHECKPOINT} does not fit its run's network ({first}); the run cannot "
+                        f"be resumed, start a new one") from None
 
 
 def _train(run_dir: Path, recipe: ImagenetRecipe, manifest: dict[str, Any], task: ImagenetTask,
-           optimizer: torch.optim.Optimizer, profile: Profile, replicas: Replicas, resume: bool) -> Path:
+           optimizer: torch.optim.Optimizer, profile: Profile, replicas: Replicas, owner: RunLock | None,
+           state: dict[str, Any] | None = None) -> Path:
+    """Train from step 0, or from ``state`` (the run's checkpoint, already checked), and finish the folder."""
     schedule = Schedule(profile.steps, profile.eval_every, profile.checkpoint_every, stride=replicas.world)
     main = replicas.is_main
     task.metrics_file = run_dir / "metrics.csv"
     if main:
         announce(f"{recipe.label} ({manifest['profile']})", manifest["deviations"])
-    with training(run_dir, manifest, main):
-        log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=1, resume=resume,
+    with training(run_dir, manifest, main, owner):
+        log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=1, resume=state or False,
                     show_progress=task.options.show_progress, learning_rate=task.lr, replicas=replicas,
                     rate=("images", profile.batch_size), describe=_describe, statistics=recipe.eval.statistics)
     skipped = int(replicas.sum_(torch.tensor([task.skipped], device=replicas.flag_device)).item())
@@ -486,6 +621,18 @@ def _train(run_dir: Path, recipe: ImagenetRecipe, manifest: dict[str, Any], task
     manifest.update(status="diverged" if summary["diverged_at"] else "complete", finished=now())
     write_json(run_dir / "manifest.json", manifest)
     return run_dir
+
+
+METRICS = ("step", "train_loss", "top1", "top5")  # metrics.csv columns every reader needs ("statistics" is newer)
+
+
+def read_finished(folder: Path, summary_keys: tuple[str, ...] = ()) -> tuple[dict[str, Any], pd.DataFrame]:
+    """A finished run's summary.json and metrics.csv; a file that cannot be read as such raises ``Damaged``, so a
+    reader of many runs skips this one with a line (``runs.skip``). Without ``summary_keys`` a run without a summary
+    gives an empty one (the report names such a run from its manifest); with them, it must have them."""
+    path = Path(folder) / "summary.json"
+    summary = read_json(path, summary_keys) if summary_keys or path.exists() else {}
+    return summary, read_table(Path(folder) / "metrics.csv", METRICS)
 
 
 def _precision(device: torch.device) -> str:

@@ -32,7 +32,7 @@ from bnrepro.engine.distributed import SINGLE_PROCESS
 from bnrepro.engine.trainer import Interrupted
 from bnrepro.errors import UserError
 from bnrepro.experiments import imagenet
-from bnrepro.runs import git_commit, new_run_dir, now, runs_of, write_json
+from bnrepro.runs import Damaged, git_commit, new_run_dir, now, read_json, runs_of, skip, write_json
 
 ENSEMBLE = "ensemble/bn-inception"
 CAMPAIGN = "campaign"  # results/campaign/<profile>-<time>/: each campaign's own record
@@ -127,6 +127,20 @@ def same_data(manifest: dict[str, Any], data: dict[str, Any] | None,
     return found is not None and found["digest"] == data["digest"]
 
 
+SUMMARY = ("label", "max_top1", "diverged_at")  # what the campaign's closing lines read of each run's summary.json
+
+
+def intact(folder: Path) -> bool:
+    """Whether a finished run's summary.json and metrics.csv can be read: a damaged one is not kept (and said so,
+    ``runs.skip``), so the campaign trains that run again rather than stop at its end or report it wrongly."""
+    try:
+        imagenet.read_finished(folder, SUMMARY)
+    except Damaged as damage:
+        skip(damage)
+        return False
+    return True
+
+
 def plan(profile: str, results: Path, data: dict[str, Any] | None = None) -> list[Step]:
     """The campaign at ``profile`` against what ``results`` already holds; runs count only if they used ``data``
     (``images.data_identity`` of the campaign's data; ``None``, as for a dry run without data: not checked)."""
@@ -141,7 +155,7 @@ def plan(profile: str, results: Path, data: dict[str, Any] | None = None) -> lis
                 and m.get("profile") == profile and m.get("seed") == run.seed
                 and list(m.get("overrides", [])) == list(run.overrides)]
         mine = [(folder, m) for folder, m in same if same_data(m, data, identity_of)]
-        done = [folder for folder, m in mine if m.get("status") in ("complete", "diverged")]
+        done = [folder for folder, m in mine if m.get("status") in ("complete", "diverged") and intact(folder)]
         paused = [folder for folder, m in mine if (folder / imagenet.CHECKPOINT).is_file()
                   and m.get("status") not in ("complete", "diverged")]
         state, folder = ("done", done[-1]) if done else ("resume", paused[-1]) if paused else ("new", None)
@@ -188,7 +202,8 @@ def ensemble(folders: list[Path], profile: str, dataset_dir: Path, results: Path
     wanted = sorted(str(Path(m)) for m in members)
     for folder, manifest in reversed(runs_of(results, "ensemble")):
         recorded = manifest.get("data_identity")
-        if manifest.get("recipe_digest") == recipe.digest and sorted(m["run"] for m in manifest["members"]) == wanted \
+        runs = sorted(str(m.get("run")) for m in manifest.get("members") or [] if isinstance(m, dict))
+        if manifest.get("recipe_digest") == recipe.digest and runs == wanted \
                 and (data is None or not recorded or recorded.get("digest") == data["digest"]):
             return folder
     return evaluation.run(ENSEMBLE, overrides, results, dataset_dir, results, device, workers, members,
@@ -310,7 +325,7 @@ def describe(steps: list[Step]) -> list[str]:
 def summary(folders: list[Path]) -> list[str]:
     lines = []
     for folder in folders:
-        data = json.loads((Path(folder) / "summary.json").read_text())
+        data = read_json(Path(folder) / "summary.json", SUMMARY)
         best = "—" if data["max_top1"] is None else f"{100 * data['max_top1']:.2f}%"
         lines.append(f"{data['label']:<22} best top-1 {best}" + (f", diverged at step {data['diverged_at']:,}"
                                                                if data["diverged_at"] else ""))

@@ -14,11 +14,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from bnrepro.errors import UserError
 from bnrepro.evaluate import ensemble as evaluation
 from bnrepro.evaluate.crops import distinct_views
 from bnrepro.report.imagenet import data_text, deviations_list, markdown_table, short_commit
-from bnrepro.runs import atomic_write, check_writable, runs_of
+from bnrepro.runs import Damaged, atomic_write, check_writable, runs_of, skip
 
 IMAGENET_CLASSES = 1000
 IMAGENET_VAL_IMAGES = 50_000
@@ -87,19 +86,22 @@ class EnsembleRun:
 
 
 def finished_runs(results: Path) -> list[EnsembleRun]:
-    """Ensemble run folders whose manifest says complete, oldest first (by start time, then name)."""
-    return [EnsembleRun(folder, folder.relative_to(results).as_posix(), manifest)
-            for folder, manifest in runs_of(results, "ensemble")]
+    """Ensemble run folders whose manifest says complete, oldest first (by start time, then name); one whose
+    manifest lacks its members or crops is left out with a line (``runs.skip``)."""
+    found = []
+    for folder, manifest in runs_of(results, "ensemble"):
+        missing = [key for key in ("members", "crops") if not isinstance(manifest.get(key), list)]
+        if missing:
+            skip(Damaged(folder / "manifest.json", f"lacks {', '.join(missing)}"))
+            continue
+        found.append(EnsembleRun(folder, folder.relative_to(results).as_posix(), manifest))
+    return found
 
 
 def scores(run: EnsembleRun) -> tuple[pd.DataFrame, int, int]:
     """Top-1/top-5 error of each member and of all members at each crop scheme, from the cached probabilities;
     with the number of classes and of evaluated images, which say whether the paper's numbers compare."""
-    try:
-        cached = evaluation.load_cache(run.path)
-    except (OSError, KeyError, RuntimeError) as err:
-        raise UserError(f"ensemble run {run.path} lacks readable cached probabilities ({err}); run "
-                        f"`bnrepro ensemble` again") from None
+    cached = evaluation.load_cache(run.path)  # Damaged (a UserError) names a file that cannot be read
     table = evaluation.table(cached, run.members, run.crops)
     first = cached[(run.members[0], run.crops[0])]
     return table, int(first["probs"].shape[1]), len(first["labels"])
@@ -282,27 +284,30 @@ def markdown(run: EnsembleRun, results: Path, superseded: list[EnsembleRun]) -> 
 
 
 def build(results: Path, out: Path) -> list[Path]:
-    """Write ensemble.md for the latest finished ensemble run; [] when there is none."""
+    """Write ensemble.md for the latest finished ensemble run whose cached probabilities can be read (a damaged one
+    is skipped with a line); [] when there is none."""
     runs = finished_runs(Path(results))
     if not runs:
         return []
     check_writable(out)
-    run = runs[-1]
-    atomic_write(out / "ensemble.md", markdown(run, Path(results), runs[:-1]))
-    return [out / "ensemble.md"]
+    while runs:
+        run = runs.pop()
+        try:
+            text = markdown(run, Path(results), runs)
+        except Damaged as damage:
+            skip(damage)
+            continue
+        atomic_write(out / "ensemble.md", text)
+        return [out / "ensemble.md"]
+    return []
 
 
 def top1_correct(run: EnsembleRun, members: list[str], crops: int) -> pd.Series:
     """Per image, whether the mean of ``members``' cached probabilities at ``crops`` ranks its label first (as
     ``evaluation.errors`` ranks them), indexed by the image's position in the validation split: a paired test of two
     error rates (claims.md's McNemar) needs the images, not the rates. Loads only the caches it needs."""
-    import torch  # only here: the rest of this module reads tables, not tensors
 
-    try:
-        cached = {(m, crops): torch.load(evaluation.cache_path(run.path, m, crops), weights_only=True) for m in members}
-    except (OSError, KeyError, RuntimeError) as err:
-        raise UserError(f"ensemble run {run.path} lacks readable cached probabilities ({err}); run "
-                        f"`bnrepro ensemble` again") from None
+    cached = {(m, crops): evaluation.read_cache(evaluation.cache_path(run.path, m, crops)) for m in members}
     probs, labels = evaluation.combine(cached, members, crops)
     first = probs.topk(min(5, probs.shape[1]), dim=1).indices[:, 0]
     return pd.Series((first == labels).numpy(), index=cached[(members[0], crops)]["indices"].numpy())

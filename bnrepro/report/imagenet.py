@@ -11,7 +11,6 @@ manifests carry ``compression`` (this profile's steps per paper step), steps are
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +24,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from bnrepro.report import save_figure  # noqa: E402
-from bnrepro.runs import atomic_write, check_writable, runs_of  # noqa: E402
+from bnrepro.runs import Damaged, atomic_write, check_writable, runs_of, skip  # noqa: E402
 
 FINISHED = ("complete", "diverged")
 PAPER_TARGET = 0.722  # Inception's best single-crop top-1: the paper's Fig. 3 counts steps to reach it
@@ -153,13 +152,18 @@ def _finite(column: pd.Series) -> pd.Series:
 
 
 def finished_runs(results: Path) -> list[Run]:
-    """ImageNet run folders whose manifest says complete or diverged, oldest first (by start time, then name)."""
+    """ImageNet run folders whose manifest says complete or diverged, oldest first (by start time, then name); a
+    run whose files cannot be read is left out, with one line that names the file."""
+    from bnrepro.experiments.imagenet import read_finished
+
     runs = []
     for folder, manifest in runs_of(results, "imagenet", FINISHED):
-        summary_path = folder / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        runs.append(Run(folder, folder.relative_to(results).as_posix(), manifest, summary,
-                        pd.read_csv(folder / "metrics.csv")))
+        try:
+            summary, metrics = read_finished(folder)
+        except Damaged as damage:
+            skip(damage)
+            continue
+        runs.append(Run(folder, folder.relative_to(results).as_posix(), manifest, summary, metrics))
     return runs
 
 

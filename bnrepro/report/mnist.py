@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -15,7 +14,7 @@ from rich.table import Table  # noqa: E402
 
 from bnrepro.report import save_figure  # noqa: E402
 from bnrepro.report.imagenet import short_commit  # noqa: E402
-from bnrepro.runs import atomic_write, check_writable, runs_of  # noqa: E402
+from bnrepro.runs import Damaged, atomic_write, check_writable, read_json, read_table, runs_of, skip  # noqa: E402
 
 # What the paper and the one public reproduction it cites report (shared/paper/README.md, section 2).
 PAPER_NOTE = ("The paper prints no MNIST accuracies: Fig. 1(a) shows the BN network's test accuracy rising "
@@ -45,13 +44,25 @@ def statistics_text(metrics: pd.DataFrame) -> str:
 
 
 def complete_runs(results: Path) -> list[Path]:
-    """MNIST run folders whose manifest says complete, oldest first."""
-    return [folder for folder, _ in runs_of(results, "mnist")]
+    """MNIST run folders whose manifest says complete, oldest first; one whose files cannot be read is left out with
+    a line naming the file (``runs.skip``)."""
+    found = []
+    for folder, _ in runs_of(results, "mnist"):
+        try:
+            load(folder, strict=True)
+        except Damaged as damage:
+            skip(damage)
+            continue
+        found.append(folder)
+    return found
 
 
-def load(run_dir: Path) -> tuple[pd.DataFrame, dict, dict]:
-    return (pd.read_csv(run_dir / "metrics.csv"), json.loads((run_dir / "summary.json").read_text()),
-            json.loads((run_dir / "manifest.json").read_text()))
+def load(run_dir: Path, strict: bool = False) -> tuple[pd.DataFrame, dict, dict]:
+    """metrics.csv, summary.json and manifest.json of a run, with what Fig. 1 reads of them, or with ``strict`` all
+    that the report reads (``Damaged`` otherwise)."""
+    return (read_table(run_dir / "metrics.csv", ("variant", "seed", "step", "test_accuracy")),
+            read_json(run_dir / "summary.json", ("steps", "divergences") * strict + ("variants", "baseline")),
+            read_json(run_dir / "manifest.json", ("seeds",) * strict))
 
 
 def summary_table(run_dir: Path) -> Table:

@@ -12,7 +12,6 @@ Rules, fixed before any sweep was run:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -24,7 +23,7 @@ import pandas as pd  # noqa: E402
 
 from bnrepro.report import save_figure  # noqa: E402
 from bnrepro.report.imagenet import markdown_table, short_commit  # noqa: E402
-from bnrepro.runs import atomic_write, check_writable, runs_of  # noqa: E402
+from bnrepro.runs import Damaged, atomic_write, check_writable, read_json, runs_of, skip  # noqa: E402
 
 STABLE_ACCURACY = 0.9
 LABELS = {"baseline": "Without BN", "bn": "With BN"}
@@ -76,7 +75,11 @@ def baseline_accuracy(results: Path) -> tuple[float, str] | None:
     if not runs:
         return None
     folder = runs[-1][0]
-    summary = json.loads((folder / "summary.json").read_text())
+    try:
+        summary = read_json(folder / "summary.json", ("variants",))
+    except Damaged as damage:
+        skip(damage)
+        return None
     base = summary.get("baseline")
     value = summary["variants"].get(base, {}).get("final_test_accuracy_mean") if base else None
     return None if value is None else (float(value), folder.name)
@@ -160,14 +163,26 @@ def markdown(folder: Path, summary: dict, manifest: dict, table: pd.DataFrame, r
     return "\n".join(lines)
 
 
+def _summary(folder: Path) -> dict | None:
+    """A sweep's summary.json, or ``None`` (said in a line, ``runs.skip``) where it cannot be read as one."""
+    try:
+        return read_json(folder / "summary.json", ("steps", "members"))
+    except Damaged as damage:
+        skip(damage)
+        return None
+
+
 def build(results: Path, out: Path) -> list[Path]:
-    """sweep.md and the heatmap pair for the latest complete sweep; [] when there is none."""
+    """sweep.md and the heatmap pair for the latest complete sweep whose summary can be read; [] when there is none."""
     runs = runs_of(Path(results), "sweep")
     if not runs:
         return []
     check_writable(out)
-    folder, manifest = runs[-1]
-    summary = json.loads((folder / "summary.json").read_text())
+    latest = next(((folder, manifest, summary) for folder, manifest in reversed(runs)
+                   if (summary := _summary(folder)) is not None), None)
+    if latest is None:
+        return []
+    folder, manifest, summary = latest
     table = cells(summary)
     written = heatmaps(table, out, f"bnrepro sweep, run {folder.name}: {summary['steps']:,} steps")
     atomic_write(out / "sweep.md", markdown(folder, summary, manifest, table, Path(results)))
