@@ -313,3 +313,4 @@ def test_bn_points_evaluated_with_moving_averages_are_marked_and_said(tmp_path):
     assert not runs["inception"].lagging.any()
     imagenet.build(tmp_path, tmp_path / "report")
     assert "open circles" in (tmp_path / "report" / "imagenet.md").read_text()
+

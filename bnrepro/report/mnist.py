@@ -36,6 +36,15 @@ def wall_text(manifest: dict) -> str:
     return "—" if wall is None else f"{wall:,.0f} s"
 
 
+def between_text(metrics: pd.DataFrame) -> str:
+    """Which BN statistics the evaluations between the first and the last used."""
+    if "statistics" not in metrics:
+        return "moving averages between (not recorded: made before Alg. 2's statistics)"
+    between = metrics[(metrics.step > metrics.step.min()) & (metrics.step < metrics.step.max())]
+    used = sorted(set(between.statistics))
+    return f"{' and '.join(used) or 'no evaluations'} between"
+
+
 def statistics_text(metrics: pd.DataFrame) -> str:
     """Which BN statistics the run's last evaluation used (runs from before Alg. 2 was computed record none)."""
     if "statistics" not in metrics:
@@ -133,10 +142,11 @@ def markdown(runs: list[Path]) -> str:
              f"{wall_text(manifest)}); "
              + ("deviations from the paper: not recorded" if found is None else
                 f"deviations from the paper: {'; '.join(found) if found else 'none'}") + ".", "",
-             "BN's statistics at inference: the final accuracies and Fig. 1's first and last points use Alg. 2's "
-             "population statistics (the mean of the batch means and of the unbiased batch variances over "
-             "`eval.population_batches` training mini-batches); the points between use BN's moving averages, "
-             "as Alg. 2 allows for tracking accuracy during training. This run's final row: "
+             "BN's statistics at inference: Alg. 2's population statistics are the mean of the batch means and of "
+             "the unbiased batch variances over `eval.population_batches` training mini-batches; the final "
+             "accuracies and Fig. 1's first and last points use them, and the points between use what the run's "
+             "`eval.statistics` chose (population, or BN's moving averages, which Alg. 2 allows for tracking "
+             f"accuracy but which lag the weights). This run: {between_text(metrics)}; final row: "
              f"{statistics_text(metrics)}.", "",
              "| variant | seeds | final test accuracy (mean ± std) | steps to the baseline's final accuracy "
              "| public reproduction cited by the paper's notes |",
