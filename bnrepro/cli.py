@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import math
 import os
 import sys
 import threading
@@ -111,8 +112,9 @@ def sweep(
     from bnrepro.experiments.sweep import log_grid
 
     for name, low, high, count in (("--lr", lr_min, lr_max, lrs), ("--init", init_min, init_max, inits)):
-        if not 0 < low <= high or count < 1:
-            raise UserError(f"{name}-min and {name}-max must be positive with min <= max, and the count >= 1")
+        if not (0 < low <= high and math.isfinite(high)) or count < 1:
+            raise UserError(f"{name}-min and {name}-max must be positive and finite with min <= max, and the count "
+                            f">= 1")
     if steps < 0:
         raise UserError(f"--steps must be 0 or more, not {steps}")
     grid = experiment.Grid(log_grid(lr_min, lr_max, lrs), log_grid(init_min, init_max, inits))

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -108,3 +109,13 @@ def test_resume_refuses_a_run_of_the_other_command(fake_mnist, tmp_path, monkeyp
     run = _interrupted_run(fake_mnist, tmp_path / "out", monkeypatch)
     with pytest.raises(UserError, match="is a `bnrepro mnist` run; continue it with: bnrepro mnist --resume"):
         experiment.resume(run, "cpu", None, show_progress=False, command="sweep")
+
+
+def test_the_refusal_says_where_the_runs_data_is_and_older_manifests_keep_their_official_flag(tmp_path):
+    other = SimpleNamespace(source="/d/mnist/raw", official=False, arrays_sha256="1" * 64)
+    with pytest.raises(UserError, match="resume without --data-dir: the package's embedded MNIST is the run's data"):
+        experiment.check_same_data(tmp_path, {"source": "embedded", "arrays_sha256": "0" * 64}, other)
+    # a run from before arrays_sha256 was recorded: the official flag is all there is to hold it to
+    with pytest.raises(UserError, match="trained on the official MNIST files, but /d/mnist/raw holds other files"):
+        experiment.check_same_data(tmp_path, {"source": "/x/mnist/raw", "matches_official_md5": True}, other)
+    experiment.check_same_data(tmp_path, {"source": "/x/mnist/raw", "matches_official_md5": False}, other)

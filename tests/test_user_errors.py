@@ -339,6 +339,21 @@ def imagenet_idx_unknown_type(w, case_dir: Path) -> Case:
     return Case([_imagenet(raw, case_dir / "out")], words=("train-images-idx3-ubyte.gz", "0x0a"), watch=case_dir)
 
 
+def mnist_idx_unknown_type(w, case_dir: Path) -> Case:
+    """A KeyError traceback from torchvision's parser (0x0a)."""
+    raw = idx_with_an_unknown_type(w, case_dir)
+    return Case([["mnist", "--data-dir", str(raw.parent.parent), "--steps", "10", "--out", str(case_dir / "out"),
+                  "--no-progress"]], words=("train-images-idx3-ubyte.gz", "0x0a"), watch=case_dir)
+
+
+def mnist_with(*extra: str, words: tuple[str, ...]) -> Callable:
+    """`bnrepro mnist` or `sweep` (the first of ``extra``) refused before any data is read or folder made."""
+    def setup(w, case_dir: Path) -> Case:
+        case_dir.mkdir(parents=True)
+        return Case([[*extra, "--out", str(case_dir / "out"), "--no-progress"]], words=words, watch=case_dir)
+    return setup
+
+
 def recipe_file(text: bytes, *words: str) -> Callable:
     def setup(w, case_dir: Path) -> Case:
         case_dir.mkdir(parents=True)
@@ -428,6 +443,12 @@ CASES: dict[str, Callable] = {
     "ensemble-member-checkpoint-damaged": ensemble_member_checkpoint_damaged,
     "ensemble-evaluation-fails": ensemble_evaluation_fails,
     "no-arguments": no_arguments,
+    "mnist-idx-unknown-type": mnist_idx_unknown_type,
+    "mnist-with-an-imagenet-recipe": mnist_with("mnist", "--recipe", "imagenet/bn-x30", "--steps", "10",
+                                                words=("imagenet/bn-x30", "not an MNIST one")),
+    "sweep-lr-max-inf": mnist_with("sweep", "--lr-max", "inf", words=("--lr-max", "finite")),
+    "sweep-grid-too-large": mnist_with("sweep", "--lrs", "3000", "--inits", "3000",
+                                       words=("36,000,000 models", "GiB", "fewer")),
 }
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bnrepro.data.idx import check_headers
 from bnrepro.engine import checkpoint
 from bnrepro.errors import UserError
 from bnrepro.runs import cache_dir
@@ -175,6 +176,7 @@ def _parse(folder: Path) -> MnistArrays:
     from torchvision.datasets import MNIST
     from torchvision.datasets.utils import check_integrity
 
+    check_headers(folder / name for name in FILES)  # a header torchvision does not expect: one line naming the file
     official = all(check_integrity(str(folder / name), md5) for name, md5 in MNIST.resources)
     with tempfile.TemporaryDirectory() as scratch:
         raw = Path(scratch) / "MNIST" / "raw"

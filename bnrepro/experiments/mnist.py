@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -150,6 +151,20 @@ class NativeMnistTask(MnistTask):
         return self.engine.predict(self.test_rows, self.recipe.eval.probe_unit)
 
 
+def sweep_memory_check(grid: Grid, seeds: int, variants: int, recipe: MnistRecipe) -> None:
+    """Refuse a grid whose models cannot fit in this machine's memory, before anything is allocated (a 3000 x 3000
+    grid once failed in an allocation after 44 s). Per model: its parameters, gradients, momentum and a copy
+    (4 x 4 bytes each), and its activations over the 10,000 test images at an evaluation (4 bytes per unit)."""
+    widths = [28 * 28, *recipe.model.hidden, 10]
+    params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    models = len(grid.lrs) * len(grid.init_stds) * seeds * variants
+    need = models * (16 * params + 4 * 10_000 * sum(widths[1:]))
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise UserError(f"the grid has {models:,} models, which need about {need / 2**30:,.0f} GiB, more than this "
+                        f"machine's {have / 2**30:,.0f} GiB; use fewer --lrs, --inits or --seeds")
+
+
 def variant_name(recipe_name: str) -> str:
     return Path(recipe_name).stem
 
@@ -219,10 +234,13 @@ def run(
     it too, under ``out/sweep``); returns the folder."""
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, not {seeds}")
+    for name in recipe_names:  # before the overrides, which would fail on another experiment's keys first
+        if (kind := recipe_io.load(name).experiment) != "mnist":
+            raise UserError(f"recipe '{name}' is an {kind} recipe, not an MNIST one; `bnrepro recipes list` shows "
+                            f"the MNIST ones (mnist/...)")
     variants = {variant_name(name): recipe_io.load(name, overrides) for name in recipe_names}
-    for name, recipe in variants.items():
-        if recipe.experiment != "mnist":
-            raise UserError(f"recipe '{name}' is a {recipe.experiment} recipe, not an MNIST one")
+    if grid is not None:
+        sweep_memory_check(grid, seeds, len(variants), next(iter(variants.values())))
     device = resolve_device(device_name_)
     data = mnist.load(data_dir)
     setup = _build(variants, list(range(seeds)), data, data_seed, device, engine, grid)
@@ -290,16 +308,17 @@ def check_same_data(run_dir: Path, recorded: dict[str, Any], data: mnist.MnistAr
     """Refuse to resume a run on other data than it started with (Fashion-MNIST laid out as MNIST, a changed
     file): the run's numbers would mix two data sets under one manifest. Compared by the parsed arrays' SHA-256;
     a run from before that was recorded, by whether the files were the official MNIST ones."""
-    want = recorded.get("arrays_sha256")
+    want, where = recorded.get("arrays_sha256"), recorded.get("source")
+    hint = ("resume without --data-dir: the package's embedded MNIST is the run's data" if where == "embedded" else
+            "resume with --data-dir DIR where DIR/mnist/raw holds the run's files, or without it while they are "
+            "where the run found them")
     if want is not None and want != data.arrays_sha256:
-        raise UserError(f"run {run_dir} trained on other data than {data.source} holds (arrays SHA-256 {want[:12]}, "
-                        f"from {recorded.get('source')}; found {data.arrays_sha256[:12]}); resume with --data-dir DIR "
-                        "where DIR/mnist/raw holds the run's files")
+        raise UserError(f"run {run_dir} trained on other data than {data.source} holds (arrays SHA-256 {want[:12]} "
+                        f"from {where}, found {data.arrays_sha256[:12]}); {hint}")
     if want is None and "matches_official_md5" in recorded and recorded["matches_official_md5"] != data.official:
         said = "the official MNIST files" if recorded["matches_official_md5"] else "files other than the official ones"
         found = "the official ones" if data.official else "other files"
-        raise UserError(f"run {run_dir} trained on {said}, but {data.source} holds {found}; resume with --data-dir "
-                        "DIR where DIR/mnist/raw holds the run's files")
+        raise UserError(f"run {run_dir} trained on {said}, but {data.source} holds {found}; {hint}")
 
 
 def _train(run_dir: Path, variants: dict[str, MnistRecipe], manifest: dict[str, Any],
