@@ -93,8 +93,8 @@ def write_mnist(root: Path, n_train: int = 600, n_test: int = 200, folder: str =
     test_images, test_labels = make_split(n_test, seed=2)
     contents = [idx_images(train_images), idx_labels(train_labels), idx_images(test_images), idx_labels(test_labels)]
     for name, data in zip(FILES, contents):
-        with gzip.open(raw / name, "wb") as f:
-            f.write(data)
+        with open(raw / name, "wb") as out, gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as f:
+            f.write(data)  # mtime 0: the same bytes whenever written (data identities hash them)
     return Path(root)
 
 
