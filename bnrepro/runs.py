@@ -231,33 +231,13 @@ def now() -> str:
 OWNER = "running.pid"
 
 
-def check_free(run_dir: Path) -> None:
-    """Refuse to resume a run that a live process is still training (two writers would corrupt it), as far as
-    ``running.pid`` tells. A check, not a claim: ``RunLock.claim`` is the atomic way to own a run."""
-    lock = Path(run_dir) / OWNER
-    try:
-        pid, host = lock.read_text().split()
-    except (OSError, ValueError):
-        return
-    if host != socket.gethostname():
-        raise UserError(f"run {run_dir} is being trained on {host} (process {pid}); if that has ended, delete "
-                        f"{lock} and resume again")
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return  # a crashed run's stale mark
-    except PermissionError:
-        pass
-    raise UserError(f"run {run_dir} is still being trained by process {pid}; stop it before resuming")
-
-
 class RunLock:
     """This process's claim on a run folder: an exclusive ``flock`` on ``RUN/running.pid``, which names the process.
 
     Taken before anything else happens to the folder, so of two processes started together on one run exactly one
     trains it; the kernel drops the lock when its process dies (kill -9 included), so a crash leaves no lock to
     clear by hand, only a stale name that the next claim overwrites. A name from another host is still obeyed
-    (``check_free``'s rule), since a lock over a network file system may not reach this host."""
+    (as before locks), since a lock over a network file system may not reach this host."""
 
     def __init__(self, path: Path, fd: int):
         self.path, self.fd = path, fd

@@ -578,23 +578,25 @@ def test_a_compiled_smoke_run_trains(folders, tmp_path):
 def test_a_run_still_being_trained_cannot_be_resumed_by_a_second_process(tmp_path):
     import subprocess as sp
 
-    from bnrepro.runs import OWNER, check_free
+    from bnrepro.runs import RunLock
 
     run = tmp_path / "run"
     run.mkdir()
-    check_free(run)  # nobody owns it
-    alive = sp.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    RunLock.claim(run).release()  # nobody owns it
+    holder = ("import sys, time; from bnrepro.runs import RunLock; RunLock.claim(sys.argv[1]); print('held', "
+              "flush=True); time.sleep(30)")
+    alive = sp.Popen([sys.executable, "-c", holder, str(run)], stdout=sp.PIPE, text=True)
     try:
-        (run / OWNER).write_text(f"{alive.pid} {socket.gethostname()}\n")
+        assert alive.stdout.readline().strip() == "held"
         with pytest.raises(UserError, match=f"process {alive.pid}"):
-            check_free(run)
+            RunLock.claim(run)
     finally:
         alive.kill()
         alive.wait()
-    check_free(run)  # the process is gone: a stale mark does not block
-    (run / OWNER).write_text("123 some-other-host\n")
+    RunLock.claim(run).release()  # the process is gone: its stale mark does not block
+    (run / "running.pid").write_text("123 some-other-host\n")
     with pytest.raises(UserError, match="delete"):
-        check_free(run)
+        RunLock.claim(run)
 
 
 def test_synthetic_times_the_training_step_on_the_cpu_without_data(tmp_path):

@@ -30,9 +30,9 @@ from bnrepro.models.mlp import MLPStack
 from bnrepro.models.mlp_native import BinaryRows, NativeStack, torch_threads, unsupported
 from bnrepro.recipes import MnistRecipe
 from bnrepro.runs import (
+    RunLock,
     announce,
     atomic_write,
-    check_free,
     device_name,
     git_commit,
     new_run_dir,
@@ -286,22 +286,28 @@ def resume(run_dir: Path, device_name_: str, data_dir: Path | None, show_progres
     if started_by != command:
         raise UserError(f"{run_dir} is a `bnrepro {started_by}` run; continue it with: "
                         f"bnrepro {started_by} --resume {shlex.quote(str(run_dir))}")
-    if manifest.get("status") == "complete":
-        raise UserError(f"run {run_dir} is already complete; start a new one instead")
-    check_free(run_dir)
-    variants = {name: MnistRecipe.model_validate(tree) for name, tree in resolved.items()}
-    device = resolve_device(device_name_)
-    data = mnist.load_for_resume(manifest.get("data", {}).get("source"), data_dir)
-    check_same_data(run_dir, manifest.get("data", {}), data)
-    grid = Grid(tuple(manifest["grid"]["lrs"]), tuple(manifest["grid"]["init_stds"])) if "grid" in manifest else None
-    setup = _build(variants, manifest["seeds"], data, manifest["data_seed"], device, engine, grid)
-    manifest["resumed"] = [*manifest.get("resumed", []), now()]
-    manifest["resumed_engines"] = [*manifest.get("resumed_engines", []), setup.engine]
-    manifest["resumed_data"] = [*manifest.get("resumed_data", []), data_record(data)["source"]]
-    from_checkpoint = (run_dir / CHECKPOINT).is_file()
-    if not from_checkpoint:
-        manifest["restarted"] = [*manifest.get("restarted", []), "no checkpoint yet: trained again from step 0"]
-    return _train(run_dir, variants, manifest, setup, resume=from_checkpoint, show_progress=show_progress)
+    owner = RunLock.claim(run_dir)  # first, before the data is read: of two resumes started together, one trains
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text())  # as the claim found it (a rival may have
+        if manifest.get("status") == "complete":                          # finished the run meanwhile)
+            raise UserError(f"run {run_dir} is already complete; start a new one instead")
+        variants = {name: MnistRecipe.model_validate(tree) for name, tree in resolved.items()}
+        device = resolve_device(device_name_)
+        data = mnist.load_for_resume(manifest.get("data", {}).get("source"), data_dir)
+        check_same_data(run_dir, manifest.get("data", {}), data)
+        grid = Grid(tuple(manifest["grid"]["lrs"]), tuple(manifest["grid"]["init_stds"])) if "grid" in manifest \
+            else None
+        setup = _build(variants, manifest["seeds"], data, manifest["data_seed"], device, engine, grid)
+        manifest["resumed"] = [*manifest.get("resumed", []), now()]
+        manifest["resumed_engines"] = [*manifest.get("resumed_engines", []), setup.engine]
+        manifest["resumed_data"] = [*manifest.get("resumed_data", []), data_record(data)["source"]]
+        from_checkpoint = (run_dir / CHECKPOINT).is_file()
+        if not from_checkpoint:
+            manifest["restarted"] = [*manifest.get("restarted", []), "no checkpoint yet: trained again from step 0"]
+        return _train(run_dir, variants, manifest, setup, resume=from_checkpoint, show_progress=show_progress,
+                      owner=owner)
+    finally:
+        owner.release()
 
 
 def check_same_data(run_dir: Path, recorded: dict[str, Any], data: mnist.MnistArrays) -> None:
@@ -322,7 +328,7 @@ def check_same_data(run_dir: Path, recorded: dict[str, Any], data: mnist.MnistAr
 
 
 def _train(run_dir: Path, variants: dict[str, MnistRecipe], manifest: dict[str, Any],
-           setup: Setup, resume: bool, show_progress: bool) -> Path:
+           setup: Setup, resume: bool, show_progress: bool, owner: RunLock | None = None) -> Path:
     task, optimizer, members = setup.task, setup.optimizer, setup.members
     recipe = task.recipe
     # A checkpoint at every evaluation (500 steps), so a killed run loses at most one interval: measured on 2 cores,
@@ -330,7 +336,7 @@ def _train(run_dir: Path, variants: dict[str, MnistRecipe], manifest: dict[str, 
     # for the sweep's 192 (79 MB; ~1% of its ~35 s interval). Where checkpoints fall never changes the numbers.
     schedule = Schedule(recipe.train.steps, recipe.eval.every, checkpoint_every=recipe.eval.every)
     announce("MNIST", manifest.get("deviations", []))
-    with training(run_dir, manifest), task.running():
+    with training(run_dir, manifest, owner=owner), task.running():
         log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=len(members), resume=resume,
                     show_progress=show_progress, statistics=recipe.eval.statistics,
                     describe=lambda s: f"loss {s.get('loss', math.nan):.3f}  acc {s.get('accuracy', math.nan):.4f}")
