@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnrepro.engine.trainer import Interrupted, Schedule, _Display, train
+from bnrepro.engine.trainer import Interrupted, ProgressDisplay, Schedule, train
 from bnrepro.experiments import mnist as experiment
 
 
@@ -36,6 +36,9 @@ class ToyTask:
             poison[list(self.bad)] = math.nan
             loss = loss * poison
         return loss
+
+    def train_steps(self, start, stop, learning_rate) -> None:
+        return None  # one update at a time, through losses and the loop's optimizer
 
     def evaluate(self, step: int, train_loss: torch.Tensor, statistics: str) -> dict[str, float]:
         self.evaluations.append((step, train_loss.tolist()))
@@ -117,6 +120,38 @@ def test_an_update_of_several_steps_keeps_every_count_in_steps(tmp_path):
     assert task.started == [0, 4, 8, 12, 16, 20] and [s for s, _ in task.evaluations] == [0, 8, 12, 20, 24]
 
 
+class ChunkedTask(ToyTask):
+    """Trains its own chunks of steps, as the native MNIST engine does; records each chunk and its rates."""
+
+    def __init__(self, members: int, bad: tuple[int, ...] = (), nan_step: int | None = None):
+        super().__init__(members, bad, nan_step)
+        self.chunks: list[tuple[int, int, list[float]]] = []
+
+    def losses(self, step: int):
+        raise AssertionError("the loop never asks a chunked task for one update's losses")
+
+    def train_steps(self, start, stop, learning_rate):
+        self.chunks.append((start, stop, [learning_rate(step) for step in range(start, stop)]))
+        return torch.stack([ToyTask.losses(self, step).detach() for step in range(start, stop)])
+
+
+def test_a_task_that_trains_chunks_runs_them_between_the_loops_checks(tmp_path):
+    """Chunks end where the loop has something to do (every CHECK_EVERY = 50 steps, each evaluation, the end);
+    each step's losses are dated by that step, and the rates are the schedule's (else the optimizer's)."""
+    task = ChunkedTask(2, bad=(0,), nan_step=60)
+    log = _train(task, tmp_path, steps=120, every=40, learning_rate=lambda step: 1 / (1 + step))
+    assert [(start, stop) for start, stop, _ in task.chunks] == [(0, 40), (40, 50), (50, 80), (80, 100), (100, 120)]
+    assert task.chunks[1][2] == [1 / (1 + step) for step in range(40, 50)]
+    assert log.diverged_at == [61, None]
+    assert [step for step, _ in task.evaluations] == [0, 40, 80, 120]
+    task = ChunkedTask(1)
+    _train(task, tmp_path, steps=10, every=10)
+    assert task.chunks == [(0, 10, [0.1] * 10)]
+    with pytest.raises(ValueError, match="one step per update"):
+        train(task, torch.optim.SGD(task.model.parameters(), lr=0.1), Schedule(10, 10, 1000, stride=2),
+              tmp_path / "s.pt", members=1, show_progress=False)
+
+
 def test_a_skipped_update_changes_nothing(tmp_path):
     """``losses`` returning None skips the update: no gradient, no weight decay, no momentum step."""
     def run(skip):
@@ -143,7 +178,7 @@ def test_progress_is_plain_lines_when_output_is_not_a_terminal(tmp_path, capsys,
     optimizer = torch.optim.SGD(task.model.parameters(), lr=0.1)
 
     def run(every: float) -> list[str]:
-        monkeypatch.setattr(_Display, "PLAIN_EVERY", every)
+        monkeypatch.setattr(ProgressDisplay, "PLAIN_EVERY", every)
         train(task, optimizer, Schedule(200, 100, 1000), tmp_path / f"{every}.pt", members=1, show_progress=True,
               describe=lambda shown: f"at {shown.get('step')}", rate=("images", 32))
         return [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]

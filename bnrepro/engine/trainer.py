@@ -38,6 +38,9 @@ CHECK_EVERY = 50  # steps between checks for divergence, progress and stop reque
 
 
 class Task(Protocol):
+    """What ``train`` asks of an experiment (MNIST's stack of members, ImageNet's Inception); every method is
+    declared by every task, so the loop never has to probe a task for what it can do."""
+
     model: nn.Module
 
     def losses(self, step: int) -> Tensor | None:
@@ -50,10 +53,13 @@ class Task(Protocol):
         first; "moving": the moving averages); return the few to show in the progress line."""
         ...
 
-    # Optional: ``train_steps(start, stop, learning_rates) -> Tensor (stop - start, members)`` trains steps
-    # [start, stop) itself (forward, backward and SGD update of each) and returns their losses, for a task
-    # whose steps are too small to pay for one optimizer call each. The loop then runs chunks of steps
-    # between its checks; it never calls ``losses`` or the optimizer.
+    def train_steps(self, start: int, stop: int, learning_rate: Callable[[int], float]) -> Tensor | None:
+        """Train steps [start, stop) itself (each step's forward, backward and SGD update at
+        ``learning_rate(step)``) and return their losses (stop - start, members): for a task whose steps are too
+        small to pay for one optimizer call each, which the loop then runs in chunks between its checks, never
+        calling ``losses`` or the optimizer. ``None``, having done nothing: the task trains one update at a time
+        through ``losses`` and the loop's optimizer (every task but the native MNIST engine)."""
+        ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -166,73 +172,145 @@ def train(
     ``statistics`` at the evaluations in between: "population" by default, since moving averages lag the
     weights by their window (~1 / momentum updates) and early in a run measure that lag, not the network.
     """
-    log, start, stride = LossLog(members), 0, schedule.stride
-    if resume:
-        state = resume if isinstance(resume, dict) else checkpoint.load(checkpoint_path)
-        task.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        task.load_state_dict(state["task"])
-        log.load_state_dict(state["log"])
-        _set_rng_state(state["rng"][replicas.rank])
-        start = state["step"]
-
-    def save(step: int) -> None:
-        task_state = task.state_dict()  # first: it may synchronise replicas' BN statistics
-        rng = replicas.gather(_rng_state())  # every replica's, so each resumes with its own dropout stream
-        if replicas.is_main:
-            checkpoint.save(checkpoint_path, {"step": step, "model": task.model.state_dict(),
-                                              "optimizer": optimizer.state_dict(), "task": task_state,
-                                              "log": log.state_dict(), "rng": rng})
-
-    shown: dict[str, float] = {}
+    run = _Training(task, optimizer, schedule, checkpoint_path, LossLog(members), replicas, learning_rate, statistics)
+    start = run.restore(resume if isinstance(resume, dict) else checkpoint.load(checkpoint_path)) if resume else 0
     if start == 0:
-        task.model.eval()
-        shown = task.evaluate(0, log.close_interval(), "population")  # Alg. 2 before any update, too
+        run.evaluate(0, "population")  # Alg. 2 before any update, too
     unit, per_step = rate
-    train_steps = getattr(task, "train_steps", None)  # a task that trains whole chunks of steps itself
-    if train_steps is not None and stride != 1:
-        raise ValueError("a task that trains chunks of steps itself runs one step per update")
-    with _StopRequests() as stop, _Display(show_progress and replicas.is_main, unit, schedule.steps, start) as bar:
-        bar.show(start, describe(shown))
-        rate_at = learning_rate or (lambda _: optimizer.param_groups[0]["lr"])  # for a task's own chunks (one group)
+    display = ProgressDisplay(show_progress and replicas.is_main, unit, schedule.steps, start)
+    with _StopRequests() as stop, display:
+        display.show(start, describe(run.shown))  # where this process starts (a resume: figures from its first check)
         step = start
         while step < schedule.steps:
-            task.model.train()
-            if train_steps is not None:  # up to the next check: each step's forward, backward and SGD update
-                done = _next_check(step, schedule)
-                for offset, losses in enumerate(train_steps(step, done, [rate_at(s) for s in range(step, done)])):
-                    log.add(losses, step + offset + 1)  # one step's member losses
-            else:
-                if learning_rate is not None:
-                    for group in optimizer.param_groups:
-                        group["lr"] = learning_rate(step)  # the schedule is a function of the step alone
-                losses = task.losses(step)  # forward pass on this update's mini-batches: one loss per member
-                done = step + stride
-                if losses is not None:  # None: nothing readable to train on, on some replica; all skip it
-                    optimizer.zero_grad(set_to_none=True)  # the last update's gradients are spent
-                    losses.sum().backward()  # members share no parameters, so each gets exactly its own gradient
-                    optimizer.step()  # one SGD update of every member
-                    log.add(replicas.mean(losses.detach()), done)  # the train-loss column; dates any divergence
-            last = done >= schedule.steps
-            evaluate = crossed(step, done, schedule.eval_every) or last
-            checks = evaluate or crossed(schedule.updates(step), schedule.updates(done), CHECK_EVERY)
-            diverged = checks and log.all_diverged()  # every member's loss is NaN/inf: nothing left to train
-            if evaluate or diverged:
-                task.model.eval()
-                final = last or diverged  # the run's final numbers infer with Alg. 2's population statistics
-                shown = task.evaluate(done, log.close_interval(), "population" if final else statistics)
-            if diverged:
-                save(done)
+            task.model.train()  # training mode: dropout on, BN normalizes with each mini-batch's own statistics
+            done = run.task_chunk(step) or run.update(step)  # the task's own steps to the next check, else one update
+            due = _Due.after_update(step, done, schedule)  # what the update crossed: evaluation, check, checkpoint, end
+            if run.diverged(due):  # every member's loss is NaN/inf: evaluated with Alg. 2 and saved; nothing to train
                 break
-            if crossed(step, done, schedule.checkpoint_every) or last:
-                save(done)
-            if (checks or not replicas.distributed) and replicas.any(stop.requested):
-                save(done)
-                raise Interrupted(done, checkpoint_path)
-            if checks:
-                bar.show(done, describe(shown), per_step)
+            run.evaluate_if_due(due)  # the task's metrics at each eval_every and at the end
+            run.save_if_due(due)  # a checkpoint at each checkpoint_every and at the end
+            run.stop_if_requested(due, stop.requested)  # Ctrl-C/SIGTERM: save, raise Interrupted (same step everywhere)
+            if due.check:
+                display.show(done, describe(run.shown), per_step)  # speed and the latest evaluation's figures
             step = done
-    return log
+    return run.log
+
+
+@dataclass(frozen=True)
+class _Due:
+    """What the update that ended at step ``done`` calls for; an interval that an update crosses is acted on at
+    the end of that update."""
+
+    done: int
+    last: bool  # the budget is spent
+    evaluate: bool  # a multiple of eval_every (or the last step)
+    check: bool  # a check for divergence, progress and stop requests: every CHECK_EVERY updates and at evaluations
+    checkpoint: bool  # a multiple of checkpoint_every (or the last step)
+
+    @classmethod
+    def after_update(cls, step: int, done: int, schedule: Schedule) -> _Due:
+        """The update from ``step`` to ``done`` steps."""
+        last = done >= schedule.steps
+        evaluate = crossed(step, done, schedule.eval_every) or last
+        check = evaluate or crossed(schedule.updates(step), schedule.updates(done), CHECK_EVERY)
+        return cls(done, last, evaluate, check, crossed(step, done, schedule.checkpoint_every) or last)
+
+
+@dataclass
+class _Training:
+    """The named steps of ``train``'s loop, over what every one of them needs: ``train`` reads as the loop alone."""
+
+    task: Task
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    checkpoint_path: Path
+    log: LossLog
+    replicas: Replicas
+    learning_rate: Callable[[int], float] | None
+    statistics: Statistics  # what BN infers with at the evaluations between the first and the last
+    shown: dict[str, float] = field(default_factory=dict)  # the latest evaluation's figures, for the progress line
+
+    def restore(self, state: dict[str, Any]) -> int:
+        """Continue from checkpoint ``state`` (weights, momentum, the task's records, the losses since the last
+        evaluation and this replica's RNG streams, so the run goes on exactly as if never stopped); its step."""
+        self.task.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.task.load_state_dict(state["task"])
+        self.log.load_state_dict(state["log"])
+        _set_rng_state(state["rng"][self.replicas.rank])
+        return state["step"]
+
+    def save(self, step: int) -> None:
+        """A checkpoint after ``step`` steps, written by the main replica (every replica takes part)."""
+        task_state = self.task.state_dict()  # first: it may synchronise replicas' BN statistics
+        rng = self.replicas.gather(_rng_state())  # every replica's, so each resumes with its own dropout stream
+        if self.replicas.is_main:
+            checkpoint.save(self.checkpoint_path, {"step": step, "model": self.task.model.state_dict(),
+                                                   "optimizer": self.optimizer.state_dict(), "task": task_state,
+                                                   "log": self.log.state_dict(), "rng": rng})
+
+    def evaluate(self, step: int, statistics: Statistics) -> None:
+        """The task's metrics after ``step`` steps, with the mean train loss since the last evaluation."""
+        self.task.model.eval()
+        self.shown = self.task.evaluate(step, self.log.close_interval(), statistics)
+
+    def task_chunk(self, step: int) -> int | None:
+        """Let the task train every step from ``step`` to the loop's next check itself, in one call (the native
+        MNIST engine, whose steps are too small to pay for an optimizer call each); the step it reached, or None
+        for a task that trains one update at a time (then nothing happened)."""
+        done = _next_check(step, self.schedule)
+        losses = self.task.train_steps(step, done, self.learning_rate or self._current_rate)
+        if losses is None:
+            return None
+        if self.schedule.stride != 1:
+            raise ValueError("a task that trains chunks of steps itself runs one step per update")
+        for offset, step_losses in enumerate(losses):
+            self.log.add(step_losses, step + offset + 1)  # one step's member losses
+        return done
+
+    def _current_rate(self, step: int) -> float:
+        """Without a ``learning_rate`` schedule, the optimizer's own (one parameter group) at every step."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    def update(self, step: int) -> int:
+        """One SGD update of ``stride`` steps from ``step`` (skipped when the task has nothing to train on); the
+        step it reached."""
+        if self.learning_rate is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate(step)  # the schedule is a function of the step alone
+        losses = self.task.losses(step)  # forward pass on this update's mini-batches: one loss per member
+        done = step + self.schedule.stride
+        if losses is not None:  # None: nothing readable to train on, on some replica; all skip it
+            self.optimizer.zero_grad(set_to_none=True)  # the last update's gradients are spent
+            losses.sum().backward()  # members share no parameters, so each gets exactly its own gradient
+            self.optimizer.step()  # one SGD update of every member
+            self.log.add(self.replicas.mean(losses.detach()), done)  # the train-loss column; dates any divergence
+        return done
+
+    def diverged(self, due: _Due) -> bool:
+        """At a check: whether every member's loss has turned NaN/inf; if so the run's final evaluation (Alg. 2's
+        statistics) and checkpoint are taken here, since there is nothing left to train."""
+        if not (due.check and self.log.all_diverged()):
+            return False
+        self.evaluate(due.done, "population")
+        self.save(due.done)
+        return True
+
+    def evaluate_if_due(self, due: _Due) -> None:
+        """The run's final numbers infer with Alg. 2's population statistics, those between with ``statistics``."""
+        if due.evaluate:
+            self.evaluate(due.done, "population" if due.last else self.statistics)
+
+    def save_if_due(self, due: _Due) -> None:
+        if due.checkpoint:
+            self.save(due.done)
+
+    def stop_if_requested(self, due: _Due, requested: bool) -> None:
+        """Ctrl-C or SIGTERM: save and raise ``Interrupted``. Under DDP the replicas agree only at checks (a
+        collective every update would cost), so all stop at the same step; a single process stops at once."""
+        if (due.check or not self.replicas.distributed) and self.replicas.any(requested):
+            self.save(due.done)
+            raise Interrupted(due.done, self.checkpoint_path)
 
 
 def _next_check(step: int, schedule: Schedule) -> int:
@@ -255,7 +333,7 @@ def _set_rng_state(state: dict[str, Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-class _Display:
+class ProgressDisplay:
     """Progress of a run: a rich bar on a terminal; elsewhere (nohup, a cluster's log file), where a bar shows
     nothing until the end, a plain line at the first check, then every ``PLAIN_EVERY`` seconds and at the end,
     as timm prints."""
@@ -274,7 +352,7 @@ class _Display:
         self.tick = self.began = self.printed = time.perf_counter()
         self.ticked = self.first = self.printed_step = start
 
-    def __enter__(self) -> _Display:
+    def __enter__(self) -> ProgressDisplay:
         self.progress.__enter__()
         return self
 

@@ -183,6 +183,10 @@ class ImagenetTask:
         pictures = batch.images if isinstance(batch.images, Tensor) else torch.stack(batch.images)
         return self._normalize(pictures), batch.labels.to(self.device, non_blocking=True)
 
+    def train_steps(self, start: int, stop: int, learning_rate: Callable[[int], float]) -> Tensor | None:
+        """None: one update at a time, through ``losses`` and the trainer's optimizer (the Task protocol)."""
+        return None
+
     def losses(self, step: int) -> Tensor | None:
         """The loss of this replica's mini-batch of the update at paper step ``step``; ``None`` (every replica
         skips the update: no forward, no BN averages, no weight decay or momentum) when any replica's

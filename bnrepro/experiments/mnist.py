@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shlex
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,10 @@ class MnistTask:
         return self.model.losses(BinaryBatch(self.train_bits.index_select(0, index)),
                                  self.train_labels.index_select(0, index))
 
+    def train_steps(self, start: int, stop: int, learning_rate: Callable[[int], float]) -> Tensor | None:
+        """None: the torch engine trains one update at a time, through ``losses`` and the trainer's optimizer."""
+        return None
+
     def running(self) -> AbstractContextManager:
         """Held while the trainer runs this task."""
         return nullcontext()
@@ -143,9 +148,11 @@ class NativeMnistTask(MnistTask):
         with torch_threads(self.threads):  # a large torch computation while the kernel is idle
             super().estimate_population(step)
 
-    def train_steps(self, start: int, stop: int, learning_rates: list[float]) -> Tensor:
-        examples = torch.stack([self.batches.indices(step) for step in range(start, stop)])
-        return self.engine.train_steps(examples, self.train_rows, self.train_labels, learning_rates)
+    def train_steps(self, start: int, stop: int, learning_rate: Callable[[int], float]) -> Tensor:
+        """Steps [start, stop) in one kernel call: their losses (stop - start, members)."""
+        steps = range(start, stop)
+        examples = torch.stack([self.batches.indices(step) for step in steps])
+        return self.engine.train_steps(examples, self.train_rows, self.train_labels, [learning_rate(s) for s in steps])
 
     def predict(self) -> tuple[Tensor, Tensor]:
         return self.engine.predict(self.test_rows, self.recipe.eval.probe_unit)
