@@ -22,6 +22,7 @@ from rich.table import Table
 from bnrepro import recipes
 from bnrepro.engine.trainer import Interrupted
 from bnrepro.errors import UserError
+from bnrepro.paper import PAPER
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reproduce Ioffe & Szegedy (2015), Batch Normalization: experiments, figures, tables.")
@@ -296,7 +297,8 @@ def reproduce(
     workers: Annotated[int | None, typer.Option(help="Data-loading workers for data that is not held in memory.")
                        ] = None,
     val_limit: Annotated[int | None, typer.Option(
-        help="Ensemble: evaluate the first this many validation images (default: 1,000 at cpu, all elsewhere).")
+        help="Ensemble: evaluate the first this many validation images (default: the campaign's for the profile, in "
+             f"bnrepro/paper.yaml: {PAPER.campaign.val_limit_text()}).")
                          ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the plan and an estimate of its time, train nothing.")] = False,
     allow_dirty: Annotated[bool, typer.Option(
@@ -315,7 +317,7 @@ def reproduce(
         raise UserError(f"--val-limit must be 1 or more, not {val_limit}")
     if workers is not None and workers < 0:
         raise UserError(f"--workers must be 0 or more, not {workers}")
-    limit = val_limit if val_limit is not None else (1000 if profile == "cpu" else None)
+    limit = campaign.val_limit(profile, val_limit)  # None given: the campaign's for the profile (paper.yaml)
     if dataset_dir is None and not dry_run:
         raise UserError("give --dataset-dir DIR (for --profile cpu: Fashion-MNIST's raw folder, e.g. "
                         "../shared/data/fashion-mnist/raw)")

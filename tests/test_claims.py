@@ -151,6 +151,24 @@ def test_every_claim_held_and_the_report(tmp_path):
     assert [md.index(text) for text in order] == sorted(md.index(text) for text in order)  # v2's rules first
 
 
+def test_the_papers_column_and_the_rules_give_the_papers_numbers():
+    """The figures come from bnrepro/paper.yaml; these are the words they gave when they were written out here."""
+    assert {n: paper for n, (_, paper) in claims.CLAIMS.items()} == {
+        1: "13.3e6 vs 31.0e6 steps to 72.2% (2.3x)", 2: "2.1e6 steps, 14.8x fewer",
+        3: "2.7e6 vs 2.1e6 steps to 72.2%; max 74.8% vs 73.0%", 4: "parameters reach \"machine infinity\"",
+        5: "Inception-Sigmoid never above chance (1/1000); BN-x5-Sigmoid 69.8%", 6: "about +1%",
+        7: "top-1 error 25.2% (1 crop), 21.99% (144 crops), 20.1% (6-model ensemble, 144 crops)"}
+    assert claims.CLAIMS[2][0] == "BN-x5 reaches it in about 14 times fewer steps than Inception"
+    assert claims.CLAIMS[6][0] == "Within-shard shuffling (change 6) adds about 1% accuracy"
+    assert claims.CLAIMS[7][0] == "Multicrop lowers the error; the 6-model ensemble lowers it further"
+    assert claims.HALF_PAPER_SPEEDUP == 7 and round(claims.PAPER_BN_X5_EPOCHS) == 52
+    assert claims.SHARDS_ONLY == "bn-x5 [train.shuffle=shards]" and claims.SPREAD_RECIPES == ("inception", "bn-x5")
+    assert "at least 7x (half the paper's 14.8x)" in claims.RULES[2]
+    assert "at or above 7x (half the paper's 14.8x); not held if it lies below 7x" in claims.RULES_V2[2]
+    assert "(the paper's BN-x5 took 2.1e6 x 32 / 1.28e6 = 52 epochs to reach 72.2%)" in claims.RULES_V2[6]
+    assert "over `inception` and `bn-x5`; s = 0" in claims.COMMON[1]
+
+
 def test_nothing_run_is_not_run(tmp_path):
     results = tmp_path / "results"
     write_run(results, "only-bn-x5", "bn-x5", [0, 100], [0.1, 0.5])

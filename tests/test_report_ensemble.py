@@ -13,6 +13,7 @@ import torch
 from conftest import markdown_rows
 
 from bnrepro.errors import UserError
+from bnrepro.paper import PAPER
 from bnrepro.report import build, ensemble
 
 LABELS = [0, 1, 2, 0]  # 4 validation images of a 3-class test set
@@ -69,7 +70,7 @@ def test_fig4_rows_are_recombined_from_the_cached_probabilities(results, tmp_pat
     assert ensemble.build(results, out) == [out / "ensemble.md"]
     rows = tables((out / "ensemble.md").read_text(), "Fig. 4")
     ours = [name for name in rows if name.startswith("this project:")]
-    assert list(rows)[:len(ensemble.PAPER_FIG4)] == [row[0] for row in ensemble.PAPER_FIG4]  # the paper's first
+    assert list(rows)[:len(PAPER.ensemble.fig4)] == [row.model for row in PAPER.ensemble.fig4]  # the paper's first
     assert ours == ["this project: BN-Inception single crop (member-a)",
                     "this project: BN-Inception multicrop (member-a)",
                     "this project: BN-Inception ensemble (bn-inception: member-a, member-b)"]
@@ -181,6 +182,31 @@ def test_profile_from_the_runs_recipe_yaml(tmp_path):
     run = write_run(tmp_path / "results", "from-yaml")
     (run / "recipe.yaml").write_text("experiment: ensemble\nprofile: proxy\n")
     assert ensemble.finished_runs(tmp_path / "results")[0].profile == "proxy"
+
+
+def test_the_profile_is_the_manifests_first_then_the_recipe_yamls_then_the_first_members(tmp_path):
+    """``bnrepro ensemble`` has not written ``profile`` into its manifest so far: the report falls back on the run's
+    recipe.yaml, then on its first member's manifest, and a file that is missing, damaged or of another shape is
+    no profile rather than an error."""
+    results = tmp_path / "results"
+    run = write_run(results, "fallbacks", extra={"profile": "smoke"})
+    (run / "recipe.yaml").write_text("experiment: ensemble\nprofile: proxy\n")
+    assert ensemble.finished_runs(results)[0].profile == "smoke"  # the manifest's, when it has one
+    manifest = json.loads((run / "manifest.json").read_text())
+    del manifest["profile"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    member = Path(manifest["members"][0]["run"])
+    member.mkdir(parents=True)
+    (member / "manifest.json").write_text(json.dumps({"profile": "cpu"}))
+    for damaged in (b"- a list\n", b"profile: [unclosed\n", b"\xff\xfe not utf-8"):
+        (run / "recipe.yaml").write_bytes(damaged)
+        assert ensemble.finished_runs(results)[0].profile == "cpu"  # the first member's
+    for damaged in ("[1, 2]", "{not json", ""):
+        (member / "manifest.json").write_text(damaged)
+        assert ensemble.finished_runs(results)[0].profile is None
+    manifest["members"][0]["run"] = None  # no folder named at all
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert ensemble.finished_runs(results)[0].profile is None
 
 
 def test_no_folder_of_the_machine_is_named_and_commits_keep_their_dirty_flag(tmp_path):

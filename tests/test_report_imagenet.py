@@ -12,6 +12,7 @@ import pytest
 from conftest import markdown_rows
 
 from bnrepro.errors import UserError
+from bnrepro.paper import PAPER
 from bnrepro.report import build, imagenet
 
 NAN = math.nan
@@ -138,7 +139,8 @@ def test_paper_columns(results, tmp_path):
     assert (rows["BN-x5"]["Paper: steps to 72.2%"], rows["BN-x5"]["Paper: max accuracy"],
             rows["BN-x5"]["Paper: speed-up"]) == ("2.1e6", "73.0%", "14.8x")
     assert (rows["Inception-x5"]["Paper: steps to 72.2%"], rows["Inception-x5"]["Paper: max accuracy"]) == ("—", "—")
-    assert imagenet.PAPER_FIG3["bn-x30"] == (2.7e6, 0.748) and imagenet.PAPER_FIG3["bn-x5-sigmoid"] == (None, 0.698)
+    assert (PAPER.fig3("bn-x30").steps, PAPER.fig3("bn-x30").max_top1) == (2.7e6, 0.748)
+    assert (PAPER.fig3("bn-x5-sigmoid").steps, PAPER.fig3("bn-x5-sigmoid").max_top1) == (None, 0.698)
 
 
 def test_paper_profile_uses_the_papers_target(results, tmp_path):
@@ -284,7 +286,7 @@ def test_the_latest_campaign_is_said_with_its_commit_and_runs_whose_manifest_dis
 
 def test_every_line_of_fig_2_differs_in_colour_or_style_however_many_rows(tmp_path):
     root = tmp_path / "results"
-    recipes = [*imagenet.RECIPE_ORDER, *(f"bn-x30-member{i}" for i in range(1, 13))]
+    recipes = [*PAPER.recipe_order, *(f"bn-x30-member{i}" for i in range(1, 13))]
     for i, recipe in enumerate(recipes):
         LABELS.setdefault(recipe, recipe)
         write_run(root, f"{i:02d}-{recipe}", recipe, "cpu", STEPS, [0.1, 0.2, 0.3, 0.4, 0.5, 0.5 + i / 100])
@@ -295,7 +297,7 @@ def test_every_line_of_fig_2_differs_in_colour_or_style_however_many_rows(tmp_pa
     assert styles["inception"] == ("black", "-") and styles["bn-x5 [train.shuffle=shards]"] == ("tab:orange", "--")
     members = [styles[key] for key in chosen if key.startswith("bn-x30-member")]  # in row order
     assert len({c for c, _ in members[:6]}) == 6 and len({s for _, s in members[:4]}) == 4  # both change each row
-    assert all(colour not in imagenet.COLOURS.values() for colour, _ in members)
+    assert all(colour not in PAPER.colours.values() for colour, _ in members)
     assert imagenet.build(root, tmp_path / "report")
 
 

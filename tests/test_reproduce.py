@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 from conftest import FILES, write_mnist
 from typer.testing import CliRunner
 
@@ -38,6 +39,16 @@ def test_the_campaign_is_figures_2_3_then_the_changes_alone_and_the_seeds_then_t
     assert ("inception", 1, ()) in names and ("bn-x5", 1, ()) in names  # the seed spread
     assert [n for n, _, _ in names[-6:]] == [f"bn-x30-member{i}" for i in range(1, 7)]
     assert len(set(names)) == len(names)
+
+
+def test_the_ensemble_takes_the_first_1000_validation_images_at_cpu_unless_told_and_all_elsewhere():
+    """The campaign's per-profile default (bnrepro/paper.yaml), which --val-limit overrides; the CLI only passes it."""
+    assert campaign.val_limit("cpu") == 1000 and campaign.val_limit("cpu", 8) == 8
+    assert campaign.val_limit("paper") is None and campaign.val_limit("smoke") is None
+    assert campaign.val_limit("smoke", 8) == 8
+    command = typer.main.get_command(app).commands["reproduce"]
+    (option,) = [p for p in command.params if p.name == "val_limit"]
+    assert option.default is None and "1,000 at cpu, all elsewhere" in option.help  # said from the same data
 
 
 def _fake_run(results: Path, planned: campaign.Planned, profile: str, status: str, checkpoint: bool = False,

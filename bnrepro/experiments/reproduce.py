@@ -32,9 +32,10 @@ from bnrepro.engine.distributed import SINGLE_PROCESS
 from bnrepro.engine.trainer import Interrupted
 from bnrepro.errors import UserError
 from bnrepro.experiments import imagenet
+from bnrepro.paper import PAPER
 from bnrepro.runs import Damaged, git_commit, new_run_dir, now, read_json, runs_of, skip, write_json
 
-ENSEMBLE = "ensemble/bn-inception"
+ENSEMBLE = PAPER.campaign.ensemble  # Fig. 4's recipe: its members are the campaign's last runs
 CAMPAIGN = "campaign"  # results/campaign/<profile>-<time>/: each campaign's own record
 
 
@@ -53,25 +54,19 @@ class Planned:
         return f"{Path(self.recipe).stem} (seed {self.seed}{extra})"
 
 
-# Figs. 2-3 (Sec. 4.2.2), then what the claims need beside them, then Fig. 4's members (Sec. 4.2.3).
-FIGURES_2_3 = (
-    Planned("imagenet/inception", why="Fig. 2/3: the baseline; its maximum is the target"),
-    Planned("imagenet/bn-baseline", why="Fig. 2/3"),
-    Planned("imagenet/bn-x5", why="Fig. 2/3"),
-    Planned("imagenet/bn-x30", why="Fig. 2/3"),
-    Planned("imagenet/bn-x5-sigmoid", why="Fig. 3"),
-    Planned("imagenet/inception-sigmoid", why="Sec. 4.2.2: never above chance"),
-    Planned("imagenet/inception-x5", why="Sec. 4.2.2: machine infinity"),
-    Planned("imagenet/bn-x5", overrides=("train.shuffle=shards",), why="change 6 alone: BN-x5 without it"),
-    Planned("imagenet/inception", seed=1, why="seed spread"),
-    Planned("imagenet/bn-x5", seed=1, why="seed spread"),
-)
-
-
 def campaign() -> list[Planned]:
-    """Every ImageNet run of the campaign, in order: Figs. 2-3, then the ensemble recipe's members."""
+    """Every ImageNet run of the campaign, in order: paper.yaml's ``campaign.runs`` (Figs. 2-3, Sec. 4.2.2, then
+    what the claims need beside them), then the ensemble recipe's members (Fig. 4, Sec. 4.2.3), which that recipe
+    alone lists, so that the runs the campaign trains are the ones ``bnrepro ensemble`` averages."""
     ensemble = recipe_io.load(ENSEMBLE)
-    return [*FIGURES_2_3, *(Planned(member, why="Fig. 4: ensemble member") for member in ensemble.members)]
+    return [*(Planned(*run) for run in PAPER.planned()),
+            *(Planned(member, why="Fig. 4: ensemble member") for member in ensemble.members)]
+
+
+def val_limit(profile: str, given: int | None = None) -> int | None:
+    """The validation images the ensemble evaluates: ``given`` (--val-limit), else the campaign's for ``profile``
+    (paper.yaml: 1,000 at cpu, whose CPU evaluates 144 crops of each per member; all elsewhere); None: all."""
+    return given if given is not None else PAPER.campaign.val_limit(profile)
 
 
 @dataclass

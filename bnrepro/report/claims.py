@@ -26,31 +26,39 @@ import numpy as np
 import pandas as pd
 
 from bnrepro.errors import UserError
+from bnrepro.paper import PAPER
 from bnrepro.report import ensemble, imagenet
 from bnrepro.report.imagenet import Run, markdown_table, paper_steps_text
 from bnrepro.runs import atomic_write, check_writable
 
 HELD, NOT_HELD, SPREAD, NOT_RUN = "held", "not held", "within seed spread", "not run"
-SHARDS_ONLY = imagenet.row_key("bn-x5", ("train.shuffle=shards",))  # BN-x5 without change 6
-SPREAD_RECIPES = ("inception", "bn-x5")
-HALF_PAPER_SPEEDUP = 7.0  # half the paper's 31.0e6 / 2.1e6 = 14.8x, rounded down as its text's "14 times"
+# The paper's numbers and the runs the claims compare come from bnrepro/paper.yaml; the rules below print them.
+_SHARDS = PAPER.variants["shards-only"]
+SHARDS_ONLY = imagenet.row_key(_SHARDS.stem, tuple(sorted(_SHARDS.overrides)))  # BN-x5 without change 6
+SPREAD_RECIPES = PAPER.seed_spread  # v1's seed spread: the recipes the campaign trains a second seed of
+HALF_PAPER_SPEEDUP = PAPER.imagenet.speedup_in_text / 2  # 7: half the text's "14 times" (31.0e6 / 2.1e6 = 14.8x)
+TARGET_TEXT = f"{100 * PAPER.imagenet.target:.1f}%"  # 72.2%, as the rules print it
+SPEEDUP_TEXT = f"{PAPER.speedup('bn-x5'):.1f}x"  # BN-x5's 14.8x of Fig. 3
+_SPREAD_NAMES = " and ".join(f"`{name}`" for name in SPREAD_RECIPES)
 
 # Rules v1 (registered before the first campaign; kept unchanged in behaviour) ---------------------------------------
 
 COMMON = [
-    "The target is imagenet.md's: the best top-1 of this profile's `inception` run (the paper's 72.2% at profile "
+    f"The target is imagenet.md's: the best top-1 of this profile's `inception` run (the paper's {TARGET_TEXT} at "
+    "profile "
     "`paper`). A recipe's max is its best single-crop validation top-1 over its finite evaluations; its steps to "
     "target are its first evaluated step at or above the target. Steps of two runs are compared as paper-equivalent "
     "steps (step / compression) where both manifests carry `compression`, else as this profile's steps.",
-    "Seed spread s: the largest |difference of max top-1| between two seeds of the same recipe, over `inception` "
-    "and `bn-x5`; s = 0 when neither has a second seed (then any nonzero difference decides).",
+    "Seed spread s: the largest |difference of max top-1| between two seeds of the same recipe, over "
+    f"{_SPREAD_NAMES}; s = 0 when neither has a second seed (then any nonzero difference decides).",
     "A claim whose runs are missing is `not run`.",
 ]
 RULES = {
     1: "Held if BN-Baseline reaches the target at an earlier step than Inception does (at a profile other than "
        "`paper`, Inception's step of its max; an Inception that never reaches the target is later than any step); "
        "not held otherwise, also if BN-Baseline never reaches it.",
-    2: "Speed-up = Inception's steps to target / BN-x5's. Held if it is at least 7x (half the paper's 14.8x); not "
+    2: f"Speed-up = Inception's steps to target / BN-x5's. Held if it is at least {HALF_PAPER_SPEEDUP:g}x (half the "
+       f"paper's {SPEEDUP_TEXT}); not "
        "held otherwise, also if BN-x5 never reaches the target. If Inception never reaches the target (possible only "
        "at profile `paper`), its last evaluated step stands in, a lower bound on the speed-up.",
     3: "Two parts. (a) Starts slower: held if BN-x30's top-1 at its first evaluation after step 0 is lower than "
@@ -62,28 +70,53 @@ RULES = {
     5: "Chance = 1 / the number of classes (the manifest's `classes`). Held if Inception-Sigmoid's max <= 2 x chance "
        "and BN-x5-Sigmoid's max >= 5 x chance (a run without a finite evaluation counts as 0%); not held otherwise; "
        "not run if neither manifest records `classes`.",
-    6: "d = BN-x5's max - the max of BN-x5 with `--set train.shuffle=shards` (shards only, no change 6). Held if "
+    6: f"d = BN-x5's max - the max of BN-x5 with `--set {' '.join(_SHARDS.overrides)}` (shards only, no change 6). "
+       "Held if "
        "d > s and d > 0; within seed spread if |d| <= s; not held if d < -s.",
     7: "From the latest ensemble run at this profile: held if its first member's 144-crop top-1 error is lower than "
        "its 1-crop top-1 error and the ensemble's 144-crop top-1 error is lower than every member's 144-crop top-1 "
        "error; not held otherwise; not run without an ensemble of two or more members evaluated at 1 and 144 crops.",
 }
-CLAIMS = {
-    1: ("BN-Baseline reaches Inception's maximum accuracy in fewer steps",
-        "13.3e6 vs 31.0e6 steps to 72.2% (2.3x)"),
-    2: ("BN-x5 reaches it in about 14 times fewer steps than Inception",
-        "2.1e6 steps, 14.8x fewer"),
-    3: ("BN-x30 starts slower than BN-x5 but ends higher",
-        "2.7e6 vs 2.1e6 steps to 72.2%; max 74.8% vs 73.0%"),
-    4: ("Inception at 5x the learning rate (0.0075) diverges",
-        "parameters reach \"machine infinity\""),
-    5: ("Inception-Sigmoid never leaves chance; BN-x5-Sigmoid trains",
-        "Inception-Sigmoid never above chance (1/1000); BN-x5-Sigmoid 69.8%"),
-    6: ("Within-shard shuffling (change 6) adds about 1% accuracy",
-        "about +1%"),
-    7: ("Multicrop lowers the error; the 6-model ensemble lowers it further",
-        "top-1 error 25.2% (1 crop), 21.99% (144 crops), 20.1% (6-model ensemble, 144 crops)"),
-}
+
+
+def _fig3_steps(name: str) -> str:
+    return paper_steps_text(PAPER.fig3(name).steps)
+
+
+def _fig3_max(name: str) -> str:
+    return f"{100 * PAPER.fig3(name).max_top1:.1f}%"
+
+
+def _fig4_top1(model: str) -> str:
+    return f"{PAPER.ensemble.fig4_row(model).top1_error:g}%"
+
+
+def paper_claims() -> dict[int, tuple[str, str]]:
+    """Each claim of Sec. 4.2 and the paper's figure for it, the numbers from paper.yaml."""
+    models = PAPER.ensemble.fig4_row("BN-Inception ensemble").models
+    return {
+        1: ("BN-Baseline reaches Inception's maximum accuracy in fewer steps",
+            f"{_fig3_steps('bn-baseline')} vs {_fig3_steps('inception')} steps to {TARGET_TEXT} "
+            f"({PAPER.speedup('bn-baseline'):.1f}x)"),
+        2: (f"BN-x5 reaches it in about {PAPER.imagenet.speedup_in_text:g} times fewer steps than Inception",
+            f"{_fig3_steps('bn-x5')} steps, {SPEEDUP_TEXT} fewer"),
+        3: ("BN-x30 starts slower than BN-x5 but ends higher",
+            f"{_fig3_steps('bn-x30')} vs {_fig3_steps('bn-x5')} steps to {TARGET_TEXT}; max {_fig3_max('bn-x30')} "
+            f"vs {_fig3_max('bn-x5')}"),
+        4: ("Inception at 5x the learning rate (0.0075) diverges",
+            "parameters reach \"machine infinity\""),
+        5: ("Inception-Sigmoid never leaves chance; BN-x5-Sigmoid trains",
+            f"Inception-Sigmoid never above chance (1/{PAPER.imagenet.classes}); BN-x5-Sigmoid "
+            f"{_fig3_max('bn-x5-sigmoid')}"),
+        6: (f"Within-shard shuffling (change 6) adds about {PAPER.imagenet.change_6_gain:.0%} accuracy",
+            f"about {PAPER.imagenet.change_6_gain:+.0%}"),
+        7: (f"Multicrop lowers the error; the {models}-model ensemble lowers it further",
+            f"top-1 error {_fig4_top1('BN-Inception single crop')} (1 crop), {_fig4_top1('BN-Inception multicrop')} "
+            f"(144 crops), {_fig4_top1('BN-Inception ensemble')} ({models}-model ensemble, 144 crops)"),
+    }
+
+
+CLAIMS = paper_claims()
 
 
 @dataclass
@@ -129,7 +162,8 @@ def seed_spread(rows: dict[str, Run]) -> tuple[float, str]:
             s = max(s, max(values) - min(values))
             parts.append(f"{recipe} seeds " + ", ".join(f"{seed}: {_pct(m)}" for seed, m in found))
     if not parts:
-        return 0.0, ("s = 0: only one seed of `inception` and of `bn-x5` (or neither run), so the seed spread is "
+        only = " and of ".join(f"`{name}`" for name in SPREAD_RECIPES)
+        return 0.0, (f"s = 0: only one seed of {only} (or neither run), so the seed spread is "
                      "unknown and any nonzero difference decides.")
     return s, f"s = {100 * s:.1f} points ({'; '.join(parts)})."
 
@@ -291,7 +325,10 @@ INCONCLUSIVE, NOT_TESTABLE = "inconclusive", "not testable at this scale"
 MIN_SEEDS = 3  # two seeds give a standard deviation with one degree of freedom: too loose to be a noise estimate
 ALPHA = 0.05
 MIN_EPOCHS_CHANGE_6 = 3.0
-PAPER_BN_X5_EPOCHS = 2.1e6 * 32 / 1_281_167  # the paper's BN-x5 reached 72.2% after ~52 epochs of ImageNet
+# The paper's BN-x5 reached 72.2% after 2.1e6 steps of 32 images, ~52 epochs of ImageNet's 1.28e6 training images.
+PAPER_BN_X5_EPOCHS = PAPER.fig3("bn-x5").steps * PAPER.imagenet.batch_size / PAPER.imagenet.train_images
+_BN_X5_EPOCHS_TEXT = (f"{_fig3_steps('bn-x5')} x {PAPER.imagenet.batch_size} / "
+                      f"{PAPER.imagenet.train_images / 1e6:.2f}e6 = {PAPER_BN_X5_EPOCHS:.0f} epochs")
 ROUNDING = 1e-9  # T is a mean of accuracies: mean(0.79, 0.80, 0.81) = 0.8000000000000002 must count as 0.80
 COMBINE_ORDER = (NOT_HELD, INCONCLUSIVE, NOT_TESTABLE, NOT_RUN, HELD)  # a two-part claim takes its first found
 
@@ -300,7 +337,8 @@ COMMON_V2 = [
     "recipe's figure is the mean over its seeds. A seed without a finite evaluation has max top-1 0%.",
     "Noise band. A difference d of two recipes' seed means counts only beyond band = 2 * sqrt(sA^2/nA + sB^2/nB), "
     "with sA, sB the sample standard deviations (ddof = 1) over the nA, nB seeds of each recipe (two standard errors "
-    "of the difference); a seed mean against a fixed number (a threshold, the paper's 72.2%) has band = 2 * s / "
+    f"of the difference); a seed mean against a fixed number (a threshold, the paper's {TARGET_TEXT}) has band = "
+    "2 * s / "
     "sqrt(n). Each recipe's noise is its own seeds': no pooling across recipes, whose learning rates, and noise with "
     "them, differ. A comparison that needs a recipe with fewer than 3 seeds is `inconclusive` (\"fewer than 3 "
     "seeds\"): two seeds do not estimate a standard deviation.",
@@ -309,12 +347,14 @@ COMMON_V2 = [
     "at this scale` when the runs cannot exercise the claim (criterion in the claim's rule); `not run` when a needed "
     "run is missing. A claim of two parts is not held if a part is, else inconclusive if a part is, else not testable "
     "if a part is, else not run if a part is, else held. Figures a verdict turns on are printed with two decimals.",
-    "Target T. At profile `paper` the paper's 72.2%. Elsewhere Inception's maximum accuracy as the paper defines it, "
+    f"Target T. At profile `paper` the paper's {TARGET_TEXT}. Elsewhere Inception's maximum accuracy as the paper "
+    "defines it, "
     "estimated over seeds: the mean of Inception's seeds' max single-crop top-1 (imagenet.md shows its lowest seed's, "
     "which v1 used).",
     "Steps to T. A seed's step is its first evaluation at or above T; an Inception seed's, away from profile `paper`, "
     "is its first evaluation of its own max (Inception reaches its maximum accuracy there); at `paper` an Inception "
-    "seed that never reaches 72.2% counts from its last evaluation on (a lower bound). Evaluations come every "
+    f"seed that never reaches {TARGET_TEXT} counts from its last evaluation on (a lower bound). Evaluations come "
+    "every "
     "`eval_every` steps, so the true crossing lies after the evaluation before that step and at or before it: an "
     "interval (lo, hi]. Steps are paper-equivalent (step / compression) where every compared run records "
     "`compression`.",
@@ -325,16 +365,18 @@ COMMON_V2 = [
     "interval lies on one side of its threshold, else inconclusive.",
     "Reaching T. Steps compare only where every seed of the recipe reaches T. Where one does not, the recipe does not "
     "reach T if its seed-mean max is below T by more than the band (against Inception's seeds; 2 * s / sqrt(n) "
-    "against the fixed 72.2%), and whether it reaches T is inconclusive otherwise.",
+    f"against the fixed {TARGET_TEXT}), and whether it reaches T is inconclusive otherwise.",
 ]
 RULES_V2 = {
     1: "Ratio Inception / BN-Baseline of steps to T. Held if the widened interval lies above 1x; not held if it lies "
        "at or below 1x, or if BN-Baseline does not reach T; inconclusive otherwise, also when whether BN-Baseline "
        "reaches T is.",
-    2: "Speed-up = Inception / BN-x5 of steps to T. Held if the widened interval lies at or above 7x (half the "
-       "paper's 14.8x); not held if it lies below 7x, or if BN-x5 does not reach T; inconclusive otherwise, also when "
+    2: f"Speed-up = Inception / BN-x5 of steps to T. Held if the widened interval lies at or above "
+       f"{HALF_PAPER_SPEEDUP:g}x (half the paper's {SPEEDUP_TEXT}); not held if it lies below "
+       f"{HALF_PAPER_SPEEDUP:g}x, or if BN-x5 does not reach T; inconclusive otherwise, also when "
        "whether BN-x5 reaches T is.",
-    3: "Two parts. (a) Starts slower, as the paper shows it (Fig. 3's steps to 72.2%): ratio BN-x30 / BN-x5 of steps "
+    3: f"Two parts. (a) Starts slower, as the paper shows it (Fig. 3's steps to {TARGET_TEXT}): ratio BN-x30 / "
+       "BN-x5 of steps "
        "to T; held if the widened interval lies above 1x, not held if at or below 1x; held if BN-x30 does not reach T "
        "while every BN-x5 seed does, not held the other way round; not testable at this scale if neither reaches T; "
        "inconclusive when whether one reaches T is. v1's other test, a lower top-1 at the first evaluation, is "
@@ -351,8 +393,9 @@ RULES_V2 = {
     6: "Not testable at this scale if BN-x5's budget is under 3 epochs of its data (steps x the manifest's "
        "`global_batch` / its `train_examples`; inconclusive if these are not recorded): change 6 acts only when "
        "examples come back, keeping those that shared a mini-batch from sharing one again, and under 3 epochs an "
-       "example comes back at most twice (the paper's BN-x5 took 2.1e6 x 32 / 1.28e6 = 52 epochs to reach 72.2%). "
-       "Else d = BN-x5's seed-mean max - that of BN-x5 with `--set train.shuffle=shards` (shards only); held if "
+       f"example comes back at most twice (the paper's BN-x5 took {_BN_X5_EPOCHS_TEXT} to reach {TARGET_TEXT}). "
+       f"Else d = BN-x5's seed-mean max - that of BN-x5 with `--set {' '.join(_SHARDS.overrides)}` (shards only); "
+       "held if "
        "d > band, not held if d < -band, inconclusive if |d| <= band.",
     7: "Paired exact McNemar tests on the same images: every image the latest ensemble run at this profile evaluated "
        "(the whole validation set unless its `val_limit` took a subset, which the figure then says), top-1 "
@@ -451,7 +494,8 @@ def combine(*verdicts: str) -> str:
 def target_v2(profile: str, rows: dict[str, Run]) -> Target | None:
     """T: the paper's 72.2% at profile paper, else the mean of Inception's seeds' max (None without Inception)."""
     if profile == "paper":
-        return Target(imagenet.PAPER_TARGET, None, "72.20%, the paper's (a fixed number: no noise)")
+        level = PAPER.imagenet.target
+        return Target(level, None, f"{_pct2(level)}, the paper's (a fixed number: no noise)")
     if "inception" not in rows:
         return None
     values = maxes(rows["inception"])

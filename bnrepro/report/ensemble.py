@@ -16,26 +16,12 @@ import yaml
 
 from bnrepro.evaluate import ensemble as evaluation
 from bnrepro.evaluate.crops import distinct_views
+from bnrepro.paper import PAPER
 from bnrepro.report.imagenet import data_text, deviations_list, markdown_table, short_commit
 from bnrepro.runs import Damaged, atomic_write, check_writable, runs_of, skip
 
-IMAGENET_CLASSES = 1000
-IMAGENET_VAL_IMAGES = 50_000
-
-# The paper's Fig. 4 table (shared/paper/README.md, section 4), errors in percent (None: not given). The paper's
-# ensemble reaches 4.82% top-5 on the test set; the table gives validation errors only.
-PAPER_FIG4: tuple[tuple[str, str, str, str, float | None, float | None], ...] = (
-    # model, resolution, crops, models, top-1 error, top-5 error
-    ("GoogLeNet ensemble", "224", "144", "7", None, 6.67),
-    ("Deep Image low-res", "256", "—", "1", None, 7.96),
-    ("Deep Image high-res", "512", "—", "1", 24.88, 7.42),
-    ("Deep Image ensemble", "variable", "—", "—", None, 5.98),
-    ("BN-Inception single crop", "224", "1", "1", 25.2, 7.82),
-    ("BN-Inception multicrop", "224", "144", "1", 21.99, 5.82),
-    ("BN-Inception ensemble", "224", "144", "6", 20.1, 4.9),
-)
-# GoogLeNet's crop study (same section): crops -> top-5 error in percent of 1 model and of its 7-model ensemble.
-PAPER_GOOGLENET_CROPS: dict[int, tuple[float, float]] = {1: (10.07, 8.09), 10: (9.15, 7.62), 144: (7.89, 6.67)}
+# The paper's Fig. 4, its ensemble's test error, GoogLeNet's crop study and ImageNet's counts are data:
+# bnrepro/paper.yaml (``PAPER.ensemble``, ``PAPER.imagenet``).
 
 
 @dataclass
@@ -56,22 +42,11 @@ class EnsembleRun:
 
     @property
     def profile(self) -> str | None:
-        """The profile its members were trained at: the manifest's, else the run's resolved recipe.yaml's, else its
-        first member's run manifest's (None where none says)."""
-        if self.manifest.get("profile"):
-            return str(self.manifest["profile"])
-        try:
-            found = (yaml.safe_load((self.path / "recipe.yaml").read_text()) or {}).get("profile")
-            if found:
-                return str(found)
-        except (OSError, yaml.YAMLError, AttributeError):
-            pass
-        for member in self.manifest.get("members", [])[:1]:
-            try:
-                return json.loads((Path(member["run"]) / "manifest.json").read_text()).get("profile")
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
-        return None
+        """The profile its members were trained at: the manifest's ``profile``, else (``bnrepro ensemble`` has not
+        written it so far) the run's resolved recipe.yaml's, else its first member's run manifest's; None where none
+        says."""
+        found = self.manifest.get("profile") or _recipe_profile(self.path) or _member_profile(self.manifest)
+        return str(found) if found else None
 
     def subset_note(self) -> str | None:
         """One sentence when the run evaluated only part of the validation set (its manifest has ``val_limit``)."""
@@ -83,6 +58,29 @@ class EnsembleRun:
         return (f"This run evaluated a subset of the validation images: the first {counted} images of the split "
                 f"(`val_limit` {limit:,}), not the whole validation set, so its errors carry that subset's sampling "
                 f"error.")
+
+
+def _recipe_profile(folder: Path) -> str | None:
+    """``profile`` of an ensemble run's resolved recipe.yaml; None where it is missing, unreadable or says none."""
+    try:
+        resolved = yaml.safe_load((folder / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return resolved.get("profile") if isinstance(resolved, dict) else None
+
+
+def _member_profile(manifest: dict) -> str | None:
+    """``profile`` of the first member's run manifest, where the ensemble's manifest names its folder and that
+    folder is still there (it is a path of the machine the ensemble ran on); None otherwise."""
+    members = manifest.get("members")
+    first = members[0] if isinstance(members, list) and members else None
+    if not isinstance(first, dict) or not isinstance(first.get("run"), str):
+        return None
+    try:
+        recorded = json.loads((Path(first["run"]) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return None
+    return recorded.get("profile") if isinstance(recorded, dict) else None
 
 
 def finished_runs(results: Path) -> list[EnsembleRun]:
@@ -122,11 +120,34 @@ def _paper_percent(x: float | None) -> str:
     return "—" if x is None else f"{x:g}%"
 
 
+def _count(x: int | None) -> str:
+    """A count of the paper's table (crops, models), a dash where it gives none."""
+    return "—" if x is None else str(x)
+
+
+def googlenet(crops: int) -> tuple[float | None, float | None]:
+    """GoogLeNet's top-5 error in percent at ``crops``, one model and its ensemble; (None, None) where not given."""
+    found = PAPER.ensemble.googlenet_crops.get(crops)
+    return (found.one_model, found.ensemble) if found else (None, None)
+
+
+def _googlenet_schemes(run: EnsembleRun) -> list[int]:
+    """The run's crop schemes and GoogLeNet's, in order."""
+    return sorted(set(run.crops) | set(PAPER.ensemble.googlenet_crops))
+
+
+def googlenet_text(ensemble: bool) -> str:
+    """GoogLeNet's top-5 errors over its crop schemes as the text gives them (10.07/9.15/7.89%): one model's, or
+    its ensemble's."""
+    study = PAPER.ensemble.googlenet_crops.values()
+    return "/".join(f"{c.ensemble if ensemble else c.one_model:g}" for c in study) + "%"
+
+
 def fig4_table(run: EnsembleRun, table: pd.DataFrame) -> pd.DataFrame:
     """Fig. 4: the paper's rows, then this run's single crop, multicrop and ensemble rows."""
     columns = ["Model", "Resolution", "Crops", "Models", "Top-1 error", "Top-5 error"]
-    rows = [[model, res, crops, models, _paper_percent(top1), _paper_percent(top5)]
-            for model, res, crops, models, top1, top5 in PAPER_FIG4]
+    rows = [[r.model, str(r.resolution), _count(r.crops), _count(r.models), _paper_percent(r.top1_error),
+             _paper_percent(r.top5_error)] for r in PAPER.ensemble.fig4]
     first, most = run.members[0], max(run.crops)
     resolution = str(run.manifest.get("resolution", "—"))
     ours = []
@@ -147,22 +168,22 @@ def crop_study(run: EnsembleRun, table: pd.DataFrame) -> pd.DataFrame:
     """Errors at each crop scheme of the first member alone and of all members, beside GoogLeNet's top-5."""
     n = len(run.members)
     rows = []
-    for crops in sorted(set(run.crops) | set(PAPER_GOOGLENET_CROPS)):
+    for crops in _googlenet_schemes(run):
         row = {"Crops": crops}
         groups = [("1 model", [run.members[0]])] + ([(f"{n} models", run.members)] if n > 1 else [])
         for name, members in groups:
             top1, top5 = _error(table, members, crops) if crops in run.crops else (None, None)
             row[f"{name} top-1"], row[f"{name} top-5"] = _percent(top1), _percent(top5)
-        paper = PAPER_GOOGLENET_CROPS.get(crops, (None, None))
-        row["GoogLeNet 1 model top-5"], row["GoogLeNet 7 models top-5"] = (_paper_percent(p) for p in paper)
+        many = f"GoogLeNet {PAPER.ensemble.googlenet_models} models top-5"
+        row["GoogLeNet 1 model top-5"], row[many] = (_paper_percent(p) for p in googlenet(crops))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def member_table(run: EnsembleRun, table: pd.DataFrame) -> pd.DataFrame:
     """Each member's and the ensemble's top-1 and top-5 error at 1, 10 and 144 crops (and any other scheme the run
-    has; a dash where the run did not evaluate one), then GoogLeNet's top-5 for 1 model and 7 models."""
-    schemes = sorted(set(run.crops) | set(PAPER_GOOGLENET_CROPS))
+    has; a dash where the run did not evaluate one), then GoogLeNet's top-5 for 1 model and its ensemble."""
+    schemes = _googlenet_schemes(run)
     groups = [(member, [member]) for member in run.members]
     if len(run.members) > 1:
         groups.append((f"ensemble ({len(run.members)} models)", run.members))
@@ -173,11 +194,11 @@ def member_table(run: EnsembleRun, table: pd.DataFrame) -> pd.DataFrame:
             top1, top5 = _error(table, members, crops) if crops in run.crops else (None, None)
             row[f"{crops} crop top-1"], row[f"{crops} crop top-5"] = _percent(top1), _percent(top5)
         rows.append(row)
-    for i, name in enumerate(("GoogLeNet, 1 model (top-5 only)", "GoogLeNet, 7 models (top-5 only)")):
+    names = ("GoogLeNet, 1 model (top-5 only)", f"GoogLeNet, {PAPER.ensemble.googlenet_models} models (top-5 only)")
+    for i, name in enumerate(names):
         row = {"Member": name}
         for crops in schemes:
-            paper = PAPER_GOOGLENET_CROPS.get(crops)
-            row[f"{crops} crop top-1"], row[f"{crops} crop top-5"] = "—", _paper_percent(paper and paper[i])
+            row[f"{crops} crop top-1"], row[f"{crops} crop top-5"] = "—", _paper_percent(googlenet(crops)[i])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -233,11 +254,12 @@ def view_notes(manifest: dict) -> list[str]:
 
 def comparability(classes: int, images: int) -> str | None:
     """One sentence when the numbers cannot be set beside the paper's (None when they can)."""
-    if classes != IMAGENET_CLASSES:
-        return (f"These runs use a {classes}-class dataset, not 1000-class ImageNet, so their numbers are not "
-                f"comparable to the paper's.")
-    if images != IMAGENET_VAL_IMAGES:
-        return (f"These errors are over {images:,} validation images, not the paper's {IMAGENET_VAL_IMAGES:,}, so they "
+    if classes != PAPER.imagenet.classes:
+        return (f"These runs use a {classes}-class dataset, not {PAPER.imagenet.classes}-class ImageNet, so their "
+                f"numbers are not comparable to the paper's.")
+    if images != PAPER.imagenet.val_images:
+        return (f"These errors are over {images:,} validation images, not the paper's {PAPER.imagenet.val_images:,}, "
+                f"so they "
                 f"are only roughly comparable to the paper's.")
     return None
 
@@ -264,19 +286,21 @@ def markdown(run: EnsembleRun, results: Path, superseded: list[EnsembleRun]) -> 
     beside = [f"*{subset}*", ""] if subset else []  # said again beside each table
     lines += [deviations_list(m.get("deviations"), "this evaluation and its members"), ""]
     lines += [" ".join(view_notes(m)), ""]
+    one, many, n = googlenet_text(ensemble=False), googlenet_text(ensemble=True), PAPER.ensemble.googlenet_models
+    schemes = "/".join(map(str, PAPER.ensemble.googlenet_crops))
     lines += ["Errors are recombined from the run's cached class probabilities: the mean over crops, then over "
               "models (the paper's arithmetic mean). The paper's rows are its Fig. 4 (shared/paper/README.md, "
-              "section 4), validation errors as it prints them (ours have 2 decimals); its ensemble's 4.82% top-5 is "
-              "on the test set.", "",
+              "section 4), validation errors as it prints them (ours have 2 decimals); its ensemble's "
+              f"{_paper_percent(PAPER.ensemble.test_top5_error)} top-5 is on the test set.", "",
               "## Fig. 4", "", *beside, markdown_table(fig4_table(run, table)), "",
               "## Crop study", "",
               "Like GoogLeNet's (Szegedy et al. 2014, Sec. 7): the first member alone and all members, at each crop "
-              "scheme; GoogLeNet's columns are its top-5 errors for 1 model and its 7-model ensemble "
-              "(1/10/144 crops: 10.07/9.15/7.89% and 8.09/7.62/6.67%). Every member's are under Members.", "",
+              f"scheme; GoogLeNet's columns are its top-5 errors for 1 model and its {n}-model ensemble "
+              f"({schemes} crops: {one} and {many}). Every member's are under Members.", "",
               *beside, markdown_table(crop_study(run, table)), "",
               "## Members", "",
               "Each member and the ensemble at 1, 10 and 144 crops (a dash: not evaluated in this run), beside "
-              "GoogLeNet's top-5 errors, single model 10.07/9.15/7.89% and 7 models 8.09/7.62/6.67%.", "",
+              f"GoogLeNet's top-5 errors, single model {one} and {n} models {many}.", "",
               *beside, markdown_table(member_table(run, table)), ""]
     if superseded:
         lines += ["Older finished ensemble runs, not shown: " + ", ".join(f"`{r.rel}`" for r in superseded), ""]

@@ -11,6 +11,7 @@ manifests carry ``compression`` (this profile's steps per paper step), steps are
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,39 +24,16 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
+from bnrepro.paper import PAPER  # noqa: E402
 from bnrepro.report import save_figure  # noqa: E402
 from bnrepro.runs import Damaged, atomic_write, check_writable, runs_of, skip  # noqa: E402
 
 FINISHED = ("complete", "diverged")
-PAPER_TARGET = 0.722  # Inception's best single-crop top-1: the paper's Fig. 3 counts steps to reach it
-PROFILE_ORDER = ("paper", "proxy", "smoke")
-
-# The paper's Fig. 3 table (shared/paper/README.md, section 3): steps to 72.2% (None: never) and max accuracy.
-PAPER_FIG3: dict[str, tuple[float | None, float]] = {
-    "inception": (31.0e6, 0.722),
-    "bn-baseline": (13.3e6, 0.727),
-    "bn-x5": (2.1e6, 0.730),
-    "bn-x30": (2.7e6, 0.748),
-    "bn-x5-sigmoid": (None, 0.698),
-}
-# What the paper says, outside its table, of the recipes the table leaves out (same section).
-PAPER_NOTES = {
-    "inception-sigmoid": "the paper's Inception with sigmoid never rose above chance (1/1000)",
-    "inception-x5": "the paper's Inception at 0.0075 reached \"machine infinity\" (diverged)",
-}
-
-# Fig. 2's order, then the recipes it leaves out; each recipe keeps its colour in every figure.
-RECIPE_ORDER = ("inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid", "inception-sigmoid", "inception-x5")
-COLOURS = {"inception": "black", "bn-baseline": "tab:blue", "bn-x5": "tab:orange", "bn-x30": "tab:red",
-           "bn-x5-sigmoid": "tab:green", "inception-sigmoid": "tab:purple", "inception-x5": "tab:brown"}
-# Other recipes (the ensemble's members...) take a colour and a line style each, both changing from row to row, so no
-# two lines of a figure share both, however many rows it has (see line_styles). No grey: the target line is grey.
-SPARE_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "darkmagenta", "gold", "navy")
+# The paper's Fig. 3 and target, the recipes' order and colours, the profiles' order and the names of the rows with
+# overrides are data: bnrepro/paper.yaml, read by bnrepro.paper.
 LINE_STYLES = ("-", "--", "-.", ":")
 # Overrides that only change a step budget (what --steps writes) do not make a row of their own.
 BUDGET_OVERRIDE = re.compile(r"^profiles\.[^.=]+\.steps=")
-# Rows the campaign runs with overrides, by (recipe, overrides): their names in the table.
-VARIANT_LABELS = {("bn-x5", ("train.shuffle=shards",)): "BN-x5, shards only (no change 6)"}
 
 
 @dataclass
@@ -100,7 +78,7 @@ class Run:
         base = self.summary.get("label") or self.manifest.get("label") or self.recipe
         if not self.variant:
             return base
-        return VARIANT_LABELS.get((self.recipe, self.variant)) or f"{base}, --set {' '.join(self.variant)}"
+        return PAPER.variant_labels.get((self.recipe, self.variant)) or f"{base}, --set {' '.join(self.variant)}"
 
     @property
     def profile(self) -> str:
@@ -182,12 +160,14 @@ def latest_per_recipe(runs: list[Run]) -> dict[str, dict[str, Run]]:
     for (profile, key), seeds in chosen.items():
         first, *rest = sorted(seeds)
         rows.setdefault(profile, {})[key] = replace(seeds[first], others=tuple(seeds[s] for s in rest))
-    profiles = sorted(rows, key=lambda p: (PROFILE_ORDER.index(p) if p in PROFILE_ORDER else len(PROFILE_ORDER), p))
+    order = PAPER.profile_order  # a profile it does not name comes after, by name
+    profiles = sorted(rows, key=lambda p: (order.index(p) if p in order else len(order), p))
     return {p: dict(sorted(rows[p].items(), key=lambda kv: _row_rank(kv[1]))) for p in profiles}
 
 
 def _recipe_rank(recipe: str) -> tuple[int, str]:
-    return (RECIPE_ORDER.index(recipe) if recipe in RECIPE_ORDER else len(RECIPE_ORDER), recipe)
+    order = PAPER.recipe_order  # Fig. 2's order, then the recipes it leaves out, then the others by name
+    return (order.index(recipe) if recipe in order else len(order), recipe)
 
 
 def _row_rank(run: Run) -> tuple[int, str, tuple[str, ...]]:
@@ -195,17 +175,20 @@ def _row_rank(run: Run) -> tuple[int, str, tuple[str, ...]]:
 
 
 def line_styles(runs: dict[str, Run]) -> dict[str, tuple[str, str]]:
-    """Row -> (colour, line style) for one figure, every pair different: a recipe of ``COLOURS`` keeps its colour
+    """Row -> (colour, line style) for one figure, every pair different: a recipe of paper.yaml keeps its colour
     (solid; dashed, then the other styles, for its rows with overrides); the other recipes' rows take, in row order,
-    the next spare colour and the next line style, both cycling (6 colours x 4 styles: 12 rows before a pair
-    repeats, then every other pair). Colour alone cannot tell 13 and more lines apart, nor similar hues apart (the
-    pink of one member beside BN-x30's red), so the style always differs too."""
+    the next spare colour (paper.yaml's; none grey, the target line's colour) and the next line style, both cycling
+    (6 colours x 4 styles: 12 rows, their least common multiple, before a pair repeats, then every other pair).
+    Colour alone cannot tell 13 and more lines apart, nor similar hues apart (the pink of one member beside BN-x30's
+    red), so the style always differs too."""
     used: set[tuple[str, str]] = set()
-    cycle = [(SPARE_COLOURS[i % len(SPARE_COLOURS)], LINE_STYLES[i % len(LINE_STYLES)]) for i in range(12)]
-    spares = cycle + [(c, style) for style in LINE_STYLES for c in SPARE_COLOURS if (c, style) not in cycle]
+    spare = PAPER.spare_colours
+    cycle = [(spare[i % len(spare)], LINE_STYLES[i % len(LINE_STYLES)])
+             for i in range(math.lcm(len(spare), len(LINE_STYLES)))]
+    spares = cycle + [(c, style) for style in LINE_STYLES for c in spare if (c, style) not in cycle]
     chosen = {}
     for key, run in runs.items():
-        known = COLOURS.get(run.recipe)
+        known = PAPER.colours.get(run.recipe)
         candidates = [(known, style) for style in (LINE_STYLES[1:] if run.variant else LINE_STYLES)] if known \
             else spares
         pick = next((pair for pair in candidates if pair not in used), None)
@@ -254,7 +237,7 @@ def target_for(profile: str, runs: dict[str, Run]) -> float | None:
     """The paper's 72.2% at profile ``paper``; elsewhere, as the paper defines it, the best top-1 Inception
     reaches in that profile (None without an Inception run)."""
     if profile == "paper":
-        return PAPER_TARGET
+        return PAPER.imagenet.target
     return runs["inception"].max_top1 if "inception" in runs else None
 
 
@@ -314,11 +297,11 @@ def fig3_table(runs: dict[str, Run], target: float | None) -> pd.DataFrame:
     ``compression``), max accuracy, the other seeds' max and the speed-up, beside the paper's."""
     steps = {name: (None if target is None else steps_to(run, target)) for name, run in runs.items()}
     inception = runs.get("inception")
-    paper_reference = PAPER_FIG3["inception"][0]
     compressed = any(run.compression is not None for run in runs.values())
     rows = []
     for name, run in runs.items():
-        paper_steps, paper_max = PAPER_FIG3.get(name, (None, None))
+        paper = PAPER.fig3(name)  # None for a row with overrides, or a recipe the paper's table leaves out
+        paper_steps, paper_max = (paper.steps, paper.max_top1) if paper else (None, None)
         row = {"Model": run.label, "Steps to target": _reached(run, steps[name], target, paper=False)}
         if compressed:
             row["Paper-equivalent steps to target"] = (_reached(run, steps[name], target, paper=True)
@@ -330,9 +313,9 @@ def fig3_table(runs: dict[str, Run], target: float | None) -> pd.DataFrame:
             "Max accuracy": _percent(run.max_top1),
             "Other seeds' max": other_seeds_max(run),
             "Speed-up vs Inception": speedup,
-            "Paper: steps to 72.2%": "—" if paper_steps is None else f"{paper_steps / 1e6:.1f}e6",
+            f"Paper: steps to {_percent(PAPER.imagenet.target)}": paper_steps_text(paper_steps),
             "Paper: max accuracy": _percent(paper_max),
-            "Paper: speed-up": _speedup(paper_reference, paper_steps),
+            "Paper: speed-up": _speedup(PAPER.fig3("inception").steps, paper_steps),
         })
         rows.append(row)
     return pd.DataFrame(rows)
@@ -443,7 +426,7 @@ def profile_section(profile: str, runs: dict[str, Run], superseded: list[Run], r
     target = target_for(profile, runs)
     datasets = sorted({data_text(r.manifest) for r in runs.values()})
     if profile == "paper":
-        target_text = f"{100 * PAPER_TARGET:.1f}%, the paper's (Inception's best single-crop top-1)"
+        target_text = f"{_percent(PAPER.imagenet.target)}, the paper's (Inception's best single-crop top-1)"
     elif target is None:
         target_text = ("none: no finished `inception` run in this profile, so no steps-to-target "
                        "(the target is Inception's best top-1)")
@@ -467,13 +450,20 @@ def profile_section(profile: str, runs: dict[str, Run], superseded: list[Run], r
             lines.append(f"    - seed {other.seed}: `{other.rel}`, status {other.manifest.get('status')}, "
                          f"max {_percent(other.max_top1)} (in the table's \"other seeds' max\" only)")
     lines += ["", markdown_table(fig3_table(runs, target)), ""]
-    notes = [f"{runs[name].label}: {note}." for name, note in PAPER_NOTES.items() if name in runs]
+    notes = [f"{runs[name].label}: {note}." for name, note in PAPER.notes.items() if name in runs]
     if notes:
         lines += ["Not in the paper's table: " + " ".join(notes), ""]
     if superseded:
         lines += ["Older finished runs, not shown: " + ", ".join(f"`{r.rel}` ({r.recipe})" for r in superseded), ""]
     lines += [f"![Fig. 2, profile {profile}]({figure_name(profile)}.png)", ""]
     return "\n".join(lines)
+
+
+def rounded_speedup() -> str:
+    """The sentence saying how the paper's text rounds BN-x5's speed-up of its Fig. 3 (31.0e6 / 2.1e6 = 14.8x)."""
+    inception, x5 = PAPER.fig3("inception").steps, PAPER.fig3("bn-x5").steps
+    return (f"Its text rounds BN-x5's {paper_steps_text(inception)} / {paper_steps_text(x5)} = "
+            f"{_speedup(inception, x5)} down to \"{PAPER.imagenet.speedup_in_text:g} times fewer steps\".")
 
 
 def markdown(by_profile: dict[str, dict[str, Run]], runs: list[Run], records: dict[str, list[dict]] | None = None
@@ -492,8 +482,7 @@ def markdown(by_profile: dict[str, dict[str, Run]], runs: list[Run], records: di
              "The paper's columns are its Fig. 3 (shared/paper/README.md, section 3); its step counts are "
              "for the full ImageNet setup, comparable to ours only at profile `paper`, or, where the manifests carry "
              "`compression` (this profile's steps per paper step), through the paper-equivalent steps (step / "
-             "compression), which Fig. 2 then has on its x-axis. Its text rounds BN-x5's "
-             "31.0e6 / 2.1e6 = 14.8x down to \"14 times fewer steps\". "
+             f"compression), which Fig. 2 then has on its x-axis. {rounded_speedup()} "
              "Each recipe with each set of `--set` overrides (step budgets aside) is a row: the latest finished run "
              "of its lowest seed; the other seeds' runs appear only in \"Other seeds' max\" and in the seed spread "
              "of claims.md. Speed-ups are over paper-equivalent steps where both runs carry `compression`. "

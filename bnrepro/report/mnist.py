@@ -12,14 +12,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from bnrepro.paper import PAPER  # noqa: E402
 from bnrepro.report import save_figure  # noqa: E402
 from bnrepro.report.imagenet import short_commit  # noqa: E402
 from bnrepro.runs import Damaged, atomic_write, check_writable, read_json, read_table, runs_of, skip  # noqa: E402
 
-# What the paper and the one public reproduction it cites report (shared/paper/README.md, section 2).
-PAPER_NOTE = ("The paper prints no MNIST accuracies: Fig. 1(a) shows the BN network's test accuracy rising "
-              "faster and ending higher; (b, c) show the sigmoid input drifting without BN and steady with it.")
-PUBLIC_REPRODUCTION = {"baseline": "0.977 / 0.975", "bn": "0.980 / 0.9776"}
+# What the paper and the one public reproduction it cites report (shared/paper/README.md, section 2) is data:
+# bnrepro/paper.yaml, ``PAPER.mnist``.
+
+
+def public_reproduction(variant: str) -> str:
+    """The public reproduction's test accuracies of ``variant`` (its two runs, digits as it printed them), or a
+    dash for a variant it did not train."""
+    found = PAPER.mnist.public_reproduction.get(variant)
+    return " / ".join(map(str, found)) if found else "—"
 
 
 def accuracy_text(v: dict) -> str:
@@ -136,7 +142,7 @@ def markdown(runs: list[Path]) -> str:
     latest = runs[-1]
     metrics, summary, manifest = load(latest)
     found = summary.get("deviations", manifest.get("deviations"))
-    lines = ["# MNIST (paper Sec. 4.1, Fig. 1)", "", PAPER_NOTE, "",
+    lines = ["# MNIST (paper Sec. 4.1, Fig. 1)", "", PAPER.mnist.note, "",
              f"Latest complete run: `{latest.name}` ({summary['steps']:,} steps, seeds {manifest['seeds']}, "
              f"device {manifest['device']}, commit `{short_commit(manifest.get('git_commit'))}`, "
              f"{wall_text(manifest)}); "
@@ -155,7 +161,7 @@ def markdown(runs: list[Path]) -> str:
         reached = v["steps_to_baseline_final_accuracy"]
         lines.append(f"| {v['label']} (`{name}`) | {v['seeds']} | {accuracy_text(v)} | "
                      f"{'never' if reached is None else f'{reached:,}'} | "
-                     f"{PUBLIC_REPRODUCTION.get(name, '—')} |")
+                     f"{public_reproduction(name)} |")
     if summary["divergences"]:
         lines += ["", "Diverged (NaN/inf loss): " + ", ".join(
             f"{d['variant']} seed {d['seed']} at step {d['step']:,}" for d in summary["divergences"])]
