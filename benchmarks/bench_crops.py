@@ -10,11 +10,11 @@ both), so any difference is in the decoding and resizing code alone, and the che
 
 Two measurements, images/s for each side and the ratio bnrepro / plain:
 
-1. crop building only, no network: bnrepro = read + ``decode_image`` (the item of ``images.Examples`` that
+1. crop building only, no network: bnrepro = read + ``decode_image`` (the item of ``pipeline.Examples`` that
    ``ensemble.probabilities`` loads) + ``crops_of(image, 144, size)`` + float normalize; plain = the PIL loop
    + the same normalize. One image warms up each side; then ``--rounds`` alternating passes over the images,
    and each side's best pass is reported (the machine may be shared).
-2. full evaluation: the Fig. 5 network (``Inception(InceptionConfig(num_classes=1000))``, freshly initialised,
+2. full evaluation: the Fig. 5 network (``Inception(InceptionConfig(switches()))``, freshly initialised,
    BN folded in, as ``load_member`` does) on the 144 crops in chunks of ``--batch-crops``, softmax, mean over
    crops. bnrepro's side is ``ensemble.probabilities`` itself (DataLoader with ``--workers``, crops on the
    device, bf16 autocast and channels_last on CUDA); the plain side runs the PIL crops through the same
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import time
 from pathlib import Path
 
 import torch
@@ -46,24 +45,21 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from bnrepro import recipes
-from bnrepro.data import images
+from bnrepro.data import pipeline, sources
+from bnrepro.data.split import Split
+from bnrepro.engine.timing import clock
 from bnrepro.evaluate import ensemble
 from bnrepro.evaluate.crops import boxes, crops_of, resized_shape
-from bnrepro.models.inception import Inception, InceptionConfig, count_flops, fold
+from bnrepro.models.batchnorm import estimate_population, use_statistics
+from bnrepro.models.inception import Inception, InceptionConfig, count_flops, fold, switches
 from bnrepro.runs import device_name, resolve_device
 
 CROPS = 144
 
 
-def clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def first_images(dataset_dir: Path, n: int) -> images.Split:
+def first_images(dataset_dir: Path, n: int) -> Split:
     """The first ``n`` examples of ``dataset_dir``'s validation split (folders or shards)."""
-    split = images.open_split(dataset_dir, "val")
+    split = sources.open_split(dataset_dir, "val")
     if n > len(split):
         raise SystemExit(f"--images {n}, but {split.where} holds only {len(split)} images")
     return dataclasses.replace(split, file_of=split.file_of[:n], offset=split.offset[:n], size=split.size[:n],
@@ -73,19 +69,19 @@ def first_images(dataset_dir: Path, n: int) -> images.Split:
 # --- the two ways of building the crops ------------------------------------------------------------------
 
 
-def bnrepro_crops(examples: images.Examples, i: int, size: int, device: torch.device) -> torch.Tensor:
+def bnrepro_crops(examples: pipeline.Examples, i: int, size: int, device: torch.device) -> torch.Tensor:
     """uint8 (144, 3, size, size) as ensemble.probabilities builds them: the loader's item, then crops_of."""
     image, _, _ = examples[(i, i)]
     return crops_of(image.to(device, non_blocking=True), CROPS, size)
 
 
-def pil_image(split: images.Split, i: int) -> Image.Image:
+def pil_image(split: Split, i: int) -> Image.Image:
     source = io.BytesIO(split.read(i)) if split.sharded else split.files[split.file_of[i]]
     with Image.open(source) as image:
         return image.convert("RGB")
 
 
-def plain_crops(split: images.Split, i: int, size: int) -> torch.Tensor:
+def plain_crops(split: Split, i: int, size: int) -> torch.Tensor:
     """The same 144 views, cut and resized with PIL one image and one crop at a time: uint8 on the CPU."""
     img = pil_image(split, i)
     resized: dict[int, Image.Image] = {}
@@ -111,10 +107,10 @@ def normalize(views: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tor
 # --- 1. crop building --------------------------------------------------------------------------------------
 
 
-def time_crops(split: images.Split, size: int, device: torch.device, mean: torch.Tensor, std: torch.Tensor,
+def time_crops(split: Split, size: int, device: torch.device, mean: torch.Tensor, std: torch.Tensor,
                rounds: int) -> tuple[float, float]:
     """Best images/s over ``rounds`` passes of each side (alternating), after one warm-up image each."""
-    examples = images.Examples(split, v2.Identity(), 0, jpegs_as_bytes=False)
+    examples = pipeline.Examples(split, v2.Identity(), 0, jpegs_as_bytes=False)
     sides = {
         "bnrepro": lambda i: normalize(bnrepro_crops(examples, i, size, device), mean, std),
         "plain": lambda i: normalize(plain_crops(split, i, size).to(device, non_blocking=True), mean, std),
@@ -131,10 +127,10 @@ def time_crops(split: images.Split, size: int, device: torch.device, mean: torch
     return best["bnrepro"], best["plain"]
 
 
-def agreement(split: images.Split, size: int) -> tuple[float, int, float]:
+def agreement(split: Split, size: int) -> tuple[float, int, float]:
     """On the first image: mean and max |bnrepro - plain| of the uint8 crop stacks, and the mean |difference|
     of the two decoders alone (torchvision decode_image against PIL), all in uint8 units."""
-    examples = images.Examples(split, v2.Identity(), 0, jpegs_as_bytes=False)
+    examples = pipeline.Examples(split, v2.Identity(), 0, jpegs_as_bytes=False)
     ours = bnrepro_crops(examples, 0, size, torch.device("cpu")).int()
     theirs = plain_crops(split, 0, size).int()
     decoded = examples[(0, 0)][0].int()
@@ -147,8 +143,13 @@ def agreement(split: images.Split, size: int) -> tuple[float, int, float]:
 
 
 def network(device: torch.device) -> Inception:
+    """The Fig. 5 network, freshly initialised, with Alg. 2's statistics of two random batches, BN folded."""
     torch.manual_seed(0)
-    model = fold(Inception(InceptionConfig(num_classes=1000))).to(device)  # fold returns it in eval mode
+    model = Inception(InceptionConfig(switches()))
+    with torch.no_grad():
+        estimate_population(model, lambda: [model(torch.randn(8, 3, 224, 224)) for _ in range(2)])
+    use_statistics(model, "population")
+    model = fold(model).to(device)  # fold returns it in eval mode
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
@@ -161,7 +162,7 @@ def forward(model: Inception, x: torch.Tensor, batch_crops: int) -> torch.Tensor
         return torch.cat([model(chunk) for chunk in x.split(batch_crops)]).float()
 
 
-def bnrepro_evaluation(member: ensemble.Member, split: images.Split, device: torch.device, batch_crops: int,
+def bnrepro_evaluation(member: ensemble.Member, split: Split, device: torch.device, batch_crops: int,
                        workers: int) -> tuple[float, torch.Tensor]:
     start = clock(device)
     probs, _, indices, skipped = ensemble.probabilities(member, split, CROPS, device, batch_crops, workers)
@@ -172,7 +173,7 @@ def bnrepro_evaluation(member: ensemble.Member, split: images.Split, device: tor
 
 
 @torch.no_grad()
-def plain_evaluation(model: Inception, split: images.Split, size: int, device: torch.device, mean: torch.Tensor,
+def plain_evaluation(model: Inception, split: Split, size: int, device: torch.device, mean: torch.Tensor,
                      std: torch.Tensor, batch_crops: int) -> tuple[float, torch.Tensor]:
     found = []
     start = clock(device)
@@ -221,7 +222,7 @@ def main() -> None:
         forward(model, warm, args.batch_crops)  # warm-up at the timed shape: kernel selection, allocator
         eval_ours, probs_ours = bnrepro_evaluation(member, split, device, args.batch_crops, args.workers)
         eval_plain, probs_plain = plain_evaluation(model, split, args.size, device, mean, std, args.batch_crops)
-        macs = count_flops(Inception(InceptionConfig(num_classes=1000)), args.size)
+        macs = count_flops(Inception(InceptionConfig(switches())), args.size)
 
     scales = [round(args.size * s / 224) for s in (256, 288, 320, 352)]
     print(f"device: {device_name(device)}; torch {torch.__version__}"
@@ -233,7 +234,7 @@ def main() -> None:
     if not args.no_network:
         gap = (probs_ours - probs_plain).abs().max().item()
         same = (probs_ours.argmax(1) == probs_plain.argmax(1)).sum().item()
-        print(f"network: Inception(InceptionConfig(num_classes=1000)), random init, BN folded; "
+        print(f"network: Inception(InceptionConfig(switches())), random init, BN folded; "
               f"{macs / 1e9:.2f} GMAC per crop, {CROPS * macs / 1e9:.0f} GMAC per image; {args.batch_crops} crops "
               f"per forward; bnrepro side {args.workers} DataLoader workers, plain side in the main process")
         spread = (probs_plain.amax(1) - probs_plain.amin(1)).min().item()  # a random network is near uniform

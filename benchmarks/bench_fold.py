@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from bnrepro.models.inception import Inception, InceptionConfig, fold
+from bnrepro.models.batchnorm import estimate_population, use_statistics
+from bnrepro.models.inception import Inception, InceptionConfig, fold, switches
 
 
 def images_per_second(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -38,10 +39,12 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = Inception(InceptionConfig(batch_norm=True, stem="plain")).to(args.device)
-    with torch.no_grad():
-        model(torch.randn(16, 3, args.resolution, args.resolution, device=args.device))  # some statistics
+    model = Inception(InceptionConfig(switches(batch_norm=True, stem="plain"))).to(args.device)
+    with torch.no_grad():  # Alg. 2's population statistics, which fold merges into the convolutions
+        estimate_population(model, lambda: model(torch.randn(16, 3, args.resolution, args.resolution,
+                                                             device=args.device)))
     model.eval()
+    use_statistics(model, "population")  # the BN network that the folded one equals
     folded = fold(model)
     x = torch.randn(args.batch, 3, args.resolution, args.resolution, device=args.device)
     with torch.inference_mode():

@@ -40,8 +40,8 @@ from torchvision.transforms import v2
 
 from bnrepro import recipes
 from bnrepro.engine.distributed import SINGLE_PROCESS
+from bnrepro.engine.timing import clock
 from bnrepro.experiments import imagenet as experiment
-from bnrepro.experiments.imagenet import clock
 from bnrepro.models import inception
 from bnrepro.models.batchnorm import BatchNorm
 from bnrepro.models.inception import Inception, count_flops
@@ -54,7 +54,7 @@ class FourBranches(nn.Module):
     """An Inception module as usually written: each branch its own convolutions (bnrepro runs the three 1x1
     convolutions that read the module's input as one; same arithmetic)."""
 
-    def __init__(self, cfg: inception.InceptionConfig, spec: inception.Module, cin: int):
+    def __init__(self, cfg: recipes.InceptionModel, spec: inception.Module, cin: int):
         super().__init__()
         unit, s = inception.ConvUnit, spec.stride
         self.branches = nn.ModuleList([unit(cfg, cin, spec.n1x1, 1)] if spec.n1x1 else [])
@@ -111,7 +111,7 @@ def plain_loop(recipe: recipes.ImagenetRecipe, profile: recipes.Profile, raw: Pa
         loader = DataLoader(dataset, batch_size=profile.batch_size, shuffle=True, num_workers=workers,
                             pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0)
         torch.manual_seed(0)
-        model = plain_network(experiment.model_config(recipe, profile, 10)).to(device)
+        model = plain_network(inception.InceptionConfig(recipe.model, profile.width, 10)).to(device)
         memory = torch.channels_last if channels_last else torch.contiguous_format
         model = model.to(memory_format=memory)
         t = recipe.train
@@ -142,9 +142,9 @@ def bnrepro_loop(recipe: recipes.ImagenetRecipe, profile_name: str, options: exp
                  warmup: int, synthetic: bool) -> tuple[float, float, experiment.ImagenetTask]:
     """The trainer's update on the task `bnrepro imagenet` builds; returns (images/s of training, images/s of
     producing the augmented batches alone, the task)."""
-    task, optimizer, profile = experiment._build(recipe, profile_name, options, SINGLE_PROCESS, synthetic=synthetic)
+    task, optimizer, profile = experiment.build(recipe, profile_name, options, SINGLE_PROCESS, synthetic=synthetic)
     training = experiment.time_training(task, optimizer, steps, warmup)
-    batches = task._batches(task.train_split, task._stream(0), train=True)
+    batches = task.train_batches(0)
     next(batches)
     start = clock(task.device)
     for _ in range(steps):
@@ -192,7 +192,7 @@ def main() -> None:
     ours, ours_data, task = bnrepro_loop(recipe, "proxy", options, args.steps, args.warmup, args.synthetic)
     device = task.device
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    resident_mib = sum(p.numel() * p.element_size() for p, _ in task.resident.values()) / 2**20
+    resident_mib = sum(s.pixels.numel() for s in (task.train_split, task.val_split) if s.pixels is not None) / 2**20
     del task
     rows = [("bnrepro imagenet", ours, ours_data)]
     if not args.synthetic:
@@ -200,12 +200,12 @@ def main() -> None:
             rate, loading = plain_loop(recipe, profile, args.data, device, args.steps, args.warmup, args.workers,
                                        memory)
             rows.insert(len(rows) - 1, (f"plain PyTorch, {'channels_last' if memory else 'NCHW'}", rate, loading))
-    model = Inception(experiment.model_config(recipe, profile, 10))
+    model = Inception(inception.InceptionConfig(recipe.model, profile.width, 10))
     macs = count_flops(model, args.resolution)
     alone = compute_only(model.to(device, memory_format=torch.channels_last), args.batch, args.resolution, device,
                          args.steps)
-    nchw = compute_only(plain_network(experiment.model_config(recipe, profile, 10)).to(device), args.batch,
-                        args.resolution, device, args.steps)
+    plain = plain_network(inception.InceptionConfig(recipe.model, profile.width, 10)).to(device)
+    nchw = compute_only(plain, args.batch, args.resolution, device, args.steps)
 
     print(f"device: {device_name(device)}; torch {torch.__version__}; "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; {torch.get_num_threads()} threads")

@@ -47,7 +47,7 @@ def timed(evaluate, device: torch.device, repeats: int) -> float:
 def imagenet_costs(profile: str, device: str, repeats: int) -> None:
     recipe = recipes.load("bn-x5")
     options = experiment.Options(DATA / "fashion-mnist" / "raw", device=device, workers=0, show_progress=False)
-    task, _, p = experiment._build(recipe, profile, options, SINGLE_PROCESS)
+    task, _, p = experiment.build(recipe, profile, options, SINGLE_PROCESS)
     task.model.eval()
     loss = torch.zeros(1)
     moving = timed(lambda: task.evaluate(0, loss, "moving"), task.device, repeats)
@@ -60,7 +60,7 @@ def imagenet_costs(profile: str, device: str, repeats: int) -> None:
 def mnist_costs(seeds: int, device: str, repeats: int) -> None:
     variants = {name: recipes.load(name) for name in mnist_experiment.DEFAULT_VARIANTS}
     data = mnist.load(DATA)
-    setup = mnist_experiment._build(variants, list(range(seeds)), data, 0, resolve_device(device), "auto")
+    setup = mnist_experiment.build(variants, list(range(seeds)), data, 0, resolve_device(device), "auto")
     task, members = setup.task, len(setup.members)
     loss = torch.zeros(members)
     with task.running():

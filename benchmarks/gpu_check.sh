@@ -41,7 +41,7 @@ from bnrepro import recipes
 from bnrepro.engine.distributed import SINGLE_PROCESS as ONE
 from bnrepro.experiments import imagenet as E
 from bnrepro.models.batchnorm import BatchNorm
-from bnrepro.models.inception import ConvUnit, Inception
+from bnrepro.models.inception import ConvUnit, Inception, InceptionConfig
 DEV = torch.device(os.environ.get("BENCH_DEVICE", "cuda")); RES = int(os.environ.get("BENCH_RES", "224"))
 BATCHES = [int(b) for b in os.environ.get("BENCH_BATCHES", "32,256").split(",")]
 WARM, IMAGES = int(os.environ.get("BENCH_WARMUP", "10")), int(os.environ.get("BENCH_IMAGES", "5000"))
@@ -51,7 +51,7 @@ def now():
 def task_of(batch, recipe="bn-x30", data=".", **opts):  # what `bnrepro imagenet --synthetic` builds
     r = recipes.load(recipe, [f"profiles.paper.batch_size={batch}", f"profiles.paper.resolution={RES}"])
     o = E.Options(Path(data), device=DEV.type, show_progress=False, **opts)
-    return E._build(r, "paper", o, ONE, synthetic=data == ".")[:2]
+    return E.build(r, "paper", o, ONE, synthetic=data == ".")[:2]
 def loop(model, opt, batch, steps):  # a bare training loop on one fixed batch
     x = torch.randn(batch, 3, RES, RES, device=DEV).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=DEV)
@@ -63,9 +63,9 @@ def loop(model, opt, batch, steps):  # a bare training loop on one fixed batch
     t = now(); [step() for _ in range(steps)]
     return steps * batch / (now() - t)
 def plain():  # the same network with nn.BatchNorm2d
-    r = recipes.load("bn-x30"); cfg = E.model_config(r, r.profiles["paper"], 1000); m = Inception(cfg)
+    r = recipes.load("bn-x30"); cfg = InceptionConfig(r.model, r.profiles["paper"].width, 1000); m = Inception(cfg)
     for u in [u for u in m.modules() if isinstance(u, ConvUnit) and isinstance(u[1], BatchNorm)]:
-        u[1] = nn.BatchNorm2d(u[1].gamma.numel(), eps=cfg.bn_eps, momentum=cfg.bn_momentum)
+        u[1] = nn.BatchNorm2d(u[1].gamma.numel(), eps=cfg.model.bn_eps, momentum=cfg.model.bn_momentum)
     return m.to(DEV).to(memory_format=torch.channels_last)
 for b in BATCHES:
     n = max(1, IMAGES // b); task, opt = task_of(b)
@@ -91,18 +91,19 @@ if Path(os.environ.get("INET", "-"), "train").exists():  # JPEG path only (decod
     torch.backends.cudnn.benchmark = False; task, _ = task_of(32, data=os.environ["INET"], resident=False, workers=4)
     for gpu, w in ((True, 4), (False, 4), (False, 14)):
         task.jpegs_as_bytes = gpu and DEV.type == "cuda"; task.options = dataclasses.replace(task.options, workers=w)
-        it = task._batches(task.train_split, task._stream(0), train=True); [next(it) for _ in range(3)]
+        it = task.train_batches(0); [next(it) for _ in range(3)]
         t = now(); k = sum(len(next(it)[1]) for _ in range(15))
         print(f"INFO JPEG path bs32 {'GPU decode + per-image v2 augment' if gpu else 'CPU decode in workers'}, {w} workers: {k / (now() - t):,.0f} img/s")
         del it
 EOF
 cat > "$W/race.py" <<'EOF'
 import glob, os, torch   # decode_jpeg(cuda) vs kernels queued on the caller's stream (pytorch/vision#9606)
-from bnrepro.data import images
+from bnrepro.data.pipeline import decode_jpegs_on
+from bnrepro.data.split import decode
 data = [torch.frombuffer(bytearray(open(f, "rb").read()), dtype=torch.uint8)
         for f in sorted(glob.glob(os.environ["INET"] + "/val/*/*.JPEG"))[:32]]
-dev = torch.device("cuda"); gpu = images.decode_jpegs_on(dev, data); torch.cuda.synchronize()
-diff = max((g.cpu().float() - images.decode(d).float()).abs().mean().item() for g, d in zip(gpu, data))
+dev = torch.device("cuda"); gpu = decode_jpegs_on(dev, data); torch.cuda.synchronize()
+diff = max((g.cpu().float() - decode(d).float()).abs().mean().item() for g, d in zip(gpu, data))
 sizes = [g.numel() for g in gpu]; del gpu
 a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16); c = torch.empty_like(a)
 def trials(guard):
@@ -112,7 +113,7 @@ def trials(guard):
         for _ in range(30): torch.mm(a, a, out=c)           # ~40 ms queued ahead of the reads below
         sums = [v.sum(dtype=torch.int64) for v in victims]; del victims   # freed while their reads still wait
         if guard: torch.cuda.current_stream().synchronize()
-        images.decode_jpegs_on(dev, data); torch.cuda.synchronize()
+        decode_jpegs_on(dev, data); torch.cuda.synchronize()
         bad += any(int(s) != n for s, n in zip(sums, sizes))
     return bad
 bad, guarded = trials(False), trials(True)

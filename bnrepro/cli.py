@@ -9,6 +9,7 @@ import errno
 import json
 import math
 import os
+import shlex
 import sys
 import threading
 from pathlib import Path
@@ -136,18 +137,21 @@ def sweep(
     console.print(f"results: {run_dir}", markup=False)
 
 
-def _stopped(stop: Interrupted, command: str, data_dir: Path | None, device: str, engine: str) -> NoReturn:
-    """Ctrl-C in an MNIST run or sweep: one line with the command that continues it, verbatim for a shell (paths
-    quoted), with the --data-dir, --device and --engine it ran with, so that a copy of it finds the same data
-    (offline too) and trains on the same engine."""
-    import shlex
-
+def resume_command(stop: Interrupted, command: str, data_dir: Path | None, device: str, engine: str) -> str:
+    """The command that continues an MNIST run or sweep stopped by Ctrl-C, verbatim for a shell (paths quoted), with
+    the --data-dir, --device and --engine it ran with, so that a copy of it finds the same data (offline too) and
+    trains on the same engine."""
     words = ["bnrepro", command, "--resume", str(stop.path.parent)]
     for flag, value, default in (("--data-dir", data_dir, None), ("--device", device, "auto"),
                                  ("--engine", engine, "auto")):
         words += [flag, str(value)] if value != default else []
-    errors.print(f"interrupted at step {stop.step}; checkpoint saved. Continue with: {shlex.join(words)}",
-                 markup=False, highlight=False)
+    return shlex.join(words)
+
+
+def _stopped(stop: Interrupted, command: str, data_dir: Path | None, device: str, engine: str) -> NoReturn:
+    """Ctrl-C in an MNIST run or sweep: one line saying how to continue it, and the shell's exit code for SIGINT."""
+    errors.print(f"interrupted at step {stop.step}; checkpoint saved. Continue with: "
+                 f"{resume_command(stop, command, data_dir, device, engine)}", markup=False, highlight=False)
     sys.exit(130)
 
 
@@ -176,6 +180,7 @@ def imagenet(
     """The ImageNet experiments (Figs. 2-3): train one recipe; many GPUs with `torchrun -m bnrepro imagenet`."""
     import torch
 
+    from bnrepro.data.order import SEEDS
     from bnrepro.engine.distributed import Replicas
     from bnrepro.experiments import imagenet as experiment
     from bnrepro.runs import default_workers
@@ -185,8 +190,8 @@ def imagenet(
     workers = default_workers() if workers is None else workers
     if workers < 0:
         raise UserError(f"--workers must be 0 or more, not {workers}")
-    if not 0 <= seed < 2**20:
-        raise UserError(f"--seed must be between 0 and {2**20 - 1}, not {seed}")
+    if not 0 <= seed < SEEDS:  # the augmentation's per-example seeds are built from it (data.order.example_seed)
+        raise UserError(f"--seed must be between 0 and {SEEDS - 1}, not {seed}")
     if resume is not None and (recipe is not None or steps is not None or set_ or seed or profile != "paper"):
         raise UserError("--resume continues a run exactly as it was set up; drop --recipe, --profile, --steps, "
                         "--seed and --set (start a new run to change them)")
@@ -239,7 +244,7 @@ def pack(
     seed: Annotated[int, typer.Option(help="Seed of the one fixed packing order.")] = 0,
 ) -> None:
     """Pack a data set into WebDataset tar shards (`train.shuffle` works on class folders too, over virtual shards)."""
-    from bnrepro.data.images import pack as pack_shards
+    from bnrepro.data.pack import pack as pack_shards
 
     for split, count in pack_shards(source, dest, shard_size, seed).items():
         console.print(f"{split}: {count:,} examples in {-(-count // shard_size)} shards under {dest}", markup=False)
@@ -308,7 +313,7 @@ def reproduce(
     """Every run of Figs. 2-4 at one profile, in order (finished runs on the same data kept, an interrupted one
     resumed), then the ensemble at 1, 10 and 144 crops, then the report. Ctrl-C is safe at any point: run the command
     again. The code's commit is read once, before anything runs, and recorded in results/campaign/."""
-    from bnrepro.data import images
+    from bnrepro.data import sources
     from bnrepro.experiments import reproduce as campaign
     from bnrepro.report import build
     from bnrepro.runs import default_workers
@@ -322,7 +327,7 @@ def reproduce(
         raise UserError("give --dataset-dir DIR (for --profile cpu: Fashion-MNIST's raw folder, e.g. "
                         "../shared/data/fashion-mnist/raw)")
     commit = None if dry_run else campaign.load_code(allow_dirty)
-    data = None if dataset_dir is None else images.data_identity(dataset_dir)
+    data = None if dataset_dir is None else sources.data_identity(dataset_dir)
     steps = campaign.plan(profile, results, data)
     console.print(f"campaign at profile {profile}: {len(steps)} runs, then the ensemble and the report"
                   + ("" if data else " (no --dataset-dir: runs found are not checked against the data)"), markup=False)
@@ -425,7 +430,8 @@ def main() -> None:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for all replicas
             command = stop.path.parent.parent.name  # runs live in OUT/<experiment>/<run>
             errors.print(f"interrupted at step {stop.step}; checkpoint saved. Continue with: "
-                         f"bnrepro {command} --resume {escape(str(stop.path.parent))}", highlight=False)
+                         f"{shlex.join(['bnrepro', command, '--resume', str(stop.path.parent)])}", markup=False,
+                         highlight=False)
         sys.exit(130)
     except KeyboardInterrupt:
         errors.print("interrupted; no checkpoint was written now (a run folder holding an earlier "

@@ -159,7 +159,22 @@ def skip(damage: Damaged) -> None:
     print(f"warning: skipping {damage.path.parent}: {damage.path.name} {damage.why}", file=sys.stderr, flush=True)
 
 
-def runs_of(results: Path, experiment: str, statuses: tuple[str, ...] = ("complete",)) -> list[tuple[Path, dict]]:
+# What a manifest's "status" says: a run is "running" until its trainer starts, "interrupted" while it trains (what
+# it should say if the process dies), then "complete" or "diverged" (finished: nothing to resume); an evaluation
+# that ends without its results is "failed" (or "interrupted" by Ctrl-C).
+RUNNING, INTERRUPTED, FAILED, COMPLETE, DIVERGED = "running", "interrupted", "failed", "complete", "diverged"
+FINISHED = (COMPLETE, DIVERGED)
+
+
+def manifest_start(experiment: str, device: torch.device, fields: dict[str, Any], commit: str | None = None
+                   ) -> dict[str, Any]:
+    """A new run's manifest: what every run records (kind, status, start, device, versions, the code's commit: read
+    now unless given) around the run's own ``fields``."""
+    return {"experiment": experiment, "status": RUNNING, "started": now(), **fields, "device": device_name(device),
+            "versions": versions(), "git_commit": commit or git_commit()}
+
+
+def runs_of(results: Path, experiment: str, statuses: tuple[str, ...] = (COMPLETE,)) -> list[tuple[Path, dict]]:
     """(folder, manifest) of every run under ``results/experiment`` whose status is one of ``statuses``,
     oldest first (by start time, then folder name). A run whose manifest cannot be read is skipped (``skip``)."""
     found = []
@@ -305,7 +320,7 @@ def training(run_dir: Path, manifest: dict[str, Any], main: bool = True, owner: 
     replica writes or claims."""
     started = time.perf_counter()
     mine = RunLock.claim(run_dir) if main and owner is None else None
-    manifest["status"] = "interrupted"
+    manifest["status"] = INTERRUPTED
     try:
         if main:
             write_json(Path(run_dir) / "manifest.json", manifest)

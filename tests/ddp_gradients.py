@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from bnrepro.models.batchnorm import BatchNorm
-from bnrepro.models.inception import Inception, InceptionConfig
+from bnrepro.models.inception import Inception, InceptionConfig, switches
 
 
 def network(sync: bool) -> Inception:
     torch.manual_seed(0)
-    model = Inception(InceptionConfig(batch_norm=True, stem="separable", num_classes=4, width=0.25))
+    model = Inception(InceptionConfig(switches(batch_norm=True, stem="separable"), num_classes=4, width=0.25))
     model = model.double().to(memory_format=torch.channels_last)
     for bn in model.modules():
         if isinstance(bn, BatchNorm):

@@ -16,7 +16,7 @@ from bnrepro.data.augment import (
     evaluation_view,
     example_uniforms,
 )
-from bnrepro.data.images import evaluation_transform, training_transform
+from bnrepro.data.transforms import evaluation_transform, training_transform
 
 FULL = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1}  # recipes/imagenet/inception.yaml
 TV_OPS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)

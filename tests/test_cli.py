@@ -435,18 +435,14 @@ def test_sweep_resume_of_an_mnist_run_names_the_command_that_continues_it(quick)
     assert f"bnrepro mnist --resume {quick.root / 'complete-run'}" in result.stderr
 
 
-def test_ctrl_c_in_a_sweep_prints_the_sweeps_own_resume_command(tmp_path, capsys):
+def test_ctrl_c_in_a_sweep_prints_the_sweeps_own_resume_command(tmp_path):
     from bnrepro import cli
     from bnrepro.engine.trainer import Interrupted
 
     run = tmp_path / "my results" / "sweep" / "20260101-000000"
-    with pytest.raises(SystemExit) as caught:
-        cli._stopped(Interrupted(40, run / "checkpoint.pt"), "sweep", tmp_path / "my data", "auto", "torch")
-    assert caught.value.code == 130
-    err = capsys.readouterr().err
-    assert err.splitlines() == [f"interrupted at step 40; checkpoint saved. Continue with: bnrepro sweep --resume "
-                                f"{shlex.quote(str(run))} --data-dir {shlex.quote(str(tmp_path / 'my data'))} "
-                                "--engine torch"]
+    line = cli.resume_command(Interrupted(40, run / "checkpoint.pt"), "sweep", tmp_path / "my data", "auto", "torch")
+    assert line == (f"bnrepro sweep --resume {shlex.quote(str(run))} --data-dir "
+                    f"{shlex.quote(str(tmp_path / 'my data'))} --engine torch")
 
 
 # A bad command line (the parser's usage errors), from the real entry point in a fresh process.

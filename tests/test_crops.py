@@ -69,10 +69,10 @@ def test_1_crop_follows_the_recipes_eval_resize_by_hand():
 @pytest.mark.parametrize("shape,size,resize", [((3, 375, 500), 64, 1.3), ((3, 40, 30), 32, 1.142857),
                                                ((3, 30, 44), 32, 1.142857), ((3, 300, 410), 224, 1.6)])
 def test_1_crop_is_the_trainers_evaluation_view(shape, size, resize):
-    from bnrepro.data import images
+    from bnrepro.data import transforms
 
     image = torch.randint(0, 256, shape, dtype=torch.uint8)
-    expected = images.evaluation_transform(size, resize)(image)
+    expected = transforms.evaluation_transform(size, resize)(image)
     assert torch.equal(crops_of(image, 1, size, resize)[0], expected)
     box = boxes(*shape[1:], 1, size, resize)[0]
     resized = v2.functional.resize(image, box.scale, antialias=True)
@@ -102,10 +102,11 @@ def test_small_resolutions_scale_the_protocol():
 
 @pytest.mark.skipif(not (SHARED_DATA / "imagenet-sample").is_dir(), reason="shared/data/imagenet-sample is absent")
 def test_real_photos_give_144_crops():
-    from bnrepro.data import images
+    from bnrepro.data import sources
+    from bnrepro.data.split import decode
 
-    split = images.open_split(SHARED_DATA / "imagenet-sample", "val")
-    image = images.decode(torch.frombuffer(bytearray(split.read(0)), dtype=torch.uint8))
+    split = sources.open_split(SHARED_DATA / "imagenet-sample", "val")
+    image = decode(torch.frombuffer(bytearray(split.read(0)), dtype=torch.uint8))
     assert crops_of(image, 144).shape == (144, 3, 224, 224)
 
 
@@ -132,13 +133,13 @@ def test_a_square_images_144_crops_are_48_views_three_times_each():
 def test_the_float_single_crop_is_the_resident_trainers_view(shape, size, resize):
     """With ``float_view`` the single crop is ``augment.evaluation_view`` (what the trainer evaluates resident data
     on), within 1 grey level of torchvision's uint8 view, which rounds it."""
-    from bnrepro.data import augment, images
+    from bnrepro.data import augment, transforms
 
     image = torch.randint(0, 256, shape, dtype=torch.uint8).expand(3, *shape[1:])
     view = crops_of(image, 1, size, resize, float_view=True)
     assert view.dtype == torch.float32 and view.shape == (1, 3, size, size)
     assert torch.equal(view, augment.evaluation_view(image[None], size, resize))
     rounded = crops_of(image, 1, size, resize)
-    assert torch.equal(rounded[0], images.evaluation_transform(size, resize)(image))
+    assert torch.equal(rounded[0], transforms.evaluation_transform(size, resize)(image))
     assert (view - rounded.float()).abs().max() <= 1.0 + 1e-3
     assert torch.equal(crops_of(image, 144, size, float_view=True), crops_of(image, 144, size))  # others: uint8

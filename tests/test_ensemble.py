@@ -15,7 +15,9 @@ from conftest import SHARED_DATA, write_mnist
 from test_cli import cli_env, run_many
 from test_imagenet import write_images
 
-from bnrepro.data import augment, images
+from bnrepro.data import augment, pipeline, sources, transforms
+from bnrepro.data.sources.folders import imagenet_wnids
+from bnrepro.data.split import Split, decode
 from bnrepro.engine import checkpoint
 from bnrepro.engine.distributed import SINGLE_PROCESS
 from bnrepro.errors import UserError
@@ -23,7 +25,7 @@ from bnrepro.evaluate import ensemble as evaluation
 from bnrepro.evaluate.crops import crops_of
 from bnrepro.experiments import imagenet as experiment
 from bnrepro.models.batchnorm import use_statistics
-from bnrepro.models.inception import Inception, fold
+from bnrepro.models.inception import Inception, InceptionConfig, fold
 
 MEMBERS = ["imagenet/ensemble/bn-x30-member1", "imagenet/ensemble/bn-x30-member6"]  # plain, and per-activation BN
 SMOKE = ["profile=smoke", f"members=[{', '.join(MEMBERS)}]"]
@@ -75,8 +77,8 @@ def test_the_ensemble_is_the_mean_of_the_cached_member_probabilities(evaluated):
         results[(results.members == "bn-x30-member6") & (results.crops == 10)].iloc[0].top1_error)
 
 
-def pictures(split: images.Split) -> list[torch.Tensor]:
-    return [images.decode(torch.frombuffer(bytearray(split.read(i)), dtype=torch.uint8)) for i in range(len(split))]
+def pictures(split: Split) -> list[torch.Tensor]:
+    return [decode(torch.frombuffer(bytearray(split.read(i)), dtype=torch.uint8)) for i in range(len(split))]
 
 
 def trainers_evaluation(run: Path, data: Path, eval_resize: float | None = None):
@@ -86,13 +88,14 @@ def trainers_evaluation(run: Path, data: Path, eval_resize: float | None = None)
     float64, inferring as the trainer's final evaluation did (Alg. 2's population statistics)."""
     member = evaluation.load_member(run, torch.device("cpu"))
     recipe, classes = member.recipe, member.manifest["classes"]
-    split = images.open_split(data, "val", classes)
-    view = images.evaluation_transform(member.resolution, eval_resize or recipe.data.eval_resize)
-    examples = images.Examples(split, view, 0, jpegs_as_bytes=False)
+    split = sources.open_split(data, "val", classes)
+    view = transforms.evaluation_transform(member.resolution, eval_resize or recipe.data.eval_resize)
+    examples = pipeline.Examples(split, view, 0, jpegs_as_bytes=False)
     seen = torch.stack([examples[(i, i)][0] for i in range(len(split))])
     mean = torch.tensor([255 * m for m in recipe.data.mean], dtype=torch.float64).view(1, 3, 1, 1)
     std = torch.tensor([255 * s for s in recipe.data.std], dtype=torch.float64).view(1, 3, 1, 1)
-    trainer_net = Inception(experiment.model_config(recipe, recipe.profiles[member.manifest["profile"]], len(classes)))
+    width = recipe.profiles[member.manifest["profile"]].width
+    trainer_net = Inception(InceptionConfig(recipe.model, width, len(classes)))
     trainer_net.load_state_dict(checkpoint.load(run / "checkpoint.pt")["model"])
     if recipe.model.batch_norm:
         use_statistics(trainer_net, "population")
@@ -163,14 +166,14 @@ def test_a_resident_members_single_crop_is_its_trainers_float_view(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["members"][0]["single_crop_view"] == "float" and manifest["image_size"] == [28, 28]
     assert manifest["distinct_views"] == {"1": 1, "144": 48}
-    assert manifest["data_identity"] == images.data_identity(data)
+    assert manifest["data_identity"] == sources.data_identity(data)
     member = evaluation.load_member(run, torch.device("cpu"))
-    split = images.open_split(data, "val", member.manifest["classes"])
+    split = sources.open_split(data, "val", member.manifest["classes"])
     recipe = member.recipe
     x = augment.evaluation_view(split.pixels, member.resolution, recipe.data.eval_resize).double()
     mean = torch.tensor([255 * m for m in recipe.data.mean], dtype=torch.float64).view(1, 3, 1, 1)
     std = torch.tensor([255 * s for s in recipe.data.std], dtype=torch.float64).view(1, 3, 1, 1)
-    net = Inception(experiment.model_config(recipe, recipe.profiles["smoke"], len(split.classes)))
+    net = Inception(InceptionConfig(recipe.model, recipe.profiles["smoke"].width, len(split.classes)))
     net.load_state_dict(checkpoint.load(run / "checkpoint.pt")["model"])
     use_statistics(net, "population")
     with torch.no_grad():
@@ -235,10 +238,10 @@ def test_the_real_imagenet_sample_is_evaluated_with_standard_labels(tmp_path):
                          "imagenet-sample", tmp_path, "cpu", 0, member_runs=[run], show_progress=False)
     cached = evaluation.load_cache(out)[("bn-x30-member1", 1)]
     assert cached["probs"].shape == (250, 1000)
-    split = images.open_split(SHARED_DATA / "imagenet-sample", "val", images.imagenet_wnids())
+    split = sources.open_split(SHARED_DATA / "imagenet-sample", "val", imagenet_wnids())
     assert sorted(cached["labels"].tolist()) == list(range(0, 1000, 4))  # every 4th class, one photo each
     assert cached["labels"].tolist() == split.labels.tolist() and cached["indices"].tolist() == list(range(250))
-    assert [images.imagenet_wnids()[label] for label in cached["labels"]] == [Path(f).parent.name for f in split.files]
+    assert [imagenet_wnids()[label] for label in cached["labels"]] == [Path(f).parent.name for f in split.files]
 
 
 @pytest.mark.gpu

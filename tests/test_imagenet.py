@@ -23,7 +23,11 @@ from test_cli import cli_env, run_many, squeeze
 from torchvision.io import encode_jpeg, encode_png
 
 from bnrepro import recipes as recipe_io
-from bnrepro.data import images
+from bnrepro.data import order as ordering
+from bnrepro.data import pipeline, sources, transforms
+from bnrepro.data.pack import pack
+from bnrepro.data.resident import synthetic as synthetic_splits
+from bnrepro.data.split import Split, decode
 from bnrepro.engine.distributed import SINGLE_PROCESS
 from bnrepro.engine.trainer import Interrupted
 from bnrepro.errors import UserError
@@ -63,7 +67,7 @@ def folders(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def shards(folders, tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("shards")
-    images.pack(folders, dest, shard_size=5, seed=0)
+    pack(folders, dest, shard_size=5, seed=0)
     return dest
 
 
@@ -71,13 +75,13 @@ def shards(folders, tmp_path_factory) -> Path:
 
 def test_wnid_folders_keep_their_imagenet_labels(tmp_path):
     write_images(tmp_path, [WNIDS[0], WNIDS[2]], {"train": 2})
-    split = images.open_split(tmp_path, "train")
+    split = sources.open_split(tmp_path, "train")
     assert len(split.classes) == 1000
     assert sorted(set(split.labels.tolist())) == [0, 2]
 
 
 def test_other_folders_are_numbered_in_sorted_order(folders):
-    split = images.open_split(folders, "train")
+    split = sources.open_split(folders, "train")
     assert split.classes == ["cat", "dog", "owl"]
     assert [split.classes[label] for label in split.labels] == [Path(f).parent.name for f in split.files]
     assert np.bincount(split.labels).tolist() == [12, 12, 12]
@@ -93,22 +97,22 @@ def path_hash_order(split_dir: Path) -> list[str]:
 def test_folders_are_stored_in_path_hash_order_and_cut_into_virtual_shards(folders):
     torch.manual_seed(1)
     np.random.seed(1)
-    split = images.open_split(folders, "train", shard_size=5)
+    split = sources.open_split(folders, "train", shard_size=5)
     assert [f"{Path(f).parent.name}/{Path(f).name}" for f in split.files] == path_hash_order(folders / "train")
     assert split.shard_starts.tolist() == [0, 5, 10, 15, 20, 25, 30, 35, 36]  # 36 examples, the last shard short
     torch.manual_seed(2)
     np.random.seed(2)
-    again = images.open_split(folders, "train", shard_size=5)
+    again = sources.open_split(folders, "train", shard_size=5)
     assert again.files == split.files and again.labels.tolist() == split.labels.tolist()  # no seed in it
-    assert images.open_split(folders, "train").shard_starts.tolist() == [0, 36]  # default 1000 per shard
-    assert images.open_split(folders, "train", shard_size=36).shard_starts.tolist() == [0, 36]
+    assert sources.open_split(folders, "train").shard_starts.tolist() == [0, 36]  # default 1000 per shard
+    assert sources.open_split(folders, "train", shard_size=36).shard_starts.tolist() == [0, 36]
     with pytest.raises(UserError, match="shard_size"):
-        images.open_split(folders, "train", shard_size=0)
+        sources.open_split(folders, "train", shard_size=0)
 
 
-def batch_mates(split: images.Split, order: str, batch_size: int, epoch: int) -> set[frozenset[int]]:
+def batch_mates(split: Split, order: str, batch_size: int, epoch: int) -> set[frozenset[int]]:
     """Which examples share a mini-batch in one epoch (batches aligned with the epoch)."""
-    stream = images.TrainingStream(split, order, 3, batch_size, rank=0, world=1, buffer_shards=2,
+    stream = ordering.TrainingStream(split, order, 3, batch_size, rank=0, world=1, buffer_shards=2,
                                    start_step=epoch * len(split) // batch_size)
     steps = len(split) // batch_size
     return {frozenset(i for _, i in batch) for _, batch in zip(range(steps), stream)}
@@ -123,33 +127,33 @@ def test_folder_shuffling_means_what_the_recipe_says(tmp_path):
         for i in range(10):
             pixels = torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8, generator=generator)
             (tmp_path / "train" / f"class{c}" / f"{i}.png").write_bytes(encode_png(pixels).numpy().tobytes())
-    split = images.open_split(tmp_path, "train", shard_size=5)
+    split = sources.open_split(tmp_path, "train", shard_size=5)
     assert len(split) == 40 and len(split.shard_starts) - 1 == 8 and not split.packed
     shards = {frozenset(range(s, s + 5)) for s in range(0, 40, 5)}
     assert batch_mates(split, "shards", 5, 0) == batch_mates(split, "shards", 5, 1) == shards
-    first, second = (images.epoch_order(split, "shards", 3, epoch, 2).tolist() for epoch in (0, 1))
+    first, second = (ordering.epoch_order(split, "shards", 3, epoch, 2).tolist() for epoch in (0, 1))
     assert first != second  # the shard order changes, the company inside a batch does not
     assert batch_mates(split, "within_shard", 5, 0) != batch_mates(split, "within_shard", 5, 1)
     assert batch_mates(split, "within_shard", 5, 0) != shards
-    wide = images.open_split(tmp_path, "train", shard_size=10)  # a batch of half a shard, aligned
+    wide = sources.open_split(tmp_path, "train", shard_size=10)  # a batch of half a shard, aligned
     assert batch_mates(wide, "shards", 5, 0) == batch_mates(wide, "shards", 5, 1) == shards
     assert batch_mates(wide, "within_shard", 5, 0) != batch_mates(wide, "within_shard", 5, 1)
 
 
 @pytest.mark.skipif(not SAMPLE.is_dir(), reason="shared/data/imagenet-sample is absent")
 def test_the_real_imagenet_sample_loads_with_standard_labels():
-    split = images.open_split(SAMPLE, "val")
+    split = sources.open_split(SAMPLE, "val")
     assert len(split) == 250 and sorted(split.labels.tolist()) == list(range(0, 1000, 4))
-    transform = images.evaluation_transform(224, 256 / 224)
+    transform = transforms.evaluation_transform(224, 256 / 224)
     for i in range(0, 250, 50):
-        image = images.prepare(torch.frombuffer(bytearray(split.read(i)), dtype=torch.uint8), transform, 0)
+        image = transforms.prepare(torch.frombuffer(bytearray(split.read(i)), dtype=torch.uint8), transform, 0)
         assert image.shape == (3, 224, 224) and image.dtype == torch.uint8
 
 
 def test_packing_keeps_every_example_and_is_reproducible(folders, shards, tmp_path):
-    folder, packed = images.open_split(folders, "train"), images.open_split(shards, "train")
+    folder, packed = sources.open_split(folders, "train"), sources.open_split(shards, "train")
     assert packed.packed and len(packed.shard_starts) - 1 == 8  # 36 examples in shards of 5
-    assert images.open_split(shards, "train", shard_size=2).shard_starts.tolist() == packed.shard_starts.tolist()
+    assert sources.open_split(shards, "train", shard_size=2).shard_starts.tolist() == packed.shard_starts.tolist()
     assert packed.classes == folder.classes
     content = sorted((folder.read(i), int(folder.labels[i])) for i in range(len(folder)))
     assert sorted((packed.read(i), int(packed.labels[i])) for i in range(len(packed))) == content
@@ -158,7 +162,7 @@ def test_packing_keeps_every_example_and_is_reproducible(folders, shards, tmp_pa
         number = int(member.name.partition(".")[0].removeprefix("train"))
         by_name = sorted(folder.files, key=lambda f: (Path(f).parent.name, Path(f).name))
         assert tar.extractfile(member).read() == Path(by_name[number]).read_bytes()
-    images.pack(folders, tmp_path, shard_size=5, seed=0)
+    pack(folders, tmp_path, shard_size=5, seed=0)
     assert (tmp_path / "train-000003.tar").read_bytes() == (shards / "train-000003.tar").read_bytes()
 
 
@@ -166,19 +170,19 @@ def test_idx_files_pack_as_png_shards(tmp_path):
     from conftest import write_mnist
 
     raw = write_mnist(tmp_path / "data") / "mnist" / "raw"
-    counts = images.pack(raw, tmp_path / "out", shard_size=500)
-    split = images.open_split(tmp_path / "out", "val")
+    counts = pack(raw, tmp_path / "out", shard_size=500)
+    split = sources.open_split(tmp_path / "out", "val")
     assert len(split) == counts["val"] and split.classes == [str(d) for d in range(10)]
-    image = images.decode(torch.frombuffer(bytearray(split.read(0)), dtype=torch.uint8))
+    image = decode(torch.frombuffer(bytearray(split.read(0)), dtype=torch.uint8))
     assert image.shape == (3, 28, 28)  # grayscale comes back as RGB
 
 
 def test_shard_orders_mean_what_the_paper_meant(shards):
-    split = images.open_split(shards, "train")
+    split = sources.open_split(shards, "train")
     starts = split.shard_starts
     shard_of = np.searchsorted(starts, np.arange(len(split)), side="right") - 1
 
-    by_shards = images.epoch_order(split, "shards", seed=1, epoch=0, buffer_shards=2)
+    by_shards = ordering.epoch_order(split, "shards", seed=1, epoch=0, buffer_shards=2)
     runs = [shard_of[by_shards[i]] for i in range(len(by_shards))]
     assert sorted(by_shards.tolist()) == list(range(len(split)))
     for s in range(len(starts) - 1):  # each shard read whole, in stored order
@@ -186,7 +190,7 @@ def test_shard_orders_mean_what_the_paper_meant(shards):
         assert members.tolist() == list(range(starts[s], starts[s + 1]))
     assert by_shards.tolist() != list(range(len(split)))  # but the shard order is shuffled
 
-    within = images.epoch_order(split, "within_shard", seed=1, epoch=0, buffer_shards=2)
+    within = ordering.epoch_order(split, "within_shard", seed=1, epoch=0, buffer_shards=2)
     assert sorted(within.tolist()) == list(range(len(split)))
     shard_order = list(dict.fromkeys(shard_of[by_shards].tolist()))  # both modes draw the same shard order
     first = 0
@@ -196,33 +200,33 @@ def test_shard_orders_mean_what_the_paper_meant(shards):
         first += size
     assert within.tolist() != by_shards.tolist()
 
-    again = images.epoch_order(split, "within_shard", seed=1, epoch=0, buffer_shards=2)
+    again = ordering.epoch_order(split, "within_shard", seed=1, epoch=0, buffer_shards=2)
     assert again.tolist() == within.tolist()  # a pure function of (seed, epoch)
-    assert images.epoch_order(split, "within_shard", seed=1, epoch=1, buffer_shards=2).tolist() != within.tolist()
+    assert ordering.epoch_order(split, "within_shard", seed=1, epoch=1, buffer_shards=2).tolist() != within.tolist()
 
 
 def test_replicas_take_disjoint_slices_of_the_same_global_batch(folders):
-    split = images.open_split(folders, "train")
-    one = images.TrainingStream(split, "full", 0, 8, rank=0, world=1, start_step=0, buffer_shards=1)
-    two = [images.TrainingStream(split, "full", 0, 4, rank=r, world=2, start_step=0, buffer_shards=1)
+    split = sources.open_split(folders, "train")
+    one = ordering.TrainingStream(split, "within_shard", 0, 8, rank=0, world=1, start_step=0, buffer_shards=1)
+    two = [ordering.TrainingStream(split, "within_shard", 0, 4, rank=r, world=2, start_step=0, buffer_shards=1)
            for r in range(2)]
     for _, whole, first, second in zip(range(10), one, *two):  # crosses epoch boundaries (36 examples)
         assert whole == first + second
-    resumed = images.TrainingStream(split, "full", 0, 8, rank=0, world=1, start_step=7, buffer_shards=1)
+    resumed = ordering.TrainingStream(split, "within_shard", 0, 8, rank=0, world=1, start_step=7, buffer_shards=1)
     assert next(iter(resumed)) == [batch for _, batch in zip(range(8), one)][-1]
 
 
 def test_evaluation_counts_every_image_once_across_replicas():
-    seen = [i for r in range(3) for batch in images.EvaluationBatches(10, 3, r, 3) for i, _ in batch]
+    seen = [i for r in range(3) for batch in ordering.EvaluationBatches(10, 3, r, 3) for i, _ in batch]
     assert sorted(seen) == list(range(10))
 
 
 def test_corrupt_and_empty_images_are_skipped_not_fatal(tmp_path):
     root = write_images(tmp_path, ["a", "b"], {"train": 2}, corrupt=True)
     (root / "train" / "b" / "empty.png").write_bytes(b"")
-    split = images.open_split(root, "train")
-    examples = images.Examples(split, images.evaluation_transform(16, 1.2), 0, jpegs_as_bytes=False)
-    batch = images.collate([examples[(i, i)] for i in range(len(split))])
+    split = sources.open_split(root, "train")
+    examples = pipeline.Examples(split, transforms.evaluation_transform(16, 1.2), 0, jpegs_as_bytes=False)
+    batch = pipeline.collate([examples[(i, i)] for i in range(len(split))])
     assert len(batch.skipped) == 2 and batch.images.shape == (4, 3, 16, 16)
 
 
@@ -231,24 +235,24 @@ def test_animated_images_give_their_first_frame(tmp_path):
 
     frames = [Image.new("RGB", (20, 16), colour) for colour in ("red", "blue")]
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
-    image = images.decode(torch.frombuffer(bytearray((tmp_path / "a.gif").read_bytes()), dtype=torch.uint8))
+    image = decode(torch.frombuffer(bytearray((tmp_path / "a.gif").read_bytes()), dtype=torch.uint8))
     assert image.shape == (3, 16, 20) and image.dtype == torch.uint8 and image[0].float().mean() > 200
 
 
 def test_packing_again_replaces_the_old_shards_and_class_names_may_have_spaces(tmp_path):
     root = write_images(tmp_path / "src", ["golden retriever", "tabby cat"], {"train": 3, "val": 1})
-    images.pack(root, tmp_path / "out", shard_size=1)
-    images.pack(root, tmp_path / "out", shard_size=4)
-    split = images.open_split(tmp_path / "out", "train")
+    pack(root, tmp_path / "out", shard_size=1)
+    pack(root, tmp_path / "out", shard_size=4)
+    split = sources.open_split(tmp_path / "out", "train")
     assert len(split) == 6 and len(split.shard_starts) - 1 == 2
     assert split.classes == ["golden retriever", "tabby cat"]
 
 
 def test_augmentation_is_a_function_of_the_example_position(folders):
-    split = images.open_split(folders, "train")
-    transform = images.training_transform(24, 0.08, (0.75, 1.333), True, dict(brightness=0.4, contrast=0.4,
+    split = sources.open_split(folders, "train")
+    transform = transforms.training_transform(24, 0.08, (0.75, 1.333), True, dict(brightness=0.4, contrast=0.4,
                                                                                saturation=0.4, hue=0.1))
-    examples = images.Examples(split, transform, 3, jpegs_as_bytes=False)
+    examples = pipeline.Examples(split, transform, 3, jpegs_as_bytes=False)
     torch.manual_seed(0)
     a = examples[(17, 5)][0]
     torch.rand(100)  # the global generator moves on; the example must not care
@@ -260,14 +264,14 @@ def test_main_process_decoding_gives_the_workers_images(tmp_path):
     """The GPU path (JPEGs left encoded, decoded in one call, then augmented) matches the workers' path; run
     here on the CPU, and on the GPU by the gpu-marked test below. A corrupt JPEG costs only itself."""
     root = write_images(tmp_path, ["a"], {"train": 3}, corrupt=True)
-    split = images.open_split(root, "train")
-    transform = images.training_transform(24, 0.08, (0.75, 1.333), True, dict(brightness=0.4, contrast=0.4,
+    split = sources.open_split(root, "train")
+    transform = transforms.training_transform(24, 0.08, (0.75, 1.333), True, dict(brightness=0.4, contrast=0.4,
                                                                                saturation=0.4, hue=0.1))
-    by_worker = images.Examples(split, transform, 5, jpegs_as_bytes=False)
-    as_bytes = images.Examples(split, transform, 5, jpegs_as_bytes=True)
+    by_worker = pipeline.Examples(split, transform, 5, jpegs_as_bytes=False)
+    as_bytes = pipeline.Examples(split, transform, 5, jpegs_as_bytes=True)
     items = [as_bytes[(p, i)] for p, i in enumerate(range(len(split)))]
     assert sum(image.ndim == 1 for image, _, _ in items) == 3  # 2 good JPEGs, the broken one; the PNG is decoded
-    batch = images.on_device(images.collate(items), transform, 5, torch.device("cpu"))
+    batch = pipeline.on_device(pipeline.collate(items), transform, 5, torch.device("cpu"))
     expected = [by_worker[(p, p)][0] for p in range(len(split))]
     assert batch.skipped == [p for p, image in enumerate(expected) if image is None] and len(batch.skipped) == 1
     for position, image in zip(batch.positions, batch.images):
@@ -285,10 +289,10 @@ def test_a_smoke_run_on_the_gpu_decodes_there_and_trains(folders, tmp_path):
 
 def test_missing_or_empty_data_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no 'train' data"):
-        images.open_split(tmp_path, "train")
+        sources.open_split(tmp_path, "train")
     (tmp_path / "train" / "a").mkdir(parents=True)
     with pytest.raises(UserError, match="no images"):
-        images.open_split(tmp_path, "train")
+        sources.open_split(tmp_path, "train")
 
 
 # --- training --------------------------------------------------------------------------------------------
@@ -374,17 +378,17 @@ def test_resident_batches_are_the_file_backed_examples(fake_mnist, tmp_path):
     """The same training stream on packed shards, held in memory or read from the files: the same examples (the
     same images and labels) in the same mini-batches; only the augmentation's random numbers are drawn apart."""
     shards = tmp_path / "shards"
-    images.pack(fake_mnist / "mnist" / "raw", shards, shard_size=50)
+    pack(fake_mnist / "mnist" / "raw", shards, shard_size=50)
     tasks = []
     for resident in (True, False):
         options = experiment.Options(shards, device="cpu", workers=0, show_progress=False, resident=resident)
-        task, _, _ = experiment._build(recipe_io.load("bn-x5"), "smoke", options, SINGLE_PROCESS)
+        task, _, _ = experiment.build(recipe_io.load("bn-x5"), "smoke", options, SINGLE_PROCESS)
         tasks.append(task)
     assert tasks[0].train_split.pixels is not None and tasks[1].train_split.pixels is None
-    for batch_a, batch_b in zip(tasks[0]._stream(0), itertools.islice(tasks[1]._stream(0), 3)):
+    for batch_a, batch_b in zip(tasks[0].stream(0), itertools.islice(tasks[1].stream(0), 3)):
         assert batch_a == batch_b
         for _, index in batch_a:
-            assert torch.equal(tasks[0].train_split.image(index), images.decode(torch.frombuffer(
+            assert torch.equal(tasks[0].train_split.image(index), decode(torch.frombuffer(
                 bytearray(tasks[1].train_split.read(index)), dtype=torch.uint8)))
 
 
@@ -535,9 +539,9 @@ def test_two_gloo_replicas_with_synchronised_bn_give_one_process_gradient_in_flo
 
 def test_replica_streams_together_read_the_single_process_stream(folders):
     """Replica r of W reads steps u*W + r at update u: two replicas' first 2 updates are one process's first 4."""
-    split = images.open_split(folders, "train", shard_size=5)
+    split = sources.open_split(folders, "train", shard_size=5)
     def batches(rank, world, updates):
-        stream = iter(images.TrainingStream(split, "within_shard", 3, 4, rank, world, 0, 2))
+        stream = iter(ordering.TrainingStream(split, "within_shard", 3, 4, rank, world, 0, 2))
         return [next(stream) for _ in range(updates)]
     single = batches(0, 1, 4)
     replicas = [batches(r, 2, 2) for r in (0, 1)]
@@ -613,7 +617,7 @@ def test_a_budget_that_the_replicas_do_not_divide_is_a_recorded_deviation():
     from types import SimpleNamespace
 
     recipe = recipe_io.load("bn-x5", ["profiles.smoke.steps=5"])
-    task = SimpleNamespace(profile=recipe.profiles["smoke"], train_split=images.synthetic(32)[0],
+    task = SimpleNamespace(profile=recipe.profiles["smoke"], train_split=synthetic_splits(32)[0],
                            replicas=SimpleNamespace(world=2), device=torch.device("cpu"), model=None)
     found = experiment.deviations(recipe, "smoke", [], task)
     assert any("not a multiple of 2 replicas: the run trains 6 steps" in d for d in found)

@@ -21,8 +21,8 @@ def changed(a: str, b: str) -> dict[str, tuple]:
 def test_every_recipe_loads_and_builds_a_model():
     for name in NAMES:
         recipe = recipes.load(f"imagenet/{name}")
-        model = Inception(InceptionConfig(**recipe.model.model_dump(), num_classes=10))
-        assert model.cfg.batch_norm == name.startswith("bn")
+        model = Inception(InceptionConfig(recipe.model, num_classes=10))
+        assert model.cfg.model.batch_norm == name.startswith("bn")
 
 
 def test_paper_learning_rates():

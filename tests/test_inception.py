@@ -1,12 +1,16 @@
 """The Fig. 5 network: shapes, parameter counts from the table, BN placement, switches, folding."""
 
+from typing import get_args
+
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 
 from bnrepro.models.batchnorm import BatchNorm, estimate_population, use_statistics
 from bnrepro.models.inception import (
+    CONV_INIT,
     FIG5,
     ConvUnit,
     Inception,
@@ -15,7 +19,9 @@ from bnrepro.models.inception import (
     count_flops,
     count_parameters,
     fold,
+    switches,
 )
+from bnrepro.recipes import InceptionModel
 
 # Fig. 5, typed from shared/paper/README.md section 5 (not read from FIG5, the constant under test):
 # #1x1, #3x3 reduce, #3x3, double #3x3 reduce, double #3x3, pool, proj, out channels ("pass" = max pool
@@ -66,13 +72,13 @@ def table_parameters(num_classes: int, bias: bool) -> int:
 
 @pytest.mark.parametrize("batch_norm", [True, False])
 def test_parameter_count_matches_the_table(batch_norm):
-    model = Inception(InceptionConfig(batch_norm=batch_norm, stem="plain"))
+    model = Inception(InceptionConfig(switches(batch_norm=batch_norm, stem="plain")))
     assert count_parameters(model) == table_parameters(1000, bias=not batch_norm)
     assert 11.2e6 < count_parameters(model) < 11.4e6  # the table counts ~11.3M, not the paper's 13.6M
 
 
 def test_channel_flow_and_spatial_sizes_at_224():
-    model = Inception(InceptionConfig(stem="plain")).eval()
+    model = Inception(InceptionConfig(switches(stem="plain"))).eval()
     sizes = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(tuple(out.shape[1:])))
              for m in model.inception]
@@ -87,12 +93,12 @@ def test_channel_flow_and_spatial_sizes_at_224():
 
 @pytest.mark.parametrize("resolution,classes", [(32, 10), (64, 7), (96, 3)])
 def test_small_resolutions(resolution, classes):
-    model = Inception(InceptionConfig(num_classes=classes, in_channels=1))
+    model = Inception(InceptionConfig(switches(), num_classes=classes, in_channels=1))
     assert model(torch.randn(2, 1, resolution, resolution)).shape == (2, classes)
 
 
 def test_one_bn_per_nonlinearity_and_no_conv_bias_under_bn():
-    model = Inception(InceptionConfig(batch_norm=True, stem="plain"))
+    model = Inception(InceptionConfig(switches(batch_norm=True, stem="plain")))
     units = [m for m in model.modules() if isinstance(m, ConvUnit)]
     norms = [m for m in model.modules() if isinstance(m, BatchNorm)]
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
@@ -100,27 +106,27 @@ def test_one_bn_per_nonlinearity_and_no_conv_bias_under_bn():
     for unit in units:
         conv, bn, act = unit
         assert conv.bias is None and isinstance(bn, BatchNorm) and bn.gamma.shape == (1, conv.out_channels, 1, 1)
-    plain = Inception(InceptionConfig(batch_norm=False, stem="plain"))
+    plain = Inception(InceptionConfig(switches(batch_norm=False, stem="plain")))
     assert not any(isinstance(m, BatchNorm) for m in plain.modules())
     assert all(m.bias is not None for m in plain.modules() if isinstance(m, nn.Conv2d))
 
 
 def test_switches():
     count = lambda model, kind: sum(isinstance(m, kind) for m in model.modules())  # noqa: E731
-    assert count(Inception(InceptionConfig(lrn=True)), nn.LocalResponseNorm) == 2
-    assert count(Inception(InceptionConfig(lrn=False)), nn.LocalResponseNorm) == 0
-    assert Inception(InceptionConfig(dropout=0.4)).dropout.p == 0.4
-    sigmoid = Inception(InceptionConfig(nonlinearity="sigmoid"))
+    assert count(Inception(InceptionConfig(switches(lrn=True))), nn.LocalResponseNorm) == 2
+    assert count(Inception(InceptionConfig(switches(lrn=False))), nn.LocalResponseNorm) == 0
+    assert Inception(InceptionConfig(switches(dropout=0.4))).dropout.p == 0.4
+    sigmoid = Inception(InceptionConfig(switches(nonlinearity="sigmoid")))
     assert count(sigmoid, nn.Sigmoid) > 50 and count(sigmoid, nn.ReLU) == 0
-    assert Inception(InceptionConfig(per_activation_bn=True)).head_bn.gamma.shape == (1, 1024)
-    assert Inception(InceptionConfig()).head_bn is None
-    separable = Inception(InceptionConfig(stem="separable", depth_multiplier=8))
+    assert Inception(InceptionConfig(switches(per_activation_bn=True))).head_bn.gamma.shape == (1, 1024)
+    assert Inception(InceptionConfig(switches())).head_bn is None
+    separable = Inception(InceptionConfig(switches(stem="separable", depth_multiplier=8)))
     depthwise = separable.stem[0][0]
     assert depthwise.groups == 3 and depthwise.out_channels == 24 and depthwise.kernel_size == (7, 7)
     torch.manual_seed(0)
-    a = Inception(InceptionConfig(init_scale=1.0))
+    a = Inception(InceptionConfig(switches(init_scale=1.0)))
     torch.manual_seed(0)
-    b = Inception(InceptionConfig(init_scale=2.0))
+    b = Inception(InceptionConfig(switches(init_scale=2.0)))
     first_a, first_b = (next(m for m in x.modules() if isinstance(m, nn.Conv2d)) for x in (a, b))
     torch.testing.assert_close(first_b.weight, 2 * first_a.weight)
 
@@ -132,7 +138,7 @@ def test_conv_init_schemes(scheme, variance, bound):
     """Weight variance x fan-in: 2 (He), 1 (LeCun/Caffe "xavier"); the truncated normal is cut at 2 of its
     std sqrt(2.6 / fan-in), which keeps 0.774 of its variance (about 2). ``bound`` is max |w| x sqrt(fan-in)."""
     torch.manual_seed(0)
-    model = Inception(InceptionConfig(stem="plain", conv_init=scheme))
+    model = Inception(InceptionConfig(switches(stem="plain", conv_init=scheme)))
     conv = model.inception[-1].double3x3[1][0]  # 5b's last double-3x3 conv: 224 x 224 x 3 x 3 weights
     fan_in = conv.weight[0].numel()
     assert fan_in == 224 * 9
@@ -141,27 +147,28 @@ def test_conv_init_schemes(scheme, variance, bound):
     if bound is not None:
         assert conv.weight.abs().max().item() * fan_in ** 0.5 <= bound + 1e-6
     torch.manual_seed(0)
-    scaled = Inception(InceptionConfig(stem="plain", conv_init=scheme, init_scale=1.5))
+    scaled = Inception(InceptionConfig(switches(stem="plain", conv_init=scheme, init_scale=1.5)))
     torch.testing.assert_close(scaled.inception[-1].double3x3[1][0].weight, 1.5 * conv.weight)
-    with pytest.raises(ValueError, match="conv_init"):
-        Inception(InceptionConfig(conv_init="orthogonal"))
+    with pytest.raises(ValidationError, match="conv_init"):  # the recipe's schema lists the schemes
+        switches(conv_init="orthogonal")
+    assert set(get_args(InceptionModel.model_fields["conv_init"].annotation)) == set(CONV_INIT)
 
 
 def test_classifier_init_std_and_the_average_pools_padding_count():
     torch.manual_seed(0)
-    model = Inception(InceptionConfig(classifier_init_std=0.05))
+    model = Inception(InceptionConfig(switches(classifier_init_std=0.05)))
     assert model.classifier.weight.std().item() == pytest.approx(0.05, rel=0.02)
     assert (model.classifier.bias == 0).all()
     for include in (False, True):
-        pools = [m for m in Inception(InceptionConfig(pool_count_include_pad=include)).modules()
+        pools = [m for m in Inception(InceptionConfig(switches(pool_count_include_pad=include))).modules()
                  if isinstance(m, nn.AvgPool2d)]
         assert len(pools) == 7 and all(p.count_include_pad is include for p in pools)  # the 7 "avg" modules
         corner = pools[0](torch.ones(1, 1, 4, 4))[0, 0, 0, 0].item()
         assert corner == pytest.approx(4 / 9 if include else 1.0)  # a corner sees 4 of 9 in-image values
 
 
-@pytest.mark.parametrize("cfg", [InceptionConfig(num_classes=5, stem="plain"),
-                                 InceptionConfig(num_classes=5, stem="separable", per_activation_bn=True)])
+@pytest.mark.parametrize("cfg", [InceptionConfig(switches(stem="plain"), num_classes=5),
+                                 InceptionConfig(switches(stem="separable", per_activation_bn=True), num_classes=5)])
 def test_fold_matches_the_bn_network(cfg):
     torch.manual_seed(0)
     model = Inception(cfg).double()
@@ -185,7 +192,7 @@ def test_fold_matches_the_bn_network(cfg):
 
 
 def test_channels_last_and_bf16_autocast():
-    model = Inception(InceptionConfig(num_classes=10)).to(memory_format=torch.channels_last)
+    model = Inception(InceptionConfig(switches(), num_classes=10)).to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = model(x)
@@ -197,7 +204,7 @@ def test_channels_last_and_bf16_autocast():
 @pytest.mark.slow
 def test_torch_compile_matches_eager():
     torch.manual_seed(0)
-    model = Inception(InceptionConfig(num_classes=10, stem="plain")).eval()
+    model = Inception(InceptionConfig(switches(stem="plain"), num_classes=10)).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-4)
@@ -207,9 +214,8 @@ def test_the_merged_entry_convolution_computes_the_three_1x1_branches():
     """The module's three 1x1 convolutions on its input run as one (filters side by side) with one BN: each
     branch gets exactly what its own conv, BN (per-channel batch statistics) and ReLU would give it."""
     torch.manual_seed(0)
-    cfg = InceptionConfig(width=0.25, num_classes=10)
     spec = FIG5[0].scaled(0.25)
-    module = InceptionModule(cfg, spec, 48).double().train()
+    module = InceptionModule(switches(), spec, 48).double().train()
     with torch.no_grad():
         module.entry[1].gamma.uniform_(0.5, 1.5)
         module.entry[1].beta.uniform_(-0.5, 0.5)
@@ -231,5 +237,5 @@ def test_the_merged_entry_convolution_computes_the_three_1x1_branches():
 def test_multiply_adds_are_counted_where_the_model_is():
     """``bnrepro reproduce --dry-run`` counts them on the training device: a CPU image fed to a GPU model failed
     there (the GPU check). The meta device stands in for a GPU: any CPU tensor mixed in fails the same way."""
-    model = Inception(InceptionConfig(num_classes=10, width=0.25))
-    assert count_flops(model.to("meta"), 32) == count_flops(Inception(InceptionConfig(num_classes=10, width=0.25)), 32)
+    cfg = InceptionConfig(switches(), num_classes=10, width=0.25)
+    assert count_flops(Inception(cfg).to("meta"), 32) == count_flops(Inception(cfg), 32)

@@ -15,6 +15,7 @@ import pytest
 from conftest import FILES, idx_labels, make_split, write_mnist
 
 from bnrepro.data import mnist
+from bnrepro.engine import checkpoint
 from bnrepro.engine.trainer import Interrupted
 from bnrepro.errors import UserError
 from bnrepro.experiments import mnist as experiment
@@ -80,7 +81,7 @@ def test_resume_refuses_other_data_and_finds_the_runs_own_without_data_dir(tmp_p
         message = str(caught.value)
         assert "other data" in message and "\n" not in message
         assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
-        assert (run / experiment.CHECKPOINT).is_file()  # still resumable
+        assert (run / checkpoint.NAME).is_file()  # still resumable
         return message
 
     assert str(other / "mnist" / "raw") in refused(other)
@@ -98,7 +99,7 @@ def test_a_run_killed_before_its_first_checkpoint_trains_again_from_step_0(fake_
     whole = experiment.run(experiment.DEFAULT_VARIANTS, QUICK, 1, 0, "cpu", tmp_path / "whole", fake_mnist,
                            show_progress=False, engine="torch")
     run = _interrupted_run(fake_mnist, tmp_path / "cut", monkeypatch, at_step=20)
-    (run / experiment.CHECKPOINT).unlink()  # as if killed before step 50, its first checkpoint
+    (run / checkpoint.NAME).unlink()  # as if killed before step 50, its first checkpoint
     assert experiment.resume(run, "cpu", None, show_progress=False, engine="torch") == run
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "complete" and len(manifest["restarted"]) == 1

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from test_imagenet import write_images
 
-from bnrepro.data import images
+from bnrepro.data.pack import pack
 from bnrepro.engine.distributed import SINGLE_PROCESS
 from bnrepro.evaluate import ensemble
 from bnrepro.experiments import imagenet
@@ -52,7 +52,7 @@ def _runs(fake_mnist: Path, tmp_path: Path) -> dict[str, list[dict]]:
     on both engines, alone and in a sweep's grid."""
     folders = write_images(tmp_path / "folders", ["cat", "dog", "owl"], {"train": 12, "val": 4})
     shards = tmp_path / "shards"
-    images.pack(folders, shards, shard_size=5, seed=0)
+    pack(folders, shards, shard_size=5, seed=0)
     cpu = ["profiles.cpu.steps=8", "profiles.cpu.eval_every=4", "profiles.cpu.population_batches=2",
            "profiles.cpu.batch_size=32"]
     smoke = ["profiles.smoke.steps=6", "profiles.smoke.eval_every=3"]

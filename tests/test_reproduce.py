@@ -16,9 +16,8 @@ from typer.testing import CliRunner
 
 from bnrepro import cli, recipes
 from bnrepro.cli import app
-from bnrepro.data import images
+from bnrepro.data import sources
 from bnrepro.errors import UserError
-from bnrepro.experiments import imagenet
 from bnrepro.experiments import reproduce as campaign
 
 CLEAN = "c1ea0000000000000000000000000000000000c0"
@@ -66,7 +65,7 @@ def _fake_run(results: Path, planned: campaign.Planned, profile: str, status: st
         (folder / "summary.json").write_text(json.dumps({"label": recipe.label, "max_top1": 0.5, "diverged_at": None}))
         (folder / "metrics.csv").write_text("step,train_loss,top1,top5\n0,,0.1,0.5\n")
     if checkpoint:
-        (folder / imagenet.CHECKPOINT).write_bytes(b"")
+        (folder / "checkpoint.pt").write_bytes(b"")
     return folder
 
 
@@ -121,7 +120,7 @@ def test_a_two_run_campaign_through_the_cli_trains_evaluates_reports_and_then_ke
     manifest = json.loads((ensemble / "manifest.json").read_text())
     assert manifest["val_images"] == 8 and manifest["crops"] == [1, 10, 144]
     assert {m["run"] for m in manifest["members"]} == {str(f) for f in folders}
-    identity = images.data_identity(data)
+    identity = sources.data_identity(data)
     assert manifest["data_identity"] == identity
     for name in ("imagenet.md", "ensemble.md", "claims.md"):
         assert (results / "report" / name).is_file(), name
@@ -169,13 +168,13 @@ def two_datasets(tmp_path) -> tuple[Path, Path]:
 
 
 def test_the_data_identity_tells_apart_data_sets_that_differ_only_in_their_bytes(two_datasets, tmp_path):
-    first, second = (images.data_identity(raw) for raw in two_datasets)
+    first, second = (sources.data_identity(raw) for raw in two_datasets)
     assert {k: v for k, v in first.items() if k != "digest"} == {k: v for k, v in second.items() if k != "digest"}
     assert first["digest"] != second["digest"] and first["classes"] == [str(d) for d in range(10)]
     assert (first["name"], first["format"], first["train_examples"], first["val_examples"]) == \
         ("MNIST idx files", "idx", 40, 20)
     copy = write_mnist(tmp_path / "elsewhere", n_train=40, n_test=20) / "mnist" / "raw"
-    assert images.data_identity(copy) == first  # where the files lie is not part of it
+    assert sources.data_identity(copy) == first  # where the files lie is not part of it
 
 
 def test_the_identity_of_class_folders_is_their_listing_not_their_contents(tmp_path):
@@ -187,24 +186,24 @@ def test_the_identity_of_class_folders_is_their_listing_not_their_contents(tmp_p
                     (root / split / name / f"{i}.png").write_bytes(bytes(size))
         return root
 
-    first = images.data_identity(folders(tmp_path / "a"))
+    first = sources.data_identity(folders(tmp_path / "a"))
     assert (first["format"], first["classes"], first["train_examples"], first["val_examples"]) == \
         ("folders", ["cat", "dog"], 4, 2)
-    assert images.data_identity(folders(tmp_path / "b"))["digest"] == first["digest"]  # same names and sizes
-    assert images.data_identity(folders(tmp_path / "c", size=4))["digest"] != first["digest"]  # other sizes
+    assert sources.data_identity(folders(tmp_path / "b"))["digest"] == first["digest"]  # same names and sizes
+    assert sources.data_identity(folders(tmp_path / "c", size=4))["digest"] != first["digest"]  # other sizes
     (tmp_path / "b" / "train" / "cat" / "0.png").rename(tmp_path / "b" / "train" / "cat" / "9.png")
-    assert images.data_identity(tmp_path / "b")["digest"] != first["digest"]  # a file renamed
+    assert sources.data_identity(tmp_path / "b")["digest"] != first["digest"]  # a file renamed
 
 
 def test_the_plan_keeps_only_runs_on_the_same_data(two_datasets, tmp_path):
     first, second = two_datasets
-    identity = images.data_identity(first)
+    identity = sources.data_identity(first)
     results = tmp_path / "results"
     runs = campaign.campaign()
     _fake_run(results, runs[0], "smoke", "complete", data={"data_identity": identity})
     steps = campaign.plan("smoke", results, identity)
     assert steps[0].state == "done" and steps[0].other_data == 0
-    other = campaign.plan("smoke", results, images.data_identity(second))
+    other = campaign.plan("smoke", results, sources.data_identity(second))
     assert other[0].state == "new" and other[0].other_data == 1
     assert "1 run of it on other data, not kept" in campaign.describe(other)[0]
     assert campaign.plan("smoke", results)[0].state == "done"  # no data given (a dry run): not checked
@@ -212,7 +211,7 @@ def test_the_plan_keeps_only_runs_on_the_same_data(two_datasets, tmp_path):
 
 def test_a_run_without_data_identity_is_kept_only_if_its_folder_still_holds_the_same_data(two_datasets, tmp_path):
     first, second = two_datasets
-    identity = images.data_identity(first)
+    identity = sources.data_identity(first)
     runs = campaign.campaign()
     recorded = {"classes": identity["classes"], "train_examples": 40, "dataset_dir": str(first)}
     cases = {
@@ -233,9 +232,9 @@ def test_an_interrupted_run_on_other_data_is_not_resumed(two_datasets, tmp_path)
     first, second = two_datasets
     runs = campaign.campaign()
     _fake_run(tmp_path, runs[0], "smoke", "interrupted", checkpoint=True,
-              data={"data_identity": images.data_identity(first)})
-    assert campaign.plan("smoke", tmp_path, images.data_identity(first))[0].state == "resume"
-    assert campaign.plan("smoke", tmp_path, images.data_identity(second))[0].state == "new"
+              data={"data_identity": sources.data_identity(first)})
+    assert campaign.plan("smoke", tmp_path, sources.data_identity(first))[0].state == "resume"
+    assert campaign.plan("smoke", tmp_path, sources.data_identity(second))[0].state == "new"
 
 
 # --- the code's commit and the campaign's record ---------------------------------------------------------------

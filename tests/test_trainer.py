@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from bnrepro.engine import checkpoint
 from bnrepro.engine.trainer import Interrupted, ProgressDisplay, Schedule, train
 from bnrepro.experiments import mnist as experiment
 
@@ -269,7 +270,7 @@ def test_mnist_resume_after_an_interrupt_mid_interval_is_exact(fake_mnist, tmp_p
     monkeypatch.setattr(task_class, method, original)
     run_dir = caught.value.path.parent
     assert caught.value.step == (130 if engine == "torch" else 150)
-    assert (run_dir / experiment.CHECKPOINT).is_file()
+    assert (run_dir / checkpoint.NAME).is_file()
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "interrupted"
     assert not (run_dir / "metrics.csv").exists()
 
@@ -278,7 +279,7 @@ def test_mnist_resume_after_an_interrupt_mid_interval_is_exact(fake_mnist, tmp_p
     assert manifest["status"] == "complete"
     assert len(manifest["resumed"]) == 1
     assert manifest["engine"].startswith(engine) and manifest["resumed_engines"][0].startswith(engine)
-    assert not (run_dir / experiment.CHECKPOINT).exists()
+    assert not (run_dir / checkpoint.NAME).exists()
     pd.testing.assert_frame_equal(pd.read_csv(run_dir / "metrics.csv"), pd.read_csv(whole / "metrics.csv"),
                                   check_exact=False, rtol=0, atol=1e-6)
     assert json.loads((run_dir / "summary.json").read_text()) == json.loads((whole / "summary.json").read_text())

@@ -36,7 +36,7 @@ from test_cli import cli_env, run_many, squeeze
 from test_imagenet import write_images
 
 from bnrepro import recipes
-from bnrepro.data import images
+from bnrepro.data.pack import pack
 from bnrepro.engine import checkpoint
 from bnrepro.engine.distributed import SINGLE_PROCESS
 from bnrepro.engine.trainer import Interrupted
@@ -105,7 +105,7 @@ def garbled(source: Path, dest: Path, split: str) -> Path:
     shutil.copytree(source, folders)
     for image in (folders / split).glob("*/*"):
         image.write_bytes(b"\xff\xd8 not an image")
-    images.pack(folders, dest, shard_size=5)
+    pack(folders, dest, shard_size=5)
     return dest
 
 
@@ -142,7 +142,7 @@ def world(tmp_path_factory):
         patch.setenv("BNREPRO_CACHE", str(root / "cache"))
         folders = write_images(root / "folders", ["cat", "dog", "owl"], {"train": 12, "val": 4})
         shards = root / "shards"
-        images.pack(folders, shards, shard_size=5)
+        pack(folders, shards, shard_size=5)
         done = smoke_run(shards, root / "made")
         paused = smoke_run(shards, root / "made", "profiles.smoke.checkpoint_every=2", interrupt_at=2)
     w = SimpleNamespace(root=root, folders=folders, shards=shards, done=done, paused=paused, mounts=[])

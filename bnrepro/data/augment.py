@@ -24,9 +24,7 @@ re-quantized; these are exactly torchvision's formulas on float images in [0, 1]
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -97,18 +95,11 @@ def _axis_weights(start: Tensor, length: Tensor, source: int, out: int, total: i
     return weights.to(torch.float32)
 
 
-@contextlib.contextmanager
-def _exact_matmuls(device: torch.device) -> Iterator[None]:
-    """Full float32 products for the resample, whatever the caller set: no TF32, no autocast to bf16."""
-    before = torch.get_float32_matmul_precision()
-    try:
-        if device.type == "cuda":
-            torch.set_float32_matmul_precision("highest")
-        with torch.autocast(device.type, enabled=False):
-            yield
-    finally:
-        if device.type == "cuda":
-            torch.set_float32_matmul_precision(before)
+def _exact_dtype() -> torch.dtype:
+    """Full float32 products for the resample whatever the caller set, without touching torch's global settings
+    (another thread may rely on them): float32 while matmuls are "highest" precision (torch's default), else
+    float64, which TF32 and bf16 matmuls leave alone."""
+    return torch.float32 if torch.get_float32_matmul_precision() == "highest" else torch.float64
 
 
 def resample(images: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
@@ -122,14 +113,14 @@ def resample(images: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
     ``v2.functional.resized_crop(..., antialias=True)`` up to float32 rounding, for shrinking and enlarging
     alike, for every example's own box, and a horizontal flip is only the columns' matrix reversed. A crop is
     all-zero columns of its matrix; the cost is that of resizing the whole source image, which is small."""
-    x = images.to(torch.float32)
-    with _exact_matmuls(images.device):
-        rows, columns = rows[:, None], columns[:, None]  # broadcast over channels
+    dtype = _exact_dtype()
+    x, rows, columns = images.to(dtype), rows[:, None].to(dtype), columns[:, None].to(dtype)  # broadcast over channels
+    with torch.autocast(images.device.type, enabled=False):  # a local setting: no bf16 products
         if x.shape[-2] <= x.shape[-1]:  # the cheaper order: shrink the longer axis first
             out = torch.matmul(rows, torch.matmul(x, columns.transpose(-1, -2)))
         else:
             out = torch.matmul(torch.matmul(rows, x), columns.transpose(-1, -2))
-    return out.clamp_(0.0, 255.0)
+    return out.to(torch.float32).clamp_(0.0, 255.0)
 
 
 def _rgb(images: Tensor) -> Tensor:

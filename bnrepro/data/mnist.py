@@ -15,23 +15,21 @@ unchanged, so later runs need not import torchvision at all: that import alone t
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from bnrepro.data.idx import check_headers
-from bnrepro.engine import checkpoint
+from bnrepro.data.order import epoch_generator
+from bnrepro.data.resident import cached
 from bnrepro.errors import UserError
 from bnrepro.runs import cache_dir
 
@@ -142,26 +140,6 @@ def read_folder(folder: Path, cache: bool = True) -> MnistArrays:
     return replace(MnistArrays(**saved), source=str(folder))
 
 
-def cached(entry: Path, digest: str, make: Callable[[], dict[str, Any] | None],
-           accept: Callable[[dict[str, Any]], bool] = lambda saved: True) -> dict[str, Any] | None:
-    """``make()``'s tensors (a dict), kept in the user cache file ``entry`` and returned from there while
-    ``digest`` (of whatever they are made from) is unchanged and ``accept`` takes them. A missing, stale or
-    damaged entry is made again and replaced atomically; a ``None`` from ``make`` is not kept; a read-only
-    cache only costs the saving."""
-    try:
-        saved = torch.load(entry, weights_only=True)
-        if saved.pop("digest") == digest and accept(saved):
-            return saved
-    except Exception:  # none yet, or damaged: make it again
-        pass
-    made = make()
-    if made is not None:
-        with contextlib.suppress(OSError):  # a read-only cache: the next run makes it again, nothing worse
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            checkpoint.save(entry, {**made, "digest": digest})
-    return made
-
-
 def _digest(folder: Path) -> str:
     """SHA-256 of the four files as found (packed or extracted): their names and bytes."""
     digest = hashlib.sha256()
@@ -243,6 +221,6 @@ class EpochBatches:
     def indices(self, step: int) -> Tensor:
         epoch, within = divmod(step, self.per_epoch)
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            generator = epoch_generator(self.seed, epoch)
             self._epoch, self._order = epoch, torch.randperm(self.size, generator=generator)
         return self._order[within * self.batch_size : (within + 1) * self.batch_size]

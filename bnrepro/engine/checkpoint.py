@@ -11,6 +11,8 @@ import torch
 from bnrepro.errors import UserError
 from bnrepro.runs import atomic_write
 
+NAME = "checkpoint.pt"  # every run folder's checkpoint, ImageNet and MNIST alike
+
 
 def save(path: Path, state: dict[str, Any]) -> None:
     """``torch.save`` of ``state`` (any tensors, lists, numbers, strings) through ``atomic_write``: readers see

@@ -74,10 +74,6 @@ class Replicas:
         dist.all_gather_object(found, obj)
         return found
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()

@@ -22,29 +22,34 @@ import torch
 import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
-from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
 from bnrepro import recipes as recipe_io
-from bnrepro.data import images
+from bnrepro.data import sources
+from bnrepro.data.order import EvaluationBatches
+from bnrepro.data.pipeline import Pipeline
+from bnrepro.data.split import Split
+from bnrepro.data.transforms import Transforms, transforms_for
 from bnrepro.engine import checkpoint
+from bnrepro.engine.precision import autocast
 from bnrepro.errors import UserError
 from bnrepro.evaluate.crops import crops_of, distinct_views
 from bnrepro.models.batchnorm import BatchNorm
-from bnrepro.models.inception import Inception, fold
+from bnrepro.models.inception import Inception, InceptionConfig, fold
+from bnrepro.paper import PAPER
 from bnrepro.recipes import EnsembleRecipe, ImagenetRecipe
 from bnrepro.runs import (
+    COMPLETE,
+    FAILED,
+    INTERRUPTED,
     Damaged,
     announce,
     atomic_write,
-    device_name,
-    git_commit,
+    manifest_start,
     new_run_dir,
     now,
     read_json,
     resolve_device,
     runs_of,
-    versions,
     write_json,
 )
 
@@ -62,6 +67,11 @@ class Member:
     @property
     def resolution(self) -> int:
         return self.recipe.profiles[self.manifest["profile"]].resolution
+
+    @property
+    def transforms(self) -> Transforms:
+        """The member's own evaluation view and normalization, as its trainer had them."""
+        return transforms_for(self.recipe, self.recipe.profiles[self.manifest["profile"]])
 
 
 def latest_run(results: Path, recipe_name: str, profile: str) -> Path:
@@ -84,20 +94,19 @@ def load_member(run: Path, device: torch.device) -> Member:
     except (OSError, ValueError, yaml.YAMLError):
         raise UserError(f"{run} is not a `bnrepro imagenet` run folder (no readable manifest.json, recipe.yaml)") \
             from None
-    if manifest.get("status") != "complete" or "classes" not in manifest:
+    if manifest.get("status") != COMPLETE or "classes" not in manifest:
         raise UserError(f"run {run} is not a finished training run (status {manifest.get('status')}); finish it first")
-    state = checkpoint.load(run / "checkpoint.pt", f"ensemble member {manifest.get('recipe', run.name)} cannot be "
+    state = checkpoint.load(run / checkpoint.NAME, f"ensemble member {manifest.get('recipe', run.name)} cannot be "
                             f"evaluated; train it again, or pass another run of it with --member")
-    from bnrepro.experiments.imagenet import model_config
-
-    model = Inception(model_config(recipe, recipe.profiles[manifest["profile"]], len(manifest["classes"])))
+    profile = recipe.profiles[manifest["profile"]]
+    model = Inception(InceptionConfig(recipe.model, profile.width, len(manifest["classes"])))
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as err:
         first = str(err).strip().splitlines()[0][:200]
-        raise UserError(f"checkpoint {run / 'checkpoint.pt'} does not fit its recipe's network ({first})") from None
+        raise UserError(f"checkpoint {run / checkpoint.NAME} does not fit its recipe's network ({first})") from None
     if any(isinstance(m, BatchNorm) and int(m.pop_batches) == 0 for m in model.modules()):
-        raise UserError(f"checkpoint {run / 'checkpoint.pt'} holds no Alg. 2 population statistics for BN (a run "
+        raise UserError(f"checkpoint {run / checkpoint.NAME} holds no Alg. 2 population statistics for BN (a run "
                         f"stores them when it finishes); train the member again")
     network = fold(model) if recipe.model.batch_norm else model.eval()
     network = network.to(device, memory_format=torch.channels_last)  # faster on CPUs and GPUs alike
@@ -105,31 +114,23 @@ def load_member(run: Path, device: torch.device) -> Member:
 
 
 @torch.no_grad()
-def probabilities(member: Member, split: images.Split, crops: int, device: torch.device, batch_crops: int,
+def probabilities(member: Member, split: Split, crops: int, device: torch.device, batch_crops: int,
                   workers: int, progress: Progress | None = None, float_view: bool = False
                   ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Crop-averaged softmax probabilities (N, classes) of every readable validation image, their labels and
     indices in the split, and how many images were unreadable. ``float_view``: the single crop as the trainer
     cut it from resident data (see ``single_crop_view``)."""
-    data = member.recipe.data
-    mean = torch.tensor([255 * m for m in data.mean], device=device).view(1, 3, 1, 1)
-    scale = torch.tensor([255 * s for s in data.std], device=device).view(1, 3, 1, 1)
+    transforms = member.transforms
     per_batch = max(1, batch_crops // crops)
-    on_gpu = device.type == "cuda"  # JPEGs are decoded there (nvJPEG), other formats by the workers
-    loader = DataLoader(images.Examples(split, v2.Identity(), 0, jpegs_as_bytes=on_gpu),
-                        batch_sampler=images.EvaluationBatches(len(split), per_batch, 0, 1), num_workers=workers,
-                        collate_fn=images.collate, pin_memory=on_gpu, generator=torch.Generator())
+    pipeline = Pipeline(split, transforms, device, seed=0, workers=workers)  # JPEGs decoded on a GPU (nvJPEG)
     task = progress.add_task(f"{member.name}, {crops} crop{'s' * (crops > 1)}", total=len(split)) if progress else None
-    found, labels, indices, skipped = [], [], [], 0
-    for batch in loader:
-        batch = images.on_device(batch, v2.Identity(), 0, device)
-        skipped += len(batch.skipped)
+    found, labels, indices = [], [], []
+    for batch in pipeline.images(EvaluationBatches(len(split), per_batch, 0, 1)):
         if len(batch.labels):
-            views = torch.cat([crops_of(image, crops, member.resolution, data.eval_resize, float_view)
+            views = torch.cat([crops_of(image, crops, member.resolution, transforms.eval_resize, float_view)
                                for image in batch.images])  # 1 crop = the trainer's view
-            x = views.float().sub_(mean).div_(scale).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = torch.cat([member.model(chunk) for chunk in x.split(batch_crops)])
+            with autocast(device):
+                logits = torch.cat([member.model(chunk) for chunk in transforms.normalize(views).split(batch_crops)])
             found.append(logits.float().softmax(1).view(len(batch.labels), crops, -1).mean(1).cpu())
             labels.append(batch.labels)
             indices.append(torch.tensor(batch.positions))
@@ -137,7 +138,7 @@ def probabilities(member: Member, split: images.Split, crops: int, device: torch
             progress.advance(task, len(batch.labels) + len(batch.skipped))
     if not found:
         raise UserError(f"none of the {len(split)} validation images in {split.where} could be read")
-    return torch.cat(found), torch.cat(labels), torch.cat(indices), skipped
+    return torch.cat(found), torch.cat(labels), torch.cat(indices), pipeline.skipped
 
 
 def errors(probs: Tensor, labels: Tensor) -> tuple[float, float]:
@@ -192,32 +193,32 @@ def table(cached: dict[tuple[str, int], dict[str, Tensor]], members: list[str], 
     return pd.DataFrame(rows)
 
 
-def single_crop_view(member: Member, split: images.Split) -> str:
+def single_crop_view(member: Member, split: Split) -> str:
     """How the member's trainer cut its single-crop view of ``split``, so the ensemble's 1 crop is that same view:
     ``float`` where the run held its data resident (its manifest's ``resident``) and these validation images are
     resident too (the trainer resampled them in float, ``augment.evaluation_view``), else ``uint8`` (decoded files
-    through torchvision's uint8 resize, ``images.evaluation_transform``, which rounds to whole grey levels)."""
+    through torchvision's uint8 resize, ``transforms.evaluation_transform``, which rounds to whole grey levels)."""
     return "float" if member.manifest.get("resident") and split.pixels is not None else "uint8"
 
 
 def validation(members: list[Member], dataset_dir: Path, val_limit: int | None
-               ) -> tuple[images.Split, dict[str, Any] | None]:
+               ) -> tuple[Split, dict[str, Any] | None]:
     """The validation split the members are evaluated on (resident where any member's run held its data so, as
-    its trainer did), cut to ``val_limit``, and the data set's identity (``images.data_identity``; ``None`` for a
+    its trainer did), cut to ``val_limit``, and the data set's identity (``sources.data_identity``; ``None`` for a
     folder holding validation data alone)."""
     classes = members[0].manifest["classes"]
     resident = any(m.manifest.get("resident") for m in members)
-    split = images.open_split(dataset_dir, "val", classes, resident=resident)
+    split = sources.open_split(dataset_dir, "val", classes, resident=resident)
     if split.classes != classes:
         raise UserError(f"the validation classes in {dataset_dir} are not the ones the members were trained on")
     try:
-        identity = images.data_identity(dataset_dir, val=split)
+        identity = sources.data_identity(dataset_dir, val=split)
     except UserError:  # no training split beside it: the identity has nothing to name
         identity = None
     return (split.first(val_limit) if val_limit else split), identity
 
 
-def views_of(split: images.Split, crops: list[int], resolution: int, resize: float) -> dict[str, Any]:
+def views_of(split: Split, crops: list[int], resolution: int, resize: float) -> dict[str, Any]:
     """The evaluated image size and, for each crop scheme, how many of its views are distinct (``None`` where the
     images differ in size: then it depends on each image's shape)."""
     if split.pixels is None:
@@ -247,22 +248,21 @@ def run(recipe_name: str, overrides: list[str], results: Path, dataset_dir: Path
     run_dir = new_run_dir(Path(out) / "ensemble", prefix=f"{Path(recipe_name).stem}-")
     (run_dir / PROBABILITIES).mkdir()
     atomic_write(run_dir / "recipe.yaml", recipe_io.to_yaml(recipe))
-    manifest = {
-        "experiment": "ensemble", "status": "running", "started": now(), "recipe": Path(recipe_name).stem,
+    manifest = manifest_start("ensemble", device, {
+        "recipe": Path(recipe_name).stem,
         "label": recipe.label, "recipe_digest": recipe.digest, "overrides": list(overrides),
         "members": [{"name": m.name, "label": m.recipe.label, "run": str(m.run), "recipe_digest": m.recipe.digest,
                      "git_commit": m.manifest.get("git_commit"), "replicas": m.manifest.get("replicas", 1),
                      "global_batch": m.manifest.get("global_batch"), "deviations": m.manifest.get("deviations", []),
                      "single_crop_view": single_crop_view(m, split)}
                     for m in members],
-        "crops": list(recipe.crops), "resolution": first.resolution, "dataset": split.where,
+        "profile": recipe.profile, "crops": list(recipe.crops), "resolution": first.resolution, "dataset": split.where,
         "dataset_dir": str(Path(dataset_dir).resolve()), "data_identity": identity,
         "val_images": len(split), "val_limit": recipe.val_limit,
         **views_of(split, list(recipe.crops), first.resolution, first.recipe.data.eval_resize),
         "inference": "BN folded into the convolutions, with Alg. 2's population statistics from each member's run",
         "deviations": deviations(members, split, recipe.val_limit),
-        "device": device_name(device), "versions": versions(), "git_commit": git_commit(),
-    }
+    })
     write_json(run_dir / "manifest.json", manifest)
     announce(recipe.label, manifest["deviations"])
     try:
@@ -277,7 +277,7 @@ def mark_failed(run_dir: Path, manifest: dict[str, Any], err: BaseException) -> 
     """Say in the manifest that this evaluation ended without its results ("failed", or "interrupted" by Ctrl-C),
     and why, rather than leave it "running" forever; an evaluation is never resumed, so it stays a record. Best
     effort: the disk that stopped the evaluation may not take the manifest either."""
-    status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+    status = INTERRUPTED if isinstance(err, KeyboardInterrupt) else FAILED
     reason = (str(err).strip().splitlines() or [""])[0] or err.__class__.__name__
     manifest.update(status=status, finished=now(), error=f"{err.__class__.__name__}: {reason}")
     with contextlib.suppress(OSError):
@@ -285,7 +285,7 @@ def mark_failed(run_dir: Path, manifest: dict[str, Any], err: BaseException) -> 
 
 
 def evaluate_all(run_dir: Path, manifest: dict[str, Any], recipe: EnsembleRecipe, members: list[Member],
-                 split: images.Split, device: torch.device, workers: int, show_progress: bool) -> None:
+                 split: Split, device: torch.device, workers: int, show_progress: bool) -> None:
     """Every member at every crop scheme into the cache, then the error table and the finished manifest."""
     started, skipped, cached = time.perf_counter(), 0, {}
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -302,22 +302,23 @@ def evaluate_all(run_dir: Path, manifest: dict[str, Any], recipe: EnsembleRecipe
     atomic_write(run_dir / "results.csv", results_table.to_csv(index=False))
     if skipped:
         manifest["deviations"].append(f"{skipped:,} unreadable validation images skipped")
-    manifest.update(status="complete", finished=now(), skipped_images=skipped,
+    manifest.update(status=COMPLETE, finished=now(), skipped_images=skipped,
                     wall_seconds=round(time.perf_counter() - started, 2))
     write_json(run_dir / "manifest.json", manifest)
     announce(f"{recipe.label}, finished", manifest["deviations"])
 
 
-def deviations(members: list[Member], split: images.Split, val_limit: int | None) -> list[str]:
+def deviations(members: list[Member], split: Split, val_limit: int | None) -> list[str]:
     """How this evaluation differs from the paper's Fig. 4: its own, then each member's training deviations."""
     found = []
-    if len(members) != 6:
-        found.append(f"{len(members)} member(s), not the paper's 6")
-    if {m.resolution for m in members} != {224}:
-        found.append(f"crops at {', '.join(sorted({f'{m.resolution} px' for m in members}))}, not 224 px "
-                     f"(the 144-crop scales 256-352 are scaled with them)")
-    if len(split) != 50_000:
-        found.append(f"{len(split):,} validation images, not ImageNet's 50,000"
+    paper = PAPER.ensemble.fig4_row("BN-Inception ensemble")  # Fig. 4's row of this evaluation
+    if len(members) != paper.models:
+        found.append(f"{len(members)} member(s), not the paper's {paper.models}")
+    if {m.resolution for m in members} != {paper.resolution}:
+        found.append(f"crops at {', '.join(sorted({f'{m.resolution} px' for m in members}))}, not "
+                     f"{paper.resolution} px (the 144-crop scales 256-352 are scaled with them)")
+    if len(split) != PAPER.imagenet.val_images:
+        found.append(f"{len(split):,} validation images, not ImageNet's {PAPER.imagenet.val_images:,}"
                      + (" (the first of the split, ensemble's val_limit)" if val_limit else ""))
     for m in members:
         found += [f"{m.name}: {text}" for text in m.manifest.get("deviations", [])]

@@ -9,11 +9,9 @@ mini-batch; only the main replica writes files.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,24 +24,36 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from bnrepro import recipes as recipe_io
-from bnrepro.data import augment, images
+from bnrepro.data import sources
+from bnrepro.data.order import EvaluationBatches, TrainingStream
+from bnrepro.data.pipeline import Pipeline
+from bnrepro.data.resident import make_resident
+from bnrepro.data.resident import synthetic as synthetic_splits
+from bnrepro.data.sources.folders import imagenet_wnids
+from bnrepro.data.split import Split
+from bnrepro.data.transforms import transforms_for
 from bnrepro.engine import checkpoint
 from bnrepro.engine.distributed import Replicas
+from bnrepro.engine.precision import autocast, precision
+from bnrepro.engine.timing import time_updates
 from bnrepro.engine.trainer import Schedule, train
 from bnrepro.errors import UserError
 from bnrepro.models.batchnorm import BatchNorm, Statistics, estimate_population, use_statistics
 from bnrepro.models.inception import Inception, InceptionConfig, count_parameters
 from bnrepro.recipes import ImagenetRecipe, Profile, learning_rate
 from bnrepro.runs import (
+    COMPLETE,
+    DIVERGED,
+    FINISHED,
     Damaged,
     RunLock,
     announce,
     atomic_write,
     device_name,
     git_commit,
+    manifest_start,
     new_run_dir,
     now,
     read_json,
@@ -51,11 +61,9 @@ from bnrepro.runs import (
     remove_temporary,
     resolve_device,
     training,
-    versions,
     write_json,
 )
 
-CHECKPOINT = "checkpoint.pt"
 MAX_EMPTY_UPDATES = 10  # consecutive updates without a readable image before the run stops with an error
 
 
@@ -75,11 +83,6 @@ class Options:
     allow_dirty: bool = False  # the campaign was allowed to run from uncommitted changes (recorded)
 
 
-def model_config(recipe: ImagenetRecipe, profile: Profile, num_classes: int) -> InceptionConfig:
-    """The Fig. 5 network the recipe describes, at the profile's width."""
-    return InceptionConfig(**recipe.model.model_dump(), width=profile.width, num_classes=num_classes)
-
-
 def sgd(model: nn.Module, recipe: ImagenetRecipe) -> torch.optim.Optimizer:
     """SGD with momentum; L2 on conv and classifier weights only (not biases, not BN's gamma and beta)."""
     weights = [p for name, p in model.named_parameters() if name.endswith("weight")]  # conv and linear
@@ -94,12 +97,13 @@ class ImagenetTask:
     """What the shared trainer needs: each step's loss on this replica's slice of the mini-batch, and
     single-crop top-1/top-5 on the whole validation set at each evaluation."""
 
-    def __init__(self, recipe: ImagenetRecipe, profile: Profile, train_split: images.Split, val_split: images.Split,
+    def __init__(self, recipe: ImagenetRecipe, profile: Profile, train_split: Split, val_split: Split,
                  device: torch.device, replicas: Replicas, options: Options):
         self.recipe, self.profile, self.device, self.replicas, self.options = recipe, profile, device, replicas, options
         self.train_split, self.val_split = train_split, val_split
-        torch.manual_seed(options.seed)  # the same initial weights on every replica
-        self.model = Inception(model_config(recipe, profile, len(train_split.classes))).to(device)
+        with torch.random.fork_rng(devices=[]):  # the initial weights from the seed alone, the same on every replica
+            torch.manual_seed(options.seed)
+            self.model = Inception(InceptionConfig(recipe.model, profile.width, len(train_split.classes))).to(device)
         for module in self.model.modules():
             if isinstance(module, BatchNorm):
                 module.sync = recipe.train.bn_sync
@@ -109,79 +113,36 @@ class ImagenetTask:
             network = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None,
                                               broadcast_buffers=False)
         self.network = torch.compile(network) if options.compile else network
-        torch.manual_seed(options.seed * 1_000 + replicas.rank + 1)  # each replica's own dropout stream
-        scale = [255 * s for s in recipe.data.std]
-        self.mean = torch.tensor([255 * m for m in recipe.data.mean], device=device).view(1, 3, 1, 1)
-        self.scale = torch.tensor(scale, device=device).view(1, 3, 1, 1)
-        data = recipe.data
-        self.train_transform = images.training_transform(
-            profile.resolution, data.crop_min_area, data.crop_aspect, data.flip,
-            data.photometric[recipe.train.distortions].model_dump())
-        self.eval_transform = images.evaluation_transform(profile.resolution, data.eval_resize)
-        # resident data: the uint8 pixels and labels of each split on the device, augmented there batch by batch
-        self.resident = {id(split): (split.pixels.to(device), torch.as_tensor(split.labels).to(device))
-                         for split in (train_split, val_split) if split.pixels is not None}
-        self.augment = augment.TrainingAugment(profile.resolution, data.crop_min_area, data.crop_aspect, data.flip,
-                                               **data.photometric[recipe.train.distortions].model_dump())
-        self.eval_view = functools.partial(augment.evaluation_view, resolution=profile.resolution,
-                                           resize=data.eval_resize)
-        self.jpegs_as_bytes = device.type == "cuda" and options.gpu_decode  # workers pass JPEGs on undecoded
+        torch.manual_seed(options.seed * 1_000 + replicas.rank + 1)  # each replica's own dropout stream (global:
+        # dropout draws from torch's global generator, which the trainer's checkpoints save and restore)
+        transforms = transforms_for(recipe, profile)
+        self.train_data, self.val_data = (Pipeline(split, transforms, device, options.seed, options.workers,
+                                                   options.gpu_decode) for split in (train_split, val_split))
         self.order = recipe.train.shuffle
-        self.stream, self.next_step, self.val_loader = None, -1, None
+        self.batches, self.next_step = None, -1  # the training mini-batches from the step this process started at
         self.empty_updates = 0  # consecutive updates skipped because a replica's slice had no readable image
         self.rows: list[dict[str, Any]] = []
         self.metrics_file: Path | None = None  # rewritten at every evaluation when set
-        self.skipped, self.val_skipped = 0, 0  # unreadable images: training (this replica), validation
+        self.val_skipped = 0  # unreadable validation images (all replicas), at the last evaluation
         self.lr = learning_rate(recipe, profile, len(train_split), replicas.world)
 
     # --- data ---
 
-    def _loader(self, split: images.Split, transform, sampler, persistent: bool = False) -> DataLoader:
-        dataset = images.Examples(split, transform, self.options.seed, self.jpegs_as_bytes)
-        workers = self.options.workers
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=images.collate,
-                          pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
-                          persistent_workers=persistent and workers > 0,
-                          generator=torch.Generator())  # the loader must not draw from the global RNG (resume)
-
-    def _stream(self, step: int) -> images.TrainingStream:
+    def stream(self, step: int) -> TrainingStream:
         """This replica's mini-batches from paper step ``step`` on: replica r reads steps step + r, step + r + W, ..."""
-        return images.TrainingStream(self.train_split, self.order, self.options.seed, self.profile.batch_size,
-                                     self.replicas.rank, self.replicas.world, step // self.replicas.world,
-                                     self.recipe.train.shuffle_buffer_shards)
+        return TrainingStream(self.train_split, self.recipe.train.shuffle, self.options.seed, self.profile.batch_size,
+                              self.replicas.rank, self.replicas.world, step // self.replicas.world,
+                              self.recipe.train.shuffle_buffer_shards)
 
-    def _batches(self, split: images.Split, sampler, train: bool) -> Iterator[tuple[Tensor, Tensor]]:
-        """(normalized channels_last images, labels) of each mini-batch ``sampler`` names, augmented for training
-        or cut to the evaluation view. Resident data (``split.pixels``) is cut, augmented and resized on the
-        device in one batched call per mini-batch, each example with its own seed; files are decoded and
-        augmented example by example by the loader's workers (JPEGs on the GPU when asked)."""
-        if split.pixels is not None:
-            pixels, labels = self.resident[id(split)]
-            for items in sampler:
-                positions, indices = (torch.tensor(column, device=self.device) for column in zip(*items))
-                seeds = images.example_seed(self.options.seed, 0) + positions  # each example's own, as on files
-                batch = pixels[indices]
-                x = self.augment(batch, seeds) if train else self.eval_view(batch)
-                yield self._normalize(x), labels[indices]
-            return
-        transform = self.train_transform if train else self.eval_transform
-        loader = self.val_loader if split is self.val_split else self._loader(split, transform, sampler)
-        for batch in loader:
-            yield self._tensor(batch, transform)
+    def train_batches(self, step: int, train: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+        """(normalized images, labels) of this replica's training mini-batches from paper step ``step`` on,
+        augmented for training (``train``) or cut to the evaluation view."""
+        return self.train_data.batches(self.stream(step), train)
 
-    def _normalize(self, pictures: Tensor) -> Tensor:
-        return pictures.float().sub_(self.mean).div_(self.scale).contiguous(memory_format=torch.channels_last)
-
-    def _tensor(self, batch: images.Batch, transform) -> tuple[Tensor, Tensor]:
-        """The batch's readable images (JPEGs the workers left encoded are decoded here, on the GPU) as a
-        normalized float batch, and their labels; unreadable ones are counted in ``skipped``."""
-        batch = images.on_device(batch, transform, self.options.seed, self.device)
-        self.skipped += len(batch.skipped)
-        if len(batch.labels) == 0:
-            resolution = self.profile.resolution
-            return torch.empty(0, 3, resolution, resolution, device=self.device), batch.labels
-        pictures = batch.images if isinstance(batch.images, Tensor) else torch.stack(batch.images)
-        return self._normalize(pictures), batch.labels.to(self.device, non_blocking=True)
+    @property
+    def skipped(self) -> int:
+        """Unreadable training images met by this replica."""
+        return self.train_data.skipped
 
     def train_steps(self, start: int, stop: int, learning_rate: Callable[[int], float]) -> Tensor | None:
         """None: one update at a time, through ``losses`` and the trainer's optimizer (the Task protocol)."""
@@ -192,8 +153,8 @@ class ImagenetTask:
         skips the update: no forward, no BN averages, no weight decay or momentum) when any replica's
         mini-batch had no readable image."""
         if step != self.next_step:  # first update of this process: the stream starts where the run stands
-            self.stream = self._batches(self.train_split, self._stream(step), train=True)
-        x, y = next(self.stream)
+            self.batches = self.train_batches(step)
+        x, y = next(self.batches)
         self.next_step = step + self.replicas.world
         if self.replicas.any(len(y) == 0):
             self.empty_updates += 1
@@ -202,7 +163,7 @@ class ImagenetTask:
                                 f"images in {self.train_split.where}")
             return None
         self.empty_updates = 0
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with autocast(self.device):
             logits = self.network(x)
         return F.cross_entropy(logits.float(), y).view(1)
 
@@ -221,21 +182,18 @@ class ImagenetTask:
         """Single centre crop top-1/top-5 over the whole validation set, each image counted exactly once."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             return math.nan, math.nan  # "machine infinity": nothing meaningful to evaluate
-        sampler = images.EvaluationBatches(len(self.val_split), self.profile.batch_size, self.replicas.rank,
-                                           self.replicas.world)
-        if self.val_loader is None and self.val_split.pixels is None:  # its workers start once, serve every evaluation
-            self.val_loader = self._loader(self.val_split, self.eval_transform, sampler, persistent=True)
+        sampler = EvaluationBatches(len(self.val_split), self.profile.batch_size, self.replicas.rank,
+                                    self.replicas.world)
         counts = torch.zeros(4, dtype=torch.float64, device=self.device)  # top-1 hits, top-5 hits, images, skipped
-        skipped_before = self.skipped
-        for x, y in self._batches(self.val_split, sampler, train=False):
+        skipped_before = self.val_data.skipped
+        for x, y in self.val_data.batches(sampler, train=False, persistent=True):
             if len(y) == 0:
                 continue
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            with autocast(self.device):
                 top5 = self.model(x).float().topk(min(5, self.model.cfg.num_classes), dim=1).indices
             hits = top5 == y[:, None]
             counts[:3] += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=self.device)])
-        counts[3] = self.skipped - skipped_before
-        self.skipped = skipped_before  # training skips only; the same validation files fail at every evaluation
+        counts[3] = self.val_data.skipped - skipped_before  # the same files fail at every evaluation
         counts = self.replicas.sum_(counts)
         self.val_skipped = int(counts[3])
         return float(counts[0] / counts[2]), float(counts[1] / counts[2])
@@ -247,18 +205,18 @@ class ImagenetTask:
         summed over them; their images get ``data.population_transform``. Returns the batches averaged."""
         train = self.recipe.data.population_transform == "train"
         mine = len(range(self.replicas.rank, self.profile.population_batches, self.replicas.world))
-        skipped = self.skipped
+        skipped = self.train_data.skipped
 
         def forward() -> None:
-            for x, _ in itertools.islice(self._batches(self.train_split, self._stream(step), train), mine):
+            for x, _ in itertools.islice(self.train_batches(step, train), mine):
                 if len(x):
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                    with autocast(self.device):
                         self.model(x)
 
         try:
             return estimate_population(self.model, forward, self.replicas.sum_)
         finally:
-            self.skipped = skipped  # these images are counted when training reads them
+            self.train_data.skipped = skipped  # these images are counted when training reads them
 
     def evaluate(self, step: int, train_loss: Tensor, statistics: Statistics) -> dict[str, float]:
         if any(isinstance(module, BatchNorm) for module in self.model.modules()):
@@ -282,32 +240,40 @@ class ImagenetTask:
         return {"rows": self.rows, "skipped": self.replicas.gather(self.skipped)}  # each replica's own count
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rows, self.skipped = list(state["rows"]), int(state["skipped"][self.replicas.rank])
+        self.rows, self.train_data.skipped = list(state["rows"]), int(state["skipped"][self.replicas.rank])
 
 
 # --- runs ------------------------------------------------------------------------------------------------
 
 
-def _data(profile: Profile, options: Options) -> tuple[images.Split, images.Split]:
+def _data(profile: Profile, options: Options) -> tuple[Split, Split]:
     """The two splits; class folders come in virtual shards of ``profile.shard_size``, so ``train.shuffle``
     holds for them too; a data set that fits in memory is held there decoded (``options.resident``)."""
-    dataset_dir, resident = options.dataset_dir, options.resident
-    train_split = images.open_split(dataset_dir, "train", shard_size=profile.shard_size, resident=resident)
-    val_split = images.open_split(dataset_dir, "val", train_split.classes, shard_size=profile.shard_size,
-                                  resident=resident)
+    dataset_dir = options.dataset_dir
+    train_split = sources.open_split(dataset_dir, "train", shard_size=profile.shard_size)
+    val_split = sources.open_split(dataset_dir, "val", train_split.classes, shard_size=profile.shard_size)
     if val_split.classes != train_split.classes:
         raise UserError(f"train and val in {dataset_dir} have different class lists; pack them together")
+    if options.resident:  # only now, once both splits opened: a refusal above stays the one line a user sees
+        train_split, val_split = make_resident(train_split), make_resident(val_split)
     return train_split, val_split
 
 
 def deviations(recipe: ImagenetRecipe, profile_name: str, overrides: list[str], task: ImagenetTask,
                data_name: str | None = None) -> list[str]:
-    """Every way this run differs from the paper's ImageNet run of the recipe (recorded, printed, reported). The
-    data is named as what was opened (``data_name``: its ``data_identity`` name; else where it lies), never as what
-    the profile was made for: a smoke run on real shards did not train on generated images."""
-    paper, profile, split, world = recipe.profiles["paper"], task.profile, task.train_split, task.replicas.world
+    """Every way this run differs from the paper's ImageNet run of the recipe (recorded, printed, reported): its
+    data, its scale, its replicas and precision, and the recipe changes given on the command line."""
+    return [*_data_deviations(recipe, profile_name, task, data_name), *_scale_deviations(recipe, task),
+            *_replica_deviations(recipe, task), *[f"recipe changed for this run: --set {text}" for text in overrides]]
+
+
+def _data_deviations(recipe: ImagenetRecipe, profile_name: str, task: ImagenetTask, data_name: str | None
+                     ) -> list[str]:
+    """The data is named as what was opened (``data_name``: its ``data_identity`` name; else where it lies), never
+    as what the profile was made for: a smoke run on real shards did not train on generated images."""
+    paper, profile, split = recipe.profiles["paper"], task.profile, task.train_split
     found = []
-    if split.classes != images.imagenet_wnids():
+    if split.classes != imagenet_wnids():
         found.append(f"data: {data_name or split.where} ({len(split):,} training images, {len(split.classes)} "
                      f"classes), not ImageNet")
     elif len(split) != paper.train_examples:
@@ -316,6 +282,16 @@ def deviations(recipe: ImagenetRecipe, profile_name: str, overrides: list[str], 
     if len(split) != profile.train_examples:
         found.append(f"profile '{profile_name}' budgets assume {profile.train_examples:,} training examples; the data "
                      f"has {len(split):,} (the learning-rate decay follows the data's epochs)")
+    if split.folders:
+        found.append(f"class folders: stored order by path hash, in virtual shards of {profile.shard_size:,} "
+                     f"(for train.shuffle={recipe.train.shuffle})")
+    return found
+
+
+def _scale_deviations(recipe: ImagenetRecipe, task: ImagenetTask) -> list[str]:
+    """The profile against the paper's: resolution, width, mini-batch, budget, time compression."""
+    paper, profile = recipe.profiles["paper"], task.profile
+    found = []
     if profile.resolution != paper.resolution:
         found.append(f"resolution {profile.resolution} px, not {paper.resolution}")
     if profile.width != paper.width:
@@ -326,9 +302,16 @@ def deviations(recipe: ImagenetRecipe, profile_name: str, overrides: list[str], 
     if profile.steps != paper.steps:
         found.append(f"budget {profile.steps:,} steps ({profile.epochs(profile.steps):,.1f} epochs of this data), "
                      f"not the paper profile's {paper.steps:,}")
-    if split.folders:
-        found.append(f"class folders: stored order by path hash, in virtual shards of {profile.shard_size:,} "
-                     f"(for train.shuffle={recipe.train.shuffle})")
+    if profile.compression:
+        found.append(f"time compressed: a step here stands for {1 / profile.compression:,.0f} paper steps; the "
+                     f"budget and the learning-rate decay are the paper's x{profile.compression:.3g}")
+    return found
+
+
+def _replica_deviations(recipe: ImagenetRecipe, task: ImagenetTask) -> list[str]:
+    """Synchronous replicas against the paper's asynchronous ones, the learning rate they scale, the precision."""
+    paper, profile, world = recipe.profiles["paper"], task.profile, task.replicas.world
+    found = []
     if world > 1:
         found.append(f"{world} replicas' mini-batches of {profile.batch_size} make one synchronous update (global "
                      f"batch {world * profile.batch_size}); the paper's replicas were asynchronous")
@@ -339,16 +322,12 @@ def deviations(recipe: ImagenetRecipe, profile_name: str, overrides: list[str], 
     if factor != 1:
         found.append(f"learning rate x{factor:g}: global batch {world * profile.batch_size} against the paper's "
                      f"{paper.batch_size} (train.lr_scaling={recipe.train.lr_scaling})")
-    if profile.compression:
-        found.append(f"time compressed: a step here stands for {1 / profile.compression:,.0f} paper steps; the "
-                     f"budget and the learning-rate decay are the paper's x{profile.compression:.3g}")
     if task.device.type == "cuda":
         found.append("bf16 autocast (the paper does not state its precision; 2015 training was fp32)")
-    found += [f"recipe changed for this run: --set {text}" for text in overrides]
     return found
 
 
-def _build(recipe: ImagenetRecipe, profile_name: str, options: Options, replicas: Replicas, synthetic: bool = False):
+def build(recipe: ImagenetRecipe, profile_name: str, options: Options, replicas: Replicas, synthetic: bool = False):
     if profile_name not in recipe.profiles:
         raise UserError(f"recipe '{recipe.label}' has no profile '{profile_name}'; it has {', '.join(recipe.profiles)}")
     profile = recipe.profiles[profile_name]
@@ -356,34 +335,17 @@ def _build(recipe: ImagenetRecipe, profile_name: str, options: Options, replicas
     if device.type == "cuda" and replicas.distributed:
         device = torch.device("cuda", replicas.local_rank)
         torch.cuda.set_device(device)
-    train_split, val_split = images.synthetic(profile.resolution) if synthetic else _data(profile, options)
+    train_split, val_split = synthetic_splits(profile.resolution) if synthetic else _data(profile, options)
     task = ImagenetTask(recipe, profile, train_split, val_split, device, replicas, options)
     return task, sgd(task.model, recipe), profile
 
 
 def time_training(task: ImagenetTask, optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> float:
-    """Images per second of the trainer's update on ``task`` (learning rate, loss, zero_grad, backward, SGD step),
-    timed over ``steps`` updates after ``warmup`` (worker start, cuDNN autotuning, compilation); no evaluation."""
+    """Images per second of the trainer's update on ``task`` (see ``engine.timing.time_updates``)."""
     task.model.train()
-    per_update = task.profile.batch_size * task.replicas.world
-    for update in range(warmup + steps):
-        if update == warmup:
-            start = clock(task.device)
-        step = update * task.replicas.world
-        for group in optimizer.param_groups:
-            group["lr"] = task.lr(step)
-        losses = task.losses(step)
-        optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        optimizer.step()
-    return steps * per_update / (clock(task.device) - start)
-
-
-def clock(device: torch.device) -> float:
-    """A timestamp after the device has finished its queued work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+    world = task.replicas.world
+    return time_updates(task.losses, optimizer, task.lr, steps, warmup, world, task.profile.batch_size * world,
+                        task.device)
 
 
 def synthetic(recipe_name: str, profile_name: str, overrides: list[str], options: Options, steps: int,
@@ -391,10 +353,10 @@ def synthetic(recipe_name: str, profile_name: str, overrides: list[str], options
     """Time the training step alone on random resident images of the profile's size (no data set, no run folder),
     so a run can be sized on any device before its data is fetched."""
     recipe = _imagenet_recipe(recipe_name, overrides)
-    task, optimizer, profile = _build(recipe, profile_name, options, replicas, synthetic=True)
+    task, optimizer, profile = build(recipe, profile_name, options, replicas, synthetic=True)
     rate = time_training(task, optimizer, steps, warmup)
     return {"label": recipe.label, "profile": profile_name, "device": device_name(task.device),
-            "precision": _precision(task.device), "replicas": replicas.world, "images_per_second": rate,
+            "precision": precision(task.device), "replicas": replicas.world, "images_per_second": rate,
             "steps": steps, "budget_steps": profile.steps,
             "budget_hours": profile.steps * profile.batch_size / rate / 3600}
 
@@ -413,11 +375,10 @@ def run(recipe_name: str, profile_name: str, overrides: list[str], options: Opti
     if profile_name in recipe.profiles and recipe.profiles[profile_name].steps < 1:
         raise UserError(f"a run of '{recipe_name}' at profile '{profile_name}' would train 0 steps and keep no "
                         f"checkpoint; give it at least 1 (--steps N)")
-    task, optimizer, profile = _build(recipe, profile_name, options, replicas)
+    task, optimizer, profile = build(recipe, profile_name, options, replicas)
     short = Path(recipe_name).stem
-    identity = images.data_identity(options.dataset_dir, task.train_split, task.val_split)
-    manifest = {
-        "experiment": "imagenet", "status": "running", "started": now(),
+    identity = sources.data_identity(options.dataset_dir, task.train_split, task.val_split)
+    manifest = manifest_start("imagenet", task.device, {
         "recipe": short, "label": recipe.label, "recipe_digest": recipe.digest, "overrides": list(overrides),
         "profile": profile_name, "dataset": f"{task.train_split.where} ({len(task.train_split):,} train, "
                                             f"{len(task.val_split):,} val, {len(task.train_split.classes)} classes)",
@@ -431,12 +392,10 @@ def run(recipe_name: str, profile_name: str, overrides: list[str], options: Opti
         "global_batch": profile.batch_size * replicas.world, "lr_factor": task.lr(0) / recipe.train.lr,
         "compression": profile.compression,
         "deviations": deviations(recipe, profile_name, overrides, task, identity["name"]),
-        "compile": options.compile, "gpu_decode": task.jpegs_as_bytes,
+        "compile": options.compile, "gpu_decode": task.train_data.jpegs_as_bytes,
         "workers": 0 if task.train_split.pixels is not None else options.workers,  # resident data needs none
-        "precision": _precision(task.device),
-        "device": device_name(task.device), "versions": versions(),
-        "git_commit": options.git_commit or git_commit(), "allow_dirty": options.allow_dirty,
-    }
+        "precision": precision(task.device), "allow_dirty": options.allow_dirty,
+    }, options.git_commit)
     # only now: every check that can fail has passed
     owner = _on_main(replicas, lambda: _new_folder(Path(out) / "imagenet", f"{short}-"))
     run_dir = Path(replicas.gather(None if owner is None else str(owner.path.parent))[0])
@@ -463,11 +422,11 @@ def resume(run_dir: Path, replicas: Replicas, dataset_dir: Path | None = None, *
         state = _saved_state(run_dir, replicas)
         options = Options(Path(dataset_dir or manifest["dataset_dir"]), seed=manifest["seed"],
                           resident=manifest.get("resident", False), **how)  # the same pipeline, the same augmentation
-        task, optimizer, profile = _build(recipe, manifest["profile"], options, replicas)
+        task, optimizer, profile = build(recipe, manifest["profile"], options, replicas)
         _check_same_data(run_dir, manifest, task, options.dataset_dir, profile)
         _check_fits(run_dir, state, task, optimizer)
         manifest["resumed"] = [*manifest.get("resumed", []), {
-            "at": now(), "device": device_name(task.device), "precision": _precision(task.device),
+            "at": now(), "device": device_name(task.device), "precision": precision(task.device),
             "git_commit": options.git_commit or git_commit(), "allow_dirty": options.allow_dirty}]
         return _train(run_dir, recipe, manifest, task, optimizer, profile, replicas, owner=owner, state=state)
 
@@ -513,7 +472,7 @@ def _owning(run_dir: Path, owner: RunLock | None, fresh: bool, replicas: Replica
     try:
         yield
     except BaseException as err:
-        kept = (run_dir / CHECKPOINT).is_file()
+        kept = (run_dir / checkpoint.NAME).is_file()
         if fresh and not kept and replicas.is_main:
             shutil.rmtree(run_dir, ignore_errors=True)
         if isinstance(err, OSError):
@@ -539,10 +498,10 @@ def _resumable(run_dir: Path, replicas: Replicas) -> tuple[dict[str, Any], Image
         raise UserError(f"{run_dir} is not an ImageNet run folder (no readable manifest.json/recipe.yaml)") from None
     if manifest.get("experiment", "imagenet") != "imagenet":
         raise UserError(f"{run_dir} is a {manifest['experiment']} run, not an ImageNet one")
-    if manifest.get("status") in ("complete", "diverged"):
+    if manifest.get("status") in FINISHED:
         raise UserError(f"run {run_dir} is already {manifest['status']}; start a new one instead")
-    if not (run_dir / CHECKPOINT).is_file():
-        raise UserError(f"run {run_dir} has no {CHECKPOINT} to resume from; start a new one instead")
+    if not (run_dir / checkpoint.NAME).is_file():
+        raise UserError(f"run {run_dir} has no {checkpoint.NAME} to resume from; start a new one instead")
     try:
         recipe = ImagenetRecipe.model_validate(tree)
     except ValueError as err:  # pydantic's ValidationError
@@ -563,7 +522,7 @@ SAVED = ("step", "model", "optimizer", "task", "log", "rng")  # what the trainer
 
 def _saved_state(run_dir: Path, replicas: Replicas) -> dict[str, Any]:
     """The run's checkpoint, read and checked before anything is announced or built."""
-    path = run_dir / CHECKPOINT
+    path = run_dir / checkpoint.NAME
     state = checkpoint.load(path)
     missing = [key for key in SAVED if key not in state] if isinstance(state, dict) else list(SAVED)
     if missing or len(state["rng"]) != replicas.world:
@@ -582,7 +541,7 @@ def _check_same_data(run_dir: Path, manifest: dict[str, Any], task: ImagenetTask
         raise UserError(f"the data in {dataset_dir} is not the data run {run_dir} trained on "
                         f"({manifest.get('dataset')}); resume with the same --dataset-dir")
     recorded = (manifest.get("data_identity") or {}).get("digest")
-    if recorded and images.data_identity(dataset_dir, split, task.val_split)["digest"] != recorded:
+    if recorded and sources.data_identity(dataset_dir, split, task.val_split)["digest"] != recorded:
         raise UserError(f"the files in {dataset_dir} differ from those run {run_dir} trained on (data digest "
                         f"{recorded[:12]}); resume with the same data")
 
@@ -594,8 +553,8 @@ def _check_fits(run_dir: Path, state: dict[str, Any], task: ImagenetTask, optimi
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         first = (str(err).strip().splitlines() or [err.__class__.__name__])[0][:200]
-        raise UserError(f"checkpoint {run_dir / CHECKPOINT} does not fit its run's network ({first}); the run cannot "
-                        f"be resumed, start a new one") from None
+        raise UserError(f"checkpoint {run_dir / checkpoint.NAME} does not fit its run's network ({first}); the run "
+                        f"cannot be resumed, start a new one") from None
 
 
 def _train(run_dir: Path, recipe: ImagenetRecipe, manifest: dict[str, Any], task: ImagenetTask,
@@ -608,7 +567,7 @@ def _train(run_dir: Path, recipe: ImagenetRecipe, manifest: dict[str, Any], task
     if main:
         announce(f"{recipe.label} ({manifest['profile']})", manifest["deviations"])
     with training(run_dir, manifest, main, owner):
-        log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=1, resume=state or False,
+        log = train(task, optimizer, schedule, run_dir / checkpoint.NAME, members=1, resume=state or False,
                     show_progress=task.options.show_progress, learning_rate=task.lr, replicas=replicas,
                     rate=("images", profile.batch_size), describe=_describe, statistics=recipe.eval.statistics)
     skipped = int(replicas.sum_(torch.tensor([task.skipped], device=replicas.flag_device)).item())
@@ -622,7 +581,7 @@ def _train(run_dir: Path, recipe: ImagenetRecipe, manifest: dict[str, Any], task
     announce(f"{recipe.label} ({manifest['profile']}), finished", summary["deviations"])
     atomic_write(run_dir / "metrics.csv", metrics.to_csv(index=False))
     write_json(run_dir / "summary.json", summary)
-    manifest.update(status="diverged" if summary["diverged_at"] else "complete", finished=now())
+    manifest.update(status=DIVERGED if summary["diverged_at"] else COMPLETE, finished=now())
     write_json(run_dir / "manifest.json", manifest)
     return run_dir
 
@@ -637,10 +596,6 @@ def read_finished(folder: Path, summary_keys: tuple[str, ...] = ()) -> tuple[dic
     path = Path(folder) / "summary.json"
     summary = read_json(path, summary_keys) if summary_keys or path.exists() else {}
     return summary, read_table(Path(folder) / "metrics.csv", METRICS)
-
-
-def _precision(device: torch.device) -> str:
-    return "bf16 autocast" if device.type == "cuda" else "fp32"
 
 
 def _describe(shown: dict[str, float]) -> str:

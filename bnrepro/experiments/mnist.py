@@ -23,6 +23,7 @@ from torch import Tensor
 
 from bnrepro import recipes as recipe_io
 from bnrepro.data import mnist
+from bnrepro.engine import checkpoint
 from bnrepro.engine.trainer import Schedule, train
 from bnrepro.errors import UserError
 from bnrepro.models.batchnorm import Statistics
@@ -31,22 +32,21 @@ from bnrepro.models.mlp import MLPStack
 from bnrepro.models.mlp_native import BinaryRows, NativeStack, torch_threads, unsupported
 from bnrepro.recipes import MnistRecipe
 from bnrepro.runs import (
+    COMPLETE,
     RunLock,
     announce,
     atomic_write,
-    device_name,
-    git_commit,
+    manifest_start,
     new_run_dir,
     now,
     resolve_device,
     training,
-    versions,
     write_json,
 )
 
 DEFAULT_VARIANTS = ["mnist/baseline", "mnist/bn"]
 ENGINES = ("auto", "native", "torch")  # auto: native where it can run (a CPU with a C++ compiler), else torch
-CHECKPOINT = "checkpoint.pt"
+MNIST_TEST_IMAGES = 10_000  # what an evaluation runs every model on
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def sweep_memory_check(grid: Grid, seeds: int, variants: int, recipe: MnistRecip
     widths = [28 * 28, *recipe.model.hidden, 10]
     params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
     models = len(grid.lrs) * len(grid.init_stds) * seeds * variants
-    need = models * (16 * params + 4 * 10_000 * sum(widths[1:]))
+    need = models * (16 * params + 4 * MNIST_TEST_IMAGES * sum(widths[1:]))
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > have:
         raise UserError(f"the grid has {models:,} models, which need about {need / 2**30:,.0f} GiB, more than this "
@@ -201,7 +201,7 @@ class Setup:
     engine: str  # which engine trains the run, and why not the native one where it does not
 
 
-def _build(variants: dict[str, MnistRecipe], seeds: list[int], data: mnist.MnistArrays, data_seed: int,
+def build(variants: dict[str, MnistRecipe], seeds: list[int], data: mnist.MnistArrays, data_seed: int,
            device: torch.device, engine: str, grid: Grid | None = None) -> Setup:
     shared = _check_trainable_together(variants)
     ordered = sorted(variants.items(), key=lambda item: not item[1].model.batch_norm)  # BN members first
@@ -250,20 +250,19 @@ def run(
         sweep_memory_check(grid, seeds, len(variants), next(iter(variants.values())))
     device = resolve_device(device_name_)
     data = mnist.load(data_dir)
-    setup = _build(variants, list(range(seeds)), data, data_seed, device, engine, grid)
+    setup = build(variants, list(range(seeds)), data, data_seed, device, engine, grid)
     run_dir = new_run_dir(Path(out) / ("sweep" if grid else "mnist"))  # only now: every check that can fail passed
     resolved = {name: recipe.model_dump(mode="json") for name, recipe in variants.items()}
     atomic_write(run_dir / "recipes.yaml", yaml.safe_dump(resolved, sort_keys=False, width=100))
-    manifest = {
-        "experiment": "sweep" if grid else "mnist", "status": "running", "started": now(),
+    manifest = manifest_start("sweep" if grid else "mnist", device, {
         **({"grid": {"lrs": list(grid.lrs), "init_stds": list(grid.init_stds)}} if grid else {}),
         "recipes": {name: {"source": src, "digest": variants[name].digest}
                     for name, src in zip(variants, recipe_names)},
         "overrides": list(overrides), "seeds": list(range(seeds)), "data_seed": data_seed,
         "deviations": [f"recipe changed for this run: --set {text}" for text in overrides],
         "data": data_record(data),
-        "device": device_name(device), "engine": setup.engine, "versions": versions(), "git_commit": git_commit(),
-    }
+        "engine": setup.engine,
+    })
     write_json(run_dir / "manifest.json", manifest)
     return _train(run_dir, variants, manifest, setup, resume=False, show_progress=show_progress)
 
@@ -296,7 +295,7 @@ def resume(run_dir: Path, device_name_: str, data_dir: Path | None, show_progres
     owner = RunLock.claim(run_dir)  # first, before the data is read: of two resumes started together, one trains
     try:
         manifest = json.loads((run_dir / "manifest.json").read_text())  # as the claim found it (a rival may have
-        if manifest.get("status") == "complete":                          # finished the run meanwhile)
+        if manifest.get("status") == COMPLETE:                          # finished the run meanwhile)
             raise UserError(f"run {run_dir} is already complete; start a new one instead")
         variants = {name: MnistRecipe.model_validate(tree) for name, tree in resolved.items()}
         device = resolve_device(device_name_)
@@ -304,11 +303,11 @@ def resume(run_dir: Path, device_name_: str, data_dir: Path | None, show_progres
         check_same_data(run_dir, manifest.get("data", {}), data)
         grid = Grid(tuple(manifest["grid"]["lrs"]), tuple(manifest["grid"]["init_stds"])) if "grid" in manifest \
             else None
-        setup = _build(variants, manifest["seeds"], data, manifest["data_seed"], device, engine, grid)
+        setup = build(variants, manifest["seeds"], data, manifest["data_seed"], device, engine, grid)
         manifest["resumed"] = [*manifest.get("resumed", []), now()]
         manifest["resumed_engines"] = [*manifest.get("resumed_engines", []), setup.engine]
         manifest["resumed_data"] = [*manifest.get("resumed_data", []), data_record(data)["source"]]
-        from_checkpoint = (run_dir / CHECKPOINT).is_file()
+        from_checkpoint = (run_dir / checkpoint.NAME).is_file()
         if not from_checkpoint:
             manifest["restarted"] = [*manifest.get("restarted", []), "no checkpoint yet: trained again from step 0"]
         return _train(run_dir, variants, manifest, setup, resume=from_checkpoint, show_progress=show_progress,
@@ -344,7 +343,7 @@ def _train(run_dir: Path, variants: dict[str, MnistRecipe], manifest: dict[str, 
     schedule = Schedule(recipe.train.steps, recipe.eval.every, checkpoint_every=recipe.eval.every)
     announce("MNIST", manifest.get("deviations", []))
     with training(run_dir, manifest, owner=owner), task.running():
-        log = train(task, optimizer, schedule, run_dir / CHECKPOINT, members=len(members), resume=resume,
+        log = train(task, optimizer, schedule, run_dir / checkpoint.NAME, members=len(members), resume=resume,
                     show_progress=show_progress, statistics=recipe.eval.statistics,
                     describe=lambda s: f"loss {s.get('loss', math.nan):.3f}  acc {s.get('accuracy', math.nan):.4f}")
     metrics = pd.DataFrame(task.rows)
@@ -360,9 +359,9 @@ def _train(run_dir: Path, variants: dict[str, MnistRecipe], manifest: dict[str, 
     announce("MNIST, finished", summary["deviations"])
     atomic_write(run_dir / "metrics.csv", metrics.to_csv(index=False))
     write_json(run_dir / "summary.json", summary)
-    manifest.update(status="complete", finished=now())
+    manifest.update(status=COMPLETE, finished=now())
     write_json(run_dir / "manifest.json", manifest)
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    (run_dir / checkpoint.NAME).unlink(missing_ok=True)
     return run_dir
 
 

@@ -2,7 +2,7 @@
 
 A campaign is a plan of ImageNet runs (recipe, seed, overrides) and the ensemble of Fig. 4. Each planned run is
 matched against the run folders under ``results/imagenet`` by recipe digest (the resolved recipe, overrides
-included), profile, seed and data (``same_data``: the data set's identity, ``images.data_identity``): a finished
+included), profile, seed and data (``same_data``: the data set's identity, ``sources.data_identity``): a finished
 one is kept, an interrupted one is resumed from its checkpoint, a missing one is started. Interrupting the campaign
 (Ctrl-C) is always safe: the run in progress saves its checkpoint, and the same command continues from there.
 
@@ -27,16 +27,32 @@ from typing import Any, Literal
 
 import bnrepro
 from bnrepro import recipes as recipe_io
-from bnrepro.data import images
+from bnrepro.data import sources
+from bnrepro.engine import checkpoint
 from bnrepro.engine.distributed import SINGLE_PROCESS
 from bnrepro.engine.trainer import Interrupted
 from bnrepro.errors import UserError
 from bnrepro.experiments import imagenet
 from bnrepro.paper import PAPER
-from bnrepro.runs import Damaged, git_commit, new_run_dir, now, read_json, runs_of, skip, write_json
+from bnrepro.runs import (
+    COMPLETE,
+    FAILED,
+    FINISHED,
+    INTERRUPTED,
+    RUNNING,
+    Damaged,
+    git_commit,
+    new_run_dir,
+    now,
+    read_json,
+    runs_of,
+    skip,
+    write_json,
+)
 
 ENSEMBLE = PAPER.campaign.ensemble  # Fig. 4's recipe: its members are the campaign's last runs
 CAMPAIGN = "campaign"  # results/campaign/<profile>-<time>/: each campaign's own record
+LAPTOP_VAL_IMAGES = 10_000  # an estimate without data assumes the laptop data sets' validation size
 
 
 @dataclass(frozen=True)
@@ -98,7 +114,7 @@ def identity_reader() -> Callable[[Path], dict[str, Any] | None]:
     @cache
     def read(folder: Path) -> dict[str, Any] | None:
         try:
-            return images.data_identity(folder) if Path(folder).is_dir() else None
+            return sources.data_identity(folder) if Path(folder).is_dir() else None
         except (UserError, OSError, ValueError):
             return None
     return read
@@ -138,8 +154,8 @@ def intact(folder: Path) -> bool:
 
 def plan(profile: str, results: Path, data: dict[str, Any] | None = None) -> list[Step]:
     """The campaign at ``profile`` against what ``results`` already holds; runs count only if they used ``data``
-    (``images.data_identity`` of the campaign's data; ``None``, as for a dry run without data: not checked)."""
-    found = runs_of(results, "imagenet", ("complete", "diverged", "interrupted", "running"))
+    (``sources.data_identity`` of the campaign's data; ``None``, as for a dry run without data: not checked)."""
+    found = runs_of(results, "imagenet", (*FINISHED, INTERRUPTED, RUNNING))
     identity_of = identity_reader()
     steps = []
     for run in campaign():
@@ -150,9 +166,9 @@ def plan(profile: str, results: Path, data: dict[str, Any] | None = None) -> lis
                 and m.get("profile") == profile and m.get("seed") == run.seed
                 and list(m.get("overrides", [])) == list(run.overrides)]
         mine = [(folder, m) for folder, m in same if same_data(m, data, identity_of)]
-        done = [folder for folder, m in mine if m.get("status") in ("complete", "diverged") and intact(folder)]
-        paused = [folder for folder, m in mine if (folder / imagenet.CHECKPOINT).is_file()
-                  and m.get("status") not in ("complete", "diverged")]
+        done = [folder for folder, m in mine if m.get("status") in FINISHED and intact(folder)]
+        paused = [folder for folder, m in mine if (folder / checkpoint.NAME).is_file()
+                  and m.get("status") not in FINISHED]
         state, folder = ("done", done[-1]) if done else ("resume", paused[-1]) if paused else ("new", None)
         steps.append(Step(run, state, folder, recipe.profiles[profile].steps, len(same) - len(mine)))
     return steps
@@ -216,7 +232,7 @@ class Record:
         self.folder = new_run_dir(self.results / CAMPAIGN, prefix=f"{profile}-")
         self.states = {s.folder: s.state for s in steps if s.folder is not None}
         self.manifest: dict[str, Any] = {
-            "experiment": CAMPAIGN, "status": "running", "started": now(), "profile": profile,
+            "experiment": CAMPAIGN, "status": RUNNING, "started": now(), "profile": profile,
             "git_commit": commit, "dirty_allowed": commit.endswith("+dirty"),
             "dataset_dir": str(Path(dataset_dir).resolve()), "data_identity": data,
             "plan": [{"run": s.run.name, "state": s.state, "folder": self.relative(s.folder)} for s in steps]}
@@ -249,7 +265,7 @@ class Record:
             if state != "kept" and recorded != commit:
                 warnings.append(f"{self.relative(folder)}: its manifest names commit {recorded}, but the campaign "
                                 f"{'resumed' if state == 'resumed' else 'trained'} it with the code of {commit}")
-        self.manifest.update(status="complete", finished=now(), runs=runs, ensemble=self.relative(ensemble_dir),
+        self.manifest.update(status=COMPLETE, finished=now(), runs=runs, ensemble=self.relative(ensemble_dir),
                              other_commits=warnings)
         self.write()
         return warnings
@@ -266,10 +282,10 @@ def execute(record: Record, steps: list[Step], dataset_dir: Path, options: dict,
         ensemble_dir = ensemble(folders, profile, dataset_dir, results, options["device"], options["workers"],
                                 val_limit, options["show_progress"], record.manifest["data_identity"])
     except (Interrupted, KeyboardInterrupt):
-        record.stop("interrupted")
+        record.stop(INTERRUPTED)
         raise
     except BaseException:
-        record.stop("failed")
+        record.stop(FAILED)
         raise
     for line in record.finish(folders, ensemble_dir):
         say(f"warning: {line}")
@@ -292,15 +308,15 @@ def estimate(steps: list[Step], profile: str, device: str, val_limit: int | None
         key = (recipe.model.batch_norm, recipe.model.lrn, recipe.model.nonlinearity, recipe.train.distortions)
         if key not in rates:  # the costs that differ between recipes
             options = imagenet.Options(Path("."), device=device, show_progress=False)
-            task, optimizer, _ = imagenet._build(recipe, profile, options, SINGLE_PROCESS, synthetic=True)
+            task, optimizer, _ = imagenet.build(recipe, profile, options, SINGLE_PROCESS, synthetic=True)
             rates[key] = imagenet.time_training(task, optimizer, updates, 2)
             macs = count_flops(task.model, recipe.profiles[profile].resolution)
         p = recipe.profiles[profile]
         evaluations = p.steps // p.eval_every + 2
         seconds += p.steps * p.batch_size / rates[key]
-        seconds += evaluations * 10_000 / (3 * rates[key])  # inference ~3x a training image (forward only)
+        seconds += evaluations * LAPTOP_VAL_IMAGES / (3 * rates[key])  # inference ~3x a training image (forward only)
     ensemble = recipe_io.load(ENSEMBLE)
-    crops = sum(ensemble.crops) * len(ensemble.members) * (val_limit or 10_000)
+    crops = sum(ensemble.crops) * len(ensemble.members) * (val_limit or LAPTOP_VAL_IMAGES)
     inference = 3 * max(rates.values()) if rates else None
     ensemble_seconds = crops / inference if inference else 0.0
     return {"training_and_evaluation_s": seconds, "ensemble_s": ensemble_seconds,

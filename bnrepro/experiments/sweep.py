@@ -95,7 +95,7 @@ def scale_invariance(task, members: list, usable: list[bool]) -> dict[str, Any] 
             with torch.enable_grad():
                 loss = one.losses(x, y).sum()
                 (grad,) = torch.autograd.grad(loss, one.flat)
-            logits, _, _ = one._forward(one.unflatten(one.flat.detach()), x, train=True)
+            logits, _, _ = one.forward_pass(one.unflatten(one.flat.detach()), x, train=True)
             outputs[a], grads[a] = logits, [g.clone() for g in one.unflatten(grad).weights[:-1]]
         found[eps_name] = {
             f"a={a:g}": {

@@ -13,13 +13,14 @@ modules' average pools count the zero padding.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from bnrepro.models.batchnorm import BatchNorm, fold_linear
+from bnrepro.recipes import InceptionModel
 
 
 @dataclass(frozen=True)
@@ -71,28 +72,29 @@ FIG5 = (
 PAPER_PARAMETERS = 13.6e6  # stated in Sec. 4.2; the table above counts to fewer (see README)
 
 
+def switches(**changes: Any) -> InceptionModel:
+    """The Fig. 5 network's switches (a recipe's ``model:`` section, validated as one) for a network built
+    outside a recipe (tests, benchmarks): a small network to test (BN, ReLU, plain stem, no LRN, no dropout)
+    with ``changes``, e.g. ``switches(batch_norm=False)``.
+
+    Fixed values here rather than a recipe's (recipes/imagenet/ states the paper's networks): a test that
+    changes one switch then builds the same network whatever a recipe later changes."""
+    defaults = dict(batch_norm=True, nonlinearity="relu", lrn=False, lrn_size=5, lrn_alpha=1e-4, lrn_beta=0.75,
+                    lrn_k=1.0, dropout=0.0, per_activation_bn=False, init_scale=1.0, conv_init="he_normal",
+                    classifier_init_std=0.01, pool_count_include_pad=False, stem="plain", depth_multiplier=8,
+                    bn_eps=1e-3, bn_momentum=0.01)
+    return InceptionModel(**{**defaults, **changes})
+
+
 @dataclass(frozen=True)
 class InceptionConfig:
-    batch_norm: bool = True
-    nonlinearity: Literal["relu", "sigmoid"] = "relu"
-    lrn: bool = False
-    lrn_size: int = 5
-    lrn_alpha: float = 1e-4
-    lrn_beta: float = 0.75
-    lrn_k: float = 1.0
-    dropout: float = 0.0
-    per_activation_bn: bool = False  # BN on the 1024 pooled features before the classifier
-    init_scale: float = 1.0  # multiplies the initial conv weights
-    conv_init: Literal["he_normal", "he_truncated_normal", "lecun_uniform"] = "he_normal"  # see CONV_INIT
-    classifier_init_std: float = 0.01  # the softmax layer's weights ~ N(0, std^2), bias 0
-    pool_count_include_pad: bool = False  # the modules' 3x3/1 average pools divide by the zero padding too
-    stem: Literal["plain", "separable"] = "plain"
-    depth_multiplier: int = 8
+    """The network to build: the recipe's switches and what the recipe does not say (the profile's width,
+    the data's classes and channels)."""
+
+    model: InceptionModel  # the recipe's ``model:`` section (or ``switches()``)
     width: float = 1.0  # multiplies every filter count of Fig. 5, the stem's too (1: the paper's network)
     num_classes: int = 1000
     in_channels: int = 3
-    bn_eps: float = 1e-3
-    bn_momentum: float = 0.01
 
 
 def _he_truncated_normal(weight: Tensor) -> None:
@@ -123,12 +125,12 @@ def _nonlinearity(name: str) -> nn.Module:
 class ConvUnit(nn.Sequential):
     """conv -> [BN] -> nonlinearity: with BN the conv has no bias (beta replaces it, Sec. 3.2)."""
 
-    def __init__(self, cfg: InceptionConfig, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1):
-        conv = nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, bias=not cfg.batch_norm, groups=groups)
+    def __init__(self, model: InceptionModel, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1):
+        conv = nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, bias=not model.batch_norm, groups=groups)
         layers: list[nn.Module] = [conv]
-        if cfg.batch_norm:
-            layers.append(BatchNorm((1, cout, 1, 1), (0, 2, 3), cfg.bn_eps, cfg.bn_momentum))
-        layers.append(_nonlinearity(cfg.nonlinearity))
+        if model.batch_norm:
+            layers.append(BatchNorm((1, cout, 1, 1), (0, 2, 3), model.bn_eps, model.bn_momentum))
+        layers.append(_nonlinearity(model.nonlinearity))
         super().__init__(*layers)
 
 
@@ -136,9 +138,9 @@ class SeparableStem(nn.Sequential):
     """The paper's first layer: a depthwise 7x7 (``depth_multiplier`` filters per input channel) followed by
     a pointwise 1x1 to 64 maps; BN and the nonlinearity come after the pair."""
 
-    def __init__(self, cfg: InceptionConfig, cin: int, cout: int):
-        depthwise = nn.Conv2d(cin, cin * cfg.depth_multiplier, 7, 2, padding=3, groups=cin, bias=False)
-        pointwise = ConvUnit(cfg, cin * cfg.depth_multiplier, cout, 1)
+    def __init__(self, model: InceptionModel, cin: int, cout: int):
+        depthwise = nn.Conv2d(cin, cin * model.depth_multiplier, 7, 2, padding=3, groups=cin, bias=False)
+        pointwise = ConvUnit(model, cin * model.depth_multiplier, cout, 1)
         super().__init__(depthwise, pointwise)
 
 
@@ -151,20 +153,20 @@ class InceptionModule(nn.Module):
     training at width 1/4 and 32 px on 2 CPU cores. ``entry`` is split back into the branches' inputs.
     """
 
-    def __init__(self, cfg: InceptionConfig, spec: Module, cin: int):
+    def __init__(self, model: InceptionModel, spec: Module, cin: int):
         super().__init__()
         s = spec.stride
         self.widths = [spec.n1x1, spec.n3x3_reduce, spec.double_reduce]  # the 1x1 branch may be absent (0)
-        self.entry = ConvUnit(cfg, cin, sum(self.widths), 1)
-        self.branch3x3 = ConvUnit(cfg, spec.n3x3_reduce, spec.n3x3, 3, s)
-        self.double3x3 = nn.Sequential(ConvUnit(cfg, spec.double_reduce, spec.double, 3),
-                                       ConvUnit(cfg, spec.double, spec.double, 3, s))
+        self.entry = ConvUnit(model, cin, sum(self.widths), 1)
+        self.branch3x3 = ConvUnit(model, spec.n3x3_reduce, spec.n3x3, 3, s)
+        self.double3x3 = nn.Sequential(ConvUnit(model, spec.double_reduce, spec.double, 3),
+                                       ConvUnit(model, spec.double, spec.double, 3, s))
         if spec.pool == "pass":
             self.pool = nn.MaxPool2d(3, 2, padding=1)
         else:
-            pool = nn.AvgPool2d(3, 1, padding=1, count_include_pad=cfg.pool_count_include_pad) \
+            pool = nn.AvgPool2d(3, 1, padding=1, count_include_pad=model.pool_count_include_pad) \
                 if spec.pool == "avg" else nn.MaxPool2d(3, 1, padding=1)
-            self.pool = nn.Sequential(pool, ConvUnit(cfg, cin, spec.proj, 1))
+            self.pool = nn.Sequential(pool, ConvUnit(model, cin, spec.proj, 1))
         self.out_channels = spec.out_channels(cin)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -182,41 +184,42 @@ class Inception(nn.Module):
     def __init__(self, cfg: InceptionConfig):
         super().__init__()
         self.cfg = cfg
+        model = cfg.model
         c64, c192 = scale_width(64, cfg.width), scale_width(192, cfg.width)
-        stem: list[nn.Module] = [SeparableStem(cfg, cfg.in_channels, c64) if cfg.stem == "separable"
-                                 else ConvUnit(cfg, cfg.in_channels, c64, 7, 2),
+        stem: list[nn.Module] = [SeparableStem(model, cfg.in_channels, c64) if model.stem == "separable"
+                                 else ConvUnit(model, cfg.in_channels, c64, 7, 2),
                                  nn.MaxPool2d(3, 2, padding=1)]
-        if cfg.lrn:
-            stem.append(nn.LocalResponseNorm(cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k))
-        stem += [ConvUnit(cfg, c64, c64, 1), ConvUnit(cfg, c64, c192, 3)]
-        if cfg.lrn:
-            stem.append(nn.LocalResponseNorm(cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k))
+        if model.lrn:
+            stem.append(nn.LocalResponseNorm(model.lrn_size, model.lrn_alpha, model.lrn_beta, model.lrn_k))
+        stem += [ConvUnit(model, c64, c64, 1), ConvUnit(model, c64, c192, 3)]
+        if model.lrn:
+            stem.append(nn.LocalResponseNorm(model.lrn_size, model.lrn_alpha, model.lrn_beta, model.lrn_k))
         stem.append(nn.MaxPool2d(3, 2, padding=1))
         self.stem = nn.Sequential(*stem)
         modules, channels = [], c192
         for spec in FIG5:
-            module = InceptionModule(cfg, spec.scaled(cfg.width), channels)
+            module = InceptionModule(model, spec.scaled(cfg.width), channels)
             modules.append(module)
             channels = module.out_channels
         self.inception = nn.Sequential(*modules)
         self.features = channels
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.head_bn = BatchNorm((1, channels), (0,), cfg.bn_eps, cfg.bn_momentum) if cfg.per_activation_bn else None
+        self.dropout = nn.Dropout(model.dropout)
+        self.head_bn = (BatchNorm((1, channels), (0,), model.bn_eps, model.bn_momentum) if model.per_activation_bn
+                        else None)
         self.classifier = nn.Linear(channels, cfg.num_classes)
         self._initialise()
 
     def _initialise(self) -> None:
-        if self.cfg.conv_init not in CONV_INIT:
-            raise ValueError(f"conv_init must be one of {sorted(CONV_INIT)}, not {self.cfg.conv_init!r}")
-        initialise = CONV_INIT[self.cfg.conv_init]
+        model = self.cfg.model
+        initialise = CONV_INIT[model.conv_init]  # InceptionModel admits only CONV_INIT's names
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 initialise(m.weight)
-                m.weight.data.mul_(self.cfg.init_scale)
+                m.weight.data.mul_(model.init_scale)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        nn.init.normal_(self.classifier.weight, std=self.cfg.classifier_init_std)
+        nn.init.normal_(self.classifier.weight, std=model.classifier_init_std)
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -261,8 +264,8 @@ def count_flops(model: nn.Module, resolution: int) -> int:
 def fold(model: Inception) -> Inception:
     """The inference network of Alg. 2: every BN, with its population statistics (``estimate_population``),
     merged into the convolution before it (a new model)."""
-    folded_cfg = InceptionConfig(**{**model.cfg.__dict__, "batch_norm": False, "per_activation_bn": False})
-    folded = Inception(folded_cfg).to(next(model.parameters()))  # same device and dtype
+    without_bn = model.cfg.model.model_copy(update={"batch_norm": False, "per_activation_bn": False})
+    folded = Inception(replace(model.cfg, model=without_bn)).to(next(model.parameters()))  # same device and dtype
     source = [m for m in model.modules() if isinstance(m, ConvUnit)]
     target = [m for m in folded.modules() if isinstance(m, ConvUnit)]
     for unit, plain in zip(source, target, strict=True):
@@ -271,7 +274,7 @@ def fold(model: Inception) -> Inception:
         weight, bias = fold_linear(conv.weight, None, scale.view(-1, 1, 1, 1), shift.view(-1))
         out.weight.copy_(weight)
         out.bias.copy_(bias)
-    if model.cfg.stem == "separable":  # the depthwise conv has no BN of its own: copied as it is
+    if model.cfg.model.stem == "separable":  # the depthwise conv has no BN of its own: copied as it is
         folded.stem[0][0].weight.copy_(model.stem[0][0].weight)
     classifier_weight, classifier_bias = model.classifier.weight, model.classifier.bias
     if model.head_bn is not None:  # y = W(scale*x + shift) + b
@@ -281,11 +284,3 @@ def fold(model: Inception) -> Inception:
     folded.classifier.weight.copy_(classifier_weight)
     folded.classifier.bias.copy_(classifier_bias)
     return folded.eval()
-
-
-def describe(cfg: InceptionConfig, resolution: int = 224) -> dict[str, float]:
-    model = Inception(cfg)
-    return {"parameters": count_parameters(model), "paper_parameters": PAPER_PARAMETERS,
-            "multiply_adds": count_flops(model, resolution), "resolution": resolution}
-
-

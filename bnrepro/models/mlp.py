@@ -181,10 +181,10 @@ class MLPStack(nn.Module):
     def predict(self, x: BinaryBatch) -> tuple[Tensor, Tensor]:
         """Inference (Alg. 2): logits (batch, members, classes) and the inputs of the last hidden layer's
         nonlinearities (batch, members, width), the quantity Fig. 1(b, c) follows."""
-        logits, _, pre = self._forward(self.unflatten(self.flat), x, train=False)
+        logits, _, pre = self.forward_pass(self.unflatten(self.flat), x, train=False)
         return logits, pre.view(x.shape[0], self.members, -1)
 
-    def _forward(self, params: StackParams, x: BinaryBatch, train: bool):
+    def forward_pass(self, params: StackParams, x: BinaryBatch, train: bool):
         """Logits (batch, members, classes), per-layer caches for the backward pass, last pre-activation."""
         batch, members = x.shape[0], self.members
         z = x.matmul(params.weights[0])  # x @ W0 for every member at once
@@ -198,7 +198,7 @@ class MLPStack(nn.Module):
                 self._track(layer, mean, var, batch)
                 parts, cache = [y, *parts], (x_hat, inv_std)
             elif split:
-                scale, shift = self._affine(params, layer)
+                scale, shift = self.bn_affine(params, layer)
                 parts = [torch.addcmul(shift, z[:, :split], scale), *parts]
             pre = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
             h = self.activation(pre)
@@ -261,7 +261,7 @@ class MLPStack(nn.Module):
         if layer == 0:
             self.bn_batch.fill_(batch)
 
-    def _affine(self, params: StackParams, layer: int, statistics: Statistics | None = None) -> tuple[Tensor, Tensor]:
+    def bn_affine(self, params: StackParams, layer: int, statistics: Statistics | None = None) -> tuple[Tensor, Tensor]:
         """BN of a hidden layer's BN members at inference, with ``statistics`` (default ``self.statistics``)."""
         if (statistics or self.statistics) == "population":
             if int(self.pop_batches) == 0:
@@ -271,7 +271,8 @@ class MLPStack(nn.Module):
             mean, var = population(*self.averages(layer), int(self.bn_batch))
         return inference_affine(params.gamma[layer], params.beta[layer], mean, var, self.bn_eps)
 
-    def _backward(self, params: StackParams, grads: StackParams, x: BinaryBatch, caches, grad_logits: Tensor) -> None:
+    def backward_pass(self, params: StackParams, grads: StackParams, x: BinaryBatch, caches,
+                      grad_logits: Tensor) -> None:
         """Write d(loss)/d(parameter) into ``grads`` (views of one flat buffer), last layer first."""
         members = self.members
         grad_z = grad_logits.view(x.shape[0], -1)
@@ -305,7 +306,7 @@ class MLPStack(nn.Module):
         weights = [params.weights[0].view(self.widths[0], members, -1).transpose(0, 1), *params.weights[1:]]
         layers = []
         for layer, weight in enumerate(weights[:-1]):
-            scale, shift = self._affine(params, layer, "population") if self.normalized else (
+            scale, shift = self.bn_affine(params, layer, "population") if self.normalized else (
                 params.gamma[layer], params.beta[layer])
             plain = torch.ones_like(params.bias[layer])
             scale, shift = torch.cat([scale, plain], 1), torch.cat([shift, params.bias[layer]], 1)
@@ -331,7 +332,7 @@ class _StackLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, flat: Tensor, stack: MLPStack, x: BinaryBatch, targets: Tensor) -> Tensor:
         params = stack.unflatten(flat)
-        logits, caches, _ = stack._forward(params, x, train=True)
+        logits, caches, _ = stack.forward_pass(params, x, train=True)
         log_probs = torch.log_softmax(logits, dim=2)
         picked = log_probs.gather(2, targets.view(-1, 1, 1).expand(-1, stack.members, 1))
         ctx.stack, ctx.x, ctx.params, ctx.caches, ctx.numel = stack, x, params, caches, flat.numel()
@@ -345,5 +346,5 @@ class _StackLoss(torch.autograd.Function):
         grad_logits = log_probs.exp().sub_(F.one_hot(targets, log_probs.shape[2]).unsqueeze(1))
         grad_logits.mul_(grad_losses.view(1, -1, 1) / len(targets))
         grad_flat = log_probs.new_empty(ctx.numel)  # every element is written below
-        ctx.stack._backward(ctx.params, ctx.stack.unflatten(grad_flat), ctx.x, ctx.caches, grad_logits)
+        ctx.stack.backward_pass(ctx.params, ctx.stack.unflatten(grad_flat), ctx.x, ctx.caches, grad_logits)
         return grad_flat, None, None, None

@@ -185,7 +185,7 @@ class NativeStack:
         stack, params = self.stack, self.stack.unflatten(self.stack.flat.data)
         affine = []  # per hidden layer: BN with population statistics, or the bias, as scale and shift
         for layer in range(len(stack.hidden)):
-            parts = [stack._affine(params, layer)] if stack.normalized else []
+            parts = [stack.bn_affine(params, layer)] if stack.normalized else []
             if stack.normalized < stack.members:
                 parts.append((torch.ones_like(params.bias[layer]), params.bias[layer]))
             affine.append([torch.cat(ts, 1) for ts in zip(*parts)])

@@ -29,7 +29,7 @@ from bnrepro.errors import UserError
 from bnrepro.paper import PAPER
 from bnrepro.report import ensemble, imagenet
 from bnrepro.report.imagenet import Run, markdown_table, paper_steps_text
-from bnrepro.runs import atomic_write, check_writable
+from bnrepro.runs import DIVERGED, atomic_write, check_writable
 
 HELD, NOT_HELD, SPREAD, NOT_RUN = "held", "not held", "within seed spread", "not run"
 # The paper's numbers and the runs the claims compare come from bnrepro/paper.yaml; the rules below print them.
@@ -235,7 +235,7 @@ def claim_4(rows: dict[str, Run]) -> Verdict:
     if missing := _missing(rows, "inception-x5"):
         return missing
     run = rows["inception-x5"]
-    if run.manifest.get("status") == "diverged":
+    if run.manifest.get("status") == DIVERGED:
         return Verdict(4, f"diverged at step {_steps(run, run.diverged_at)}", HELD)
     return Verdict(4, f"{run.manifest.get('status')}, max {_pct(run.max_top1)}", NOT_HELD)
 
@@ -660,7 +660,7 @@ def claim_4_v2(rows: dict[str, Run]) -> Verdict:
                                                                       f" at step {r.diverged_at:,}") for r in runs)
     if few := _few_seeds(rows, "inception-x5"):
         return Verdict(4, f"{few} ({found})", INCONCLUSIVE)
-    diverged = sum(r.manifest.get("status") == "diverged" for r in runs)
+    diverged = sum(r.manifest.get("status") == DIVERGED for r in runs)
     verdict = HELD if diverged == len(runs) else NOT_HELD if diverged == 0 else INCONCLUSIVE
     return Verdict(4, f"{diverged} of {len(runs)} seeds diverged: {found}", verdict)
 

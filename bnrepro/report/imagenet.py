@@ -26,9 +26,20 @@ import yaml  # noqa: E402
 
 from bnrepro.paper import PAPER  # noqa: E402
 from bnrepro.report import save_figure  # noqa: E402
-from bnrepro.runs import Damaged, atomic_write, check_writable, runs_of, skip  # noqa: E402
+from bnrepro.runs import (  # noqa: E402
+    COMPLETE,
+    DIVERGED,
+    FAILED,
+    FINISHED,
+    INTERRUPTED,
+    RUNNING,
+    Damaged,
+    atomic_write,
+    check_writable,
+    runs_of,
+    skip,
+)
 
-FINISHED = ("complete", "diverged")
 # The paper's Fig. 3 and target, the recipes' order and colours, the profiles' order and the names of the rows with
 # overrides are data: bnrepro/paper.yaml, read by bnrepro.paper.
 LINE_STYLES = ("-", "--", "-.", ":")
@@ -89,7 +100,7 @@ class Run:
         """The step the run diverged at; a manifest that says diverged without a step gives the first NaN loss."""
         if self.summary.get("diverged_at") is not None:
             return int(self.summary["diverged_at"])
-        if self.manifest.get("status") != "diverged":
+        if self.manifest.get("status") != DIVERGED:
             return None
         bad = self.metrics[~_finite(self.metrics.train_loss) | ~_finite(self.metrics.top1)]
         return int(bad.step.iloc[0]) if len(bad) else int(self.metrics.step.max())
@@ -394,7 +405,7 @@ def figure_2(profile: str, runs: dict[str, Run], target: float | None, out: Path
 def campaigns(results: Path) -> dict[str, list[dict]]:
     """profile -> the records of ``bnrepro reproduce`` campaigns at it (``results/campaign``), oldest first."""
     found: dict[str, list[dict]] = {}
-    for _, record in runs_of(results, "campaign", ("running", "interrupted", "failed", "complete")):
+    for _, record in runs_of(results, "campaign", (RUNNING, INTERRUPTED, FAILED, COMPLETE)):
         found.setdefault(str(record.get("profile")), []).append(record)
     return found
 
