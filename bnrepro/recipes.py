@@ -21,8 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from bnrepro.errors import UserError
-from bnrepro.models.batchnorm import Statistics
 
+Statistics = Literal["moving", "population"]  # what BN uses at inference: its moving averages, or Alg. 2's
 RECIPES_DIR = Path(os.environ.get("BNREPRO_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
 
 

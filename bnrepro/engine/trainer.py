@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from bnrepro.engine import checkpoint
 from bnrepro.engine.distributed import SINGLE_PROCESS, Replicas
-from bnrepro.models.batchnorm import Statistics
+from bnrepro.recipes import Statistics
 
 CHECK_EVERY = 50  # steps between checks for divergence, progress and stop requests (Ctrl-C, DDP)
 

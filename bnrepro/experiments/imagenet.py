@@ -40,9 +40,9 @@ from bnrepro.engine.precision import autocast, precision
 from bnrepro.engine.timing import time_updates
 from bnrepro.engine.trainer import Schedule, train
 from bnrepro.errors import UserError
-from bnrepro.models.batchnorm import BatchNorm, Statistics, estimate_population, use_statistics
+from bnrepro.models.batchnorm import BatchNorm, estimate_population, use_statistics
 from bnrepro.models.inception import Inception, InceptionConfig, count_parameters
-from bnrepro.recipes import ImagenetRecipe, Profile, learning_rate
+from bnrepro.recipes import ImagenetRecipe, Profile, Statistics, learning_rate
 from bnrepro.runs import (
     COMPLETE,
     DIVERGED,

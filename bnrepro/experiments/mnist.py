@@ -26,11 +26,10 @@ from bnrepro.data import mnist
 from bnrepro.engine import checkpoint
 from bnrepro.engine.trainer import Schedule, train
 from bnrepro.errors import UserError
-from bnrepro.models.batchnorm import Statistics
 from bnrepro.models.binary import BinaryBatch
 from bnrepro.models.mlp import MLPStack
 from bnrepro.models.mlp_native import BinaryRows, NativeStack, torch_threads, unsupported
-from bnrepro.recipes import MnistRecipe
+from bnrepro.recipes import MnistRecipe, Statistics
 from bnrepro.runs import (
     COMPLETE,
     RunLock,

@@ -17,14 +17,13 @@ have size 1 there, so (batch, features) uses ``(0,)``, convolutions (N, C, H, W)
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Statistics = Literal["moving", "population"]
+from bnrepro.recipes import Statistics
 
 
 def bn_forward(x: Tensor, gamma: Tensor, beta: Tensor, dims: tuple[int, ...], eps: float):
