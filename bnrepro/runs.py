@@ -222,6 +222,12 @@ def default_workers(most: int = 4) -> int:
     return min(most, usable)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device`` without the host waiting: to a GPU through pinned memory, asynchronously (a copy
+    from ordinary memory would block until the GPU's queue reaches it)."""
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from bnrepro.data.cache import cached
 from bnrepro.data.idx import check_headers
 from bnrepro.data.order import epoch_generator
-from bnrepro.data.resident import cached
 from bnrepro.errors import UserError
 from bnrepro.runs import cache_dir
 

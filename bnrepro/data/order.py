@@ -17,13 +17,14 @@ Shards are tar shards, or the virtual shards of class folders and idx files (see
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from bnrepro.data.split import Split
+if TYPE_CHECKING:  # the type alone: importing split imports torchvision, which MNIST runs never need
+    from bnrepro.data.split import Split
 
 Order = Literal["shards", "within_shard"]
 POSITION_BITS = 40  # stream positions stay below 2**40 (1e12 examples, 800 ImageNet epochs)

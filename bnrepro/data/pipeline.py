@@ -26,6 +26,7 @@ from torchvision.transforms import v2
 from bnrepro.data.order import example_seed
 from bnrepro.data.split import Split, decode, is_jpeg
 from bnrepro.data.transforms import Transforms, augment, prepare
+from bnrepro.runs import to_device
 
 
 class Examples(Dataset):
@@ -156,7 +157,7 @@ class Pipeline:
             self._resident = (self.split.pixels.to(self.device), torch.as_tensor(self.split.labels).to(self.device))
         pixels, labels = self._resident
         for items in sampler:
-            positions, indices = (torch.tensor(column, device=self.device) for column in zip(*items))
+            positions, indices = (to_device(torch.tensor(column), self.device) for column in zip(*items))
             seeds = example_seed(self.seed, 0) + positions  # each example's own, as on files
             batch = pixels[indices]
             x = self.transforms.train_batch(batch, seeds) if train else self.transforms.eval_view(batch)

@@ -11,13 +11,9 @@ A split that cannot be held (images of several sizes, an unreadable one, too lar
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import os
-import pickle
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,8 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bnrepro.data.cache import cached
 from bnrepro.data.split import Split, decode, path_key
-from bnrepro.runs import atomic_write, cache_dir
+from bnrepro.runs import cache_dir
 
 CHUNK = 1 << 20  # bytes read at a time while hashing
 
@@ -123,33 +120,6 @@ def decode_all(split: Split, budget: int) -> tuple[Tensor | None, str]:
             pixels = pixels.repeat(1, 3, 1, 1)  # the first colour image: every image keeps all three channels
         pixels[i] = image[:pixels.shape[1]]
     return pixels, ""
-
-
-def cached(entry: Path, digest: str, make: Callable[[], dict[str, Any] | None],
-           accept: Callable[[dict[str, Any]], bool] = lambda saved: True) -> dict[str, Any] | None:
-    """``make()``'s tensors (a dict), kept in the user cache file ``entry`` and returned from there while
-    ``digest`` (of whatever they are made from) is unchanged and ``accept`` takes them. A missing, stale or
-    damaged entry is made again and replaced atomically; a ``None`` from ``make`` is not kept; a read-only
-    cache only costs the saving."""
-    with contextlib.suppress(FileNotFoundError, *DAMAGED):  # none yet, or damaged: made again below
-        saved = torch.load(entry, map_location="cpu", weights_only=True)
-        if isinstance(saved, dict) and saved.pop("digest", None) == digest and accept(saved):
-            return saved
-    made = make()
-    if made is not None:
-        with contextlib.suppress(OSError):  # a read-only cache: the next run makes it again, nothing worse
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(entry, _saved({**made, "digest": digest}))
-    return made
-
-
-DAMAGED = (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError)  # what torch.load raises on bad bytes
-
-
-def _saved(state: dict[str, Any]) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
 
 
 def synthetic(resolution: int, classes: int = 1000, train: int = 1024, val: int = 256) -> tuple[Split, Split]:

@@ -156,7 +156,7 @@ class ImagenetTask:
             self.batches = self.train_batches(step)
         x, y = next(self.batches)
         self.next_step = step + self.replicas.world
-        if self.replicas.any(len(y) == 0):
+        if self.train_split.pixels is None and self.replicas.any(len(y) == 0):  # resident batches are never empty
             self.empty_updates += 1
             if self.empty_updates >= MAX_EMPTY_UPDATES:
                 raise UserError(f"the last {MAX_EMPTY_UPDATES} mini-batches had no readable image; check the "
@@ -180,7 +180,8 @@ class ImagenetTask:
     @torch.no_grad()
     def accuracy(self) -> tuple[float, float]:
         """Single centre crop top-1/top-5 over the whole validation set, each image counted exactly once."""
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+        if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():  # one wait, not one per
+            # parameter
             return math.nan, math.nan  # "machine infinity": nothing meaningful to evaluate
         sampler = EvaluationBatches(len(self.val_split), self.profile.batch_size, self.replicas.rank,
                                     self.replicas.world)
@@ -192,7 +193,9 @@ class ImagenetTask:
             with autocast(self.device):
                 top5 = self.model(x).float().topk(min(5, self.model.cfg.num_classes), dim=1).indices
             hits = top5 == y[:, None]
-            counts[:3] += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=self.device)])
+            counts[0] += hits[:, 0].sum()
+            counts[1] += hits.any(1).sum()
+            counts[2] += len(y)  # a number, not a new tensor: no copy to the device
         counts[3] = self.val_data.skipped - skipped_before  # the same files fail at every evaluation
         counts = self.replicas.sum_(counts)
         self.val_skipped = int(counts[3])

@@ -39,6 +39,7 @@ from bnrepro.runs import (
     new_run_dir,
     now,
     resolve_device,
+    to_device,
     training,
     write_json,
 )
@@ -80,7 +81,7 @@ class MnistTask:
         self.rows: list[dict[str, Any]] = []
 
     def losses(self, step: int) -> Tensor:
-        index = self.batches.indices(step).to(self.train_bits.device)
+        index = to_device(self.batches.indices(step), self.train_bits.device)
         return self.model.losses(BinaryBatch(self.train_bits.index_select(0, index)),
                                  self.train_labels.index_select(0, index))
 

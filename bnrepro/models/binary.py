@@ -39,11 +39,16 @@ class BinaryBatch:
         return _bags(self.bits.t())  # built only when back-propagating
 
     def matmul(self, weight: Tensor) -> Tensor:
-        """``x @ weight`` for a (features, outputs) weight."""
+        """``x @ weight`` for a (features, outputs) weight. On a GPU a dense product: the index lists need the
+        number of active bits first (``nonzero``), which makes the host wait for the GPU at every step."""
+        if self.bits.is_cuda:
+            return self.bits.to(weight.dtype) @ weight
         indices, offsets = self._by_example
         return F.embedding_bag(indices, weight, offsets, mode="sum")
 
     def t_matmul(self, grad: Tensor) -> Tensor:
         """``x.T @ grad`` for a (batch, outputs) gradient: the gradient of the weight of ``matmul``."""
+        if self.bits.is_cuda:
+            return self.bits.t().to(grad.dtype) @ grad
         indices, offsets = self._by_feature
         return F.embedding_bag(indices, grad, offsets, mode="sum")
