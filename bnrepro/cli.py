@@ -166,6 +166,9 @@ def imagenet(
     workers: Annotated[int | None, typer.Option(
         help="Data-loading worker processes per replica (default: 4, or the usable CPUs if fewer).")] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the network.")] = False,
+    deterministic: Annotated[bool, typer.Option(
+        help="On a GPU, only kernels that repeat their results (slower): a resumed run equals an uninterrupted one "
+             "bit for bit, as on a CPU.")] = False,
     gpu_decode: Annotated[bool, typer.Option(help="On a GPU, decode JPEGs there rather than in the workers.")] = True,
     resident: Annotated[bool, typer.Option(
         help="Hold a data set that fits in memory decoded there, augmented in batches on the device.")] = True,
@@ -192,9 +195,10 @@ def imagenet(
         raise UserError(f"--workers must be 0 or more, not {workers}")
     if not 0 <= seed < SEEDS:  # the augmentation's per-example seeds are built from it (data.order.example_seed)
         raise UserError(f"--seed must be between 0 and {SEEDS - 1}, not {seed}")
-    if resume is not None and (recipe is not None or steps is not None or set_ or seed or profile != "paper"):
+    if resume is not None and (recipe is not None or steps is not None or set_ or seed or profile != "paper"
+                               or deterministic):
         raise UserError("--resume continues a run exactly as it was set up; drop --recipe, --profile, --steps, "
-                        "--seed and --set (start a new run to change them)")
+                        "--seed, --set and --deterministic (start a new run to change them)")
     overrides = _with_flag(list(set_ or []), "--steps", f"profiles.{profile}.steps", steps)
     how = dict(device=device, workers=workers, compile=compile, gpu_decode=gpu_decode, show_progress=progress)
     replicas = Replicas.from_environment("nccl" if device != "cpu" and torch.cuda.is_available() else "gloo")
@@ -212,7 +216,7 @@ def imagenet(
         else:
             if recipe is None or dataset_dir is None:
                 raise UserError("give --recipe NAME and --dataset-dir DIR (or --resume RUN_FOLDER)")
-            options = experiment.Options(dataset_dir, seed=seed, resident=resident, **how)
+            options = experiment.Options(dataset_dir, seed=seed, resident=resident, deterministic=deterministic, **how)
             run_dir = experiment.run(recipe, profile, overrides, options, out, replicas)
     finally:
         replicas.close()
@@ -222,9 +226,14 @@ def imagenet(
         console.print(f"results: {run_dir}", markup=False)
 
 
+def rate(per_second: float) -> str:
+    """A rate with its digits: thousands separated, three significant digits below 100 (a slow device is not 0/s)."""
+    return f"{per_second:,.0f}" if per_second >= 100 else f"{per_second:.3g}"
+
+
 def synthetic_summary(timing: dict) -> str:
     return (f"{timing['label']} ({timing['profile']}), synthetic data on {timing['device']} ({timing['precision']}, "
-            f"{timing['replicas']} replica(s)): {timing['images_per_second']:,.0f} images/s over {timing['steps']} "
+            f"{timing['replicas']} replica(s)): {rate(timing['images_per_second'])} images/s over {timing['steps']} "
             f"steps; the profile's {timing['budget_steps']:,} steps would train in about "
             f"{timing['budget_hours']:,.1f} h (evaluations not included)")
 

@@ -14,6 +14,7 @@ the decoded images alone (no transform) for callers that cut their own views (th
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -98,6 +99,12 @@ def on_device(batch: Batch, transform: Callable[[Tensor], Tensor], seed: int, de
 def decode_jpegs_on(device: torch.device, encoded: list[Tensor]) -> list[Tensor | None]:
     """Many JPEGs (CPU byte tensors) in one call on the GPU (nvJPEG); if the batch fails, image by image, and
     an image the GPU decoder rejects (e.g. CMYK) is decoded on the CPU, so only unreadable files are lost."""
+    # nvJPEG's hardware decoder writes its outputs without waiting for the work queued on the caller's stream, into
+    # memory the caching allocator may have freed from tensors that queued work still reads (pytorch/vision#9606:
+    # 199 of 200 trials corrupted on an H100); torchcodec fixed it by synchronising first (pytorch/torchcodec#1634).
+    # A host wait per decoded mini-batch: the price of JPEGs decoded on the GPU (resident data never waits).
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
     try:
         return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
     except (RuntimeError, ValueError):
@@ -154,14 +161,28 @@ class Pipeline:
 
     def _resident_batches(self, sampler: Sampler, train: bool) -> Iterator[tuple[Tensor, Tensor]]:
         if self._resident is None:
-            self._resident = (self.split.pixels.to(self.device), torch.as_tensor(self.split.labels).to(self.device))
+            labels = torch.as_tensor(self.split.labels)
+            self._resident = (self._place(self.split.pixels), to_device(labels, self.device))
         pixels, labels = self._resident
         for items in sampler:
-            positions, indices = (to_device(torch.tensor(column), self.device) for column in zip(*items))
-            seeds = example_seed(self.seed, 0) + positions  # each example's own, as on files
-            batch = pixels[indices]
+            positions, indices = (torch.tensor(column) for column in zip(*items))
+            seeds = example_seed(self.seed, 0) + to_device(positions, self.device)  # each example's own, as on files
+            on_device = to_device(indices, self.device)
+            batch = pixels[on_device] if pixels.device == self.device else to_device(pixels[indices], self.device)
             x = self.transforms.train_batch(batch, seeds) if train else self.transforms.eval_view(batch)
-            yield self.transforms.normalize(x), labels[indices]
+            yield self.transforms.normalize(x), labels[on_device]
+
+    def _place(self, pixels: Tensor) -> Tensor:
+        """Where the resident pixels live: on the device, unless they would take more than a quarter of its free
+        memory (the network needs the rest); then in pinned host memory, each mini-batch gathered there and copied."""
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            return pixels.to(self.device)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if pixels.nbytes <= free // 4:
+            return pixels.to(self.device)
+        print(f"note: {self.split.where} ({pixels.nbytes / 2**30:.1f} GiB decoded) stays in host memory: more than a "
+              f"quarter of the GPU's free {free / 2**30:.1f} GiB", file=sys.stderr, flush=True)
+        return pixels.pin_memory()
 
     def _tensor(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """The batch's readable images as a normalized float batch, and their labels; unreadable ones counted."""

@@ -72,11 +72,13 @@ def _fits(split: Split, pixels: object) -> bool:
 
 
 def memory_budget() -> int:
-    """What one process may hold resident: a quarter of this machine's memory (8 GiB where it cannot be read)."""
+    """What one process may hold resident: a quarter of this machine's memory, shared by the processes ``torchrun``
+    starts on it (``LOCAL_WORLD_SIZE``); 8 GiB where the memory cannot be read."""
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4 // processes
     except (AttributeError, OSError, ValueError):
-        return 8 << 30
+        return (8 << 30) // processes
 
 
 def encoded_bytes(split: Split) -> int:

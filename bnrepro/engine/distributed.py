@@ -29,9 +29,13 @@ class Replicas:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             return cls()
-        if not dist.is_initialized():
-            dist.init_process_group(backend)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            if backend == "nccl":  # this process's GPU first, then NCCL bound to it (no guess at GPU 0, no hang)
+                torch.cuda.set_device(local_rank)
+                dist.init_process_group(backend, device_id=torch.device("cuda", local_rank))
+            else:
+                dist.init_process_group(backend)
         nccl = dist.get_backend() == "nccl"
         return cls(dist.get_rank(), dist.get_world_size(), local_rank, f"cuda:{local_rank}" if nccl else "cpu",
                    dist.new_group(backend="gloo") if nccl else None)

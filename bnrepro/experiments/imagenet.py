@@ -36,7 +36,7 @@ from bnrepro.data.split import Split
 from bnrepro.data.transforms import transforms_for
 from bnrepro.engine import checkpoint
 from bnrepro.engine.distributed import Replicas
-from bnrepro.engine.precision import autocast, precision
+from bnrepro.engine.precision import autocast, configure_kernels, precision
 from bnrepro.engine.timing import time_updates
 from bnrepro.engine.trainer import Schedule, train
 from bnrepro.errors import UserError
@@ -76,6 +76,7 @@ class Options:
     seed: int = 0
     workers: int = 4
     compile: bool = False
+    deterministic: bool = False  # on a GPU, only kernels that repeat their results (engine.precision)
     gpu_decode: bool = True  # on a GPU, decode JPEGs there (nvJPEG); other formats are decoded by the workers
     resident: bool = True  # hold a data set that fits in memory decoded there (augmented in batches, no workers)
     show_progress: bool = True
@@ -338,6 +339,7 @@ def build(recipe: ImagenetRecipe, profile_name: str, options: Options, replicas:
     if device.type == "cuda" and replicas.distributed:
         device = torch.device("cuda", replicas.local_rank)
         torch.cuda.set_device(device)
+    configure_kernels(device, options.deterministic)
     train_split, val_split = synthetic_splits(profile.resolution) if synthetic else _data(profile, options)
     task = ImagenetTask(recipe, profile, train_split, val_split, device, replicas, options)
     return task, sgd(task.model, recipe), profile
@@ -395,7 +397,8 @@ def run(recipe_name: str, profile_name: str, overrides: list[str], options: Opti
         "global_batch": profile.batch_size * replicas.world, "lr_factor": task.lr(0) / recipe.train.lr,
         "compression": profile.compression,
         "deviations": deviations(recipe, profile_name, overrides, task, identity["name"]),
-        "compile": options.compile, "gpu_decode": task.train_data.jpegs_as_bytes,
+        "compile": options.compile, "deterministic": options.deterministic,
+        "gpu_decode": task.train_data.jpegs_as_bytes,
         "workers": 0 if task.train_split.pixels is not None else options.workers,  # resident data needs none
         "precision": precision(task.device), "allow_dirty": options.allow_dirty,
     }, options.git_commit)
@@ -424,7 +427,8 @@ def resume(run_dir: Path, replicas: Replicas, dataset_dir: Path | None = None, *
             remove_temporary(run_dir)  # a checkpoint write cut short by kill -9: as large as the checkpoint
         state = _saved_state(run_dir, replicas)
         options = Options(Path(dataset_dir or manifest["dataset_dir"]), seed=manifest["seed"],
-                          resident=manifest.get("resident", False), **how)  # the same pipeline, the same augmentation
+                          resident=manifest.get("resident", False), deterministic=manifest.get("deterministic", False),
+                          **how)  # the same pipeline, the same augmentation, the same kernels
         task, optimizer, profile = build(recipe, manifest["profile"], options, replicas)
         _check_same_data(run_dir, manifest, task, options.dataset_dir, profile)
         _check_fits(run_dir, state, task, optimizer)

@@ -1,14 +1,16 @@
-"""What a CPU can check of the GPU path (issue 20): the resident input pipeline and the network's forward pass on a
-fake CUDA device (``FakeTensorMode``: tensors with devices and shapes, no data, no GPU needed). There, a CPU tensor
-mixed into CUDA work raises (as it would on a GPU), and so does any operation whose result the host would have to
-wait for (``nonzero``, ``.item()``, ``bool(tensor)``...: a host synchronisation inside the step); a copy to the
-device must not wait either (pinned memory, ``non_blocking``). The backward pass and the optimizer are torch's own
-kernels: the autograd engine needs a real GPU, so they are measured by ``benchmarks/gpu_check.sh``."""
+"""What a CPU can check of the GPU path (issue 20), and what only a GPU can (marked gpu). On the CPU: the resident
+input pipeline and the network's forward pass on a fake CUDA device (``FakeTensorMode``: tensors with devices and
+shapes, no data, no GPU needed). There, a CPU tensor mixed into CUDA work raises (as it would on a GPU), and so does
+any operation whose result the host would have to wait for (``nonzero``, ``.item()``, ``bool(tensor)``...: a host
+synchronisation inside the step); a copy to the device must not wait either (pinned memory, ``non_blocking``). The
+backward pass and the optimizer are torch's own kernels: the autograd engine needs a real GPU, so they are measured
+by ``benchmarks/gpu_check.sh``."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import warnings
 
 import pytest
@@ -97,3 +99,63 @@ def test_the_gpu_jitter_selects_by_mask_and_gives_the_cpus_numbers():
         masked = jitter(x.clone(), factors, order, active, masked=True)
         indexed = jitter(x.clone(), factors, order, active, masked=False)
         assert torch.equal(masked, indexed)
+
+
+@pytest.mark.gpu
+def test_jpegs_decoded_on_the_gpu_never_overwrite_memory_that_queued_kernels_still_read():
+    """pytorch/vision#9606's reproduction: tensors freed while ~40 ms of queued work still reads them; nvJPEG must
+    not write its outputs into their memory before that work ran (decode_jpegs_on synchronises first)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")
+    from torchvision.io import encode_jpeg
+
+    from bnrepro.data.pipeline import decode_jpegs_on
+
+    gpu = torch.device("cuda")
+    generator = torch.Generator().manual_seed(0)
+    data = [encode_jpeg((torch.rand(3, 240, 320, generator=generator) * 255).to(torch.uint8)) for _ in range(32)]
+    sizes = [image.numel() for image in decode_jpegs_on(gpu, data)]
+    a = torch.randn(8192, 8192, device=gpu, dtype=torch.bfloat16)
+    product = torch.empty_like(a)
+    corrupted = 0
+    for _ in range(20):
+        victims = [torch.ones(size, dtype=torch.uint8, device=gpu) for size in sizes]
+        torch.cuda.synchronize()
+        for _ in range(30):
+            torch.mm(a, a, out=product)  # queued ahead of the reads below
+        sums = [victim.sum(dtype=torch.int64) for victim in victims]
+        del victims  # freed while their reads still wait in the queue
+        decode_jpegs_on(gpu, data)
+        torch.cuda.synchronize()
+        corrupted += any(int(total) != size for total, size in zip(sums, sizes))
+    assert corrupted == 0
+
+
+def test_deterministic_kernels_are_recorded_and_kept_by_a_resume(tmp_path, monkeypatch):
+    """--deterministic is a run's setting: recorded in its manifest and taken from there by a resume (a CPU's kernels
+    are deterministic already, so nothing global changes here)."""
+    from test_imagenet import write_images
+
+    from bnrepro.engine.distributed import SINGLE_PROCESS
+    from bnrepro.experiments import imagenet
+
+    data = write_images(tmp_path / "data", ["cat", "dog"], {"train": 4, "val": 2})
+    options = imagenet.Options(data, device="cpu", workers=0, show_progress=False, deterministic=True)
+    run = imagenet.run("bn-x5", "smoke", ["profiles.smoke.steps=2"], options, tmp_path / "out", SINGLE_PROCESS)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["deterministic"] is True and not torch.are_deterministic_algorithms_enabled()
+    built = []
+
+    class Built(Exception):
+        pass
+
+    def record(recipe, profile, options, replicas, synthetic=False):
+        built.append(options)
+        raise Built
+
+    monkeypatch.setattr(imagenet, "build", record)
+    manifest["status"] = "interrupted"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Built):
+        imagenet.resume(run, SINGLE_PROCESS, device="cpu", workers=0, show_progress=False)
+    assert built[0].deterministic is True
