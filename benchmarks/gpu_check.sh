@@ -93,7 +93,7 @@ if Path(os.environ.get("INET", "-"), "train").exists():  # JPEG path only (decod
         task.jpegs_as_bytes = gpu and DEV.type == "cuda"; task.options = dataclasses.replace(task.options, workers=w)
         it = task.train_batches(0); [next(it) for _ in range(3)]
         t = now(); k = sum(len(next(it)[1]) for _ in range(15))
-        print(f"INFO JPEG path bs32 {'GPU decode + per-image v2 augment' if gpu else 'CPU decode in workers'}, {w} workers: {k / (now() - t):,.0f} img/s")
+        print(f"INFO JPEG path bs32 {'GPU decode (nvJPEG) + batched augment on the GPU' if gpu else 'CPU decode in workers'}, {w} workers: {k / (now() - t):,.0f} img/s")
         del it
 EOF
 cat > "$W/race.py" <<'EOF'

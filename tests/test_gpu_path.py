@@ -159,3 +159,65 @@ def test_deterministic_kernels_are_recorded_and_kept_by_a_resume(tmp_path, monke
     with pytest.raises(Built):
         imagenet.resume(run, SINGLE_PROCESS, device="cpu", workers=0, show_progress=False)
     assert built[0].deterministic is True
+
+
+def _jpeg_folders(root, sizes: list[tuple[int, int]]):
+    """train/ and val/ class folders of colour JPEGs of the given sizes (cycled), 12 training images per class."""
+    from torchvision.io import encode_jpeg
+
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 12), ("val", 2)):
+        for c, name in enumerate(("cat", "dog")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                h, w = sizes[i % len(sizes)]
+                image = (torch.rand(3, h, w, generator=generator) * 200 + 40 * c).to(torch.uint8)
+                (folder / f"{i}.jpg").write_bytes(encode_jpeg(image).numpy().tobytes())
+    return root
+
+
+def _training_batches(split, gpu_decode: bool, steps: int = 3):
+    """The first mini-batches of the training stream through a pipeline on the CPU; ``gpu_decode``: the path a GPU
+    takes with --gpu-decode (JPEGs decoded by the main process in one call, augmented as one batch)."""
+    r = recipes.load("inception")  # full distortions
+    profile = r.profiles["smoke"]
+    pipeline = Pipeline(split, transforms_for(r, profile), torch.device("cpu"), seed=4, workers=0)
+    pipeline.jpegs_as_bytes = gpu_decode  # what a CUDA device sets
+    stream = TrainingStream(split, "within_shard", 4, 8, 0, 1, 0, 8)
+    return list(itertools.islice(pipeline.batches(stream, train=True), steps))
+
+
+def test_gpu_decoded_jpegs_are_augmented_as_the_resident_images_are(tmp_path):
+    """Decoded on the 'GPU' path and augmented as one batch, same-size JPEGs give exactly the resident path's batches
+    (the same crops, flips and jitter from the same per-example seeds); the file path's workers (torchvision v2,
+    another random stream) give other crops of the same images."""
+    from bnrepro.data import sources
+    from bnrepro.data.resident import make_resident
+
+    split = sources.open_split(_jpeg_folders(tmp_path, [(40, 36)]), "train", shard_size=6)
+    held = make_resident(split, cache=False)
+    assert held.pixels is not None
+    for (x, y), (x_held, y_held) in zip(_training_batches(split, gpu_decode=True), _training_batches(held, False)):
+        assert torch.equal(x, x_held) and torch.equal(y, y_held)
+    by_workers = _training_batches(split, gpu_decode=False)
+    assert not torch.equal(by_workers[0][0], _training_batches(split, gpu_decode=True)[0][0])
+
+
+def test_gpu_decoded_jpegs_of_many_sizes_get_each_their_own_crop(tmp_path):
+    """Images of different sizes are padded into one batch; each example is what it would be alone (to the
+    float32 rounding of a longer matrix product)."""
+    from bnrepro.data import sources
+    from bnrepro.data.order import example_seed
+    from bnrepro.data.split import decode
+
+    split = sources.open_split(_jpeg_folders(tmp_path, [(40, 30), (30, 44), (52, 52), (24, 70)]), "train",
+                               shard_size=6)
+    x, _ = _training_batches(split, gpu_decode=True, steps=1)[0]
+    r = recipes.load("inception")
+    transforms = transforms_for(r, r.profiles["smoke"])
+    stream = next(iter(TrainingStream(split, "within_shard", 4, 8, 0, 1, 0, 8)))
+    for row, (position, index) in enumerate(stream):
+        image = decode(torch.frombuffer(bytearray(split.read(index)), dtype=torch.uint8))
+        alone = transforms.train_batch(image[None], torch.tensor([example_seed(4, position)]))
+        torch.testing.assert_close(x[row:row + 1], transforms.normalize(alone), rtol=0, atol=1e-5)

@@ -29,6 +29,8 @@ import math
 import torch
 from torch import Tensor
 
+from bnrepro.runs import to_device
+
 # --- counter-based uniforms ------------------------------------------------------------------------------
 
 _GAMMA = 0x9E3779B97F4A7C15  # splitmix64's constants, as signed int64 (torch has no uint64 arithmetic)
@@ -251,8 +253,9 @@ class TrainingAugment:
                        (max(0.0, 1.0 - saturation), 1.0 + saturation), (-hue, hue))
         self.active = tuple(strength > 0 for strength in (brightness, contrast, saturation, hue))
 
-    def parameters(self, seeds: Tensor, size: tuple[int, int]) -> dict[str, Tensor]:
-        """Each example's draws for a source of ``size`` = (H, W), on the seeds' device:
+    def parameters(self, seeds: Tensor, size: tuple[int | Tensor, int | Tensor]) -> dict[str, Tensor]:
+        """Each example's draws for a source of ``size`` = (H, W): two numbers, or two (n,) int64 tensors (each
+        example its own size, as decoded JPEGs are), on the seeds' device:
 
         - ``box`` (n, 4) int64: x0, y0, x1, y1 of the crop in source pixels (x1, y1 exclusive), as
           ``RandomResizedCrop.make_params``: 10 attempts at once, each area = H*W * U(min_area, 1) and
@@ -264,15 +267,16 @@ class TrainingAugment:
           ranges (1, 1, 1, 0 for an op of strength 0, which ``apply`` skips);
         - ``order`` (n, 4) int64: the ops (0 brightness .. 3 hue) in the order applied, a uniform permutation
           (the argsort of four uniforms), as ColorJitter's ``randperm(4)``."""
-        height, width = size
         u = example_uniforms(seeds, DRAWS)
-        area = float(height * width)
+        height, width = (side if isinstance(side, Tensor) else torch.full((len(u),), side, device=u.device)
+                          for side in size)  # a fill, not a copy of a number to the device
+        area = (height * width).to(torch.float64)[:, None]
         target = area * (self.min_area + (1.0 - self.min_area) * u[:, _AREA:_AREA + 10])
         low, high = math.log(self.aspect[0]), math.log(self.aspect[1])
         ratio = torch.exp(low + (high - low) * u[:, _RATIO:_RATIO + 10])
         w = torch.round(torch.sqrt(target * ratio)).to(torch.int64)  # round half to even, as Python's round
         h = torch.round(torch.sqrt(target / ratio)).to(torch.int64)
-        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
         fallback = ~fits.any(dim=1)
         first = torch.argmax(fits.to(torch.uint8), dim=1, keepdim=True)  # first attempt that fits
         w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
@@ -289,17 +293,14 @@ class TrainingAugment:
         return {"box": torch.stack([left, top, left + w, top + h], dim=1), "flip": flip, "factors": factors,
                 "order": order, "fallback": fallback}
 
-    def _fallback(self, height: int, width: int) -> tuple[int, int]:
-        """torchvision's fallback crop size (w, h): the whole image, or its centre with the aspect clamped."""
-        in_ratio = float(width) / float(height)
-        if in_ratio < min(self.aspect):
-            w = width
-            h = int(round(w / min(self.aspect)))
-        elif in_ratio > max(self.aspect):
-            h = height
-            w = int(round(h * max(self.aspect)))
-        else:
-            w, h = width, height
+    def _fallback(self, height: Tensor, width: Tensor) -> tuple[Tensor, Tensor]:
+        """torchvision's fallback crop size (w, h) per example: the whole image, or its centre with the aspect
+        clamped (``round`` half to even, as Python's)."""
+        in_ratio = width.to(torch.float64) / height.to(torch.float64)
+        low, high = min(self.aspect), max(self.aspect)
+        narrow, wide = in_ratio < low, in_ratio > high
+        w = torch.where(wide, torch.round(height.to(torch.float64) * high).to(torch.int64), width)
+        h = torch.where(narrow, torch.round(width.to(torch.float64) / low).to(torch.int64), height)
         return w, h
 
     def __call__(self, images: Tensor, seeds: Tensor) -> Tensor:
@@ -307,6 +308,18 @@ class TrainingAugment:
         seeds -> float32 (n, 3, resolution, resolution) in [0, 255] (not re-quantized)."""
         _check(images)
         return self.apply(images, self.parameters(seeds.to(images.device), tuple(images.shape[-2:])))
+
+    def of_images(self, images: list[Tensor], seeds: Tensor) -> Tensor:
+        """The same augmentation for images of different sizes (decoded JPEGs, uint8 (C, H, W) each, on one
+        device): zero-padded to the largest into one batch, each example's crop drawn for its own size (the
+        padding is never inside a crop, so it gets no weight), then one batched resample and jitter."""
+        sizes = torch.tensor([tuple(image.shape[-2:]) for image in images], dtype=torch.int64)  # the host knows them
+        height, width = (int(side) for side in sizes.max(0).values)
+        padded = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+        for i, image in enumerate(images):  # one copy each, queued on the device: nothing waits
+            padded[i, :, :image.shape[-2], :image.shape[-1]] = image
+        sizes = to_device(sizes, padded.device)
+        return self.apply(padded, self.parameters(seeds.to(padded.device), (sizes[:, 0], sizes[:, 1])))
 
     def apply(self, images: Tensor, params: dict[str, Tensor]) -> Tensor:
         """The augmentation with given ``parameters`` (the same keys; ``fallback`` is not needed): crop and

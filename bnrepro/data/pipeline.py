@@ -136,14 +136,16 @@ class Pipeline:
         if self.split.pixels is not None:
             yield from self._resident_batches(sampler, train)
             return
-        transform = self.transforms.train if train else self.transforms.eval
+        batched = train and self.jpegs_as_bytes  # decoded on the GPU: augmented there as one batch, as resident data
+        transform = v2.Identity() if batched else self.transforms.train if train else self.transforms.eval
         if not persistent:
             loader = self.loader(sampler, transform)
         else:
             self._kept = self._kept or self.loader(sampler, transform, persistent=True)
             loader = self._kept
         for batch in loader:
-            yield self._tensor(on_device(batch, transform, self.seed, self.device))
+            batch = on_device(batch, transform, self.seed, self.device)
+            yield self._augmented(batch) if batched else self._tensor(batch)
 
     def images(self, sampler: Sampler) -> Iterator[Batch]:
         """Each mini-batch's readable images decoded (uint8 RGB, on the device), untransformed."""
@@ -168,7 +170,8 @@ class Pipeline:
             positions, indices = (torch.tensor(column) for column in zip(*items))
             seeds = example_seed(self.seed, 0) + to_device(positions, self.device)  # each example's own, as on files
             on_device = to_device(indices, self.device)
-            batch = pixels[on_device] if pixels.device == self.device else to_device(pixels[indices], self.device)
+            held_there = pixels.device.type == self.device.type  # else in host memory (see _place)
+            batch = pixels[on_device] if held_there else to_device(pixels[indices], self.device)
             x = self.transforms.train_batch(batch, seeds) if train else self.transforms.eval_view(batch)
             yield self.transforms.normalize(x), labels[on_device]
 
@@ -184,11 +187,25 @@ class Pipeline:
               f"quarter of the GPU's free {free / 2**30:.1f} GiB", file=sys.stderr, flush=True)
         return pixels.pin_memory()
 
+    def _augmented(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """A batch of decoded images of any sizes, augmented together on the device (``TrainingAugment.of_images``:
+        the resident path's distributions and per-example seeds, no per-image Python but a copy into the batch)."""
+        self.skipped += len(batch.skipped)
+        if len(batch.labels) == 0:
+            return self._empty(batch)
+        seeds = example_seed(self.seed, 0) + to_device(torch.tensor(batch.positions), self.device)
+        x = self.transforms.train_batch.of_images(list(batch.images), seeds)
+        return self.transforms.normalize(x), batch.labels.to(self.device, non_blocking=True)
+
     def _tensor(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """The batch's readable images as a normalized float batch, and their labels; unreadable ones counted."""
         self.skipped += len(batch.skipped)
         if len(batch.labels) == 0:
-            resolution = self.transforms.resolution
-            return torch.empty(0, 3, resolution, resolution, device=self.device), batch.labels
+            return self._empty(batch)
         pictures = batch.images if isinstance(batch.images, Tensor) else torch.stack(batch.images)
         return self.transforms.normalize(pictures), batch.labels.to(self.device, non_blocking=True)
+
+    def _empty(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """No readable image in the mini-batch: an empty one (the trainer skips the update on every replica)."""
+        resolution = self.transforms.resolution
+        return torch.empty(0, 3, resolution, resolution, device=self.device), batch.labels

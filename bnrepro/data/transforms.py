@@ -38,7 +38,7 @@ def evaluation_transform(resolution: int, resize: float) -> v2.Compose:
 def augment(image: Tensor, transform: Callable[[Tensor], Tensor], seed: int) -> Tensor:
     """Transform one image with its own random seed, so it is the same on every run, on any device."""
     with torch.random.fork_rng(devices=[]):  # transforms v2 draw their parameters from the CPU generator
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # that one alone: torch.manual_seed would reseed the GPU's too
         return transform(image)
 
 
