@@ -208,11 +208,15 @@ def test_no_cache_writes_nothing(packed, isolated_cache):
 # --- when it cannot be -----------------------------------------------------------------------------------
 
 
-def test_mixed_sizes_stay_file_backed(tmp_path, isolated_cache):
+def test_mixed_sizes_stay_file_backed_say_why_and_are_not_decoded_again(tmp_path, isolated_cache, monkeypatch,
+                                                                         capsys):
     root = write_folder(tmp_path, [(12, 10), (12, 10), (14, 10), (12, 10)])
     split = sources.open_split(root, "train")
     assert make_resident(split) is split and split.pixels is None
+    assert "read from its files at every step" in capsys.readouterr().err  # the slowdown is never silent
+    monkeypatch.setattr(resident_data, "decode", no_decoding)  # the answer is cached with the files' digest
     assert sources.open_split(root, "train", resident=True).pixels is None
+    assert "its images differ in size" in capsys.readouterr().err
 
 
 def test_an_unreadable_image_stays_file_backed(tmp_path):
