@@ -13,11 +13,11 @@ import os
 from pathlib import Path
 
 from bnrepro.data.resident import make_resident
-from bnrepro.data.sources import folders, idx, shards
+from bnrepro.data.sources import cifar, folders, idx, shards
 from bnrepro.data.split import Split
 from bnrepro.errors import UserError
 
-FORMATS = (shards, folders, idx)  # asked in this order: shards beside their source folders win
+FORMATS = (shards, folders, idx, cifar)  # asked in this order: shards beside their source folders win
 IDENTITY_VERSION = "bnrepro data identity v1"
 
 
@@ -40,12 +40,13 @@ def open_split(root: Path, split: str, classes: list[str] | None = None, shard_s
 
 def data_identity(dataset_dir: Path, train: Split | None = None, val: Split | None = None) -> dict[str, object]:
     """What a run trained and was evaluated on, cheap enough to compute for every planned run: ``name`` (the data
-    set as the reports name it, never a path), ``format`` (``idx``, ``shards`` or ``folders``), ``classes``,
+    set as the reports name it, never a path), ``format`` (``idx``, ``cifar``, ``shards`` or ``folders``), ``classes``,
     ``train_examples``, ``val_examples`` and ``digest`` (SHA-256, hex).
 
     The digest covers different things per format, so that it costs seconds, not a read of the data:
 
-    - idx files (MNIST, Fashion-MNIST, ~30 MB): the four files' names and bytes, all of them;
+    - idx files (MNIST, Fashion-MNIST, ~30 MB) and CIFAR-10's python batches (~180 MB): the files' names and
+      bytes, all of them;
     - tar shards and class folders (ImageNet: ~1.3 M files, 150 GB): the sorted paths relative to
       ``dataset_dir`` and the sizes of every file the two splits read, plus the class list, not their
       contents. An image rewritten in place with the same size keeps the digest; any file added, removed,
@@ -65,11 +66,12 @@ def data_identity(dataset_dir: Path, train: Split | None = None, val: Split | No
         for relative, size in sorted(listed.items()):
             digest.update(f"{Path(relative).as_posix()}\0{size}\0".encode("utf-8", "surrogateescape"))
         name = f"{'tar shards' if train.packed else 'class folders'} '{root.resolve().name}'"
-    else:
-        form = "idx"
-        for path in idx.files(root):
+    else:  # a few files holding every example: their bytes
+        form = "cifar" if cifar.holds(root, "train") else "idx"
+        paths = [Path(p) for p in (*train.files, *val.files)] if form == "cifar" else idx.files(root)
+        for path in paths:
             data = path.read_bytes()
             digest.update(f"{path.name}\0{len(data)}\0".encode() + data)
-        name = train.where.split(" in ", 1)[0]  # "Fashion-MNIST idx files"
+        name = train.where.split(" in ", 1)[0]  # "Fashion-MNIST idx files", "CIFAR-10 python batches"
     return {"name": name, "format": form, "classes": list(train.classes), "train_examples": len(train),
             "val_examples": len(val), "digest": digest.hexdigest()}
