@@ -5,8 +5,10 @@ sampler names (``bnrepro.data.order``), from any split:
 
 - resident data (``Split.pixels``, held on the device): cut, augmented and resized there in one batched call per
   mini-batch, each example with its own seed;
-- files: decoded and augmented example by example by a DataLoader's workers, each example with its own seed;
-  with ``gpu_decode`` on a GPU, JPEGs are passed on undecoded and decoded there in one call per mini-batch.
+- files: decoded and augmented example by example by a DataLoader's workers (torchvision v2), each example with
+  its own seed; with ``gpu_decode`` on a GPU, the workers pass JPEGs on undecoded, the main process decodes them
+  there in one call per mini-batch and, for training, augments the mini-batch there at once as resident data is
+  (``TrainingAugment.of_images``: the same distributions and per-example seeds).
 
 Unreadable images are dropped from their mini-batch and counted in ``Pipeline.skipped``. ``Pipeline.images`` gives
 the decoded images alone (no transform) for callers that cut their own views (the multi-crop evaluation).
