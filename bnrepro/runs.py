@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import os
 import platform
@@ -64,6 +65,14 @@ def remove_temporary(folder: Path) -> list[Path]:
     for path in found:
         path.unlink(missing_ok=True)
     return found
+
+
+def atomic_torch_save(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` of ``state`` (any tensors, lists, numbers, strings) through ``atomic_write``: readers see
+    the old file or the whole new one (checkpoints, and the user cache's tensors)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def write_json(path: Path, obj: Any) -> None:

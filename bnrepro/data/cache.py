@@ -4,7 +4,6 @@ loader that finds its entry there never imports what made it."""
 from __future__ import annotations
 
 import contextlib
-import io
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import torch
 
-from bnrepro.runs import atomic_write
+from bnrepro.runs import atomic_torch_save
 
 DAMAGED = (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError)  # what torch.load raises on bad bytes
 
@@ -31,13 +30,6 @@ def cached(entry: Path, digest: str, make: Callable[[], dict[str, Any] | None],
     if made is not None:
         with contextlib.suppress(OSError):  # a read-only cache: the next run makes it again, nothing worse
             entry.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(entry, _saved({**made, "digest": digest}))
+            atomic_torch_save(entry, {**made, "digest": digest})
     return made
-
-
-def _saved(state: dict[str, Any]) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
-
 

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bnrepro.errors import UserError
-from bnrepro.runs import atomic_write
+from bnrepro.runs import atomic_torch_save
 
 NAME = "checkpoint.pt"  # every run folder's checkpoint, ImageNet and MNIST alike
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` of ``state`` (any tensors, lists, numbers, strings) through ``atomic_write``: readers see
-    the old file or the whole new one."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, buffer.getvalue())
+    """A checkpoint, written atomically (``runs.atomic_torch_save``)."""
+    atomic_torch_save(path, state)
 
 
 RESUME = "that run cannot be resumed; start a new run"
