@@ -506,3 +506,35 @@ def test_v2_at_profile_paper_inception_never_reaching_is_a_lower_bound(tmp_path)
     found = verdicts_v2(results, "paper")
     assert found[2].verdict == "held" and "to ∞" in found[2].ours  # 1,400 / 200 at worst, no upper bound
     assert "INCEPTION never/never/never" in found[2].ours and found[1].verdict == "not run"
+
+
+# One data set per profile --------------------------------------------------------------------------------------------
+
+def test_claims_judge_only_the_runs_and_ensemble_on_the_profiles_chosen_data(tmp_path):
+    """A newer campaign at the same profile on other data: its record chooses its data; the older runs (the full
+    campaign above, on "fabricated" data) and an ensemble on other data are judged nowhere."""
+    results = campaign(tmp_path / "results")
+    write_ensemble(results, "old-ensemble", ENSEMBLE_HELD)
+    manifest = results / "ensemble" / "old-ensemble" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "dataset": "fabricated"}))
+    identity = {"name": "CIFAR-10 python batches", "format": "cifar", "classes": CLASSES, "train_examples": 5000,
+                "val_examples": 1000, "digest": "c1" * 32}
+    record = results / "campaign" / "cpu-new"
+    record.mkdir(parents=True)
+    (record / "manifest.json").write_text(json.dumps({
+        "experiment": "campaign", "status": "running", "started": "2026-01-05T00:00:00+00:00", "profile": "cpu",
+        "data_identity": identity, "plan": []}))
+    new = write_run(results, "cpu-new-inception", "inception", [0, 100], [0.1, 0.3])
+    (new / "manifest.json").write_text(json.dumps({**json.loads((new / "manifest.json").read_text()),
+                                                   "data_identity": identity}))
+    shown, other = imagenet.select(results)
+    rows = imagenet.latest_per_recipe(shown)["cpu"]
+    assert list(rows) == ["inception"] and rows["inception"].max_top1 == 0.3 and len(other) == len(CAMPAIGN)
+    assert claims.ensemble_at(results, "cpu") is None  # the ensemble is on "fabricated" data too
+    build(results, tmp_path / "report")
+    md = (tmp_path / "report" / "claims.md").read_text()
+    cpu = md.split("## Profile `cpu`")[1]
+    assert f"{len(CAMPAIGN)} finished runs at this profile on other data (fabricated): not judged" in cpu
+    assert "v2's target T: 30.00%" in cpu and "no finished ensemble run at profile `cpu`" in cpu
+    ensemble_md = (tmp_path / "report" / "ensemble.md").read_text()
+    assert "Made before this campaign, on other data (fabricated), not shown: `ensemble/old-ensemble`" in ensemble_md

@@ -246,3 +246,30 @@ def test_the_views_are_said_distinct_views_counted_and_an_older_single_crop_flag
     assert "predates" not in md and "member-a resampled in float" in md and "member-b resized in uint8" in md
     assert "Distinct views of the 30 x 44 validation images at 32 px: 1 of 1, 140 of 144" in md
     assert "Data: class folders 'x' (9 train, 4 val, 3 classes), digest `0123456789ab`" in md
+
+
+def test_an_ensemble_on_other_data_than_its_profiles_runs_is_left_out(tmp_path):
+    """imagenet.md's choice of data at a profile (its latest run's here) holds for ensembles too: the later ensemble,
+    on other data, is named, not shown; the earlier one, on the runs' data, is the report's."""
+    results = tmp_path / "results"
+    cifar = {"name": "CIFAR-10 python batches", "format": "cifar", "classes": ["a", "b", "c"], "train_examples": 50,
+             "val_examples": 4, "digest": "c1" * 32}
+    run = results / "imagenet" / "inception"
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"experiment": "imagenet", "status": "complete", "profile": "cpu",
+                                                   "data_identity": cifar}))
+    write_run(results, "on-cifar", extra={"profile": "cpu", "data_identity": cifar})
+    fashion = {**cifar, "name": "Fashion-MNIST idx files", "digest": "f0" * 32}
+    write_run(results, "on-fashion", started="2026-01-03T00:00:00+00:00",
+              extra={"profile": "cpu", "data_identity": fashion})
+    shown, other = ensemble.select(results)
+    assert [r.rel for r in shown] == ["ensemble/on-cifar"] and [r.rel for r in other] == ["ensemble/on-fashion"]
+    ensemble.build(results, tmp_path / "report")
+    md = (tmp_path / "report" / "ensemble.md").read_text()
+    assert "Ensemble run `ensemble/on-cifar`" in md
+    assert ("On other data than the profile's latest run (Fashion-MNIST idx files), not shown: `ensemble/on-fashion` "
+            "(profile cpu)") in md
+    (results / "ensemble" / "on-cifar" / "manifest.json").unlink()  # only the one on other data is left
+    ensemble.build(results, tmp_path / "report")
+    md = (tmp_path / "report" / "ensemble.md").read_text()
+    assert "No finished ensemble run on the data the report shows" in md and "`ensemble/on-fashion`" in md

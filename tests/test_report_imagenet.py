@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 from conftest import markdown_rows
@@ -206,11 +207,15 @@ def test_seeds_and_overrides_are_rows_of_their_own(tmp_path):
     md = (tmp_path / "report" / "imagenet.md").read_text()
     rows = table_rows(md, "proxy")
     assert list(rows) == ["Inception", "BN-x5", "BN-x5, shards only (no change 6)"]
-    assert rows["Inception"]["Max accuracy"] == "50.0%" and rows["Inception"]["Other seeds' max"] == "60.0% (seed 1)"
-    assert rows["BN-x5"]["Other seeds' max"] == "—" and rows["BN-x5"]["Max accuracy"] == "71.0%"
+    # two seeds of Inception: their mean and range; the target stays seed 0's max, which seed 1 reaches at 300
+    assert rows["Inception"]["Max accuracy"] == "55.0% (50.0-60.0, 2 seeds)" and rows["Inception"]["Seeds"] == "0/1"
+    assert rows["Inception"]["Steps to target"] == "346 (300-400, 2 seeds)"  # sqrt(300 x 400), a geometric mean
+    assert rows["BN-x5"]["Seeds"] == "0" and rows["BN-x5"]["Max accuracy"] == "71.0%"
+    assert rows["BN-x5"]["Speed-up vs Inception"] == "3.5x"  # 346 / 100
     assert (rows["BN-x5, shards only (no change 6)"]["Steps to target"],
             rows["BN-x5, shards only (no change 6)"]["Max accuracy"]) == ("200", "70.0%")
-    assert "Target accuracy: 50.0%" in md
+    assert "Target accuracy: 50.0%, the best top-1 of this profile's `inception` run (as in the paper), that of its " \
+        "lowest seed (0)" in md
     assert "seed 1: `imagenet/b-inception-seed1`" in md
     assert "Older finished runs, not shown: `imagenet/c-inception-seed1-older` (inception), `imagenet/d-bn-x5`" in md
     assert "Paper-equivalent steps to target" not in md  # no manifest carries a compression
@@ -316,3 +321,194 @@ def test_bn_points_evaluated_with_moving_averages_are_marked_and_said(tmp_path):
     imagenet.build(tmp_path, tmp_path / "report")
     assert "open circles" in (tmp_path / "report" / "imagenet.md").read_text()
 
+
+
+# --- one data set per profile: a campaign on new data beside an older one under the same profile name ---------------
+
+CIFAR = {"name": "CIFAR-10 python batches", "format": "cifar", "classes": [str(c) for c in range(10)],
+         "train_examples": 50_000, "val_examples": 10_000, "digest": "c1fa" * 16}
+FASHION = "Fashion-MNIST idx files in /data/fashion-mnist (60,000 train, 10,000 val, 10 classes)"  # no digest: older
+
+
+def write_campaign(results: Path, profile: str, identity: dict | None, started: str, plan: list[str] = ()) -> Path:
+    """A `bnrepro reproduce` campaign record as results/campaign/<profile>-<time>/manifest.json holds it."""
+    record = results / "campaign" / f"{profile}-{started[:10]}"
+    record.mkdir(parents=True)
+    (record / "manifest.json").write_text(json.dumps({
+        "experiment": "campaign", "status": "running", "started": started, "profile": profile,
+        "git_commit": "abc0000000000000", "data_identity": identity,
+        "plan": [{"run": Path(f).name, "state": "done", "folder": f} for f in plan]}))
+    return record
+
+
+@pytest.fixture
+def two_campaigns(tmp_path):
+    """Profile cpu: an older Fashion-MNIST campaign (manifests from before data_identity) and a newer CIFAR-10 one
+    (two seeds of BN-x5), whose record was written between them; profile proxy apart."""
+    root = tmp_path / "results"
+    old = {"dataset": FASHION, "classes": CIFAR["classes"], "train_examples": 60_000}
+    write_run(root, "old-inception", "inception", "cpu", STEPS, [0.1, 0.5, 0.7, 0.8, 0.9, 0.9],
+              started="2026-01-01T00:00:00+00:00", extra=old)
+    write_run(root, "old-bn-x5", "bn-x5", "cpu", STEPS, [0.1, 0.8, 0.9, 0.9, 0.9, 0.9],
+              started="2026-01-01T01:00:00+00:00", extra=old)
+    new = {"dataset": "CIFAR-10 python batches in /data/cifar (50,000 train)", "data_identity": CIFAR}
+    write_run(root, "new-inception", "inception", "cpu", STEPS, [0.1, 0.2, 0.3, 0.4, 0.5, 0.5],
+              started="2026-01-05T00:00:00+00:00", extra=new)
+    write_run(root, "new-bn-x5", "bn-x5", "cpu", STEPS, [0.1, 0.4, 0.5, 0.6, 0.6, 0.6],
+              started="2026-01-05T01:00:00+00:00", extra=new)
+    write_run(root, "new-bn-x5-seed1", "bn-x5", "cpu", STEPS, [0.1, 0.3, 0.5, 0.5, 0.5, 0.6],
+              started="2026-01-05T02:00:00+00:00", extra={**new, "seed": 1})
+    write_run(root, "p-bn-x5", "bn-x5", "proxy", STEPS, [0.1, 0.2, 0.3, 0.3, 0.3, 0.3])
+    return root
+
+
+def test_a_profile_shows_only_its_latest_campaigns_data(two_campaigns, tmp_path):
+    write_campaign(two_campaigns, "cpu", CIFAR, "2026-01-04T00:00:00+00:00")
+    shown, other = imagenet.select(two_campaigns)
+    assert sorted(r.path.name for r in other) == ["old-bn-x5", "old-inception"]
+    assert "p-bn-x5" in [r.path.name for r in shown]  # another profile: untouched
+    out = tmp_path / "report"
+    imagenet.build(two_campaigns, out)
+    md = (out / "imagenet.md").read_text()
+    cpu = md.split("## Profile `cpu`")[1].split("## Profile")[0]
+    rows = table_rows(md, "cpu")
+    assert list(rows) == ["Inception", "BN-x5"]
+    assert rows["Inception"]["Max accuracy"] == "50.0%" and rows["BN-x5"]["Seeds"] == "0/1"  # CIFAR-10's, not 90%
+    assert "- Data: CIFAR-10 python batches (50,000 train, 10,000 val, 10 classes), digest `c1fac1fac1fa` (this " \
+           "profile's latest campaign's data)" in cpu
+    assert ("Made before this campaign, on other data (Fashion-MNIST idx files), not shown: `imagenet/old-inception` "
+            "(inception, seed 0), `imagenet/old-bn-x5` (bn-x5, seed 0)") in cpu
+    assert "Older finished runs" not in cpu and "Fashion" not in cpu.split("Made before")[0]
+    assert "90.0%" not in (out / "fig2_imagenet_cpu.svg").read_text()  # the old runs' lines are not drawn
+
+
+def test_without_a_campaign_record_the_latest_runs_data_is_shown(two_campaigns, tmp_path):
+    imagenet.build(two_campaigns, tmp_path / "report")
+    cpu = (tmp_path / "report" / "imagenet.md").read_text().split("## Profile `cpu`")[1]
+    assert "(the data of this profile's latest run)" in cpu
+    assert "On other data than the profile's latest run (Fashion-MNIST idx files), not shown:" in cpu
+    # a record without data (no data folder given) chooses nothing: the latest run still does
+    write_campaign(two_campaigns, "cpu", None, "2026-01-06T00:00:00+00:00")
+    assert sorted(r.path.name for r in imagenet.select(two_campaigns)[1]) == ["old-bn-x5", "old-inception"]
+
+
+def test_the_campaign_chooses_even_against_a_later_run_and_keeps_the_runs_it_lists(two_campaigns, tmp_path):
+    # the latest record is on Fashion-MNIST and lists old-bn-x5 as kept: `reproduce` matched it to its data
+    fashion = {**CIFAR, "name": "Fashion-MNIST idx files", "train_examples": 60_000, "digest": "f0" * 32}
+    write_campaign(two_campaigns, "cpu", fashion, "2026-01-04T12:00:00+00:00", plan=["imagenet/old-bn-x5"])
+    shown, other = imagenet.select(two_campaigns)
+    assert {r.path.name for r in shown if r.profile == "cpu"} == {"old-inception", "old-bn-x5"}
+    assert {r.path.name for r in other} == {"new-inception", "new-bn-x5", "new-bn-x5-seed1"}
+    imagenet.build(two_campaigns, tmp_path / "report")
+    cpu = (tmp_path / "report" / "imagenet.md").read_text().split("## Profile `cpu`")[1]
+    assert "On other data than this campaign's (CIFAR-10 python batches), not shown:" in cpu  # made after it began
+
+
+def test_a_profile_whose_campaign_has_no_finished_run_yet_still_names_the_runs_left_out(two_campaigns, tmp_path):
+    for name in ("new-inception", "new-bn-x5", "new-bn-x5-seed1"):
+        manifest = two_campaigns / "imagenet" / name / "manifest.json"
+        manifest.write_text(manifest.read_text().replace('"complete"', '"interrupted"'))
+    write_campaign(two_campaigns, "cpu", CIFAR, "2026-01-04T00:00:00+00:00")
+    written = imagenet.build(two_campaigns, tmp_path / "report")
+    assert tmp_path / "report" / "fig2_imagenet_cpu.png" not in written
+    cpu = (tmp_path / "report" / "imagenet.md").read_text().split("## Profile `cpu`")[1]
+    assert "Runs: no finished run on this data yet." in cpu and "Made before this campaign" in cpu
+
+
+def test_data_compare_by_digest_else_by_what_the_older_manifest_records():
+    legacy = {"dataset": FASHION, "classes": CIFAR["classes"], "train_examples": 60_000}
+    identity = {"data_identity": {**CIFAR, "name": "Fashion-MNIST idx files", "train_examples": 60_000}}
+    assert imagenet.data_name(legacy) == "Fashion-MNIST idx files"
+    assert imagenet.same_data(legacy, identity)  # the same name, classes and count: no digest to contradict
+    assert not imagenet.same_data({**legacy, "train_examples": 50_000}, identity)
+    assert not imagenet.same_data(legacy, {"data_identity": CIFAR})
+    assert not imagenet.same_data(identity, {"data_identity": {**identity["data_identity"], "digest": "0" * 64}})
+    assert imagenet.same_data({}, identity)  # a manifest that names no data contradicts nothing
+
+
+# --- several seeds: Fig. 2's mean line and min-max band, the table's mean and range ----------------------------------
+
+
+def three_seeds(root: Path) -> None:
+    """Three BN-x5 seeds: seed 2 evaluates one step the others do not (150) and diverges at 250 (NaN at 300)."""
+    write_run(root, "x5-0", "bn-x5", "cpu", [0, 100, 200, 300], [0.1, 0.4, 0.5, 0.6], extra={"seed": 0})
+    write_run(root, "x5-1", "bn-x5", "cpu", [0, 100, 200, 300], [0.2, 0.5, 0.6, 0.7], extra={"seed": 1})
+    write_run(root, "x5-2", "bn-x5", "cpu", [0, 100, 150, 200, 300], [0.0, 0.3, 0.35, 0.4, NAN],
+              status="diverged", diverged_at=250, extra={"seed": 2})
+
+
+def test_seed_curve_is_the_mean_min_and_max_over_the_finite_seeds_at_the_common_steps(tmp_path):
+    three_seeds(tmp_path)
+    row = imagenet.latest_per_recipe(imagenet.finished_runs(tmp_path))["cpu"]["bn-x5"]
+    frame = imagenet.seed_curve(row)
+    assert list(frame.index) == [0, 100, 200, 300]  # 150: seed 2's alone
+    assert frame["mean"].tolist() == pytest.approx([0.1, 0.4, 0.5, 0.65])  # at 300 seed 2 has diverged: 2 seeds
+    assert frame["min"].tolist() == pytest.approx([0.0, 0.3, 0.4, 0.6])
+    assert frame["max"].tolist() == pytest.approx([0.2, 0.5, 0.6, 0.7])
+    assert frame["n"].tolist() == [3, 3, 3, 2]
+
+
+def test_fig_2_draws_the_seed_mean_with_its_band_and_says_so(tmp_path, monkeypatch):
+    three_seeds(tmp_path)
+    write_run(tmp_path, "inception", "inception", "cpu", [0, 100, 200, 300], [0.1, 0.2, 0.3, 0.4])
+    drawn = {}
+    monkeypatch.setattr(imagenet, "save_figure", lambda fig, out, name: drawn.setdefault("fig", fig) and [])
+    rows = imagenet.latest_per_recipe(imagenet.finished_runs(tmp_path))["cpu"]
+    imagenet.figure_2("cpu", rows, 0.4, tmp_path)
+    ax = drawn["fig"].axes[0]
+    lines = {line.get_label(): line for line in ax.lines}
+    mean = lines["BN-x5 (mean of 3 seeds, band: min-max; 1 of 3 diverged)"]
+    assert list(mean.get_xdata()) == [0, 100, 200, 300]
+    assert list(mean.get_ydata()) == pytest.approx([0.1, 0.4, 0.5, 0.65])
+    assert list(lines["Inception"].get_ydata()) == [0.1, 0.2, 0.3, 0.4]  # one seed: its run, as before
+    plt.close(drawn["fig"])
+    (band,) = ax.collections  # fill_between: one band, for the row of several seeds
+    corners = band.get_paths()[0].vertices
+    assert {tuple(v) for v in corners} >= {(0, 0.0), (300, 0.6), (0, 0.2), (300, 0.7)}
+    assert sum(line.get_marker() == "x" for line in ax.lines) == 1  # seed 2's last finite evaluation
+    assert tuple(next(line for line in ax.lines if line.get_marker() == "x").get_xydata()[0]) == (200, 0.4)
+    caption = imagenet.figure_caption("cpu", rows)
+    assert "mean top-1 over its seeds" in caption and "from the lowest to the highest seed" in caption
+
+
+def test_fig_3_gives_a_row_of_several_seeds_as_mean_and_range(tmp_path):
+    cpu = {"compression": 2.5e-4}  # a step stands for 4,000 paper steps
+    steps = [0, 100, 200, 300]
+    # Inception: the target is seed 0's max, 50%, which the seeds reach at 200, 200 and 100
+    for seed, top1 in enumerate([[0.1, 0.3, 0.5, 0.5], [0.1, 0.4, 0.5, 0.52], [0.1, 0.5, 0.55, 0.56]]):
+        write_run(tmp_path, f"inception-{seed}", "inception", "cpu", steps, top1, extra={**cpu, "seed": seed})
+    # BN-x5: seed 0 reaches 50% at 100; seed 1 never; seed 2 reaches it at 100, then diverges at 150
+    write_run(tmp_path, "x5-0", "bn-x5", "cpu", steps, [0.1, 0.5, 0.6, 0.7], extra={**cpu, "seed": 0})
+    write_run(tmp_path, "x5-1", "bn-x5", "cpu", steps, [0.1, 0.45, 0.49, 0.49], extra={**cpu, "seed": 1})
+    write_run(tmp_path, "x5-2", "bn-x5", "cpu", steps, [0.1, 0.6, NAN, NAN], status="diverged", diverged_at=150,
+              extra={**cpu, "seed": 2})
+    write_run(tmp_path, "baseline", "bn-baseline", "cpu", steps, [0.1, 0.3, 0.5, 0.55], extra=cpu)
+    imagenet.build(tmp_path, tmp_path / "report")
+    rows = table_rows((tmp_path / "report" / "imagenet.md").read_text(), "cpu")
+    inception, x5, baseline = rows["Inception"], rows["BN-x5"], rows["BN-Baseline"]
+    assert inception["Max accuracy"] == "52.7% (50.0-56.0, 3 seeds)" and inception["Seeds"] == "0/1/2"
+    assert inception["Steps to target"] == "159 (100-200, 3 seeds)"  # (200 x 200 x 100) ** (1/3)
+    assert inception["Paper-equivalent steps to target"] == "0.6e6 (0.4e6-0.8e6, 3 seeds)"
+    assert x5["Max accuracy"] == "59.7% (49.0-70.0, 3 seeds)"
+    assert x5["Steps to target"] == \
+        "100 (100-100, 2 of 3 seeds; seed 1 never; seed 2 diverged at 150 after reaching it)"
+    assert x5["Paper-equivalent steps to target"].endswith("seed 2 diverged at 0.6e6 after reaching it)")
+    assert x5["Speed-up vs Inception"] == "1.6x"  # 159 / 100, geometric means over the seeds that reach 50%
+    # one seed: as before
+    assert (baseline["Steps to target"], baseline["Max accuracy"], baseline["Seeds"]) == ("200", "55.0%", "0")
+    assert baseline["Speed-up vs Inception"] == "0.8x"
+
+
+def test_a_row_whose_seeds_never_reach_the_target_says_which_diverged(tmp_path):
+    for seed in range(3):
+        write_run(tmp_path, f"i{seed}", "inception", "cpu", STEPS, [0.1, 0.2, 0.3, 0.4, 0.5, 0.9 if seed == 0 else 0.5],
+                  extra={"seed": seed})
+        top1 = [0.1, 0.2, 0.3, NAN, NAN, NAN] if seed else [0.1, 0.2, 0.3, 0.3, 0.3, 0.3]
+        write_run(tmp_path, f"x{seed}", "inception-x5", "cpu", STEPS, top1, status="diverged" if seed else "complete",
+                  diverged_at=250 if seed else None, extra={"seed": seed})
+    imagenet.build(tmp_path, tmp_path / "report")
+    row = table_rows((tmp_path / "report" / "imagenet.md").read_text(), "cpu")["Inception-x5"]
+    assert row["Steps to target"] == "never (3 seeds; seed 1 diverged at 250; seed 2 diverged at 250)"
+    assert row["Max accuracy"] == "30.0% (30.0-30.0, 3 seeds)" and row["Speed-up vs Inception"] == "—"
+    svg = (tmp_path / "report" / "fig2_imagenet_cpu.svg").read_text()
+    assert "mean of 3 seeds, band: min-max; 2 of 3 diverged" in svg

@@ -9,9 +9,10 @@ target as intervals, paired McNemar tests for claim 7, and verdicts ``held``, ``
 testable at this scale`` and ``not run``. v1 is kept unchanged in behaviour and printed beside v2, so a reader sees
 what changed and why. The report prints both rule sets word for word, and the code under each follows its text.
 
-The runs are the rows of imagenet.md (``imagenet.latest_per_recipe``: per recipe and overrides, the latest finished
-run of the lowest seed, with the latest run of each other seed in ``others``; v1 judges the row's run, v2 all its
-seeds) and, for the last claim, the latest ensemble run at the profile, its per-image correctness recomputed from its
+The runs are the rows of imagenet.md (``imagenet.select``: at each profile only the runs on its chosen data, then
+``imagenet.latest_per_recipe``: per recipe and overrides, the latest finished run of the lowest seed, with the latest
+run of each other seed in ``others``; v1 judges the row's run, v2 all its seeds) and, for the last claim, the latest
+ensemble run at the profile on the same data (``ensemble.select``), its per-image correctness recomputed from its
 cached probabilities (``ensemble.top1_correct``).
 """
 
@@ -267,8 +268,9 @@ def claim_6(rows: dict[str, Run], s: float) -> Verdict:
 
 
 def ensemble_at(results: Path, profile: str) -> ensemble.EnsembleRun | None:
-    """The latest finished ensemble run whose members were trained at ``profile``."""
-    found = [run for run in ensemble.finished_runs(Path(results)) if run.profile == profile]
+    """The latest finished ensemble run whose members were trained at ``profile``, on the data imagenet.md shows
+    there (``ensemble.select``, as ensemble.md)."""
+    found = [run for run in ensemble.select(Path(results))[0] if run.profile == profile]
     return found[-1] if found else None
 
 
@@ -458,7 +460,7 @@ def _p(p: float) -> str:
 
 def seeds(row: Run) -> list[Run]:
     """The row's run and its other seeds' (the latest finished run of each seed), by seed."""
-    return sorted([row, *row.others], key=lambda r: r.seed)
+    return row.seeds
 
 
 def maxes(row: Run) -> np.ndarray:
@@ -808,28 +810,45 @@ def _rules_text() -> list[str]:
             *(f"{n}. {CLAIMS[n][0]}: {RULES[n]}" for n in sorted(RULES)), ""]
 
 
-def markdown(by_profile: dict[str, dict[str, Run]], results: Path) -> str:
+def _left_out(profile: str, other: list[Run]) -> list[str]:
+    """The sentence saying how many of the profile's runs are on other data, so not judged; [] where none is."""
+    here = [r for r in other if r.profile == profile]
+    if not here:
+        return []
+    names = "; ".join(sorted({imagenet.data_name(r.manifest) or "not recorded" for r in here}))
+    runs = f"{len(here)} finished run{'s' * (len(here) > 1)} at this profile on other data ({names})"
+    return [f"{runs}: not judged, as imagenet.md leaves {'them' if len(here) > 1 else 'it'} out.", ""]
+
+
+def markdown(by_profile: dict[str, dict[str, Run]], results: Path, other: list[Run] = ()) -> str:
+    """claims.md: both rule sets, then each profile's claims on the runs of imagenet.md (``by_profile``), saying how
+    many runs on other data (``other``) are left out."""
     lines = ["# Claims of Sec. 4.2, judged at each profile", "",
              "Each claim of the paper's Sec. 4.2 with the paper's figure, this scale's and two verdicts: by rules v2, "
              "`held`, `not held`, `inconclusive` (the difference lies within the noise band), `not testable at this "
              "scale` (the runs cannot exercise the claim) or `not run`; and by rules v1, those of the first campaign. "
              "Both rule sets are fixed in `bnrepro/report/claims.py` and applied as written below. The runs are those "
-             "of imagenet.md's section of the same profile, all their seeds for v2; claim 7's is the latest ensemble "
-             "run at the profile, as in ensemble.md.", "",
+             "of imagenet.md's section of the same profile, all their seeds for v2, on the one data set it shows "
+             "there; claim 7's is the latest ensemble run at the profile on that data, as in ensemble.md.", "",
              *_rules_text()]
-    for profile, rows in by_profile.items():
+    for profile in sorted({*by_profile, *(r.profile for r in other)}, key=imagenet.profile_rank):
+        lines += [f"## Profile `{profile}`", "", *_left_out(profile, list(other))]
+        if profile not in by_profile:
+            lines += ["No finished run on this profile's chosen data yet, so no claim is judged here.", ""]
+            continue
+        rows = by_profile[profile]
         v2, target = judge_v2(profile, rows, results)
         v1, spread = judge(profile, rows, results)
-        lines += [f"## Profile `{profile}`", "", f"v2's target T: {target}.", "", f"v1's seed spread: {spread}", "",
+        lines += [f"v2's target T: {target}.", "", f"v1's seed spread: {spread}", "",
                   markdown_table(claims_table(v2, v1)), "", "v1's figures:", "", markdown_table(v1_table(v1)), ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def build(results: Path, out: Path) -> list[Path]:
     """Write claims.md for every profile with finished ImageNet runs; [] when there are none."""
-    runs = imagenet.finished_runs(Path(results))
-    if not runs:
+    runs, other = imagenet.select(Path(results))
+    if not runs and not other:
         return []
     check_writable(out)
-    atomic_write(out / "claims.md", markdown(imagenet.latest_per_recipe(runs), Path(results)))
+    atomic_write(out / "claims.md", markdown(imagenet.latest_per_recipe(runs), Path(results), other))
     return [out / "claims.md"]

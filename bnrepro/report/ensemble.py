@@ -17,9 +17,11 @@ import yaml
 from bnrepro.evaluate import ensemble as evaluation
 from bnrepro.evaluate.crops import distinct_views
 from bnrepro.paper import PAPER
+from bnrepro.report import imagenet
 from bnrepro.report.imagenet import data_text, deviations_list, markdown_table, short_commit
 from bnrepro.runs import Damaged, atomic_write, check_writable, runs_of, skip
 
+TITLE = "# Ensemble and multi-crop (paper Sec. 4.2.3, Fig. 4)"
 # The paper's Fig. 4, its ensemble's test error, GoogLeNet's crop study and ImageNet's counts are data:
 # bnrepro/paper.yaml (``PAPER.ensemble``, ``PAPER.imagenet``).
 
@@ -94,6 +96,20 @@ def finished_runs(results: Path) -> list[EnsembleRun]:
             continue
         found.append(EnsembleRun(folder, folder.relative_to(results).as_posix(), manifest))
     return found
+
+
+def select(results: Path) -> tuple[list[EnsembleRun], list[EnsembleRun]]:
+    """The finished ensemble runs on the data imagenet.md shows at their profile (``imagenet.data_choices``; one at a
+    profile it does not know is kept), and those on other data; both oldest first. ensemble.md and claims.md's claim 7
+    both choose from the first."""
+    return imagenet.split_by_data(finished_runs(Path(results)), imagenet.data_choices(Path(results)))
+
+
+def other_data_line(other: list[EnsembleRun], results: Path) -> str:
+    """The line naming the ensemble runs left out for their data (``imagenet.other_data_line``)."""
+    profiles = {run.profile for run in other}
+    choice = imagenet.data_choices(Path(results)).get(str(profiles.pop())) if len(profiles) == 1 else None
+    return imagenet.other_data_line(other, choice, lambda run: f"`{run.rel}` (profile {run.profile})")
 
 
 def scores(run: EnsembleRun) -> tuple[pd.DataFrame, int, int]:
@@ -264,8 +280,9 @@ def comparability(classes: int, images: int) -> str | None:
     return None
 
 
-def markdown(run: EnsembleRun, results: Path, superseded: list[EnsembleRun]) -> str:
-    """ensemble.md: provenance, the Fig. 4 table, the crop study and the per-member errors."""
+def markdown(run: EnsembleRun, results: Path, superseded: list[EnsembleRun], other: list[EnsembleRun] = ()) -> str:
+    """ensemble.md: provenance, the Fig. 4 table, the crop study and the per-member errors; the older runs
+    (``superseded``) and those on other data (``other``) named."""
     m = run.manifest
     table, classes, images = scores(run)
     members = "; ".join(f"{x['name']} (`{_folder(x['run'], results)}`, commit `{short_commit(x.get('git_commit'))}`)"
@@ -274,7 +291,7 @@ def markdown(run: EnsembleRun, results: Path, superseded: list[EnsembleRun]) -> 
     subset = run.subset_note()
     limit = f", a subset: `val_limit` {m['val_limit']:,}" if subset else ""
     data = data_text(m)  # the name, counts and digest of the data, no folder of the machine it ran on
-    lines = ["# Ensemble and multi-crop (paper Sec. 4.2.3, Fig. 4)", "",
+    lines = [TITLE, "",
              f"Data: {data}, {m.get('val_images', images):,} validation images "
              f"({classes} classes{limit}" + (f", {skipped:,} unreadable and left out" if skipped else "") + "). "
              f"Profile {run.profile or 'not recorded'}. "
@@ -304,26 +321,33 @@ def markdown(run: EnsembleRun, results: Path, superseded: list[EnsembleRun]) -> 
               *beside, markdown_table(member_table(run, table)), ""]
     if superseded:
         lines += ["Older finished ensemble runs, not shown: " + ", ".join(f"`{r.rel}`" for r in superseded), ""]
+    if other:
+        lines += [other_data_line(list(other), results), ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def build(results: Path, out: Path) -> list[Path]:
-    """Write ensemble.md for the latest finished ensemble run whose cached probabilities can be read (a damaged one
-    is skipped with a line); [] when there is none."""
-    runs = finished_runs(Path(results))
-    if not runs:
+    """Write ensemble.md for the latest finished ensemble run on its profile's chosen data (``select``) whose cached
+    probabilities can be read (a damaged one is skipped with a line); where every run is on other data, a page that
+    names them, so no earlier ensemble.md stands for them; [] when there is no run at all."""
+    runs, other = select(Path(results))
+    if not runs and not other:
         return []
     check_writable(out)
     while runs:
         run = runs.pop()
         try:
-            text = markdown(run, Path(results), runs)
+            text = markdown(run, Path(results), runs, other)
         except Damaged as damage:
             skip(damage)
             continue
         atomic_write(out / "ensemble.md", text)
         return [out / "ensemble.md"]
-    return []
+    if not other:
+        return []
+    atomic_write(out / "ensemble.md", f"{TITLE}\n\nNo finished ensemble run on the data the report shows at its "
+                                      f"profile (imagenet.md).\n\n{other_data_line(other, Path(results))}\n")
+    return [out / "ensemble.md"]
 
 
 def top1_correct(run: EnsembleRun, members: list[str], crops: int) -> pd.Series:

@@ -1,11 +1,14 @@
 """Fig. 2 (top-1 vs steps) and the Fig. 3 step-count table, from the files of finished ``bnrepro imagenet`` runs.
 
 A run is finished when its manifest says ``complete`` or ``diverged``: a diverged run is a result (the paper's
-Inception at 5x the learning rate is one), a running or interrupted one is not. Within each profile, each recipe with
-each set of ``--set`` overrides (step budgets aside) is its own row: the latest finished run of its lowest seed (seed 0
-as a rule); the latest run of each other seed is kept only for the "other seeds' max" column and the seed spread of
-the claims (``bnrepro.report.claims``). Profiles are never mixed, since their data and step budgets differ. Where the
-manifests carry ``compression`` (this profile's steps per paper step), steps are also given as paper-equivalent steps
+Inception at 5x the learning rate is one), a running or interrupted one is not. Profiles are never mixed, since their
+data and step budgets differ; nor are data sets within a profile: each profile shows the runs on one data set, that of
+its latest campaign record, else of its latest finished run (``data_choices``, the one selection imagenet.md, claims.md
+and ensemble.md all use, through ``split_by_data``); runs on other data are named in one line, not shown. Within each
+profile, each recipe with each set of ``--set`` overrides (step budgets aside) is its own row: the latest finished run
+of its lowest seed (seed 0 as a rule), with the latest run of each other seed in ``others``. A row of several seeds is
+drawn as their mean with a min-max band (``seed_curve``) and tabled as their mean with its range. Where the manifests
+carry ``compression`` (this profile's steps per paper step), steps are also given as paper-equivalent steps
 (step / compression), the paper's unit.
 """
 
@@ -13,8 +16,10 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import matplotlib
 
@@ -134,6 +139,11 @@ class Run:
     def max_top1(self) -> float | None:
         return float(self.curve.top1.max()) if len(self.curve) else None
 
+    @property
+    def seeds(self) -> list[Run]:
+        """The row's run and its other seeds' (``others``), by seed: what a row of several seeds averages."""
+        return sorted((self, *self.others), key=lambda run: run.seed)
+
 
 def _finite(column: pd.Series) -> pd.Series:
     """True where a value is a finite number (a diverged run writes NaN, inf or nothing)."""
@@ -171,9 +181,13 @@ def latest_per_recipe(runs: list[Run]) -> dict[str, dict[str, Run]]:
     for (profile, key), seeds in chosen.items():
         first, *rest = sorted(seeds)
         rows.setdefault(profile, {})[key] = replace(seeds[first], others=tuple(seeds[s] for s in rest))
-    order = PAPER.profile_order  # a profile it does not name comes after, by name
-    profiles = sorted(rows, key=lambda p: (order.index(p) if p in order else len(order), p))
-    return {p: dict(sorted(rows[p].items(), key=lambda kv: _row_rank(kv[1]))) for p in profiles}
+    return {p: dict(sorted(rows[p].items(), key=lambda kv: _row_rank(kv[1]))) for p in sorted(rows, key=profile_rank)}
+
+
+def profile_rank(profile: str) -> tuple[int, str]:
+    """Where a profile's section goes: paper.yaml's order, then the profiles it does not name, by name."""
+    order = PAPER.profile_order
+    return (order.index(profile) if profile in order else len(order), profile)
 
 
 def _recipe_rank(recipe: str) -> tuple[int, str]:
@@ -244,6 +258,114 @@ def data_text(manifest: dict) -> str:
     return f"{without_paths(str(manifest.get('dataset', 'not recorded')))}, digest not recorded"
 
 
+# One data set per profile ---------------------------------------------------------------------------------------------
+# A profile's name says how runs are scaled, not what they trained on: the cpu profile held a Fashion-MNIST campaign
+# before its CIFAR-10 one. The report shows one data set per profile and names the runs it leaves out, so their
+# folders can stay.
+
+def data_name(manifest: dict) -> str:
+    """The data set a manifest names, without folder or digest: its ``data_identity``'s name, else (a manifest from
+    before it) its ``dataset`` description up to " in <folder>"; "" where it records neither."""
+    identity = manifest.get("data_identity") or {}
+    if identity.get("name"):
+        return str(identity["name"])
+    return str(manifest.get("dataset") or "").split(" in ", 1)[0].strip()
+
+
+def same_data(a: dict, b: dict) -> bool:
+    """Whether two manifests (runs, ensembles, campaign records) say they used the same data: by digest where both
+    record ``data_identity``. A manifest from before it matches on what both record, the data set's name (``data_name``)
+    and its classes and training-example count where both have them: the report reads run folders, not data, so it
+    cannot take the digest now. A manifest that names no data contradicts nothing and matches."""
+    ia, ib = a.get("data_identity") or {}, b.get("data_identity") or {}
+    if ia.get("digest") and ib.get("digest"):
+        return ia["digest"] == ib["digest"]
+    na, nb = data_name(a), data_name(b)
+    if not na or not nb:
+        return True
+    recorded = [((ia or a).get(key), (ib or b).get(key)) for key in ("classes", "train_examples")]
+    return na == nb and all(x is None or y is None or x == y for x, y in recorded)
+
+
+@dataclass(frozen=True)
+class DataChoice:
+    """The one data set a profile's tables, figures and claims show (made by ``data_choices``)."""
+
+    reference: dict  # the manifest whose data is shown: the profile's latest campaign record, or its latest run's
+    campaign: bool  # whether ``reference`` is a campaign record
+    kept: frozenset[str] = field(default_factory=frozenset)  # folders the record lists: `reproduce` checked their data
+
+    def holds(self, manifest: dict, rel: str) -> bool:
+        """Whether a run (or ensemble) with ``manifest``, in folder ``rel`` of the results folder, is on this data."""
+        return rel in self.kept or same_data(manifest, self.reference)
+
+    @property
+    def source(self) -> str:
+        return "this profile's latest campaign's data" if self.campaign else "the data of this profile's latest run"
+
+
+def _listed(record: dict) -> frozenset[str]:
+    """The run and ensemble folders a campaign record names (its plan, its runs and its ensemble), relative to the
+    results folder as ``Run.rel``."""
+    entries = [e for e in (*(record.get("plan") or []), *(record.get("runs") or [])) if isinstance(e, dict)]
+    return frozenset(str(f) for f in (*(e.get("folder") for e in entries), record.get("ensemble")) if f)
+
+
+def data_choices(results: Path) -> dict[str, DataChoice]:
+    """profile -> the data its report shows: that of its latest campaign record (``campaigns``) where the record names
+    its data (a campaign's runs are on it by construction), else that of its latest finished ImageNet run. The one
+    selection imagenet.md, claims.md and ensemble.md make (``split_by_data``); it reads manifests only."""
+    choices = {}
+    for _, manifest in runs_of(results, "imagenet", FINISHED):  # oldest first: the latest run of each profile stays
+        choices[str(manifest.get("profile") or "unknown")] = DataChoice(manifest, campaign=False)
+    for profile, records in campaigns(results).items():
+        if records[-1].get("data_identity"):  # a record without it (no data given) chooses nothing
+            choices[profile] = DataChoice(records[-1], campaign=True, kept=_listed(records[-1]))
+    return choices
+
+
+class Recorded(Protocol):
+    """A run or an ensemble run as ``split_by_data`` needs it."""
+
+    manifest: dict
+    rel: str
+
+    @property
+    def profile(self) -> str | None: ...
+
+
+R = TypeVar("R", bound=Recorded)
+
+
+def split_by_data(found: list[R], choices: dict[str, DataChoice]) -> tuple[list[R], list[R]]:
+    """``found`` split into those on their profile's chosen data (``choices``; one at a profile without a choice is
+    shown) and the rest, each in the order given."""
+    shown, other = [], []
+    for item in found:
+        choice = choices.get(str(item.profile))
+        (shown if choice is None or choice.holds(item.manifest, item.rel) else other).append(item)
+    return shown, other
+
+
+def select(results: Path) -> tuple[list[Run], list[Run]]:
+    """The finished ImageNet runs the reports show (on their profile's chosen data) and those they leave out, both
+    oldest first."""
+    return split_by_data(finished_runs(Path(results)), data_choices(Path(results)))
+
+
+def other_data_line(other: list[Recorded], choice: DataChoice | None, name: Callable[[Recorded], str]) -> str:
+    """The one line naming runs (or ensembles) left out for their data: "Made before this campaign" where a campaign
+    chose the data and all of them started before it; ``name`` gives each one's text."""
+    datasets = "; ".join(sorted({without_paths(data_name(r.manifest)) or "not recorded" for r in other}))
+    started = str((choice.reference if choice else {}).get("started", ""))
+    if choice is not None and choice.campaign:
+        before = all(str(r.manifest.get("started", "")) < started for r in other)
+        head = "Made before this campaign, on other data" if before else "On other data than this campaign's"
+    else:
+        head = "On other data than the profile's latest run" if choice else "On other data"
+    return f"{head} ({datasets}), not shown: " + ", ".join(name(r) for r in other)
+
+
 def target_for(profile: str, runs: dict[str, Run]) -> float | None:
     """The paper's 72.2% at profile ``paper``; elsewhere, as the paper defines it, the best top-1 Inception
     reaches in that profile (None without an Inception run)."""
@@ -286,9 +408,24 @@ def _speedup(reference: float | None, steps: float | None) -> str:
     return "—" if not reference or not steps else f"{reference / steps:,.1f}x"
 
 
-def other_seeds_max(run: Run) -> str:
-    """The max top-1 of the row's other seeds, each with its seed; a dash where there are none."""
-    return ", ".join(f"{_percent(r.max_top1)} (seed {r.seed})" for r in run.others) or "—"
+def _seeds_text(runs: list[Run]) -> str:
+    """Seeds as the table names them: "seed 2", "seeds 1, 2"."""
+    return f"seed{'s' * (len(runs) > 1)} {', '.join(str(r.seed) for r in runs)}"
+
+
+def max_text(run: Run) -> str:
+    """A "Max accuracy" cell: the run's max; for a row of several seeds their mean and range, "51.2% (50.8-51.6,
+    3 seeds)", naming any seed without a finite evaluation (left out of the mean)."""
+    runs = run.seeds
+    if len(runs) == 1:
+        return _percent(run.max_top1)
+    found = [r.max_top1 for r in runs if r.max_top1 is not None]
+    blank = [r for r in runs if r.max_top1 is None]
+    note = f"; no finite evaluation: {_seeds_text(blank)}" if blank else ""
+    if not found:
+        return f"— ({len(runs)} seeds{note})"
+    counted = f"{len(runs)} seeds" if not blank else f"{len(found)} of {len(runs)} seeds"
+    return f"{100 * np.mean(found):.1f}% ({100 * min(found):.1f}-{100 * max(found):.1f}, {counted}{note})"
 
 
 def _reached(run: Run, steps: int | None, target: float | None, paper: bool) -> str:
@@ -303,26 +440,74 @@ def _reached(run: Run, steps: int | None, target: float | None, paper: bool) -> 
     return diverged or "never"
 
 
+def geometric_mean(values: list[float]) -> float:
+    """The mean of steps as ratios of steps compare them (claims.md's speed-ups are ratios of these too)."""
+    return values[0] if len(values) == 1 else float(np.exp(np.mean(np.log(values))))
+
+
+def _reached_seeds(run: Run, target: float | None, paper: bool) -> str:
+    """A steps-to-target cell of a row of several seeds: the geometric mean over the seeds that reach the target, its
+    range and how many of how many seeds, then each seed that does not (never, or diverged at), or diverged after."""
+    if target is None:
+        return "—"
+    runs, reached, notes = run.seeds, [], []
+    for r in runs:
+        step = steps_to(r, target)
+        if step is not None:
+            reached.append(paper_equivalent(r, step) if paper else step)
+        if r.diverged_at is not None:
+            at = paper_steps_text(paper_equivalent(r, r.diverged_at)) if paper else f"{r.diverged_at:,}"
+            notes.append(f"seed {r.seed} diverged at {at}" + (" after reaching it" if step is not None else ""))
+        elif step is None:
+            notes.append(f"seed {r.seed} never")
+    text = paper_steps_text if paper else (lambda x: f"{x:,.0f}")
+    if not reached:  # every seed never: only the diverged ones need a word
+        return f"never ({len(runs)} seeds" + "".join(f"; {n}" for n in notes if "diverged" in n) + ")"
+    counted = f"{len(runs)} seeds" if len(reached) == len(runs) else f"{len(reached)} of {len(runs)} seeds"
+    spread = f"{text(min(reached))}-{text(max(reached))}, " if len(reached) > 1 else ""
+    return f"{text(geometric_mean(reached))} ({spread}{counted}" + "".join(f"; {n}" for n in notes) + ")"
+
+
+def steps_cell(run: Run, target: float | None, paper: bool) -> str:
+    """A steps-to-target cell (``paper``: in paper-equivalent steps): one seed's (``_reached``), or several seeds'
+    (``_reached_seeds``)."""
+    if len(run.seeds) > 1:
+        return _reached_seeds(run, target, paper)
+    return _reached(run, None if target is None else steps_to(run, target), target, paper)
+
+
+def typical_steps(run: Run, target: float | None, paper: bool) -> float | None:
+    """A row's steps to ``target`` for its speed-up: its run's, or over several seeds the geometric mean over those
+    that reach it (``paper``: in paper-equivalent steps); None without a target or a seed that reaches it."""
+    if target is None:
+        return None
+    found = [(r, steps_to(r, target)) for r in run.seeds]
+    values = [paper_equivalent(r, s) if paper else s for r, s in found if s is not None]
+    return geometric_mean(values) if values else None
+
+
 def fig3_table(runs: dict[str, Run], target: float | None) -> pd.DataFrame:
     """Fig. 3 for one profile: our steps to ``target`` (also in paper-equivalent steps where the manifests carry
-    ``compression``), max accuracy, the other seeds' max and the speed-up, beside the paper's."""
-    steps = {name: (None if target is None else steps_to(run, target)) for name, run in runs.items()}
+    ``compression``), max accuracy, the seeds and the speed-up, beside the paper's. A row of several seeds gives their
+    mean and range (steps: geometric mean over the seeds that reach the target)."""
     inception = runs.get("inception")
     compressed = any(run.compression is not None for run in runs.values())
     rows = []
     for name, run in runs.items():
         paper = PAPER.fig3(name)  # None for a row with overrides, or a recipe the paper's table leaves out
         paper_steps, paper_max = (paper.steps, paper.max_top1) if paper else (None, None)
-        row = {"Model": run.label, "Steps to target": _reached(run, steps[name], target, paper=False)}
+        row = {"Model": run.label, "Steps to target": steps_cell(run, target, paper=False)}
         if compressed:
-            row["Paper-equivalent steps to target"] = (_reached(run, steps[name], target, paper=True)
-                                                       if run.compression is not None else "no compression recorded")
+            row["Paper-equivalent steps to target"] = (steps_cell(run, target, paper=True)
+                                                       if all(r.compression is not None for r in run.seeds)
+                                                       else "no compression recorded")
         speedup = "—"
         if inception is not None:
-            speedup = _speedup(*comparable([inception, run], [steps["inception"], steps[name]]))
+            both = all(r.compression is not None for r in (*inception.seeds, *run.seeds))  # else this profile's steps
+            speedup = _speedup(typical_steps(inception, target, both), typical_steps(run, target, both))
         row.update({
-            "Max accuracy": _percent(run.max_top1),
-            "Other seeds' max": other_seeds_max(run),
+            "Max accuracy": max_text(run),
+            "Seeds": "/".join(str(r.seed) for r in run.seeds),
             "Speed-up vs Inception": speedup,
             f"Paper: steps to {_percent(PAPER.imagenet.target)}": paper_steps_text(paper_steps),
             "Paper: max accuracy": _percent(paper_max),
@@ -354,50 +539,106 @@ def figure_name(profile: str) -> str:
     return "fig2_imagenet_" + re.sub(r"[^A-Za-z0-9_.-]", "_", profile)
 
 
+def seed_curve(run: Run) -> pd.DataFrame:
+    """Fig. 2's line and band for a row of several seeds, indexed by step: ``mean``, ``min`` and ``max`` top-1 over the
+    seeds with a finite value at that step, how many those are (``n``), and ``lagging`` (one of them evaluated BN with
+    moving averages there). The steps are those every seed evaluated, a diverged seed counting as evaluated (without a
+    value) after its divergence: seeds of one recipe share their evaluation steps, and where they do not (a budget
+    changed between them), a mean over the common steps compares like with like."""
+    values, lagging, evaluated = {}, {}, []
+    for r in run.seeds:
+        curve = r.curve.assign(lagging=r.lagging).drop_duplicates("step", keep="last").set_index("step")
+        values[r.seed], lagging[r.seed] = curve.top1.astype(float), curve.lagging.astype(bool)
+        evaluated.append((set(r.metrics.step.astype(int)), r.diverged_at))
+    top1 = pd.DataFrame(values).sort_index()
+    common = [all(step in steps or (diverged is not None and step > diverged) for steps, diverged in evaluated)
+              for step in top1.index]
+    top1 = top1[common]
+    flags = pd.DataFrame(lagging).reindex(top1.index).fillna(False).astype(bool)
+    frame = pd.DataFrame({"mean": top1.mean(axis=1), "min": top1.min(axis=1), "max": top1.max(axis=1),
+                          "n": top1.count(axis=1), "lagging": flags.any(axis=1)})
+    return frame[frame.n > 0]
+
+
+def _x(run: Run, steps: pd.Series, paper: bool) -> pd.Series:
+    """Steps of ``run`` on Fig. 2's x-axis: paper-equivalent where ``paper``."""
+    return steps / run.compression if paper else steps
+
+
+def _draw_one_seed(ax: plt.Axes, run: Run, colour: str, style: str, paper: bool) -> tuple[pd.Series, pd.Series,
+                                                                                         pd.Series]:
+    """A row of one seed: its run's line, an x at a diverged run's last finite evaluation; returns the line's x, y and
+    which points lag (for ``figure_2`` to mark)."""
+    curve = run.curve
+    x, label = _x(run, curve.step, paper), run.label
+    if run.diverged_at is not None:
+        equivalent = f", {paper_steps_text(paper_equivalent(run, run.diverged_at))} paper-equivalent" if paper else ""
+        label += f" (diverged at step {run.diverged_at:,}{equivalent})"
+    ax.plot(x, curve.top1, color=colour, label=label, linewidth=1.5, linestyle=style)
+    if run.diverged_at is not None and len(curve):
+        ax.plot(x.iloc[-1], curve.top1.iloc[-1], marker="x", markersize=10, markeredgewidth=2, color=colour)
+    return x, curve.top1, run.lagging
+
+
+def _draw_seeds(ax: plt.Axes, run: Run, colour: str, style: str, paper: bool) -> tuple[pd.Series, pd.Series,
+                                                                                      pd.Series]:
+    """A row of several seeds: the seed mean (``seed_curve``) as the line, a shaded min-max band, an x at each diverged
+    seed's own last finite evaluation; the legend says how many seeds, and how many diverged."""
+    frame, runs = seed_curve(run), run.seeds
+    diverged = [r for r in runs if r.diverged_at is not None]
+    x = _x(run, frame.index.to_series(), paper)
+    label = f"{run.label} (mean of {len(runs)} seeds, band: min-max"
+    label += f"; {len(diverged)} of {len(runs)} diverged)" if diverged else ")"
+    ax.fill_between(x, frame["min"], frame["max"], color=colour, alpha=0.12, linewidth=0)
+    ax.plot(x, frame["mean"], color=colour, label=label, linewidth=1.5, linestyle=style)
+    for r in diverged:
+        if len(r.curve):
+            last = r.curve.iloc[-1]
+            ax.plot(_x(r, last.step, paper), last.top1, marker="x", markersize=8, markeredgewidth=2, color=colour)
+    return x, frame["mean"], frame.lagging
+
+
 def figure_2(profile: str, runs: dict[str, Run], target: float | None, out: Path) -> list[Path]:
     """Fig. 2: single-crop validation top-1 vs training steps (paper-equivalent steps, step / compression, where
-    every run's manifest carries ``compression``), one line per row, each its own colour and style (``line_styles``);
-    a diverged run's line stops at its last finite evaluation, marked with an x."""
+    every run's manifest carries ``compression``), one line per row, each its own colour and style (``line_styles``):
+    a row of one seed is its run's line, one of several seeds their mean with a min-max band (``seed_curve``); a
+    diverged run's line stops at its last finite evaluation, marked with an x (``figure_caption`` says it in words)."""
     fig, ax = plt.subplots(figsize=(7, 4.4))
-    paper = bool(runs) and all(run.compression is not None for run in runs.values())  # x in paper-equivalent steps
+    seeds = [r for row in runs.values() for r in row.seeds]
+    paper = bool(seeds) and all(r.compression is not None for r in seeds)  # x in paper-equivalent steps
     styles = line_styles(runs)
     marked = False
     for key, run in runs.items():
-        curve = run.curve
-        x = curve.step / run.compression if paper else curve.step
-        label = run.label
-        if run.diverged_at is not None:
-            equivalent = paper_steps_text(paper_equivalent(run, run.diverged_at))
-            equivalent = f", {equivalent} paper-equivalent" if paper else ""
-            label += f" (diverged at step {run.diverged_at:,}{equivalent})"
         colour, style = styles[key]
-        (line,) = ax.plot(x, curve.top1, color=colour, label=label, linewidth=1.5, linestyle=style)
-        lagging = run.lagging
+        draw = _draw_seeds if len(run.seeds) > 1 else _draw_one_seed
+        x, y, lagging = draw(ax, run, colour, style, paper)
         if lagging.any():  # BN evaluated with the moving averages: the point measures their lag (README)
-            ax.plot(x[lagging], curve.top1[lagging], linestyle="none", marker="o", markersize=4,
+            ax.plot(x[lagging], y[lagging], linestyle="none", marker="o", markersize=4,
                     markerfacecolor="white", markeredgecolor=colour, markeredgewidth=1)
             marked = True
-        if run.diverged_at is not None and len(curve):
-            ax.plot(x.iloc[-1], curve.top1.iloc[-1], marker="x", markersize=10, markeredgewidth=2,
-                    color=line.get_color())
     if marked:
         ax.plot([], [], linestyle="none", marker="o", markersize=4, markerfacecolor="white", markeredgecolor="0.3",
                 label="BN with moving averages, not Alg. 2 (lagging)")
     if target is not None:
         what = "paper's target" if profile == "paper" else "target: Inception's max"
         ax.axhline(target, color="0.5", linestyle=":", linewidth=1, label=f"{what} ({100 * target:.1f}%)")
-    batches = sorted({r.manifest["global_batch"] // r.manifest.get("replicas", 1) for r in runs.values()
+    batches = sorted({r.manifest["global_batch"] // r.manifest.get("replicas", 1) for r in seeds
                       if "global_batch" in r.manifest})  # a step is one mini-batch of the profile's size
     steps = "training steps" + (f" (mini-batches of {'/'.join(map(str, batches))})" if batches else "")
     if paper:
-        factors = sorted({round(1 / run.compression) for run in runs.values()})
-        steps = f"paper-equivalent steps (step / compression; one step here = {'/'.join(map('{:,}'.format, factors))} "
-        steps += "paper steps)"
+        factors = sorted({round(1 / r.compression) for r in seeds})
+        steps = f"paper-equivalent steps\n(step / compression; one step here = {'/'.join(map('{:,}'.format, factors))} "
+        steps += "paper steps)"  # two lines: the axes' scale (1e7) is printed at the right end of the first
     ax.set(xlabel=steps, ylabel="validation top-1 (single crop)", ylim=(0, None))
     ax.set_title(f"Fig. 2 reproduced, profile {profile}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))  # plain up to 9,999 steps, then 1e4, 1e6...
-    ax.legend(loc="lower right", fontsize=8)
+    # The legend beside the axes, not on them: shaded bands fill the space a legend inside would hide. The figure
+    # widens with its longest label (its handle half an inch, a character about 0.062 inch at 8 pt), so the axes stay
+    # about 7 inches wide.
+    longest = max((len(text) for text in ax.get_legend_handles_labels()[1]), default=0)
+    fig.set_size_inches(7.5 + 0.062 * longest, 4.4)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize=8)
     fig.tight_layout()
     return save_figure(fig, out, figure_name(profile))
 
@@ -423,7 +664,7 @@ def campaign_lines(records: list[dict]) -> list[str]:
     for run in record.get("runs") or record.get("plan", []):
         state = {"done": "kept", "resume": "resumed", "new": "trained"}.get(run["state"], run["state"])
         counts[state] = counts.get(state, 0) + 1
-    done = ", ".join(f"{n} {state}" for state, n in counts.items())
+    done = ", ".join(f"{n} {state}" for state, n in counts.items()) or "none recorded yet"
     earlier = f"; {len(records) - 1} earlier campaign record(s)" if len(records) > 1 else ""
     lines = [f"- Campaign (`bnrepro reproduce`): status {record.get('status')}, the code of commit `{commit}`{dirty}, "
              f"read once before it ran; data: {data_text(record)}; runs: {done}{earlier}"]
@@ -431,22 +672,24 @@ def campaign_lines(records: list[dict]) -> list[str]:
     return lines
 
 
-def profile_section(profile: str, runs: dict[str, Run], superseded: list[Run], records: list[dict] = ()) -> str:
-    """One profile's Fig. 3 table, headed by its data, target, its latest campaign (``records``) and the run folders
-    and commits it comes from."""
-    target = target_for(profile, runs)
-    datasets = sorted({data_text(r.manifest) for r in runs.values()})
+def _target_text(profile: str, runs: dict[str, Run], target: float | None) -> str:
+    """The profile's target, said with where it comes from (Inception's lowest seed where it has several)."""
     if profile == "paper":
-        target_text = f"{_percent(PAPER.imagenet.target)}, the paper's (Inception's best single-crop top-1)"
-    elif target is None:
-        target_text = ("none: no finished `inception` run in this profile, so no steps-to-target "
-                       "(the target is Inception's best top-1)")
-    else:
-        target_text = f"{100 * target:.1f}%, the best top-1 of this profile's `inception` run (as in the paper)"
-    lines = [f"## Profile `{profile}`", "",
-             f"- Data: {'; '.join(datasets)}" + (" (**the runs used different data**)" if len(datasets) > 1 else ""),
-             f"- Target accuracy: {target_text}", *campaign_lines(list(records)),
-             "- Runs (per recipe and overrides, the latest finished run of the lowest seed; other seeds below it):"]
+        return f"{_percent(PAPER.imagenet.target)}, the paper's (Inception's best single-crop top-1)"
+    if target is None:
+        return ("none: no finished `inception` run in this profile, so no steps-to-target "
+                "(the target is Inception's best top-1)")
+    text = f"{100 * target:.1f}%, the best top-1 of this profile's `inception` run (as in the paper)"
+    inception = runs["inception"]
+    if len(inception.seeds) > 1:
+        text += (f", that of its lowest seed ({inception.seed}); the table's Inception max is the mean over its "
+                 f"{len(inception.seeds)} seeds")
+    return text
+
+
+def _run_lines(runs: dict[str, Run]) -> list[str]:
+    """Each row's run folder, seed, budget, commit and deviations, then its other seeds' folders."""
+    lines = []
     for name, run in runs.items():
         steps = run.summary.get("steps", int(run.metrics.step.max()))
         replicas = run.manifest.get("replicas", 1)
@@ -459,14 +702,54 @@ def profile_section(profile: str, runs: dict[str, Run], superseded: list[Run], r
                      + deviations_list(run.summary.get("deviations", run.manifest.get("deviations")), "", indent=4))
         for other in run.others:
             lines.append(f"    - seed {other.seed}: `{other.rel}`, status {other.manifest.get('status')}, "
-                         f"max {_percent(other.max_top1)} (in the table's \"other seeds' max\" only)")
-    lines += ["", markdown_table(fig3_table(runs, target)), ""]
+                         f"max {_percent(other.max_top1)} (in the row's seed mean and range, and Fig. 2's band)")
+    return lines
+
+
+def _data_line(runs: dict[str, Run], choice: DataChoice | None) -> str:
+    """The data of the runs shown (the chosen data's where none is shown yet), and what chose it."""
+    datasets = sorted({data_text(r.manifest) for row in runs.values() for r in row.seeds})
+    if not datasets and choice is not None:
+        datasets = [data_text(choice.reference)]
+    source = f" ({choice.source})" if choice is not None else ""
+    return (f"- Data: {'; '.join(datasets)}{source}"
+            + (" (**the runs used different data**)" if len(datasets) > 1 else ""))
+
+
+def figure_caption(profile: str, runs: dict[str, Run]) -> str:
+    """What Fig. 2 draws, in words: above all what a row of several seeds' line and band are."""
+    text = (f"*Fig. 2, profile `{profile}`:* single-crop validation top-1 against steps, one line per row of the "
+            "table; a diverged run's line stops at its last finite evaluation, marked with an x.")
+    if any(len(run.seeds) > 1 for run in runs.values()):
+        text += (" A row of several seeds is drawn as the mean top-1 over its seeds at each step all of them "
+                 "evaluated, with a shaded band from the lowest to the highest seed there; the legend gives the "
+                 "number of seeds. A diverged seed has no value after its divergence (an x marks its last finite "
+                 "evaluation): from there the line is the mean over the seeds still finite and the band their "
+                 "range, and the legend says how many diverged.")
+    return text
+
+
+def profile_section(profile: str, runs: dict[str, Run], superseded: list[Run], records: list[dict] = (),
+                    other: list[Run] = (), choice: DataChoice | None = None) -> str:
+    """One profile's Fig. 3 table, headed by its data (``choice``), target, its latest campaign (``records``) and the
+    run folders and commits it comes from; the runs on other data (``other``) named in one line."""
+    target = target_for(profile, runs)
+    lines = [f"## Profile `{profile}`", "", _data_line(runs, choice),
+             f"- Target accuracy: {_target_text(profile, runs, target)}", *campaign_lines(list(records))]
+    if runs:
+        lines += ["- Runs (per recipe and overrides, the latest finished run of the lowest seed; other seeds below "
+                  "it):", *_run_lines(runs), "", markdown_table(fig3_table(runs, target)), ""]
+    else:
+        lines += ["- Runs: no finished run on this data yet.", ""]
     notes = [f"{runs[name].label}: {note}." for name, note in PAPER.notes.items() if name in runs]
     if notes:
         lines += ["Not in the paper's table: " + " ".join(notes), ""]
     if superseded:
         lines += ["Older finished runs, not shown: " + ", ".join(f"`{r.rel}` ({r.recipe})" for r in superseded), ""]
-    lines += [f"![Fig. 2, profile {profile}]({figure_name(profile)}.png)", ""]
+    if other:
+        lines += [other_data_line(list(other), choice, lambda r: f"`{r.rel}` ({r.recipe}, seed {r.seed})"), ""]
+    if runs:
+        lines += [f"![Fig. 2, profile {profile}]({figure_name(profile)}.png)", "", figure_caption(profile, runs), ""]
     return "\n".join(lines)
 
 
@@ -477,8 +760,10 @@ def rounded_speedup() -> str:
             f"{_speedup(inception, x5)} down to \"{PAPER.imagenet.speedup_in_text:g} times fewer steps\".")
 
 
-def markdown(by_profile: dict[str, dict[str, Run]], runs: list[Run], records: dict[str, list[dict]] | None = None
-             ) -> str:
+def markdown(by_profile: dict[str, dict[str, Run]], runs: list[Run], records: dict[str, list[dict]] | None = None,
+             other: list[Run] = (), choices: dict[str, DataChoice] | None = None) -> str:
+    """imagenet.md: the conventions, then each profile's section (``profile_section``), the runs on its chosen data
+    (``runs``, rows ``by_profile``) and those on other data (``other``) named."""
     shown = {r.path for chosen in by_profile.values() for row in chosen.values() for r in (row, *row.others)}
     lines = ["# ImageNet (paper Sec. 4.2, Fig. 2 and Fig. 3)", "",
              "A step is one mini-batch of the profile's batch size, the paper's unit, however many replicas "
@@ -495,25 +780,41 @@ def markdown(by_profile: dict[str, dict[str, Run]], runs: list[Run], records: di
              "`compression` (this profile's steps per paper step), through the paper-equivalent steps (step / "
              f"compression), which Fig. 2 then has on its x-axis. {rounded_speedup()} "
              "Each recipe with each set of `--set` overrides (step budgets aside) is a row: the latest finished run "
-             "of its lowest seed; the other seeds' runs appear only in \"Other seeds' max\" and in the seed spread "
-             "of claims.md. Speed-ups are over paper-equivalent steps where both runs carry `compression`. "
+             "of each of its seeds. A row of one seed shows its run. A row of several seeds shows, in the table, the "
+             "mean of its seeds' max accuracy with their range (lowest-highest) and the geometric mean of their "
+             "steps to target over the seeds that reach it, with their range, naming each seed that does not "
+             "(never, or diverged); in Fig. 2, the seeds' mean top-1 as the line and their range as a shaded band. "
+             "The target stays the best top-1 of Inception's lowest seed; claims.md's rules v2 judge all seeds with "
+             "noise bands. Speed-ups are ratios of steps to target (over several seeds, of the geometric means), in "
+             "paper-equivalent steps where all the runs carry `compression`. "
+             "Each profile shows the runs on one data set: that of its latest campaign record (`results/campaign`), "
+             "else that of its latest finished run. Its runs on other data (an earlier campaign under the same "
+             "profile name) are named in one line under its table and shown nowhere, claims.md and ensemble.md "
+             "included. Data compare by digest; a manifest from before the digest was recorded matches on the data "
+             "set's name, classes and training-example count, and a run the campaign record lists is on its data. "
              "Data are named by data set, counts and digest (`data_identity` in a run's manifest: the idx files' "
              "bytes, or the paths and sizes of the files of shards and class folders), never by the folder they lay "
              "in, which stays in each run's `manifest.json`; commits marked `+dirty` ran with uncommitted changes.", ""]
-    for profile, chosen in by_profile.items():
+    profiles = sorted({*by_profile, *(r.profile for r in other)}, key=profile_rank)
+    for profile in profiles:
+        chosen = by_profile.get(profile, {})
         superseded = [r for r in runs if r.profile == profile and r.path not in shown]
-        lines.append(profile_section(profile, chosen, superseded, (records or {}).get(profile, [])))
+        lines.append(profile_section(profile, chosen, superseded, (records or {}).get(profile, []),
+                                     [r for r in other if r.profile == profile], (choices or {}).get(profile)))
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def build(results: Path, out: Path) -> list[Path]:
-    runs = finished_runs(Path(results))
-    if not runs:
+    """Write imagenet.md and a Fig. 2 per profile with runs on its chosen data (``data_choices``); [] without any
+    finished run."""
+    choices = data_choices(Path(results))
+    runs, other = split_by_data(finished_runs(Path(results)), choices)
+    if not runs and not other:
         return []
     check_writable(out)
     by_profile = latest_per_recipe(runs)
     written = []
     for profile, chosen in by_profile.items():
         written += figure_2(profile, chosen, target_for(profile, chosen), out)
-    atomic_write(out / "imagenet.md", markdown(by_profile, runs, campaigns(Path(results))))
+    atomic_write(out / "imagenet.md", markdown(by_profile, runs, campaigns(Path(results)), other, choices))
     return [*written, out / "imagenet.md"]
