@@ -1,19 +1,23 @@
 """ImageNet-recipe training speed: `bnrepro imagenet`'s update against a plain PyTorch loop doing the same work.
 
 Both sides train the Fig. 5 network (bnrepro.models.inception) at the same width, resolution, batch and recipe
-arithmetic (BN-x5 by default: SGD with momentum, L2 on the weights, the recipe's augmentation), on Fashion-MNIST,
-in one invocation; warm-up updates are left out of the timing.
+arithmetic (BN-x5 by default: SGD with momentum, L2 on the weights, the recipe's augmentation) at one profile (the
+cpu profile by default: CIFAR-10, 32 px, width 1/4, batch 128), on the same data, in one invocation; warm-up updates
+are left out of the timing.
 
-- plain: what one writes first: torchvision's `FashionMNIST` dataset, transforms v2 per example
-  (RandomResizedCrop, flip, ColorJitter, ToDtype, Normalize), a DataLoader with worker processes, and the
+- plain: what one writes first: torchvision's dataset for the data (`ImageFolder` for class folders such as
+  shared/data/cifar10's JPEGs, `CIFAR10` for its python batches, `FashionMNIST` for idx files), transforms v2 per
+  example (RandomResizedCrop, flip, ColorJitter, ToDtype, Normalize), a DataLoader with worker processes, and the
   network as it is usually written: four branches per module, each with its own convolutions, and
   `nn.BatchNorm2d`; in NCHW and again in channels_last.
-- bnrepro: the task `bnrepro imagenet` builds (the idx files held in memory as one uint8 tensor, augmented a
+- bnrepro: the task `bnrepro imagenet` builds (the images held in memory as one uint8 tensor, augmented a
   mini-batch at a time on the device with each example's own seed, channels_last, torch's fused BN kernel) and
   the trainer's update (bnrepro.experiments.imagenet.time_training).
 
-    python benchmarks/bench_imagenet.py                                  # ../shared/data/fashion-mnist/raw, 2 cores
-    python benchmarks/bench_imagenet.py --width 1 --resolution 224 --batch 64 --device cuda --synthetic
+    python benchmarks/bench_imagenet.py                                  # ../shared/data/cifar10, 2 cores
+    python benchmarks/bench_imagenet.py --data ../shared/data/fashion-mnist/raw --profile proxy \
+        --set profiles.proxy.resolution=32 --set profiles.proxy.width=0.25 --set profiles.proxy.batch_size=128
+    python benchmarks/bench_imagenet.py --profile paper --device cuda --synthetic
 
 Also printed: where bnrepro's time goes (data vs step), the compute bound (multiply-adds x 6 per training
 image against this machine's measured GFLOP/s for the network's own convolutions, forward and backward, with no
@@ -35,10 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from torchvision.datasets import FashionMNIST
+from torchvision.datasets import CIFAR10, FashionMNIST, ImageFolder
 from torchvision.transforms import v2
 
 from bnrepro import recipes
+from bnrepro.data.transforms import crop_min_area
 from bnrepro.engine.distributed import SINGLE_PROCESS
 from bnrepro.engine.timing import clock
 from bnrepro.experiments import imagenet as experiment
@@ -47,7 +52,7 @@ from bnrepro.models.batchnorm import BatchNorm
 from bnrepro.models.inception import Inception, count_flops
 from bnrepro.runs import device_name
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "fashion-mnist" / "raw"
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10"
 
 
 class FourBranches(nn.Module):
@@ -89,29 +94,40 @@ def with_torch_bn(model: nn.Module) -> nn.Module:
     return model
 
 
-def plain_loop(recipe: recipes.ImagenetRecipe, profile: recipes.Profile, raw: Path, device: torch.device,
+def plain_dataset(data_dir: Path, scratch: Path, transform: v2.Compose) -> torch.utils.data.Dataset:
+    """The training set as torchvision reads it: class folders (``train/<class>/``), CIFAR-10's python batches, or
+    Fashion-MNIST's idx .gz files (unpacked into ``scratch``, where torchvision wants them)."""
+    if (data_dir / "train").is_dir():
+        return ImageFolder(str(data_dir / "train"), transform=transform)
+    if (data_dir / "batches.meta").is_file() or (data_dir / "cifar-10-batches-py").is_dir():
+        root = data_dir if (data_dir / "cifar-10-batches-py").is_dir() else data_dir.parent
+        return CIFAR10(str(root), train=True, transform=transform)
+    folder = scratch / "FashionMNIST" / "raw"
+    folder.mkdir(parents=True)
+    for gz in data_dir.glob("*-ubyte.gz"):
+        with gzip.open(gz) as src, open(folder / gz.stem, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return FashionMNIST(str(scratch), train=True, transform=transform)
+
+
+def plain_loop(recipe: recipes.ImagenetRecipe, profile: recipes.Profile, data_dir: Path, device: torch.device,
                steps: int, warmup: int, workers: int, channels_last: bool) -> tuple[float, float]:
     """The network trained the ordinary way; returns (images/s of training, images/s of the loader alone)."""
     data = recipe.data
     transform = v2.Compose([
         v2.ToImage(), v2.RGB(),
-        v2.RandomResizedCrop(profile.resolution, scale=(data.crop_min_area, 1.0), ratio=data.crop_aspect,
-                             antialias=True),
+        v2.RandomResizedCrop(profile.resolution, scale=(crop_min_area(recipe, profile), 1.0),
+                             ratio=data.crop_aspect, antialias=True),
         *([v2.RandomHorizontalFlip()] if data.flip else []),
         v2.ColorJitter(**data.photometric[recipe.train.distortions].model_dump()),
         v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.mean, data.std),
     ])
-    with tempfile.TemporaryDirectory() as root:  # torchvision wants FashionMNIST/raw with the files unpacked
-        folder = Path(root, "FashionMNIST", "raw")
-        folder.mkdir(parents=True)
-        for gz in raw.glob("*-ubyte.gz"):
-            with gzip.open(gz) as src, open(folder / gz.stem, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        dataset = FashionMNIST(root, train=True, transform=transform)
+    with tempfile.TemporaryDirectory() as root:
+        dataset = plain_dataset(data_dir, Path(root), transform)
         loader = DataLoader(dataset, batch_size=profile.batch_size, shuffle=True, num_workers=workers,
                             pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0)
         torch.manual_seed(0)
-        model = plain_network(inception.InceptionConfig(recipe.model, profile.width, 10)).to(device)
+        model = plain_network(inception.InceptionConfig(recipe.model, profile.width, len(dataset.classes))).to(device)
         memory = torch.channels_last if channels_last else torch.contiguous_format
         model = model.to(memory_format=memory)
         t = recipe.train
@@ -172,11 +188,11 @@ def compute_only(model: nn.Module, batch: int, resolution: int, device: torch.de
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DATA, help="Fashion-MNIST's raw idx .gz files")
+    parser.add_argument("--data", type=Path, default=DATA,
+                        help="class folders (train/<class>/), CIFAR-10's python batches or Fashion-MNIST's idx files")
     parser.add_argument("--recipe", default="bn-x5")
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--width", type=float, default=0.25, help="the network's width multiplier")
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--profile", default="cpu", help="the recipe's profile: resolution, width, batch")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="a recipe override, KEY=VALUE")
     parser.add_argument("--steps", type=int, default=40, help="timed updates per side")
     parser.add_argument("--warmup", type=int, default=5, help="updates before the timing starts")
     parser.add_argument("--workers", type=int, default=2, help="the plain loop's DataLoader workers")
@@ -184,15 +200,14 @@ def main() -> None:
     parser.add_argument("--synthetic", action="store_true", help="random images on both sides' place: the step alone")
     args = parser.parse_args()
 
-    settings = [f"profiles.proxy.resolution={args.resolution}", f"profiles.proxy.width={args.width}",
-                f"profiles.proxy.batch_size={args.batch}"]
-    recipe = recipes.load(args.recipe, settings)
-    profile = recipe.profiles["proxy"]
+    recipe = recipes.load(args.recipe, args.overrides)
+    profile = recipe.profiles[args.profile]
     options = experiment.Options(args.data, device=args.device, show_progress=False)
-    ours, ours_data, task = bnrepro_loop(recipe, "proxy", options, args.steps, args.warmup, args.synthetic)
+    ours, ours_data, task = bnrepro_loop(recipe, args.profile, options, args.steps, args.warmup, args.synthetic)
     device = task.device
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     resident_mib = sum(s.pixels.numel() for s in (task.train_split, task.val_split) if s.pixels is not None) / 2**20
+    classes = len(task.train_split.classes)
     del task
     rows = [("bnrepro imagenet", ours, ours_data)]
     if not args.synthetic:
@@ -200,17 +215,18 @@ def main() -> None:
             rate, loading = plain_loop(recipe, profile, args.data, device, args.steps, args.warmup, args.workers,
                                        memory)
             rows.insert(len(rows) - 1, (f"plain PyTorch, {'channels_last' if memory else 'NCHW'}", rate, loading))
-    model = Inception(inception.InceptionConfig(recipe.model, profile.width, 10))
-    macs = count_flops(model, args.resolution)
-    alone = compute_only(model.to(device, memory_format=torch.channels_last), args.batch, args.resolution, device,
-                         args.steps)
-    plain = plain_network(inception.InceptionConfig(recipe.model, profile.width, 10)).to(device)
-    nchw = compute_only(plain, args.batch, args.resolution, device, args.steps)
+    model = Inception(inception.InceptionConfig(recipe.model, profile.width, classes))
+    macs = count_flops(model, profile.resolution)
+    alone = compute_only(model.to(device, memory_format=torch.channels_last), profile.batch_size,
+                         profile.resolution, device, args.steps)
+    plain = plain_network(inception.InceptionConfig(recipe.model, profile.width, classes)).to(device)
+    nchw = compute_only(plain, profile.batch_size, profile.resolution, device, args.steps)
 
     print(f"device: {device_name(device)}; torch {torch.__version__}; "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; {torch.get_num_threads()} threads")
-    print(f"recipe {recipe.label}: {args.resolution} px, width x{args.width:g}, batch {args.batch}; {args.steps} "
-          f"updates timed after {args.warmup}; data: {'synthetic' if args.synthetic else args.data}")
+    print(f"recipe {recipe.label} at profile {args.profile}: {profile.resolution} px, width x{profile.width:g}, "
+          f"batch {profile.batch_size}; {args.steps} updates timed after {args.warmup}; "
+          f"data: {'synthetic' if args.synthetic else args.data}")
     print(f"network: {macs / 1e6:.2f} M multiply-adds per image forward = {6 * macs / 1e6:.1f} MFLOP per training "
           f"image (x2 FLOPs per multiply-add, x3 forward and backward)")
     print(f"compute alone (one batch on the device, no data): {alone:,.0f} images/s = "

@@ -158,8 +158,11 @@ def _stopped(stop: Interrupted, command: str, data_dir: Path | None, device: str
 @app.command()
 def imagenet(
     recipe: Annotated[str | None, typer.Option(help="Recipe to train, e.g. bn-x30 (`bnrepro recipes list`).")] = None,
-    profile: Annotated[str, typer.Option(help="paper (ImageNet), proxy (small data, one GPU) or smoke.")] = "paper",
-    dataset_dir: Annotated[Path | None, typer.Option(help="train/ and val/ class folders, or packed shards.")] = None,
+    profile: Annotated[str, typer.Option(
+        help="paper (ImageNet), proxy (small data, one GPU), cpu (CIFAR-10 on a laptop) or smoke.")] = "paper",
+    dataset_dir: Annotated[Path | None, typer.Option(
+        help="train/ and val/ class folders, packed shards, idx files or CIFAR-10's python batches (default at "
+             "profile cpu: CIFAR-10, downloaded once into the user cache).")] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps (default: the profile's budget).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights, data order and augmentation.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (under torchrun: one GPU per process).")] = "auto",
@@ -214,8 +217,9 @@ def imagenet(
         if resume is not None:
             run_dir = experiment.resume(resume, replicas, dataset_dir, **how)
         else:
-            if recipe is None or dataset_dir is None:
-                raise UserError("give --recipe NAME and --dataset-dir DIR (or --resume RUN_FOLDER)")
+            if recipe is None:
+                raise UserError("give --recipe NAME (or --resume RUN_FOLDER)")
+            dataset_dir = dataset_dir or experiment.profile_data(recipe, profile)  # cpu: CIFAR-10, downloaded once
             options = experiment.Options(dataset_dir, seed=seed, resident=resident, deterministic=deterministic, **how)
             run_dir = experiment.run(recipe, profile, overrides, options, out, replicas)
     finally:
@@ -303,8 +307,9 @@ def pd_table(csv: Path) -> Table:
 
 @app.command()
 def reproduce(
-    profile: Annotated[str, typer.Option(help="cpu (a 2-core CPU, about an hour), proxy or paper (GPUs).")] = "cpu",
-    dataset_dir: Annotated[Path | None, typer.Option(help="The profile's data: for cpu, Fashion-MNIST's raw folder.")
+    profile: Annotated[str, typer.Option(help="cpu (CIFAR-10 on a 2-core CPU, hours), proxy or paper (GPUs).")] = "cpu",
+    dataset_dir: Annotated[Path | None, typer.Option(
+        help="The profile's data (default at cpu: CIFAR-10, downloaded once into the user cache).")
                            ] = None,
     results: Annotated[Path, typer.Option(help="Where the runs, the ensemble and the report go.")] = Path("results"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -332,9 +337,8 @@ def reproduce(
     if workers is not None and workers < 0:
         raise UserError(f"--workers must be 0 or more, not {workers}")
     limit = campaign.val_limit(profile, val_limit)  # None given: the campaign's for the profile (paper.yaml)
-    if dataset_dir is None and not dry_run:
-        raise UserError("give --dataset-dir DIR (for --profile cpu: Fashion-MNIST's raw folder, e.g. "
-                        "../shared/data/fashion-mnist/raw)")
+    if dataset_dir is None and not dry_run:  # cpu: CIFAR-10, downloaded once into the user cache
+        dataset_dir = campaign.profile_data(profile)
     commit = None if dry_run else campaign.load_code(allow_dirty)
     data = None if dataset_dir is None else sources.data_identity(dataset_dir)
     steps = campaign.plan(profile, results, data)

@@ -105,11 +105,11 @@ class Mnist(Frozen):
 
 
 class CampaignRun(Frozen):
-    """A run ``bnrepro reproduce`` plans: a recipe, or a variant (recipe and overrides), with a seed and a reason."""
+    """A run ``bnrepro reproduce`` plans (at each of the campaign's seeds): a recipe, or a variant (recipe and
+    overrides), and why it is there."""
 
     recipe: str | None = None
     variant: str | None = None
-    seed: int = Field(0, ge=0)
     why: str
 
     @model_validator(mode="after")
@@ -136,6 +136,7 @@ class CampaignProfile(Frozen):
 
 class Campaign(Frozen):
     ensemble: str  # the ensemble recipe: its members follow ``runs`` in the plan
+    seeds: int = Field(gt=0)  # every run of ``runs`` at seeds 0 .. seeds - 1
     runs: tuple[CampaignRun, ...] = Field(min_length=1)
     profiles: dict[str, CampaignProfile] = {}
 
@@ -205,12 +206,15 @@ class Paper(Frozen):
         return {(v.stem, tuple(sorted(v.overrides))): v.label for v in self.variants.values()}
 
     def planned(self) -> list[Planned]:
-        """The campaign's runs before the ensemble's members, in order, each variant as its recipe and overrides."""
+        """The campaign's runs before the ensemble's members, in order: every run at seed 0, then every run at seed 1,
+        and so on (a campaign stopped part way has every recipe at its first seeds), each variant as its recipe and
+        overrides."""
         found = []
-        for run in self.campaign.runs:
-            variant = self.variants.get(run.variant) if run.variant else None
-            recipe, overrides = (variant.recipe, variant.overrides) if variant else (run.recipe, ())
-            found.append(Planned(recipe, run.seed, overrides, run.why))
+        for seed in range(self.campaign.seeds):
+            for run in self.campaign.runs:
+                variant = self.variants.get(run.variant) if run.variant else None
+                recipe, overrides = (variant.recipe, variant.overrides) if variant else (run.recipe, ())
+                found.append(Planned(recipe, seed, overrides, run.why))
         return found
 
 

@@ -196,7 +196,8 @@ class ImagenetData(Strict):
 class Profile(Strict):
     """A scale at which a recipe runs: data set, resolution, batch and budgets, all in steps."""
 
-    dataset: str = Field(description="imagenet, fashion-mnist, or generated (tests)")
+    dataset: str = Field(description="imagenet, cifar10, fashion-mnist, or generated (tests): what the profile was "
+                                     "made for (a run records the data it opened)")
     resolution: int = Field(gt=0)
     width: float = Field(1.0, gt=0, le=1, description="the network's width: every filter count of Fig. 5 (the "
                                                          "stem's too) times this; 1 is the paper's network")
@@ -210,6 +211,9 @@ class Profile(Strict):
     compression: float | None = Field(None, gt=0, description="this profile's steps per paper step: set, the "
                                       "learning-rate decay runs on paper-equivalent steps (step / compression), so "
                                       "a budget of compression x the paper's spans as many decays as the paper's")
+    crop_min_area: float | None = Field(None, gt=0, le=1, description="the random-size crop's smallest fraction of "
+                                        "the area at this profile (None: the recipe's data.crop_min_area), where its "
+                                        "images are too small for the paper's (a recorded deviation)")
     shard_size: int = Field(1000, gt=0,
                             description="class folders: examples per virtual shard (stored order by path hash)")
 

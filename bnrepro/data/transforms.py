@@ -82,13 +82,19 @@ class Transforms:
         return batched.evaluation_view(images, self.resolution, self.eval_resize)
 
 
+def crop_min_area(recipe: ImagenetRecipe, profile: Profile) -> float:
+    """The random-size crop's smallest area at ``profile``: its own where it sets one (small images), else the
+    recipe's."""
+    return recipe.data.crop_min_area if profile.crop_min_area is None else profile.crop_min_area
+
+
 def transforms_for(recipe: ImagenetRecipe, profile: Profile) -> Transforms:
     """The recipe's data settings (crop, flip, distortions, resize, mean and std) at the profile's resolution."""
     data, resolution = recipe.data, profile.resolution
+    area = crop_min_area(recipe, profile)
     photometric = data.photometric[recipe.train.distortions].model_dump()
     return Transforms(
-        train=training_transform(resolution, data.crop_min_area, data.crop_aspect, data.flip, photometric),
+        train=training_transform(resolution, area, data.crop_aspect, data.flip, photometric),
         eval=evaluation_transform(resolution, data.eval_resize),
-        train_batch=batched.TrainingAugment(resolution, data.crop_min_area, data.crop_aspect, data.flip,
-                                            **photometric),
+        train_batch=batched.TrainingAugment(resolution, area, data.crop_aspect, data.flip, **photometric),
         resolution=resolution, eval_resize=data.eval_resize, normalize=Normalize(data.mean, data.std))

@@ -33,7 +33,7 @@ from bnrepro.data.resident import make_resident
 from bnrepro.data.resident import synthetic as synthetic_splits
 from bnrepro.data.sources.folders import imagenet_wnids
 from bnrepro.data.split import Split
-from bnrepro.data.transforms import transforms_for
+from bnrepro.data.transforms import crop_min_area, transforms_for
 from bnrepro.engine import checkpoint
 from bnrepro.engine.distributed import Replicas
 from bnrepro.engine.precision import autocast, configure_kernels, precision
@@ -306,6 +306,11 @@ def _scale_deviations(recipe: ImagenetRecipe, task: ImagenetTask) -> list[str]:
     if profile.steps != paper.steps:
         found.append(f"budget {profile.steps:,} steps ({profile.epochs(profile.steps):,.1f} epochs of this data), "
                      f"not the paper profile's {paper.steps:,}")
+    area = crop_min_area(recipe, profile)
+    if area != recipe.data.crop_min_area:
+        crops = "no random-size crops (the whole image, flips only)" if area == 1 else \
+            f"random-size crops of {area:.0%}-100% of the image's area"
+        found.append(f"{crops}, not the recipe's crops of {recipe.data.crop_min_area:.0%}-100%")
     if profile.compression:
         found.append(f"time compressed: a step here stands for {1 / profile.compression:,.0f} paper steps; the "
                      f"budget and the learning-rate decay are the paper's x{profile.compression:.3g}")
@@ -326,6 +331,11 @@ def _replica_deviations(recipe: ImagenetRecipe, task: ImagenetTask) -> list[str]
     if factor != 1:
         found.append(f"learning rate x{factor:g}: global batch {world * profile.batch_size} against the paper's "
                      f"{paper.batch_size} (train.lr_scaling={recipe.train.lr_scaling})")
+    if profile.compression:  # L2's coefficient is kept, so its total pull over the run shrinks with the budget
+        shrinkage = profile.compression * factor
+        found.append(f"L2 over the run: the total shrinkage sum(lr x weight decay) is 1/{1 / shrinkage:,.0f} of the "
+                     f"paper's (compression x{profile.compression:.3g}, learning rate x{factor:g}), so the weight "
+                     f"decay (change 3) can barely act")
     if task.device.type == "cuda":
         found.append("bf16 autocast (the paper does not state its precision; 2015 training was fp32)")
     return found
@@ -371,6 +381,15 @@ def _imagenet_recipe(recipe_name: str, overrides: list[str]) -> ImagenetRecipe:
     if not isinstance(recipe, ImagenetRecipe):
         raise UserError(f"recipe '{recipe_name}' is a {recipe.experiment} recipe, not an ImageNet one")
     return recipe
+
+
+def profile_data(recipe_name: str, profile_name: str) -> Path:
+    """The data of ``recipe_name`` at ``profile_name`` when no folder is given: the profile's data set downloaded
+    into the user cache if bnrepro can fetch it (CIFAR-10 for the cpu profile), else a request for --dataset-dir."""
+    recipe = _imagenet_recipe(recipe_name, [])
+    if profile_name not in recipe.profiles:
+        raise UserError(f"recipe '{recipe_name}' has no profile '{profile_name}' ({', '.join(recipe.profiles)})")
+    return sources.fetch(recipe.profiles[profile_name].dataset)
 
 
 def run(recipe_name: str, profile_name: str, overrides: list[str], options: Options, out: Path,

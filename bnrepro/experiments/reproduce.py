@@ -79,9 +79,14 @@ def campaign() -> list[Planned]:
             *(Planned(member, why="Fig. 4: ensemble member") for member in ensemble.members)]
 
 
+def profile_data(profile: str) -> Path:
+    """The campaign's data when no folder is given: its first recipe's at ``profile`` (``imagenet.profile_data``)."""
+    return imagenet.profile_data(campaign()[0].recipe, profile)
+
+
 def val_limit(profile: str, given: int | None = None) -> int | None:
     """The validation images the ensemble evaluates: ``given`` (--val-limit), else the campaign's for ``profile``
-    (paper.yaml: 1,000 at cpu, whose CPU evaluates 144 crops of each per member; all elsewhere); None: all."""
+    (paper.yaml; all of them unless it names a limit); None: all."""
     return given if given is not None else PAPER.campaign.val_limit(profile)
 
 

@@ -18,6 +18,7 @@ from bnrepro.data.split import Split
 from bnrepro.errors import UserError
 
 FORMATS = (shards, folders, idx, cifar)  # asked in this order: shards beside their source folders win
+FETCHERS = {"cifar10": cifar.fetch}  # a profile's data set (recipe ``profiles.<p>.dataset``) bnrepro can download
 IDENTITY_VERSION = "bnrepro data identity v1"
 
 
@@ -36,6 +37,16 @@ def open_split(root: Path, split: str, classes: list[str] | None = None, shard_s
                         f"{root}/{split}-*.tar shards (see `bnrepro pack`) or MNIST-format idx files")
     found = source.open_split(root, split, classes, shard_size)
     return make_resident(found) if resident else found
+
+
+def fetch(dataset: str) -> Path:
+    """The folder of a profile's ``dataset`` when no --dataset-dir is given: downloaded once into the user cache and
+    checked where bnrepro knows its official copy (CIFAR-10, the cpu profile's); else a clear request for the folder
+    (ImageNet cannot be downloaded without an account)."""
+    if dataset not in FETCHERS:
+        raise UserError(f"give --dataset-dir DIR: the profile's data set ({dataset}) is not one bnrepro downloads "
+                        f"(it fetches {', '.join(FETCHERS)})")
+    return FETCHERS[dataset]()
 
 
 def data_identity(dataset_dir: Path, train: Split | None = None, val: Split | None = None) -> dict[str, object]:
