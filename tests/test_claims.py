@@ -393,6 +393,14 @@ def test_v2_fewer_than_three_seeds_is_inconclusive_where_v1_decided(tmp_path):
     assert "max BN-X30 90.00% (seed 0) vs BN-X5 85.00%/83.00% (seeds 0/1, mean 84.00%): d = +6.00 points" in v2[3].ours
 
 
+def test_v1_keeps_the_lowest_seeds_max_as_its_target_where_v2_and_imagenet_md_take_the_mean(tmp_path):
+    results = campaign(tmp_path / "results")  # Inception's seeds: 80% (seed 0), 79% (seed 1)
+    rows = imagenet.latest_per_recipe(imagenet.finished_runs(results))["cpu"]
+    assert claims.target_v1("cpu", rows) == 0.80 == rows["inception"].max_top1
+    assert claims.target_v2("cpu", rows).level == imagenet.target_for("cpu", rows) == pytest.approx(0.795)
+    assert claims.target_v1("paper", rows) == claims.target_v2("paper", rows).level == 0.722
+
+
 def test_v2_claim_2_missed_by_less_than_the_noise_is_inconclusive(tmp_path):
     """The review's case: BN-x5's seed 0 misses T by 0.02 points; v1 says never, v2 that it cannot tell."""
     results = v2_campaign(tmp_path / "results", bn_x5=flat(140, 0.7998, 200, 10),

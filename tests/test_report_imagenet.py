@@ -14,7 +14,7 @@ from conftest import markdown_rows
 
 from bnrepro.errors import UserError
 from bnrepro.paper import PAPER
-from bnrepro.report import build, imagenet
+from bnrepro.report import build, claims, imagenet
 
 NAN = math.nan
 LABELS = {"inception": "Inception", "bn-baseline": "BN-Baseline", "bn-x5": "BN-x5", "bn-x30": "BN-x30",
@@ -103,7 +103,12 @@ def test_steps_to_target_and_speedups_by_hand(results, tmp_path):
     assert (rows["BN-Baseline"]["Steps to target"], rows["BN-Baseline"]["Speed-up vs Inception"]) == ("200", "2.0x")
     assert (rows["BN-x5"]["Steps to target"], rows["BN-x5"]["Speed-up vs Inception"]) == ("100", "4.0x")
     assert rows["BN-x5"]["Max accuracy"] == "72.0%"
-    assert "Target accuracy: 50.0%" in md
+    # one Inception seed: the target is its max, as before the mean over seeds
+    assert "Target accuracy: 50.0%, the best top-1 of this profile's `inception` run (claims v2's T; as in the " \
+        "paper, Inception's maximum)" in md
+    proxy = imagenet.latest_per_recipe(imagenet.finished_runs(results))["proxy"]
+    assert imagenet.target_for("proxy", proxy) == proxy["inception"].max_top1 == 0.5
+    assert "target: Inception's max (50.0%)" in (tmp_path / "report" / "fig2_imagenet_proxy.svg").read_text()
 
 
 def test_diverged_run_is_shown_as_diverged(results, tmp_path):
@@ -185,7 +190,7 @@ def test_markdown_table_escapes_pipes():
 def test_seeds_and_overrides_are_rows_of_their_own(tmp_path):
     root = tmp_path / "results"
     write_run(root, "a-inception", "inception", "proxy", STEPS, [0.0, 0.1, 0.2, 0.4, 0.5, 0.45], extra={"seed": 0})
-    # a later, better seed 1 does not replace seed 0's row (nor its target): it is the other seeds' max
+    # a later, better seed 1 does not replace seed 0's row: it is one of the row's other seeds
     write_run(root, "b-inception-seed1", "inception", "proxy", STEPS, [0.0, 0.2, 0.3, 0.6, 0.6, 0.6],
               started="2026-01-03T00:00:00+00:00", extra={"seed": 1})
     write_run(root, "c-inception-seed1-older", "inception", "proxy", STEPS, [0.0] * 6,
@@ -207,15 +212,17 @@ def test_seeds_and_overrides_are_rows_of_their_own(tmp_path):
     md = (tmp_path / "report" / "imagenet.md").read_text()
     rows = table_rows(md, "proxy")
     assert list(rows) == ["Inception", "BN-x5", "BN-x5, shards only (no change 6)"]
-    # two seeds of Inception: their mean and range; the target stays seed 0's max, which seed 1 reaches at 300
+    # two seeds of Inception: their mean and range; the target is the mean of their max, (50 + 60) / 2 = 55%, and
+    # each Inception seed counts to its own max: seed 0's 50% at 400, seed 1's 60% at 300
     assert rows["Inception"]["Max accuracy"] == "55.0% (50.0-60.0, 2 seeds)" and rows["Inception"]["Seeds"] == "0/1"
     assert rows["Inception"]["Steps to target"] == "346 (300-400, 2 seeds)"  # sqrt(300 x 400), a geometric mean
     assert rows["BN-x5"]["Seeds"] == "0" and rows["BN-x5"]["Max accuracy"] == "71.0%"
-    assert rows["BN-x5"]["Speed-up vs Inception"] == "3.5x"  # 346 / 100
+    assert rows["BN-x5"]["Steps to target"] == "200"  # 60% at 200 (50% at 100 is under 55%)
+    assert rows["BN-x5"]["Speed-up vs Inception"] == "1.7x"  # 346 / 200
     assert (rows["BN-x5, shards only (no change 6)"]["Steps to target"],
-            rows["BN-x5, shards only (no change 6)"]["Max accuracy"]) == ("200", "70.0%")
-    assert "Target accuracy: 50.0%, the best top-1 of this profile's `inception` run (as in the paper), that of its " \
-        "lowest seed (0)" in md
+            rows["BN-x5, shards only (no change 6)"]["Max accuracy"]) == ("300", "70.0%")
+    assert "Target accuracy: 55.0%, the mean over Inception's 2 seeds of their best top-1 (claims v2's T; as in the " \
+        "paper, Inception's maximum): 50.0%/60.0% (seeds 0/1)" in md
     assert "seed 1: `imagenet/b-inception-seed1`" in md
     assert "Older finished runs, not shown: `imagenet/c-inception-seed1-older` (inception), `imagenet/d-bn-x5`" in md
     assert "Paper-equivalent steps to target" not in md  # no manifest carries a compression
@@ -474,10 +481,11 @@ def test_fig_2_draws_the_seed_mean_with_its_band_and_says_so(tmp_path, monkeypat
 def test_fig_3_gives_a_row_of_several_seeds_as_mean_and_range(tmp_path):
     cpu = {"compression": 2.5e-4}  # a step stands for 4,000 paper steps
     steps = [0, 100, 200, 300]
-    # Inception: the target is seed 0's max, 50%, which the seeds reach at 200, 200 and 100
+    # Inception: max 50%, 52% and 56%, so the target is their mean, 52.67%; each seed counts to its own max, reached
+    # at 200, 300 and 300
     for seed, top1 in enumerate([[0.1, 0.3, 0.5, 0.5], [0.1, 0.4, 0.5, 0.52], [0.1, 0.5, 0.55, 0.56]]):
         write_run(tmp_path, f"inception-{seed}", "inception", "cpu", steps, top1, extra={**cpu, "seed": seed})
-    # BN-x5: seed 0 reaches 50% at 100; seed 1 never; seed 2 reaches it at 100, then diverges at 150
+    # BN-x5: seed 0 reaches 52.67% at 200; seed 1 never; seed 2 reaches it at 100, then diverges at 150
     write_run(tmp_path, "x5-0", "bn-x5", "cpu", steps, [0.1, 0.5, 0.6, 0.7], extra={**cpu, "seed": 0})
     write_run(tmp_path, "x5-1", "bn-x5", "cpu", steps, [0.1, 0.45, 0.49, 0.49], extra={**cpu, "seed": 1})
     write_run(tmp_path, "x5-2", "bn-x5", "cpu", steps, [0.1, 0.6, NAN, NAN], status="diverged", diverged_at=150,
@@ -487,16 +495,17 @@ def test_fig_3_gives_a_row_of_several_seeds_as_mean_and_range(tmp_path):
     rows = table_rows((tmp_path / "report" / "imagenet.md").read_text(), "cpu")
     inception, x5, baseline = rows["Inception"], rows["BN-x5"], rows["BN-Baseline"]
     assert inception["Max accuracy"] == "52.7% (50.0-56.0, 3 seeds)" and inception["Seeds"] == "0/1/2"
-    assert inception["Steps to target"] == "159 (100-200, 3 seeds)"  # (200 x 200 x 100) ** (1/3)
-    assert inception["Paper-equivalent steps to target"] == "0.6e6 (0.4e6-0.8e6, 3 seeds)"
+    assert inception["Steps to target"] == "262 (200-300, 3 seeds)"  # (200 x 300 x 300) ** (1/3): all reach it
+    assert inception["Paper-equivalent steps to target"] == "1.0e6 (0.8e6-1.2e6, 3 seeds)"
+    assert inception["Speed-up vs Inception"] == "1.0x"
     assert x5["Max accuracy"] == "59.7% (49.0-70.0, 3 seeds)"
     assert x5["Steps to target"] == \
-        "100 (100-100, 2 of 3 seeds; seed 1 never; seed 2 diverged at 150 after reaching it)"
+        "141 (100-200, 2 of 3 seeds; seed 1 never; seed 2 diverged at 150 after reaching it)"  # sqrt(100 x 200)
     assert x5["Paper-equivalent steps to target"].endswith("seed 2 diverged at 0.6e6 after reaching it)")
-    assert x5["Speed-up vs Inception"] == "1.6x"  # 159 / 100, geometric means over the seeds that reach 50%
-    # one seed: as before
-    assert (baseline["Steps to target"], baseline["Max accuracy"], baseline["Seeds"]) == ("200", "55.0%", "0")
-    assert baseline["Speed-up vs Inception"] == "0.8x"
+    assert x5["Speed-up vs Inception"] == "1.9x"  # 262 / 141, geometric means over the seeds that reach the target
+    # one seed: counted to the target like any row other than Inception
+    assert (baseline["Steps to target"], baseline["Max accuracy"], baseline["Seeds"]) == ("300", "55.0%", "0")
+    assert baseline["Speed-up vs Inception"] == "0.9x"  # 262 / 300
 
 
 def test_a_row_whose_seeds_never_reach_the_target_says_which_diverged(tmp_path):
@@ -512,3 +521,39 @@ def test_a_row_whose_seeds_never_reach_the_target_says_which_diverged(tmp_path):
     assert row["Max accuracy"] == "30.0% (30.0-30.0, 3 seeds)" and row["Speed-up vs Inception"] == "—"
     svg = (tmp_path / "report" / "fig2_imagenet_cpu.svg").read_text()
     assert "mean of 3 seeds, band: min-max; 2 of 3 diverged" in svg
+
+
+def test_the_target_is_the_mean_of_inceptions_seeds_max_each_inception_seed_counting_to_its_own(tmp_path, monkeypatch):
+    steps = [0, 100, 200, 300]
+    # Inception's seeds' max: 79% (first at 200), 80% (first at 100), 81% (at 300); T = their mean, 80%, which seed 0
+    # never reaches: counted to T, Inception's row would read "2 of 3 seeds"; counted as claims v2 counts them, each
+    # seed to its own max, all 3 reach it
+    for seed, top1 in enumerate([[0.1, 0.5, 0.79, 0.79], [0.1, 0.8, 0.8, 0.7], [0.1, 0.5, 0.6, 0.81]]):
+        write_run(tmp_path, f"inception-{seed}", "inception", "cpu", steps, top1, extra={"seed": seed})
+    write_run(tmp_path, "bn-x5", "bn-x5", "cpu", steps, [0.1, 0.8, 0.9, 0.9])  # 80% at 100: T, less its rounding
+    rows = imagenet.latest_per_recipe(imagenet.finished_runs(tmp_path))["cpu"]
+    target = imagenet.target_for("cpu", rows)
+    assert target == pytest.approx(0.80) and target == float(imagenet.seed_maxes(rows["inception"]).mean())
+    # claims v2's T is this one; v1 keeps its own, the lowest seed's max
+    assert claims.target_v2("cpu", rows).level == target and claims.target_v1("cpu", rows) == 0.79
+    assert [imagenet.seed_steps(r, target, own_max=True) for r in rows["inception"].seeds] == [200, 100, 300]
+    assert [imagenet.seed_steps(r, target) for r in rows["inception"].seeds] == [None, 100, 300]
+
+    imagenet.build(tmp_path, tmp_path / "report")
+    md = (tmp_path / "report" / "imagenet.md").read_text()
+    table = table_rows(md, "cpu")
+    assert table["Inception"]["Steps to target"] == "182 (100-300, 3 seeds)"  # (200 x 100 x 300) ** (1/3)
+    assert table["Inception"]["Max accuracy"] == "80.0% (79.0-81.0, 3 seeds)"
+    assert (table["BN-x5"]["Steps to target"], table["BN-x5"]["Speed-up vs Inception"]) == ("100", "1.8x")
+    assert "Target accuracy: 80.0%, the mean over Inception's 3 seeds of their best top-1 (claims v2's T; as in the " \
+        "paper, Inception's maximum): 79.0%/80.0%/81.0% (seeds 0/1/2). Inception's steps to target are each seed's " \
+        "first evaluation of its own best" in md
+    assert "claims.md's rules v1 keep their own target, the best top-1 of Inception's lowest seed" in md
+
+    drawn = {}
+    monkeypatch.setattr(imagenet, "save_figure", lambda fig, out, name: drawn.setdefault("fig", fig) and [])
+    imagenet.figure_2("cpu", rows, target, tmp_path)
+    lines = {line.get_label(): line for line in drawn["fig"].axes[0].lines}
+    plt.close(drawn["fig"])
+    assert list(lines["target: mean of Inception's 3 seeds' max (80.0%)"].get_ydata()) == pytest.approx([0.8, 0.8])
+    assert "The dotted grey line is the target: the mean over Inception's seeds" in imagenet.figure_caption("cpu", rows)
