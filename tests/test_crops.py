@@ -7,7 +7,15 @@ import torch
 from conftest import SHARED_DATA
 from torchvision.transforms import v2
 
-from bnrepro.evaluate.crops import Box, boxes, crops_of, distinct_views, resized_shape
+from bnrepro.evaluate.crops import (
+    Box,
+    boxes,
+    crops_of,
+    distinct_boxes,
+    distinct_crops_of,
+    distinct_views,
+    resized_shape,
+)
 
 
 def test_144_crops_of_a_landscape_image_by_hand():
@@ -143,3 +151,20 @@ def test_the_float_single_crop_is_the_resident_trainers_view(shape, size, resize
     assert torch.equal(rounded[0], transforms.evaluation_transform(size, resize)(image))
     assert (view - rounded.float()).abs().max() <= 1.0 + 1e-3
     assert torch.equal(crops_of(image, 144, size, float_view=True), crops_of(image, 144, size))  # others: uint8
+
+
+@pytest.mark.parametrize("shape,size", [((28, 28), 32), ((32, 32), 32), ((30, 44), 32), ((40, 30), 32),
+                                        ((375, 500), 64), ((20, 500), 32)])
+def test_the_distinct_views_gathered_by_their_index_are_all_views(shape, size):
+    """``distinct_crops_of`` cuts each view once; its index puts every one of the scheme's views back where
+    ``crops_of`` has it (1 and 10 crops: every view distinct, the index 0, 1, 2, ...)."""
+    image = torch.randint(0, 256, (3, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    for crops in (1, 10, 144):
+        views, index = distinct_crops_of(image, crops, size)
+        assert len(views) == distinct_views(*shape, crops, size) and index.shape == (crops,)
+        assert torch.equal(views[index], crops_of(image, crops, size))
+        assert len({view.numpy().tobytes() for view in views}) == len(views)  # no view cut twice
+        found, where = distinct_boxes(*shape, crops, size)
+        assert [found[i] for i in where] == boxes(*shape, crops, size) and where == index.tolist()
+        if crops < 144:
+            assert index.tolist() == list(range(crops))

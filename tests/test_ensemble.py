@@ -3,6 +3,7 @@ its recombination, agreement with the trainer's own evaluation, and bad members 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ import yaml
 from conftest import SHARED_DATA, write_mnist
 from test_cli import cli_env, run_many
 from test_imagenet import write_images
+from torchvision.io import encode_png
 
 from bnrepro.data import augment, pipeline, sources, transforms
 from bnrepro.data.sources.folders import imagenet_wnids
@@ -22,7 +24,7 @@ from bnrepro.engine import checkpoint
 from bnrepro.engine.distributed import SINGLE_PROCESS
 from bnrepro.errors import UserError
 from bnrepro.evaluate import ensemble as evaluation
-from bnrepro.evaluate.crops import crops_of
+from bnrepro.evaluate.crops import crops_of, distinct_crops_of, distinct_views
 from bnrepro.experiments import imagenet as experiment
 from bnrepro.models.batchnorm import use_statistics
 from bnrepro.models.inception import Inception, InceptionConfig, fold
@@ -135,6 +137,63 @@ def test_single_crop_is_exactly_the_trainers_own_evaluation(trained, evaluated):
         assert torch.equal(part["probs"].float().argmax(1), predicted[part["indices"]])
         row = results[(results.members == member.name) & (results.crops == 1)].iloc[0]
         assert 1 - row.top1_error == pytest.approx(summary["final_top1"], abs=1e-12)
+
+
+class CountingNet(torch.nn.Module):
+    """A tiny classifier of 3 classes that counts the views (rows) it is run on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(3, 8, 5, stride=2)
+            self.fc = torch.nn.Linear(8, 3)
+        self.rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows += len(x)
+        return 20 * self.fc(self.conv(x).relu().mean((2, 3)))  # x 20: views' probabilities differ
+
+
+def square_images(root: Path, side: int, count: int) -> Path:
+    """``count`` random ``side`` x ``side`` PNGs in each of 3 class folders of a validation split."""
+    generator = torch.Generator().manual_seed(2)
+    for name in ("cat", "dog", "owl"):
+        (root / "val" / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = torch.randint(0, 256, (3, side, side), dtype=torch.uint8, generator=generator)
+            (root / "val" / name / f"{i}.png").write_bytes(encode_png(pixels).numpy().tobytes())
+    return root
+
+
+@pytest.mark.parametrize("square", [True, False])
+def test_144_crops_run_the_network_once_per_distinct_view_and_average_all_144(trained, tmp_path, square):
+    """The ensemble's 144-crop probabilities of an image are the plain mean over all 144 views (each repeated view
+    counted as often as it occurs, GoogLeNet's average), though the network sees only the distinct views: 48 of a
+    square image's 144, 144 or 140 of the smoke data's 40 x 30 and 30 x 44 ones."""
+    _, data, runs = trained
+    member = evaluation.load_member(runs[0], torch.device("cpu"))
+    member = dataclasses.replace(member, model=CountingNet())
+    data = square_images(tmp_path / "square", 32, 3) if square else data
+    split = sources.open_split(data, "val", member.manifest["classes"])
+    probs, _, indices, _ = evaluation.probabilities(member, split, 144, torch.device("cpu"), 288, 0)
+    images = pictures(split)
+    resize = member.recipe.data.eval_resize
+    with torch.no_grad():
+        expected = torch.stack([member.model(member.transforms.normalize(crops_of(image, 144, member.resolution,
+                                                                                  resize))).softmax(1).mean(0)
+                                for image in images])
+    torch.testing.assert_close(probs, expected[indices], rtol=1e-6, atol=1e-9)  # float rounding at most (here: equal)
+    distinct = [distinct_views(*image.shape[-2:], 144, member.resolution, resize) for image in images]
+    assert member.model.rows - 144 * len(images) == sum(distinct)  # the evaluation's rows, then the check's
+    if not square:  # views of unequal counts: the plain mean over the distinct views alone is another number, far
+        # outside the tolerance above for every image with a repeated view (2e-6 to 7e-5 here)
+        with torch.no_grad():
+            unweighted = torch.stack([member.model(member.transforms.normalize(distinct_crops_of(
+                image, 144, member.resolution, resize)[0])).softmax(1).mean(0) for image in images])
+        assert ((unweighted - expected).abs().amax(1) > 1e-6).sum() == sum(n < 144 for n in distinct) > 0
+    assert sum(distinct) == (48 * len(images) if square else sum(144 if i.shape[-2] > i.shape[-1] else 140
+                                                                 for i in images))
 
 
 def test_single_crop_uses_the_members_own_eval_resize(trained, tmp_path):

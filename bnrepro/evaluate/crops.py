@@ -15,6 +15,8 @@ Every view is a ``Box`` in the coordinates of the resized image, so the geometry
 (tests/test_crops.py) and the crops are cut from tensors on whatever device holds the image. Views are not always
 distinct: a square image's left, centre and right squares are one square, so its 144 crops are 48 views, each three
 times (``distinct_views``); the average over the 144 weighs every view by how often it occurs, as GoogLeNet's does.
+So the network need see each view only once: ``distinct_crops_of`` gives the distinct views and, for each of the
+scheme's views, the row holding it; gathering the network's outputs by that index gives the outputs on all views.
 """
 
 from __future__ import annotations
@@ -83,23 +85,45 @@ def boxes(height: int, width: int, crops: int, size: int = 224, resize: float = 
     return found
 
 
+def distinct_boxes(height: int, width: int, crops: int, size: int = 224, resize: float = 256 / 224
+                   ) -> tuple[list[Box], list[int]]:
+    """The different ``boxes`` in the order they first occur, and for each of the scheme's boxes its place among
+    them: boxes with the same scale, place, side and mirroring cut the same pixels, so each needs cutting (and the
+    network running on it) once. Where all views differ (1 and 10 crops, most non-square images) the distinct
+    boxes are ``boxes`` itself and the index 0, 1, 2, ..."""
+    found: dict[Box, int] = {}
+    index = [found.setdefault(box, len(found)) for box in boxes(height, width, crops, size, resize)]
+    return list(found), index
+
+
 def distinct_views(height: int, width: int, crops: int, size: int = 224, resize: float = 256 / 224) -> int:
     """How many of the ``crops`` views of a ``height`` x ``width`` image differ: boxes with the same scale, place,
     side and mirroring cut the same pixels, and different ones different pixels of any image that is not itself
     symmetric (tests/test_crops.py counts distinct crops of random images to check this)."""
-    return len(set(boxes(height, width, crops, size, resize)))
+    return len(distinct_boxes(height, width, crops, size, resize)[0])
 
 
 def crops_of(image: Tensor, crops: int, size: int = 224, resize: float = 256 / 224, float_view: bool = False) -> Tensor:
-    """All views of one uint8 image (3, H, W) as a batch (crops, 3, size, size), on the image's device;
-    ``resize`` is the single crop's (see ``boxes``). With ``float_view`` the single crop is the resident trainer's
-    float32 view in [0, 255] (``augment.evaluation_view``), not torchvision's uint8 one."""
+    """All views of one uint8 image (3, H, W) as a batch (crops, 3, size, size), on the image's device, repeated
+    views included; ``resize`` is the single crop's (see ``boxes``). With ``float_view`` the single crop is the
+    resident trainer's float32 view in [0, 255] (``augment.evaluation_view``), not torchvision's uint8 one."""
+    views, index = distinct_crops_of(image, crops, size, resize, float_view)
+    return views[index]
+
+
+def distinct_crops_of(image: Tensor, crops: int, size: int = 224, resize: float = 256 / 224,
+                      float_view: bool = False) -> tuple[Tensor, Tensor]:
+    """The distinct views of one image (as ``crops_of``, each once, in the order they first occur) and the index
+    (crops,) of each of the scheme's views among them, on the image's device: ``views[index]`` is ``crops_of``, and
+    a per-view result gathered by the index and averaged over the ``crops`` is its average over all views, each
+    weighted by how often it occurs, without computing any view twice (a square image's 144 crops are 48 views)."""
     if crops == 1 and float_view:
-        return evaluation_view(image[None], size, resize)
+        return evaluation_view(image[None], size, resize), torch.zeros(1, dtype=torch.long, device=image.device)
+    distinct, index = distinct_boxes(image.shape[-2], image.shape[-1], crops, size, resize)
     resized: dict[int, Tensor] = {}
     cut: dict[tuple[int, int, int, int], Tensor] = {}  # a view and its mirror share one crop (and resize)
     out = []
-    for box in boxes(image.shape[-2], image.shape[-1], crops, size, resize):
+    for box in distinct:
         if box.scale not in resized:
             resized[box.scale] = F.resize(image, [*resized_shape(image.shape[-2], image.shape[-1], box.scale)],
                                           antialias=True)
@@ -108,4 +132,4 @@ def crops_of(image: Tensor, crops: int, size: int = 224, resize: float = 256 / 2
             view = resized[box.scale][:, box.top:box.top + box.side, box.left:box.left + box.side]
             cut[key] = F.resize(view, [size, size], antialias=True) if box.side != size else view
         out.append(cut[key].flip(-1) if box.mirror else cut[key])
-    return torch.stack(out)
+    return torch.stack(out), torch.tensor(index, dtype=torch.long, device=image.device)

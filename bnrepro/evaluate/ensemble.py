@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from bnrepro.data.transforms import Transforms, transforms_for
 from bnrepro.engine import checkpoint
 from bnrepro.engine.precision import autocast
 from bnrepro.errors import UserError
-from bnrepro.evaluate.crops import crops_of, distinct_views
+from bnrepro.evaluate.crops import distinct_crops_of, distinct_views
 from bnrepro.models.batchnorm import BatchNorm
 from bnrepro.models.inception import Inception, InceptionConfig, fold
 from bnrepro.paper import PAPER
@@ -119,19 +120,23 @@ def probabilities(member: Member, split: Split, crops: int, device: torch.device
                   ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Crop-averaged softmax probabilities (N, classes) of every readable validation image, their labels and
     indices in the split, and how many images were unreadable. ``float_view``: the single crop as the trainer
-    cut it from resident data (see ``single_crop_view``)."""
+    cut it from resident data (see ``single_crop_view``).
+
+    The network sees each distinct view once (a square image's 144 crops are 48 views, ``crops.distinct_crops_of``);
+    its probabilities are gathered back to all ``crops`` views and averaged, so a view that occurs three times
+    counts three times, as in GoogLeNet's average over the 144."""
     transforms = member.transforms
-    per_batch = max(1, batch_crops // crops)
+    per_batch = max(1, batch_crops // crops)  # images per batch: at most batch_crops views, repeated or not
     pipeline = Pipeline(split, transforms, device, seed=0, workers=workers)  # JPEGs decoded on a GPU (nvJPEG)
     task = progress.add_task(f"{member.name}, {crops} crop{'s' * (crops > 1)}", total=len(split)) if progress else None
     found, labels, indices = [], [], []
     for batch in pipeline.images(EvaluationBatches(len(split), per_batch, 0, 1)):
         if len(batch.labels):
-            views = torch.cat([crops_of(image, crops, member.resolution, transforms.eval_resize, float_view)
-                               for image in batch.images])  # 1 crop = the trainer's view
+            views, index = batch_views(batch.images, crops, member.resolution, transforms.eval_resize, float_view)
             with autocast(device):
                 logits = torch.cat([member.model(chunk) for chunk in transforms.normalize(views).split(batch_crops)])
-            found.append(logits.float().softmax(1).view(len(batch.labels), crops, -1).mean(1).cpu())
+            every_view = logits.float().softmax(1)[index]  # (images x crops, classes), repeated views gathered
+            found.append(every_view.view(len(batch.labels), crops, -1).mean(1).cpu())
             labels.append(batch.labels)
             indices.append(torch.tensor(batch.positions))
         if progress:
@@ -139,6 +144,20 @@ def probabilities(member: Member, split: Split, crops: int, device: torch.device
     if not found:
         raise UserError(f"none of the {len(split)} validation images in {split.where} could be read")
     return torch.cat(found), torch.cat(labels), torch.cat(indices), pipeline.skipped
+
+
+def batch_views(images: Iterable[Tensor], crops: int, size: int, resize: float, float_view: bool = False
+                ) -> tuple[Tensor, Tensor]:
+    """The distinct views of a batch of images, image after image (``crops.distinct_crops_of``; 1 crop = the
+    trainer's view), and the index (images x crops,) of every image's every view among them, image after image:
+    the network runs on the distinct views alone, and its outputs gathered by the index are its outputs on all."""
+    views, index, start = [], [], 0
+    for image in images:
+        distinct, where = distinct_crops_of(image, crops, size, resize, float_view)
+        views.append(distinct)
+        index.append(where + start)
+        start += len(distinct)
+    return torch.cat(views), torch.cat(index)
 
 
 def errors(probs: Tensor, labels: Tensor) -> tuple[float, float]:
