@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import pickle
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import typer
 from conftest import FILES, write_mnist
@@ -17,6 +20,7 @@ from typer.testing import CliRunner
 from bnrepro import cli, recipes
 from bnrepro.cli import app
 from bnrepro.data import sources
+from bnrepro.engine.trainer import Interrupted
 from bnrepro.errors import UserError
 from bnrepro.experiments import reproduce as campaign
 from bnrepro.paper import PAPER, CampaignProfile
@@ -110,6 +114,44 @@ def two_runs(monkeypatch):
     short = [campaign.Planned("imagenet/bn-x5"), campaign.Planned("imagenet/bn-x30")]
     monkeypatch.setattr(campaign, "campaign", lambda: short)
     return short
+
+
+def test_two_jobs_train_the_runs_one_job_trains_in_worker_processes(two_runs, tmp_path):
+    """--jobs 2: the same two runs, each in a spawned worker on half the CPU threads, the same numbers (to the
+    float rounding a thread count may change), the plan's order kept."""
+    data = write_mnist(tmp_path / "data", n_train=96, n_test=24) / "mnist" / "raw"
+    found = {}
+    for jobs in (1, 2):
+        results = tmp_path / f"results-{jobs}"
+        args = ["reproduce", "--profile", "smoke", "--dataset-dir", str(data), "--results", str(results),
+                "--device", "cpu", "--no-progress", "--val-limit", "4", "--jobs", str(jobs)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert result.output.index("campaign run 1/2: bn-x5") < result.output.index("campaign run 2/2: bn-x30")
+        (record,) = (results / "campaign").iterdir()
+        runs = json.loads((record / "manifest.json").read_text())["runs"]
+        found[jobs] = [pd.read_csv(results / r["folder"] / "metrics.csv") for r in runs]
+        manifests = [json.loads((results / r["folder"] / "manifest.json").read_text()) for r in runs]
+        assert [m["recipe"] for m in manifests] == ["bn-x5", "bn-x30"]
+        assert all(m["status"] == "complete" and m["git_commit"] == CLEAN for m in manifests)
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert all(f"{threads} threads" in json.loads(p.read_text())["device"]
+               for p in (tmp_path / "results-2" / "imagenet").glob("*/manifest.json"))
+    for one, two in zip(found[1], found[2]):
+        pd.testing.assert_frame_equal(one, two, rtol=1e-4)
+
+
+def test_a_runs_interruption_crosses_from_its_worker_process_whole():
+    """A worker's Interrupted reaches the campaign with its step and folder (said in the Ctrl-C line)."""
+    again = pickle.loads(pickle.dumps(Interrupted(12, Path("results/imagenet/bn-x5-1/checkpoint.pt"))))
+    assert isinstance(again, Interrupted) and again.step == 12
+    assert again.path == Path("results/imagenet/bn-x5-1/checkpoint.pt") and str(again) == "interrupted at step 12"
+
+
+def test_jobs_must_be_one_or_more(tmp_path):
+    result = CliRunner().invoke(app, ["reproduce", "--profile", "smoke", "--results", str(tmp_path), "--jobs", "0"])
+    assert isinstance(result.exception, UserError) and "--jobs must be 1 or more" in str(result.exception)
+    assert not tmp_path.joinpath("campaign").exists()  # refused before anything was written
 
 
 def test_a_two_run_campaign_through_the_cli_trains_evaluates_reports_and_then_keeps_everything(two_runs, tmp_path):

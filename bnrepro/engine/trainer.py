@@ -73,6 +73,9 @@ class Interrupted(Exception):
         super().__init__(f"interrupted at step {step}")
         self.step, self.path = step, path
 
+    def __reduce__(self):  # rebuilt from (step, path) when it crosses from a campaign's worker process
+        return Interrupted, (self.step, self.path)
+
 
 @dataclass
 class Schedule:
