@@ -8,7 +8,9 @@ import gzip
 import json
 import os
 import pickle
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -146,6 +148,16 @@ def test_a_runs_interruption_crosses_from_its_worker_process_whole():
     again = pickle.loads(pickle.dumps(Interrupted(12, Path("results/imagenet/bn-x5-1/checkpoint.pt"))))
     assert isinstance(again, Interrupted) and again.step == 12
     assert again.path == Path("results/imagenet/bn-x5-1/checkpoint.pt") and str(again) == "interrupted at step 12"
+
+
+def test_while_workers_train_sigterm_or_ctrl_c_interrupts_the_campaign_and_then_the_handlers_return():
+    """A campaign in the background ignores Ctrl-C (its shell set SIGINT to ignored): SIGTERM stops it as Ctrl-C."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in before:
+        with pytest.raises(KeyboardInterrupt), campaign.stop_signals():
+            os.kill(os.getpid(), sig)
+            time.sleep(1)  # the handler runs between bytecodes: this never ends normally
+    assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 def test_jobs_must_be_one_or_more(tmp_path):

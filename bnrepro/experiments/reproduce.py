@@ -23,7 +23,7 @@ import os
 import pkgutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from functools import cache
@@ -262,7 +262,8 @@ def train_in_workers(steps: list[Step], profile: str, dataset_dir: Path, results
         ledger.starting(i + 1, steps[i])
     waiting = [i for i, s in enumerate(steps) if s.state != "done"]
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=start_worker, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=start_worker, initargs=(threads,)) as pool, \
+            stop_signals():
         running: dict[Future, int] = {}
         try:
             while waiting or running:
@@ -282,6 +283,20 @@ def train_in_workers(steps: list[Step], profile: str, dataset_dir: Path, results
                 raise stopped[0] from None  # said as a single run's Ctrl-C is: where to continue
             raise
     return [folders[i] for i in range(len(steps))]
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """Ctrl-C or SIGTERM (what stops a campaign started in the background, whose shell made it ignore Ctrl-C) as a
+    KeyboardInterrupt in the campaign's process while its workers train: it then stops them (``stop_workers``)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def stop_workers(running: dict[Future, int]) -> None:
