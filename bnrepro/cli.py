@@ -356,7 +356,7 @@ def reproduce(
     for line in campaign.describe(steps):
         console.print(line, markup=False, highlight=False)
     if dry_run:
-        guess = campaign.estimate(steps, profile, device, limit)
+        guess = campaign.estimate(steps, profile, device, limit, jobs=jobs)
         rates = ", ".join(f"{rate:,.0f}" for rate in guess["images_per_second"].values())
         console.print(f"estimate from a short measurement here (training images/s: {rates}): training and evaluation "
                       f"{guess['training_and_evaluation_s'] / 60:,.0f} min, ensemble {guess['ensemble_s'] / 60:,.0f} "

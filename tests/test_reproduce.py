@@ -319,8 +319,8 @@ def test_a_dirty_checkout_is_refused_unless_allowed(monkeypatch, tmp_path, capsy
 
 def test_dry_run_needs_no_clean_checkout(monkeypatch, two_runs, tmp_path):
     monkeypatch.setattr(campaign, "git_commit", lambda: CLEAN + "+dirty")
-    monkeypatch.setattr(campaign, "estimate", lambda *args: {"images_per_second": {}, "training_and_evaluation_s": 0,
-                                                              "ensemble_s": 0, "total_s": 0})
+    nothing = {"images_per_second": {}, "training_and_evaluation_s": 0, "ensemble_s": 0, "total_s": 0}
+    monkeypatch.setattr(campaign, "estimate", lambda *args, **kw: nothing)
     result = CliRunner().invoke(app, ["reproduce", "--profile", "smoke", "--results", str(tmp_path), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "not checked against the data" in result.output

@@ -402,35 +402,43 @@ def execute(record: Record, steps: list[Step], dataset_dir: Path, options: dict,
     return folders, ensemble_dir
 
 
-def estimate(steps: list[Step], profile: str, device: str, val_limit: int | None, updates: int = 8) -> dict:
+def estimate(steps: list[Step], profile: str, device: str, val_limit: int | None, updates: int = 8,
+             jobs: int = 1) -> dict:
     """Seconds the plan's remaining work should take, from a short measurement here: the training step of one
-    BN and one non-BN recipe on synthetic images (the two cost classes), and inference for the evaluations."""
+    BN and one non-BN recipe on synthetic images (the two cost classes), and inference for the evaluations. With
+    ``jobs``, the step is measured on the threads each worker gets, and ``jobs`` runs share the training time."""
     import torch
 
     from bnrepro.models.inception import count_flops
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else threads)
     rates: dict[tuple, float] = {}
     seconds = 0.0
-    for step in steps:
-        if step.state == "done":
-            continue
-        recipe = recipe_io.load(step.run.recipe, list(step.run.overrides))
-        key = (recipe.model.batch_norm, recipe.model.lrn, recipe.model.nonlinearity, recipe.train.distortions)
-        if key not in rates:  # the costs that differ between recipes
-            options = imagenet.Options(Path("."), device=device, show_progress=False)
-            task, optimizer, _ = imagenet.build(recipe, profile, options, SINGLE_PROCESS, synthetic=True)
-            rates[key] = imagenet.time_training(task, optimizer, updates, 2)
-            macs = count_flops(task.model, recipe.profiles[profile].resolution)
-        p = recipe.profiles[profile]
-        evaluations = p.steps // p.eval_every + 2
-        seconds += p.steps * p.batch_size / rates[key]
-        seconds += evaluations * LAPTOP_VAL_IMAGES / (3 * rates[key])  # inference ~3x a training image (forward only)
+    try:
+        for step in steps:
+            if step.state == "done":
+                continue
+            recipe = recipe_io.load(step.run.recipe, list(step.run.overrides))
+            key = (recipe.model.batch_norm, recipe.model.lrn, recipe.model.nonlinearity, recipe.train.distortions)
+            if key not in rates:  # the costs that differ between recipes
+                options = imagenet.Options(Path("."), device=device, show_progress=False)
+                task, optimizer, _ = imagenet.build(recipe, profile, options, SINGLE_PROCESS, synthetic=True)
+                rates[key] = imagenet.time_training(task, optimizer, updates, 2)
+                macs = count_flops(task.model, recipe.profiles[profile].resolution)
+            p = recipe.profiles[profile]
+            evaluations = p.steps // p.eval_every + 2
+            seconds += p.steps * p.batch_size / rates[key]
+            seconds += evaluations * LAPTOP_VAL_IMAGES / (3 * rates[key])  # inference ~3x a training image
+    finally:
+        torch.set_num_threads(threads)
+    seconds /= jobs
     ensemble = recipe_io.load(ENSEMBLE)
     crops = sum(ensemble.crops) * len(ensemble.members) * (val_limit or LAPTOP_VAL_IMAGES)
-    inference = 3 * max(rates.values()) if rates else None
+    inference = 3 * max(rates.values()) * jobs if rates else None  # the ensemble runs on all threads
     ensemble_seconds = crops / inference if inference else 0.0
     return {"training_and_evaluation_s": seconds, "ensemble_s": ensemble_seconds,
-            "total_s": seconds + ensemble_seconds, "images_per_second": rates, "threads": torch.get_num_threads(),
+            "total_s": seconds + ensemble_seconds, "images_per_second": rates, "threads": threads,
             "multiply_adds": macs if rates else None}
 
 
