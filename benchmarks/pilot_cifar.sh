@@ -17,7 +17,7 @@ THREADS=$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))
 one() {
   local area=$1 name="inception-crop$1" run
   if ls "$OUT/$name"/imagenet/*/summary.json >/dev/null 2>&1; then echo "done: $name"; return; fi
-  run=$(ls -d "$OUT/$name"/imagenet/*/ 2>/dev/null | tail -1)
+  run=$(ls -d "$OUT/$name"/imagenet/*/ 2>/dev/null | tail -1 || true)
   if [ -n "$run" ] && [ -f "$run/checkpoint.pt" ]; then
     echo "resume: $name"
     OMP_NUM_THREADS=$THREADS bnrepro imagenet --resume "$run" --dataset-dir "$DATA" --no-progress \
