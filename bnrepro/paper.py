@@ -150,6 +150,13 @@ class Campaign(Frozen):
         return ", ".join([*limits, "all elsewhere" if limits else "all"])
 
 
+class Change(Frozen):
+    """One of Sec. 4.2.1's changes: its name and the recipe keys it sets."""
+
+    name: str
+    keys: tuple[str, ...] = Field(min_length=1)
+
+
 class Paper(Frozen):
     """The whole of paper.yaml."""
 
@@ -158,6 +165,7 @@ class Paper(Frozen):
     spare_colours: tuple[str, ...] = Field(min_length=1)
     profile_order: tuple[str, ...]
     variants: dict[str, Variant]
+    changes: dict[int, Change] = Field(min_length=1)
     seed_spread: tuple[str, ...]
     ensemble: Ensemble
     mnist: Mnist
