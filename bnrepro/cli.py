@@ -33,6 +33,7 @@ console = Console(soft_wrap=True)  # piped output (e.g. recipes show | yaml) is 
 errors = Console(stderr=True, soft_wrap=True)  # one line, however long
 
 Overrides = Annotated[list[str], typer.Option("--set", help="Override a recipe value: dotted.key=value.")]
+STUDIES = ("paper", "changes")  # what `bnrepro reproduce --study` runs: the paper's campaign, or the changes study
 DataDir = Annotated[Path | None, typer.Option(
     help="Folder with mnist/raw/*.gz (default: $BNREPRO_DATA, else the user cache, else the copy in the package).")]
 
@@ -305,6 +306,22 @@ def pd_table(csv: Path) -> Table:
     return table
 
 
+def _check_reproduce(val_limit: int | None, workers: int | None, jobs: int, device: str, study: str) -> None:
+    """``reproduce``'s options, checked before anything runs (not at the ensemble after an hour of training)."""
+    import torch
+
+    if val_limit is not None and val_limit < 1:
+        raise UserError(f"--val-limit must be 1 or more, not {val_limit}")
+    if workers is not None and workers < 0:
+        raise UserError(f"--workers must be 0 or more, not {workers}")
+    if jobs < 1:
+        raise UserError(f"--jobs must be 1 or more, not {jobs}")
+    if study not in STUDIES:
+        raise UserError(f"--study must be one of {', '.join(STUDIES)}, not '{study}'")
+    if jobs > 1 and device != "cpu" and torch.cuda.is_available():
+        raise UserError("--jobs trains several runs at once on the CPU; on a GPU give --jobs 1 (or --device cpu)")
+
+
 @app.command()
 def reproduce(
     profile: Annotated[str, typer.Option(help="cpu (CIFAR-10 on a 2-core CPU, hours), proxy or paper (GPUs).")] = "cpu",
@@ -326,56 +343,58 @@ def reproduce(
     allow_dirty: Annotated[bool, typer.Option(
         help="Run from a checkout with uncommitted changes (recorded as <commit>+dirty); refused otherwise.")] = False,
     progress: Annotated[bool, typer.Option(help="Show each run's progress bar.")] = True,
+    study: Annotated[str, typer.Option(
+        help="paper: Figs. 2-4; changes: beyond the paper, Sec. 4.2.1's seven changes one at a time (BN-x5 with each "
+             "undone, BN-Baseline with each made), its runs in RESULTS/changes/.")] = "paper",
 ) -> None:
     """Every run of Figs. 2-4 at one profile, in order (finished runs on the same data kept, an interrupted one
-    resumed), then the ensemble at 1, 10 and 144 crops, then the report. Ctrl-C is safe at any point: run the command
-    again. The code's commit is read once, before anything runs, and recorded in results/campaign/."""
-    import torch
-
+    resumed), then the ensemble at 1, 10 and 144 crops, then the report; or, --study changes, every run of the
+    changes study, then the report. Ctrl-C is safe at any point: run the command again. The code's commit is read
+    once, before anything runs, and recorded in results/campaign/ (results/changes/campaign/)."""
     from bnrepro.data import sources
+    from bnrepro.experiments import changes
     from bnrepro.experiments import reproduce as campaign
     from bnrepro.report import build
     from bnrepro.runs import default_workers
 
-    if val_limit is not None and val_limit < 1:  # checked now, not at the ensemble after an hour of training
-        raise UserError(f"--val-limit must be 1 or more, not {val_limit}")
-    if workers is not None and workers < 0:
-        raise UserError(f"--workers must be 0 or more, not {workers}")
-    if jobs < 1:
-        raise UserError(f"--jobs must be 1 or more, not {jobs}")
-    if jobs > 1 and device != "cpu" and torch.cuda.is_available():
-        raise UserError("--jobs trains several runs at once on the CPU; on a GPU give --jobs 1 (or --device cpu)")
+    _check_reproduce(val_limit, workers, jobs, device, study)
+    paper = study == "paper"
     limit = campaign.val_limit(profile, val_limit)  # None given: the campaign's for the profile (paper.yaml)
     if dataset_dir is None and not dry_run:  # cpu: CIFAR-10, downloaded once into the user cache
         dataset_dir = campaign.profile_data(profile)
     commit = None if dry_run else campaign.load_code(allow_dirty)
     data = None if dataset_dir is None else sources.data_identity(dataset_dir)
-    steps = campaign.plan(profile, results, data)
-    console.print(f"campaign at profile {profile}: {len(steps)} runs, then the ensemble and the report"
+    steps = campaign.plan(profile, results, data, None if paper else changes.runs(profile, PAPER.campaign.seeds))
+    console.print(f"{'campaign' if paper else 'changes study'} at profile {profile}: {len(steps)} runs, then "
+                  f"{'the ensemble and ' if paper else ''}the report"
                   + ("" if data else " (no --dataset-dir: runs found are not checked against the data)"), markup=False)
     for line in campaign.describe(steps):
         console.print(line, markup=False, highlight=False)
     if dry_run:
-        guess = campaign.estimate(steps, profile, device, limit, jobs=jobs)
+        guess = campaign.estimate(steps, profile, device, limit, jobs=jobs, with_ensemble=paper)
         rates = ", ".join(f"{rate:,.0f}" for rate in guess["images_per_second"].values())
+        ensemble = f"ensemble {guess['ensemble_s'] / 60:,.0f} min, " if paper else ""
         console.print(f"estimate from a short measurement here (training images/s: {rates}): training and evaluation "
-                      f"{guess['training_and_evaluation_s'] / 60:,.0f} min, ensemble {guess['ensemble_s'] / 60:,.0f} "
-                      f"min, in all about {guess['total_s'] / 60:,.0f} min", markup=False)
+                      f"{guess['training_and_evaluation_s'] / 60:,.0f} min, {ensemble}in all about "
+                      f"{guess['total_s'] / 60:,.0f} min", markup=False)
         return
-    record = campaign.Record(results, profile, commit, data, dataset_dir, steps)
+    record = campaign.Record(results, profile, commit, data, dataset_dir, steps,
+                             campaign.CAMPAIGN if paper else changes.RECORDS)
     how = dict(device=device, workers=default_workers() if workers is None else workers, show_progress=progress,
                git_commit=commit, allow_dirty=allow_dirty)
     try:
-        folders, ensemble_dir = campaign.execute(record, steps, dataset_dir, how, limit, jobs=jobs,
+        folders, ensemble_dir = campaign.execute(record, steps, dataset_dir, how, limit, jobs=jobs, with_ensemble=paper,
                                                  say=lambda line: console.print(line, markup=False, highlight=False))
     except Interrupted as stop:
         errors.print(f"interrupted at step {stop.step} of {escape(str(stop.path.parent))}; checkpoint saved. Continue "
-                     f"the campaign with the same command: bnrepro reproduce --profile {profile} ...", highlight=False)
+                     f"with the same command: bnrepro reproduce --profile {profile}"
+                     f"{'' if paper else f' --study {study}'} ...", highlight=False)
         sys.exit(130)
     for line in campaign.summary(folders):
         console.print(line, markup=False, highlight=False)
-    console.print(f"ensemble: {ensemble_dir}", markup=False)
-    console.print(f"campaign record: {record.folder / 'manifest.json'}", markup=False)
+    if ensemble_dir is not None:
+        console.print(f"ensemble: {ensemble_dir}", markup=False)
+    console.print(f"{'campaign' if paper else 'study'} record: {record.folder / 'manifest.json'}", markup=False)
     for path in build(results, results / "report"):
         console.print(f"wrote {path}", markup=False)
 

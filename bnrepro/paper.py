@@ -151,10 +151,12 @@ class Campaign(Frozen):
 
 
 class Change(Frozen):
-    """One of Sec. 4.2.1's changes: its name and the recipe keys it sets."""
+    """One of Sec. 4.2.1's changes: its name, the recipe keys it sets, and what the paper says it buys (None: the
+    paper gives no number)."""
 
     name: str
     keys: tuple[str, ...] = Field(min_length=1)
+    paper: str | None = None
 
 
 class Paper(Frozen):

@@ -160,6 +160,38 @@ def test_while_workers_train_sigterm_or_ctrl_c_interrupts_the_campaign_and_then_
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
+def test_a_two_run_changes_study_trains_each_run_in_its_home_with_no_ensemble(monkeypatch, tmp_path):
+    """--study changes: a run the campaign also makes trains where the campaign's runs live (so the campaign keeps
+    it), the study's own under results/changes/, its record there too; no ensemble; the study's report."""
+    from bnrepro.experiments import changes
+
+    short = [campaign.Planned("imagenet/bn-x5"),
+             campaign.Planned("imagenet/bn-x5", overrides=("train.lr=0.0015",), home=changes.HOME)]
+    monkeypatch.setattr(changes, "runs", lambda profile, seeds: short)
+    data = write_mnist(tmp_path / "data", n_train=96, n_test=24) / "mnist" / "raw"
+    results = tmp_path / "results"
+    result = CliRunner().invoke(app, ["reproduce", "--study", "changes", "--profile", "smoke", "--dataset-dir",
+                                      str(data), "--results", str(results), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "changes study at profile smoke: 2 runs, then the report" in result.output
+    (kept,) = (results / "imagenet").iterdir()
+    (own,) = (results / "changes" / "imagenet").iterdir()
+    assert json.loads((own / "manifest.json").read_text())["overrides"] == ["train.lr=0.0015"]
+    (record,) = (results / "changes" / "campaign").iterdir()
+    manifest = json.loads((record / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["ensemble"] is None
+    assert [r["folder"] for r in manifest["runs"]] == [f"imagenet/{kept.name}", f"changes/imagenet/{own.name}"]
+    assert not (results / "ensemble").exists() and not (results / "campaign").exists()
+    assert (results / "report" / "changes.md").is_file()
+    assert "train.lr=0.0015" not in (results / "report" / "imagenet.md").read_text()
+    assert campaign.plan("smoke", results, None, [campaign.Planned("imagenet/bn-x5")])[0].state == "done"
+
+
+def test_study_must_be_one_of_the_studies(tmp_path):
+    result = CliRunner().invoke(app, ["reproduce", "--study", "lr", "--results", str(tmp_path)])
+    assert isinstance(result.exception, UserError) and "--study must be one of paper, changes" in str(result.exception)
+
+
 def test_jobs_must_be_one_or_more(tmp_path):
     result = CliRunner().invoke(app, ["reproduce", "--profile", "smoke", "--results", str(tmp_path), "--jobs", "0"])
     assert isinstance(result.exception, UserError) and "--jobs must be 1 or more" in str(result.exception)

@@ -14,16 +14,18 @@ The values come from the two resolved recipes, never restated here, so the study
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import yaml
 
 from bnrepro import recipes as recipe_io
-from bnrepro.experiments.reproduce import Planned
+from bnrepro.experiments.reproduce import Planned, campaign
 from bnrepro.paper import PAPER
 
 BASELINE, X5 = "imagenet/bn-baseline", "imagenet/bn-x5"
+HOME = "changes"  # results/changes/: the study's own runs (results/changes/imagenet/) and records (.../campaign/)
+RECORDS = f"{HOME}/campaign"
 BUDGET_KEYS = ("steps", "eval_every", "checkpoint_every")  # what "at BN-x5's budget" sets
 
 
@@ -65,3 +67,17 @@ def variants(profile: str, seeds: int) -> list[Variant]:
             found.append(Variant(number, "add one in", Planned(
                 BASELINE, seed, budget + make, f"BN-Baseline with change {number} ({change.name})"), added))
     return found
+
+
+def runs(profile: str, seeds: int) -> list[Planned]:
+    """The study as a plan for ``reproduce.plan``, each run once (``variants`` names the references again beside
+    every variant), in ``variants``' order. A run the campaign also makes (BN-x5, and BN-x5 without change 6: the
+    campaign's shards-only run) lives where the campaign's runs do, so either command keeps the other's; the rest
+    live in ``results/changes/``, out of the paper's figures."""
+    paper = {(run.recipe, run.seed, run.overrides) for run in campaign()}
+    planned: dict[tuple, Planned] = {}
+    for variant in variants(profile, seeds):
+        run = variant.run
+        key = (run.recipe, run.seed, run.overrides)
+        planned.setdefault(key, replace(run, home="" if key in paper else HOME))
+    return list(planned.values())

@@ -62,12 +62,16 @@ LAPTOP_VAL_IMAGES = 10_000  # an estimate without data assumes the laptop data s
 
 @dataclass(frozen=True)
 class Planned:
-    """One run of the campaign, and why it is there."""
+    """One run of the campaign, and why it is there. ``home``: the folder under the results folder whose
+    ``imagenet/`` holds the run when it is trained: the results folder itself for the paper's runs (which the report's
+    Figs. 2-3 show), a study's own folder for a study's other runs (``experiments.changes``), so they stay out of them.
+    """
 
     recipe: str
     seed: int = 0
     overrides: tuple[str, ...] = ()
     why: str = ""
+    home: str = ""
 
     @property
     def name(self) -> str:
@@ -168,13 +172,19 @@ def intact(folder: Path) -> bool:
     return True
 
 
-def plan(profile: str, results: Path, data: dict[str, Any] | None = None) -> list[Step]:
-    """The campaign at ``profile`` against what ``results`` already holds; runs count only if they used ``data``
+def plan(profile: str, results: Path, data: dict[str, Any] | None = None,
+         runs: list[Planned] | None = None) -> list[Step]:
+    """The campaign (or ``runs``, a study's) at ``profile`` against what ``results`` already holds, in the results
+    folder's ``imagenet/`` and in every planned run's ``home``: a run is the same wherever it was trained, so a study
+    keeps the campaign's runs it needs and the campaign a study's. Runs count only if they used ``data``
     (``sources.data_identity`` of the campaign's data; ``None``, as for a dry run without data: not checked)."""
-    found = runs_of(results, "imagenet", (*FINISHED, INTERRUPTED, RUNNING))
+    runs = campaign() if runs is None else runs
+    homes = sorted({"", *(run.home for run in runs)})
+    found = [found for home in homes for found in runs_of(Path(results) / home, "imagenet",
+                                                          (*FINISHED, INTERRUPTED, RUNNING))]
     identity_of = identity_reader()
     steps = []
-    for run in campaign():
+    for run in runs:
         recipe = recipe_io.load(run.recipe, list(run.overrides))
         if profile not in recipe.profiles:
             raise UserError(f"recipe '{run.recipe}' has no profile '{profile}'")
@@ -235,7 +245,8 @@ def train_one(step: Step, profile: str, dataset_dir: Path, results: Path, option
     if step.state == "resume":
         return imagenet.resume(step.folder, SINGLE_PROCESS, dataset_dir, **options)
     run_options = imagenet.Options(Path(dataset_dir), seed=step.run.seed, **options)
-    return imagenet.run(step.run.recipe, profile, list(step.run.overrides), run_options, results, SINGLE_PROCESS)
+    return imagenet.run(step.run.recipe, profile, list(step.run.overrides), run_options, Path(results) / step.run.home,
+                        SINGLE_PROCESS)
 
 
 def start_worker(threads: int) -> None:
@@ -332,14 +343,16 @@ def ensemble(folders: list[Path], profile: str, dataset_dir: Path, results: Path
 
 
 class Record:
-    """The campaign's own record, ``results/campaign/<profile>-<time>/manifest.json``: the commit of the code
-    (``load_code``), the data's identity and folder, the plan, and at the end every run folder with the commit its
-    manifest names, so that runs whose manifest disagrees with the campaign's code are on file."""
+    """The campaign's own record, ``results/campaign/<profile>-<time>/manifest.json`` (a study's in its own
+    ``where``, so that the report's choice of data, ``report.imagenet.data_choices``, reads the paper's campaigns
+    alone): the commit of the code (``load_code``), the data's identity and folder, the plan, and at the end every run
+    folder with the commit its manifest names, so that runs whose manifest disagrees with the campaign's code are on
+    file."""
 
     def __init__(self, results: Path, profile: str, commit: str, data: dict[str, Any] | None, dataset_dir: Path,
-                 steps: list[Step]):
+                 steps: list[Step], where: str = CAMPAIGN):
         self.results = Path(results)
-        self.folder = new_run_dir(self.results / CAMPAIGN, prefix=f"{profile}-")
+        self.folder = new_run_dir(self.results / where, prefix=f"{profile}-")
         self.states = {s.folder: s.state for s in steps if s.folder is not None}
         self.manifest: dict[str, Any] = {
             "experiment": CAMPAIGN, "status": RUNNING, "started": now(), "profile": profile,
@@ -364,9 +377,9 @@ class Record:
         self.manifest.update(status=status, finished=now())
         self.write()
 
-    def finish(self, folders: list[Path], ensemble_dir: Path) -> list[str]:
-        """Record every run and the ensemble; returns a line for each run this campaign trained or resumed whose
-        manifest names another commit than the campaign's code."""
+    def finish(self, folders: list[Path], ensemble_dir: Path | None) -> list[str]:
+        """Record every run and the ensemble (None: a study has none); returns a line for each run this campaign
+        trained or resumed whose manifest names another commit than the campaign's code."""
         commit, runs, warnings = self.manifest["git_commit"], [], []
         for folder in folders:
             recorded = json.loads((Path(folder) / "manifest.json").read_text()).get("git_commit")
@@ -382,15 +395,17 @@ class Record:
 
 
 def execute(record: Record, steps: list[Step], dataset_dir: Path, options: dict, val_limit: int | None,
-            say: Callable[[str], Any] = print, jobs: int = 1) -> tuple[list[Path], Path]:
-    """The planned runs (``train``), then the ensemble, on the campaign's ``record``: finished there with every run
-    folder, or marked interrupted or failed before the exception goes on. Returns the run folders and the ensemble's.
-    """
+            say: Callable[[str], Any] = print, jobs: int = 1, with_ensemble: bool = True
+            ) -> tuple[list[Path], Path | None]:
+    """The planned runs (``train``), then the ensemble (unless not ``with_ensemble``: a study's), on the campaign's
+    ``record``: finished there with every run folder, or marked interrupted or failed before the exception goes on.
+    Returns the run folders and the ensemble's (None without one)."""
     profile, results = record.manifest["profile"], record.results
     try:
         folders = train(steps, profile, dataset_dir, results, options, say=say, jobs=jobs)
         ensemble_dir = ensemble(folders, profile, dataset_dir, results, options["device"], options["workers"],
-                                val_limit, options["show_progress"], record.manifest["data_identity"])
+                                val_limit, options["show_progress"], record.manifest["data_identity"]) \
+            if with_ensemble else None
     except (Interrupted, KeyboardInterrupt):
         record.stop(INTERRUPTED)
         raise
@@ -403,10 +418,11 @@ def execute(record: Record, steps: list[Step], dataset_dir: Path, options: dict,
 
 
 def estimate(steps: list[Step], profile: str, device: str, val_limit: int | None, updates: int = 8,
-             jobs: int = 1) -> dict:
+             jobs: int = 1, with_ensemble: bool = True) -> dict:
     """Seconds the plan's remaining work should take, from a short measurement here: the training step of one
-    BN and one non-BN recipe on synthetic images (the two cost classes), and inference for the evaluations. With
-    ``jobs``, the step is measured on the threads each worker gets, and ``jobs`` runs share the training time."""
+    BN and one non-BN recipe on synthetic images (the two cost classes), and inference for the evaluations (and the
+    ensemble's, ``with_ensemble``). With ``jobs``, the step is measured on the threads each worker gets, and ``jobs``
+    runs share the training time."""
     import torch
 
     from bnrepro.models.inception import count_flops
@@ -436,7 +452,7 @@ def estimate(steps: list[Step], profile: str, device: str, val_limit: int | None
     ensemble = recipe_io.load(ENSEMBLE)
     crops = sum(ensemble.crops) * len(ensemble.members) * (val_limit or LAPTOP_VAL_IMAGES)
     inference = 3 * max(rates.values()) * jobs if rates else None  # the ensemble runs on all threads
-    ensemble_seconds = crops / inference if inference else 0.0
+    ensemble_seconds = crops / inference if inference and with_ensemble else 0.0
     return {"training_and_evaluation_s": seconds, "ensemble_s": ensemble_seconds,
             "total_s": seconds + ensemble_seconds, "images_per_second": rates, "threads": threads,
             "multiply_adds": macs if rates else None}

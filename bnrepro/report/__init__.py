@@ -9,13 +9,14 @@ from bnrepro.errors import UserError
 
 def build(results: Path, out: Path) -> list[Path]:
     """Write every figure and table the runs under ``results`` support; returns the files written."""
-    from bnrepro.report import claims, ensemble, imagenet, mnist, sweep
+    from bnrepro.report import changes, claims, ensemble, imagenet, mnist, sweep
 
     results = Path(results)
     if not results.is_dir():
         raise UserError(f"no results folder at {results}; run an experiment first or pass --results")
     written = mnist.build(results, Path(out)) + imagenet.build(results, Path(out)) + ensemble.build(results, Path(out))
     written += claims.build(results, Path(out))  # Sec. 4.2's claims, from the same ImageNet and ensemble runs
+    written += changes.build(results, Path(out))  # beyond the paper: the changes study (--study changes)
     written += sweep.build(results, Path(out))
     if not written:
         raise UserError(f"no complete runs under {results}; run `bnrepro mnist` or `bnrepro imagenet` first "

@@ -1,0 +1,289 @@
+"""The changes study (issue 22, ``bnrepro reproduce --study changes``): what each of Sec. 4.2.1's changes buys.
+
+Each change is measured in two directions, from the runs ``experiments.changes`` plans: left out of BN-x5 (BN-x5
+against BN-x5 with the change undone) and added to BN-Baseline (BN-Baseline with the change made against BN-Baseline,
+both at BN-x5's budget). Both are said as the change's effect, with the change against without it, so a positive
+accuracy difference and a speed-up above 1 mean the change helps, whichever way it was measured.
+
+The rules, fixed before the study's runs (README, "Beyond the paper"):
+- Max top-1: per seed, the run's best single-crop evaluation; the effect d is the difference of seed means (with the
+  change minus without), its noise band two standard errors of that difference (``claims.band``). ``helps`` if
+  d > band, ``hurts`` if d < -band, else ``inside the noise``.
+- Steps: to the level L of the direction: T (Inception's max at the profile, imagenet.md's target) or, where a seed
+  of the direction's reference (BN-x5; BN-Baseline at BN-x5's budget) peaks below T, the lowest of its seeds'
+  maxes, so that every reference seed reaches L. Per seed, the first evaluation at or above L; a seed that never
+  reaches it counts at its last evaluation, a lower bound (said as "never"). The speed-up is the ratio of the
+  geometric means over seeds (without the change over with it), its band two standard errors of the difference of
+  mean log steps. ``faster`` if the speed-up's interval lies above 1, ``slower`` if below, else ``inside the
+  noise``; a ``faster`` resting on a censored seed of the run without the change, or any verdict other than
+  ``slower`` resting on one of the run with it, is said ``unclear`` (a lower bound cannot show it).
+- Fewer than two seeds on either side: no band, ``one seed`` (never a ranking).
+The runs are the latest finished run of each seed of each planned run (matched by recipe digest, profile and
+seed) on the data imagenet.md shows at the profile (``imagenet.data_choices``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+
+from bnrepro import recipes as recipe_io  # noqa: E402
+from bnrepro.experiments import changes  # noqa: E402
+from bnrepro.paper import PAPER  # noqa: E402
+from bnrepro.report import claims, imagenet, save_figure  # noqa: E402
+from bnrepro.report.imagenet import Run, markdown_table  # noqa: E402
+from bnrepro.runs import atomic_write, check_writable  # noqa: E402
+
+HELPS, HURTS, FASTER, SLOWER = "helps", "hurts", "faster", "slower"
+NOISE, UNCLEAR, ONE_SEED, MISSING = "inside the noise", "unclear", "one seed", "not run"
+LEAVE, ADD = "leave one out", "add one in"
+MARKERS = {LEAVE: ("o", "tab:blue", "left out of BN-x5"), ADD: ("s", "tab:orange", "added to BN-Baseline")}
+
+
+@dataclass
+class Side:
+    """One run of the study over its seeds: with or without a change."""
+
+    runs: list[Run]  # by seed
+
+    @property
+    def maxes(self) -> np.ndarray:
+        return np.array([r.max_top1 or 0.0 for r in self.runs])
+
+    def steps(self, level: float) -> tuple[np.ndarray, int]:
+        """Per seed, the first evaluated step at or above ``level`` (the last evaluation where it never gets
+        there), and how many never do."""
+        found, never = [], 0
+        for run in self.runs:
+            at = imagenet.steps_to(run, level - imagenet.ROUNDING)
+            never += at is None
+            found.append(at if at is not None else int(run.curve.step.iloc[-1]) if len(run.curve) else 1)
+        return np.maximum(np.array(found, float), 1.0), never
+
+    def text(self) -> str:
+        values = self.maxes
+        if not len(values):
+            return "—"
+        spread = f" [{100 * values.min():.2f}–{100 * values.max():.2f}]" if len(values) > 1 else ""
+        return f"{100 * values.mean():.2f}%{spread} ({len(values)} seed{'s' * (len(values) > 1)})"
+
+
+@dataclass
+class Effect:
+    """A change's effect measured one way: ``with_`` and ``without`` the change."""
+
+    change: int
+    direction: str
+    with_: Side
+    without: Side
+    level: float | None  # L: the steps are counted to it
+
+    @property
+    def name(self) -> str:
+        return PAPER.changes[self.change].name
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.with_.runs) and bool(self.without.runs)
+
+    @property
+    def seeded(self) -> bool:
+        return len(self.with_.runs) > 1 and len(self.without.runs) > 1
+
+    def accuracy(self) -> tuple[float, float, str]:
+        """d (points as a fraction), its band, the verdict."""
+        if not self.measured:
+            return math.nan, math.nan, MISSING
+        a, b = self.with_.maxes, self.without.maxes
+        d = float(a.mean() - b.mean())
+        if not self.seeded:
+            return d, math.nan, ONE_SEED
+        w = claims.band(a, b)
+        return d, w, HELPS if d > w else HURTS if d < -w else NOISE
+
+    def speed(self) -> tuple[float, float, str, int, int]:
+        """Speed-up (steps without over steps with, geometric means), its band in log steps, the verdict, and the
+        seeds with and without the change that never reach L."""
+        if not self.measured or self.level is None:
+            return math.nan, math.nan, MISSING, 0, 0
+        (a, never_a), (b, never_b) = self.with_.steps(self.level), self.without.steps(self.level)
+        log_speedup = float(np.log(b).mean() - np.log(a).mean())
+        if not self.seeded:
+            return math.exp(log_speedup), math.nan, ONE_SEED, never_a, never_b
+        w = claims.band(np.log(a), np.log(b))
+        verdict = FASTER if log_speedup > w else SLOWER if log_speedup < -w else NOISE
+        if (verdict == FASTER and never_b) or (verdict != SLOWER and never_a):
+            verdict = UNCLEAR  # a censored count is a lower bound on that side's steps
+        return math.exp(log_speedup), w, verdict, never_a, never_b
+
+
+def study_runs(results: Path) -> list[Run]:
+    """The finished runs the study can use: the campaign's (``results/imagenet``) and its own
+    (``results/changes/imagenet``), each named relative to ``results``."""
+    own = [replace(r, rel=f"{changes.HOME}/{r.rel}") for r in imagenet.finished_runs(Path(results) / changes.HOME)]
+    return imagenet.finished_runs(Path(results)) + own
+
+
+def seeds_of(planned, profile: str, runs: list[Run]) -> Side:
+    """The latest finished run of each seed of ``planned`` (recipe and overrides, any seed) at ``profile``."""
+    digest = recipe_io.load(planned.recipe, list(planned.overrides)).digest
+    latest: dict[int, Run] = {}
+    for run in runs:  # oldest first: a later run of a seed replaces an earlier one
+        if run.profile == profile and run.manifest.get("recipe_digest") == digest:
+            latest[run.seed] = run
+    return Side([latest[s] for s in sorted(latest)])
+
+
+def level_for(reference: Side, target: float | None) -> float | None:
+    """L: T, or the lowest of the reference's seeds' maxes where one peaks below T (None without runs or T)."""
+    if not reference.runs or target is None:
+        return None
+    return float(min(target, reference.maxes.min()))
+
+
+def effects(profile: str, runs: list[Run], target: float | None) -> list[Effect]:
+    """Every change's effect both ways at ``profile``, from ``runs`` (those on the profile's chosen data)."""
+    found = []
+    for variant in changes.variants(profile, seeds=1):  # the design; seeds are matched across the runs
+        if variant.direction == "reference":
+            continue
+        ours, theirs = seeds_of(variant.run, profile, runs), seeds_of(variant.reference, profile, runs)
+        with_, without = (theirs, ours) if variant.direction == LEAVE else (ours, theirs)
+        found.append(Effect(variant.change, variant.direction, with_, without, level_for(theirs, target)))
+    return found
+
+
+def _points(d: float, w: float) -> str:
+    if math.isnan(d):
+        return "—"
+    return f"{100 * d:+.2f}" + ("" if math.isnan(w) else f" ± {100 * w:.2f}")
+
+
+def _speedup(r: float, w: float, never_a: int, never_b: int) -> str:
+    if math.isnan(r):
+        return "—"
+    text = f"{r:.2f}x" + ("" if math.isnan(w) else f" ({math.exp(-w) * r:.2f}–{math.exp(w) * r:.2f})")
+    nevers = [f"{n} seed{'s' * (n > 1)} {side} never reach L" for n, side in ((never_a, "with"), (never_b, "without"))
+              if n]
+    return text + (f"; {', '.join(nevers)}" if nevers else "")
+
+
+def table(found: list[Effect]) -> pd.DataFrame:
+    """Every number of the study: one row per change and direction."""
+    rows = []
+    for e in found:
+        d, w, acc = e.accuracy()
+        r, lw, fast, never_a, never_b = e.speed()
+        rows.append({"Change": f"{e.change}. {e.name}", "Measured": e.direction,
+                     "Max top-1 with": e.with_.text(), "without": e.without.text(),
+                     "Effect on max (points)": _points(d, w), "Max": acc,
+                     "L": "—" if e.level is None else f"{100 * e.level:.2f}%",
+                     "Speed-up to L (without / with)": _speedup(r, lw, never_a, never_b), "Steps": fast})
+    return pd.DataFrame(rows)
+
+
+def _bar(ax: plt.Axes, x: float, y: float, low: float, high: float, e: Effect, solid: bool) -> None:
+    """One effect's marker at (x, y) with its band [low, high] (NaN: none)."""
+    marker, colour, label = MARKERS[e.direction]
+    err = None if math.isnan(low) else [[x - low], [high - x]]
+    ax.errorbar(x, y, xerr=err, fmt=marker, color=colour, mfc=colour if solid else "white", capsize=3, label=label)
+
+
+def figure(profile: str, found: list[Effect], out: Path) -> list[Path]:
+    """Each change's effect on max top-1 (left) and its speed-up to L (right), both directions, with their bands; a
+    hollow marker is an effect inside its band (or of one seed)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for e in found:
+        y = list(PAPER.changes).index(e.change) + (-0.15 if e.direction == LEAVE else 0.15)
+        d, w, acc = e.accuracy()
+        if not math.isnan(d):
+            _bar(left, 100 * d, y, 100 * (d - w), 100 * (d + w), e, acc in (HELPS, HURTS))
+        r, lw, fast, *_ = e.speed()
+        if not math.isnan(r):
+            _bar(right, r, y, r * math.exp(-lw), r * math.exp(lw), e, fast in (FASTER, SLOWER))
+    left.axvline(0, color="grey", lw=0.8)
+    right.axvline(1, color="grey", lw=0.8)
+    right.set_xscale("log")
+    left.set_yticks(range(len(PAPER.changes)), [f"{n}. {c.name}" for n, c in PAPER.changes.items()])
+    left.set_ylim(len(PAPER.changes) - 0.5, -0.5)
+    left.set_xlabel("effect on max top-1 (points: with the change − without)")
+    right.set_xlabel("speed-up in steps to L (without the change / with)")
+    right.xaxis.set_major_locator(LogLocator(base=2))
+    right.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))
+    right.xaxis.set_minor_formatter(NullFormatter())
+    right.legend([Line2D([], [], marker=m, color=c, ls="none") for m, c, _ in MARKERS.values()],
+                 [label for *_, label in MARKERS.values()], fontsize=8)
+    fig.suptitle(f"Sec. 4.2.1's changes one at a time, profile {profile}: mean over seeds, bands 2 s.e.; hollow: "
+                 f"inside the band", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out, figure_name(profile))
+
+
+def figure_name(profile: str) -> str:
+    return "changes_" + re.sub(r"[^A-Za-z0-9_.-]", "_", profile)
+
+
+def summary_lines(found: list[Effect]) -> list[str]:
+    """Which changes matter at this scale, which do not, which are unmeasured, and what the paper says."""
+    def listed(pick) -> str:
+        hits = [f"{e.change}. {e.name} ({e.direction}: {what})" for e in found if (what := pick(e))]
+        return "; ".join(hits) or "none"
+    outside = listed(lambda e: ", ".join(v for v in (e.accuracy()[2], e.speed()[2]) if v in
+                                         (HELPS, HURTS, FASTER, SLOWER)))
+    inside = listed(lambda e: "both" if e.accuracy()[2] == NOISE and e.speed()[2] in (NOISE, UNCLEAR) else "")
+    missing = {d: [str(e.change) for e in found if e.direction == d and not e.seeded] for d in MARKERS}
+    missing_text = "; ".join(f"{d}: {', '.join(n)}" for d, n in missing.items() if n) or "none"
+    paper = "; ".join(f"change {n} ({c.name}): {c.paper}" for n, c in PAPER.changes.items() if c.paper)
+    return [f"- Outside the noise band: {outside}.", f"- Inside the noise on both measures: {inside}.",
+            f"- Not run, or fewer than two seeds on a side: {missing_text}.",
+            f"- The paper gives a number for one change alone: {paper}; the others only as part of BN-x5."]
+
+
+def study(results: Path) -> dict[str, tuple[float | None, list[Effect]]]:
+    """profile -> (T, every effect), for each profile with a finished run of the study's own, on the data
+    imagenet.md shows there (``imagenet.data_choices``)."""
+    choices = imagenet.data_choices(Path(results))
+    runs, _ = imagenet.split_by_data(study_runs(results), choices)
+    rows = imagenet.latest_per_recipe(imagenet.split_by_data(imagenet.finished_runs(Path(results)), choices)[0])
+    profiles = sorted({r.profile for r in runs if r.rel.startswith(f"{changes.HOME}/")}, key=imagenet.profile_rank)
+    targets = {p: imagenet.target_for(p, rows.get(p, {})) for p in profiles}
+    return {p: (targets[p], effects(p, runs, targets[p])) for p in profiles}
+
+
+def markdown(found: dict[str, tuple[float | None, list[Effect]]]) -> str:
+    """changes.md: the rules, then each profile's figure, table and lines."""
+    lines = ["# Beyond the paper: Sec. 4.2.1's changes one at a time", "",
+             "Each change measured two ways: left out of BN-x5, and added to BN-Baseline at BN-x5's budget; both "
+             "said as the change's effect (with it against without it). Rules (fixed before the runs, "
+             "`bnrepro/report/changes.py`): effects on max top-1 against two standard errors of the difference of "
+             "seed means; steps to L (T, Inception's max at the profile, or the lowest max of the direction's "
+             "reference seeds where one peaks below T) as a speed-up of geometric means, against two standard errors "
+             "of the difference of mean log steps. An effect inside its band is reported as such, not ranked.", ""]
+    for profile, (target, effects_) in found.items():
+        lines += [f"## Profile `{profile}`", "",
+                  f"T = {'—' if target is None else f'{100 * target:.2f}%'} (imagenet.md's target at this profile).",
+                  "", f"![changes]({figure_name(profile)}.png)", "",
+                  markdown_table(table(effects_)), "", *summary_lines(effects_), ""]
+    return "\n".join(lines)
+
+
+def build(results: Path, out: Path) -> list[Path]:
+    """Write changes.md and one figure per profile with finished study runs; [] without any."""
+    found = study(results)
+    if not found:
+        return []
+    check_writable(out)
+    written = [path for profile, (_, effects_) in found.items() for path in figure(profile, effects_, out)]
+    atomic_write(out / "changes.md", markdown(found))
+    return [*written, out / "changes.md"]
