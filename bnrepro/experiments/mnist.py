@@ -136,8 +136,7 @@ class NativeMnistTask(MnistTask):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.engine = NativeStack(self.model)
-        self.threads = torch.get_num_threads()  # torch's own, for the work the kernel leaves to it
+        self.engine = NativeStack(self.model)  # its threads: torch's count now, before ``running`` lowers torch's
         self.train_rows, self.test_rows = BinaryRows.of(self.train_bits), BinaryRows.of(self.test.bits)
         self.train_labels = self.train_labels.to(torch.int64).contiguous()
 
@@ -145,8 +144,9 @@ class NativeMnistTask(MnistTask):
         return torch_threads(1)  # the kernel's threads get the cores
 
     def estimate_population(self, step: int) -> None:
-        with torch_threads(self.threads):  # a large torch computation while the kernel is idle
-            super().estimate_population(step)
+        """Alg. 2 on the kernel, over the same mini-batches as the torch engine's pass (``MnistTask``)."""
+        steps = range(step, step + self.recipe.eval.population_batches)
+        self.engine.estimate_population(torch.stack([self.batches.indices(s) for s in steps]), self.train_rows)
 
     def train_steps(self, start: int, stop: int, learning_rate: Callable[[int], float]) -> Tensor:
         """Steps [start, stop) in one kernel call: their losses (stop - start, members)."""

@@ -3,7 +3,8 @@
 The parameters stay in the stack's flat tensor (so checkpoints, ``folded()`` and the torch engine all see
 the same thing); the kernel (bnrepro/native/mlp.cpp) gets one pointer per member and tensor and updates
 them in place. It implements what the MNIST recipes train with: sigmoid or ReLU, BN or bias, softmax
-cross-entropy, plain SGD (no momentum, no weight decay), on a CPU.
+cross-entropy, plain SGD (no momentum, no weight decay), on a CPU; and the evaluations, Alg. 2's population pass
+included.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def torch_threads(threads: int) -> Iterator[None]:
 
     Training on the native engine uses 1: torch's OpenMP workers spin for a while after each parallel operation,
     on the very cores the kernel's threads need (measured: 0.44 vs 0.34 ms a step, 1 seed, 2 cores), and torch's
-    share of that work is a few small tensors a chunk. Alg. 2's population pass, a large torch computation
-    while the kernel is idle, gets every core back (measured: 1.9 s against 4.3 s, 20 models, 2 cores)."""
+    share of that work is a few small tensors a chunk (Alg. 2's population pass, once a large torch computation
+    here, runs on the kernel too: ``NativeStack.estimate_population``)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -83,6 +84,7 @@ _I, _F, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {  # see bnrepro/native/mlp.cpp
     "bnrepro_mlp_train": [_I, _P, _I, _I, _F, _F, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I],
     "bnrepro_mlp_predict": [_I, _P, _I, _I, _I, _P, _I, _P, _P, _I, _P, _P, _I],
+    "bnrepro_mlp_population": [_I, _P, _I, _I, _F, _I, _P, _I, _I, _P, _P, _P, _P, _P, _I],
 }
 
 
@@ -105,12 +107,14 @@ def _slot(t: Tensor, index: int, width: int) -> Tensor:
 
 
 class NativeStack:
-    """Trains and evaluates ``stack`` with the native kernel; ``unsupported()`` must have said None."""
+    """Trains and evaluates ``stack`` with the native kernel, Alg. 2's population statistics included;
+    ``unsupported()`` must have said None."""
 
     def __init__(self, stack: MLPStack, threads: int | None = None):
         """``threads``: the kernel's threads (each trains whole members); default: torch's thread count."""
         self.stack, self.threads = stack, threads or torch.get_num_threads()
         self._train, self._predict = _kernel("bnrepro_mlp_train"), _kernel("bnrepro_mlp_predict")
+        self._population = _kernel("bnrepro_mlp_population")
         self.widths = torch.tensor(stack.widths, dtype=torch.int64)
         self.bn = torch.tensor([m < stack.normalized for m in range(stack.members)], dtype=torch.uint8)
         # Training reads and writes the parameters and BN averages where they are (updated in place, never
@@ -130,8 +134,19 @@ class NativeStack:
         if data.width != self.stack.widths[0]:
             raise ValueError(f"examples have {data.width} features, the network {self.stack.widths[0]} inputs")
 
+    def _mini_batches(self, examples: Tensor, data: BinaryRows) -> Tensor:
+        """``examples`` (batches, batch) as the kernels read them: contiguous int64 indices of rows of ``data``,
+        checked, since the kernels trust them."""
+        self._check(data)
+        examples = examples.to(torch.int64).contiguous()
+        if examples.dim() != 2:
+            raise ValueError(f"examples must be (batches, batch) indices, not of shape {tuple(examples.shape)}")
+        if examples.numel() and (examples.min() < 0 or examples.max() >= len(data)):
+            raise ValueError(f"example indices must lie in [0, {len(data)})")
+        return examples
+
     def _shape(self) -> list[int]:
-        """The leading arguments of both kernels: layers, widths, first weight's row stride, nonlinearity."""
+        """The leading arguments of every kernel: layers, widths, first weight's row stride, nonlinearity."""
         first_row = self.stack.shapes["weight0"][1]  # the first weight is (inputs, members * width)
         return [len(self.stack.hidden), self.widths.data_ptr(), first_row, _ACTIVATIONS[self.stack.nonlinearity]]
 
@@ -153,11 +168,8 @@ class NativeStack:
         """SGD steps on the mini-batches ``examples`` (steps, batch) of ``data`` (labels: int64); returns the
         losses (steps, members). Updates the parameters and BN's moving averages in place."""
         stack = self.stack
-        self._check(data)
-        examples = examples.to(torch.int64).contiguous()
+        examples = self._mini_batches(examples, data)
         steps, batch = examples.shape
-        if examples.numel() and (examples.min() < 0 or examples.max() >= len(data)):
-            raise ValueError(f"example indices must lie in [0, {len(data)})")
         if len(labels) != len(data) or labels.dtype != torch.int64 or not labels.is_contiguous():
             raise ValueError("labels must be one contiguous int64 label per example")
         if len(labels) and (labels.min() < 0 or labels.max() >= stack.widths[-1]):
@@ -204,3 +216,38 @@ class NativeStack:
                                self.threads)
         _raise_for(status)
         return logits, probes
+
+    @torch.no_grad()
+    def estimate_population(self, examples: Tensor, data: BinaryRows) -> None:
+        """Alg. 2, steps 8-10, as ``MLPStack.estimate_population`` computes them, on the kernel: E[x] = mean of mu_B
+        and Var[x] = mean of m/(m-1) sigma2_B of every BN over the mini-batches ``examples`` (batches, m) of
+        ``data``, each passed through the trained network frozen; into the stack's ``pop_mean{layer}``,
+        ``pop_var{layer}`` and ``pop_batches``. The same results to float32 rounding, and the same refusals.
+
+        Why on the kernel: a native run's evaluation then runs in one engine, on the kernel's threads like
+        ``predict``, rather than as a large torch computation competing with them for the cores. Each thread takes
+        whole runs of batches of one member, with a split that does not depend on the thread count, so any number
+        of threads gives the same estimate bit for bit. The mini-batches are all of one size, as the runs draw
+        them (the torch engine also takes batches of mixed sizes)."""
+        stack = self.stack
+        examples = self._mini_batches(examples, data)
+        batches, m = examples.shape
+        counted = batches if m >= 2 else 0  # a batch of one example has no variance: left out, as PopulationSums
+        if stack.normalized and counted == 0:
+            raise ValueError("population statistics need at least one mini-batch of two or more examples")
+        if stack.normalized:  # plain members have no BN, so nothing to estimate (the torch pass records 0 batches)
+            table, _ = self._train_table  # each BN member's weights, gamma and beta, where they are
+            units = sum(stack.hidden)
+            mean_sums = torch.empty(stack.normalized, units, dtype=torch.float64)
+            var_sums = torch.empty(stack.normalized, units, dtype=torch.float64)
+            status = self._population(*self._shape(), stack.bn_eps, stack.normalized, table, batches, m,
+                                      examples.data_ptr(), data.offsets.data_ptr(), data.features.data_ptr(),
+                                      mean_sums.data_ptr(), var_sums.data_ptr(), self.threads)
+            _raise_for(status)
+            start = 0
+            for layer, width in enumerate(stack.hidden):  # (1, BN members * width), member after member
+                found = slice(start, start + width)
+                stack.get_buffer(f"pop_mean{layer}").copy_((mean_sums[:, found] / counted).reshape(1, -1))
+                stack.get_buffer(f"pop_var{layer}").copy_((var_sums[:, found] / counted).reshape(1, -1))
+                start += width
+        stack.pop_batches.fill_(counted if stack.normalized else 0)

@@ -1,4 +1,6 @@
-// The MNIST stack (bnrepro/models/mlp.py) trained and evaluated in one native call per chunk of steps.
+// The MNIST stack (bnrepro/models/mlp.py) trained and evaluated in one native call per chunk of steps, and
+// Alg. 2's population statistics (the BN statistics of the training mini-batches an evaluation averages) in one
+// native call per evaluation.
 //
 // Why: the network is tiny (784-100-100-100-10, 60 examples), so a step from Python costs ~60 tensor
 // operations of dispatch, ~30 us each on a small CPU, against ~0.1 ms of arithmetic. Here a whole chunk
@@ -412,6 +414,34 @@ inline float lerp(float start, float end, float w) {
   return w < 0.5f ? start + w * (end - start) : end - (end - start) * (1.0f - w);
 }
 
+// Alg. 1 on z (batch x n), as the torch engine computes it: the batch mean, the biased variance about it (not
+// E[z^2] - E[z]^2), inv_std = 1 / sqrt(var + eps), xhat = (z - mean) inv_std and h = beta + gamma xhat. Training
+// and Alg. 2's population pass both normalize through here, so the population pass sees exactly the inputs
+// training saw. Loops over units innermost: they vectorize.
+void bn_forward(int64_t batch, int64_t n, const float* z, const float* gamma, const float* beta, float eps,
+                float* mean, float* var, float* inv_std, float* xhat, float* h) {
+  std::fill(mean, mean + n, 0.0f);
+  std::fill(var, var + n, 0.0f);
+  for (int64_t i = 0; i < batch; ++i)
+    for (int64_t j = 0; j < n; ++j) mean[j] += z[i * n + j];
+  for (int64_t j = 0; j < n; ++j) mean[j] /= batch;
+  for (int64_t i = 0; i < batch; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      const float c = z[i * n + j] - mean[j];
+      xhat[i * n + j] = c;
+      var[j] += c * c;
+    }
+  for (int64_t j = 0; j < n; ++j) {
+    var[j] /= batch;
+    inv_std[j] = 1.0f / std::sqrt(var[j] + eps);
+  }
+  for (int64_t i = 0; i < batch; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      xhat[i * n + j] *= inv_std[j];
+      h[i * n + j] = beta[j] + gamma[j] * xhat[i * n + j];
+    }
+}
+
 struct Scratch {
   std::vector<float> z, h, xhat, inv_std, grad, grad_h, weight_t, grad_w, logits, col_a, col_b;
 };
@@ -435,29 +465,11 @@ float train_step(const Shape& s, const Member& mb, bool bn, int64_t batch, const
       float* xhat = w.xhat.data() + batch * s.units_before(l);
       float* inv_std = w.inv_std.data() + s.units_before(l);
       float *mean = w.col_a.data(), *var = w.col_b.data();
-      // Alg. 1: batch mean, biased variance about it (loops over units innermost: they vectorize)
-      std::fill(mean, mean + n, 0.0f);
-      std::fill(var, var + n, 0.0f);
-      for (int64_t i = 0; i < batch; ++i)
-        for (int64_t j = 0; j < n; ++j) mean[j] += z[i * n + j];
-      for (int64_t j = 0; j < n; ++j) mean[j] /= batch;
-      for (int64_t i = 0; i < batch; ++i)
-        for (int64_t j = 0; j < n; ++j) {
-          const float c = z[i * n + j] - mean[j];
-          xhat[i * n + j] = c;
-          var[j] += c * c;
-        }
+      bn_forward(batch, n, z, gamma, beta, s.bn_eps, mean, var, inv_std, xhat, h);
       for (int64_t j = 0; j < n; ++j) {
-        var[j] /= batch;
-        inv_std[j] = 1.0f / std::sqrt(var[j] + s.bn_eps);
         mean_avg[j] = lerp(mean_avg[j], mean[j], s.bn_momentum);
         var_avg[j] = lerp(var_avg[j], var[j], s.bn_momentum);
       }
-      for (int64_t i = 0; i < batch; ++i)
-        for (int64_t j = 0; j < n; ++j) {
-          xhat[i * n + j] *= inv_std[j];
-          h[i * n + j] = beta[j] + gamma[j] * xhat[i * n + j];
-        }
     } else {
       const float* bias = mb.layer(l, 0);
       for (int64_t i = 0; i < batch; ++i)
@@ -606,6 +618,11 @@ void size_scratch(const Shape& s, int64_t batch, Scratch& w) {
   w.col_b.assign(widest, 0.0f);
 }
 
+// Alg. 2's population pass splits the mini-batches into runs of this many, each run one work item per member with
+// its own partial sums, added in run order at the end: a fixed split, so the result is the same bit for bit on any
+// number of threads, and enough items to keep every thread busy even for one member (1,000 batches: 32 runs).
+constexpr int64_t kPopulationRun = 32;
+
 }  // namespace
 
 extern "C" {
@@ -691,6 +708,78 @@ int bnrepro_mlp_predict(int64_t hidden_layers, const int64_t* widths, int64_t w0
             logits[((first + i) * members + m) * classes + c] = y[i * classes + c] + bias_out[c];
       }
     });
+  } catch (...) {  // out of memory, or no threads: Python raises
+    return 2;
+  }
+  return 0;
+}
+
+// Alg. 2, steps 8-10, for members [0, members), all with BN (the stack's BN members come first): the
+// training-mode forward pass of each mini-batch examples[b * batch, + batch), b < batches, each BN normalizing
+// with that batch's own mean and biased variance (Alg. 1; nothing is updated), and per member and hidden layer
+// the sums over the batches of the batch means and of the unbiased batch variances m/(m-1) sigma2_B:
+// mean_sums, var_sums (members, hidden units of every layer, layer after layer), written here.
+//
+// Why these forms: the torch engine (MLPStack.estimate_population, PopulationSums) computes each batch's
+// statistics in float32, then widens them to double, multiplies each variance by m/(m-1) and sums in double;
+// the same here, so the estimates differ only by the float32 rounding of the forward pass. A float32 sum of
+// 1,000 batches would add rounding of its own beyond that (tens of ulp: ~sqrt(1000) roundings of 1/2 ulp). The
+// output layer is not computed: Alg. 2 needs only the BN inputs. params as in training (gamma, beta, -, - per
+// hidden layer).
+// Returns 0; 1 for a shape it cannot run (or batches of fewer than two examples, which have no variance);
+// 2 when it ran out of memory or threads.
+int bnrepro_mlp_population(int64_t hidden_layers, const int64_t* widths, int64_t w0_stride, int64_t activation,
+                           float bn_eps, int64_t members, float** params, int64_t batches, int64_t batch,
+                           const int64_t* examples, const int64_t* offsets, const int32_t* pixels, double* mean_sums,
+                           double* var_sums, int64_t threads) {
+  const Shape s{hidden_layers, widths, w0_stride, activation, bn_eps, 0.0f};
+  if (hidden_layers < 1 || s.min_cols() < 8 || batch < 2) return 1;
+  try {
+    const int64_t units = s.units_before(hidden_layers), n1 = widths[1];
+    const int64_t runs = (batches + kPopulationRun - 1) / kPopulationRun;
+    int64_t widest = 0;
+    for (int64_t l = 1; l <= hidden_layers; ++l) widest = std::max(widest, widths[l]);
+    const double unbias = static_cast<double>(batch) / static_cast<double>(batch - 1);  // as Python's m / (m - 1)
+    // per work item (run r, member m) at r * members + m: its sums of means, then of variances
+    std::vector<double> partial(2 * runs * members * units, 0.0);
+    parallel(threads, runs * members, [&](int64_t item) {
+      const int64_t m = item % members, run = item / members;
+      const Member mb{params + m * (5 * hidden_layers + 2), hidden_layers};
+      thread_local std::vector<float> w0, x, z, xhat, stats;
+      w0.resize(widths[0] * n1), x.resize(batch * widest), z.resize(batch * widest), xhat.resize(batch * widest);
+      stats.resize(3 * widest);
+      // the member's first weight copied out contiguously first, as in inference: its rows lie a page apart
+      for (int64_t p = 0; p < widths[0]; ++p)
+        std::memcpy(&w0[p * n1], mb.weight(0) + p * w0_stride, n1 * sizeof(float));
+      double* mean_acc = partial.data() + 2 * item * units;
+      double* var_acc = mean_acc + units;
+      float *mean = stats.data(), *var = mean + widest, *inv_std = var + widest;
+      for (int64_t b = run * kPopulationRun; b < std::min(batches, (run + 1) * kPopulationRun); ++b) {
+        for (int64_t l = 0; l < hidden_layers; ++l) {
+          const int64_t n = widths[l + 1], k = widths[l], at = s.units_before(l);
+          if (l == 0) binary_matmul(batch, examples + b * batch, offsets, pixels, w0.data(), n1, n, z.data());
+          else gemm(batch, n, k, x.data(), k, 1, mb.weight(l), n, z.data(), n);
+          bn_forward(batch, n, z.data(), mb.layer(l, 0), mb.layer(l, 1), bn_eps, mean, var, inv_std, xhat.data(),
+                     x.data());
+          for (int64_t j = 0; j < n; ++j) {
+            mean_acc[at + j] += static_cast<double>(mean[j]);
+            var_acc[at + j] += static_cast<double>(var[j]) * unbias;
+          }
+          if (l + 1 < hidden_layers) map(batch * n, x.data(), x.data(), [&](vw v) { return activate(v, activation); });
+        }
+      }
+    });
+    for (int64_t m = 0; m < members; ++m)  // the runs' sums in run order, whichever thread made them
+      for (int64_t u = 0; u < units; ++u) {
+        double mean_total = 0.0, var_total = 0.0;
+        for (int64_t run = 0; run < runs; ++run) {
+          const double* sums = partial.data() + 2 * (run * members + m) * units;
+          mean_total += sums[u];
+          var_total += sums[units + u];
+        }
+        mean_sums[m * units + u] = mean_total;
+        var_sums[m * units + u] = var_total;
+      }
   } catch (...) {  // out of memory, or no threads: Python raises
     return 2;
   }
