@@ -630,30 +630,54 @@ def _draw_seeds(ax: plt.Axes, run: Run, colour: str, style: str, paper: bool) ->
     return x, frame["mean"], frame.lagging
 
 
+def drawn_rows(runs: dict[str, Run]) -> dict[str, Run]:
+    """The rows Fig. 2 draws: those of the paper's Sec. 4.2 recipes (paper.yaml's ``recipes``), with their overrides;
+    other rows (the ensemble's members, which are Fig. 4's) are in the table only. All rows where none is the paper's.
+    """
+    paper = {key: run for key, run in runs.items() if run.recipe in PAPER.colours}
+    return paper or runs
+
+
+def _zoom(runs: dict[str, Run], paper: bool) -> float | None:
+    """The right end of Fig. 2's second panel: 1.05 x the shortest row's last step (the BN recipes' budget, which
+    the first panel squeezes into its first fifth), where the longest row runs at least twice as far; else None."""
+    ends = [float(_x(r, r.metrics.step, paper).max()) for row in runs.values() for r in row.seeds if len(r.metrics)]
+    if not ends or max(ends) < 2 * min(ends):
+        return None
+    return 1.05 * min(ends)
+
+
 def figure_2(profile: str, runs: dict[str, Run], target: float | None, out: Path) -> list[Path]:
     """Fig. 2: single-crop validation top-1 vs training steps (paper-equivalent steps, step / compression, where
-    every run's manifest carries ``compression``), one line per row, each its own colour and style (``line_styles``):
-    a row of one seed is its run's line, one of several seeds their mean with a min-max band (``seed_curve``); a
-    diverged run's line stops at its last finite evaluation, marked with an x (``figure_caption`` says it in words)."""
-    fig, ax = plt.subplots(figsize=(7, 4.4))
+    every run's manifest carries ``compression``), one line per row of the paper's recipes (``drawn_rows``), each its
+    own colour and style (``line_styles``): a row of one seed is its run's line, one of several seeds their mean with a
+    min-max band (``seed_curve``); a diverged run's line stops at its last finite evaluation, marked with an x
+    (``figure_caption`` says it in words). Where budgets differ by 2x or more, a second panel shows the shorter ones'
+    span (``_zoom``), where the BN recipes' curves lie."""
+    runs = drawn_rows(runs)
     seeds = [r for row in runs.values() for r in row.seeds]
     paper = bool(seeds) and all(r.compression is not None for r in seeds)  # x in paper-equivalent steps
+    zoom = _zoom(runs, paper)
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(7, 4.4), sharey=True, squeeze=False)
     styles = line_styles(runs)
-    marked = False
-    for key, run in runs.items():
-        colour, style = styles[key]
-        draw = _draw_seeds if len(run.seeds) > 1 else _draw_one_seed
-        x, y, lagging = draw(ax, run, colour, style, paper)
-        if lagging.any():  # BN evaluated with the moving averages: the point measures their lag (README)
-            ax.plot(x[lagging], y[lagging], linestyle="none", marker="o", markersize=4,
-                    markerfacecolor="white", markeredgecolor=colour, markeredgewidth=1)
-            marked = True
-    if marked:
-        ax.plot([], [], linestyle="none", marker="o", markersize=4, markerfacecolor="white", markeredgecolor="0.3",
-                label="BN with moving averages, not Alg. 2 (lagging)")
-    if target is not None:
-        what = "paper's target" if profile == "paper" else target_legend(runs)
-        ax.axhline(target, color="0.5", linestyle=":", linewidth=1, label=f"{what} ({100 * target:.1f}%)")
+    for ax in axes[0]:
+        marked = False
+        for key, run in runs.items():
+            colour, style = styles[key]
+            draw = _draw_seeds if len(run.seeds) > 1 else _draw_one_seed
+            x, y, lagging = draw(ax, run, colour, style, paper)
+            if lagging.any():  # BN evaluated with the moving averages: the point measures their lag (README)
+                ax.plot(x[lagging], y[lagging], linestyle="none", marker="o", markersize=4,
+                        markerfacecolor="white", markeredgecolor=colour, markeredgewidth=1)
+                marked = True
+        if marked:
+            ax.plot([], [], linestyle="none", marker="o", markersize=4, markerfacecolor="white",
+                    markeredgecolor="0.3", label="BN with moving averages, not Alg. 2 (lagging)")
+        if target is not None:
+            what = "paper's target" if profile == "paper" else target_legend(runs)
+            ax.axhline(target, color="0.5", linestyle=":", linewidth=1, label=f"{what} ({100 * target:.1f}%)")
+        ax.grid(alpha=0.3)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))  # plain up to 9,999 steps, then 1e4, 1e6...
     batches = sorted({r.manifest["global_batch"] // r.manifest.get("replicas", 1) for r in seeds
                       if "global_batch" in r.manifest})  # a step is one mini-batch of the profile's size
     steps = "training steps" + (f" (mini-batches of {'/'.join(map(str, batches))})" if batches else "")
@@ -661,16 +685,20 @@ def figure_2(profile: str, runs: dict[str, Run], target: float | None, out: Path
         factors = sorted({round(1 / r.compression) for r in seeds})
         steps = f"paper-equivalent steps\n(step / compression; one step here = {'/'.join(map('{:,}'.format, factors))} "
         steps += "paper steps)"  # two lines: the axes' scale (1e7) is printed at the right end of the first
-    ax.set(xlabel=steps, ylabel="validation top-1 (single crop)", ylim=(0, None))
-    ax.set_title(f"Fig. 2 reproduced, profile {profile}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))  # plain up to 9,999 steps, then 1e4, 1e6...
+    first, last = axes[0][0], axes[0][-1]
+    first.set(xlabel=steps, ylabel="validation top-1 (single crop)", ylim=(0, None))
+    if zoom:
+        last.set(xlabel=steps, xlim=(0, zoom))
+        first.set_title("every step", fontsize=9)
+        last.set_title("the shorter budgets' span", fontsize=9)
+    fig.suptitle(f"Fig. 2 reproduced, profile {profile}", fontsize=10)
     # The legend beside the axes, not on them: shaded bands fill the space a legend inside would hide. The figure
-    # widens with its longest label (its handle half an inch, a character about 0.062 inch at 8 pt), so the axes stay
-    # about 7 inches wide.
-    longest = max((len(text) for text in ax.get_legend_handles_labels()[1]), default=0)
-    fig.set_size_inches(7.5 + 0.062 * longest, 4.4)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize=8)
+    # widens with its longest label (its handle half an inch, a character about 0.062 inch at 8 pt), so each axes
+    # stays about 7 (two panels: 5) inches wide.
+    longest = max((len(text) for text in first.get_legend_handles_labels()[1]), default=0)
+    fig.set_size_inches((10.5 if zoom else 7.5) + 0.062 * longest, 4.4)
+    last.legend(*first.get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0,
+                fontsize=8)
     fig.tight_layout()
     return save_figure(fig, out, figure_name(profile))
 
@@ -763,8 +791,13 @@ def _data_line(runs: dict[str, Run], choice: DataChoice | None) -> str:
 
 def figure_caption(profile: str, runs: dict[str, Run]) -> str:
     """What Fig. 2 draws, in words: above all what a row of several seeds' line and band are."""
+    drawn = drawn_rows(runs)
     text = (f"*Fig. 2, profile `{profile}`:* single-crop validation top-1 against steps, one line per row of the "
-            "table; a diverged run's line stops at its last finite evaluation, marked with an x.")
+            "table" + (" of the paper's Sec. 4.2 recipes (the ensemble's members, Fig. 4's, are in the table only)"
+                       if len(drawn) < len(runs) else "")
+            + "; a diverged run's line stops at its last finite evaluation, marked with an x.")
+    if _zoom(drawn, all(r.compression is not None for row in drawn.values() for r in row.seeds)):
+        text += " The right panel repeats the left over the shorter budgets' span, where the BN recipes' curves lie."
     if profile == "paper":
         text += " The dotted grey line is the paper's target."
     elif "inception" in runs:
