@@ -447,9 +447,13 @@ def _profile_epochs(recipe: recipes.ImagenetRecipe) -> list[str]:
 
 
 @recipes_app.command("diff")
-def recipes_diff(a: str, b: str, set_: Overrides = None) -> None:
-    """What recipe B changes against recipe A, key by key (both fully resolved)."""
-    left, right = recipes.load(a, set_ or []), recipes.load(b, set_ or [])
+def recipes_diff(a: str, b: str, set_: Overrides = None,
+                 set_a: Annotated[list[str], typer.Option("--set-a", help="Override a value of A alone.")] = None,
+                 set_b: Annotated[list[str], typer.Option("--set-b", help="Override a value of B alone.")] = None,
+                 ) -> None:
+    """What recipe B changes against recipe A, key by key (both fully resolved; --set to both, --set-a and --set-b to
+    one: a variant against its recipe, as the changes study runs them)."""
+    left, right = recipes.load(a, [*(set_ or []), *(set_a or [])]), recipes.load(b, [*(set_ or []), *(set_b or [])])
     table = Table(title=f"{a} -> {b}")
     for column in ("key", a, b):
         table.add_column(column, overflow="fold")

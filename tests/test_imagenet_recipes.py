@@ -90,6 +90,11 @@ def test_cli_diff_and_errors():
     out = subprocess.run(["bnrepro", "recipes", "diff", "imagenet/bn-baseline", "imagenet/bn-x5"],
                          capture_output=True, text=True, env={"COLUMNS": "160", "PATH": _path()})
     assert out.returncode == 0 and "within_shard" in out.stdout and "train.lr_decay.speedup" in out.stdout
+    one = subprocess.run(["bnrepro", "recipes", "diff", "bn-x5", "bn-x5", "--set", "profiles.cpu.steps=10",
+                          "--set-b", "model.dropout=0.4"], capture_output=True, text=True,
+                         env={"COLUMNS": "160", "PATH": _path()})  # a variant of the changes study, against BN-x5
+    rows = [line for line in one.stdout.splitlines() if line.startswith("│")]  # the table's body: one key
+    assert one.returncode == 0 and len(rows) == 1 and "model.dropout" in rows[0]
     bad = subprocess.run(["bnrepro", "recipes", "show", "imagenet/bn-x5", "--set", "train.shuffle=random"],
                          capture_output=True, text=True, env={"PATH": _path()})
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
