@@ -4,7 +4,8 @@ The parameters stay in the stack's flat tensor (so checkpoints, ``folded()`` and
 the same thing); the kernel (bnrepro/native/mlp.cpp) gets one pointer per member and tensor and updates
 them in place. It implements what the MNIST recipes train with: sigmoid or ReLU, BN or bias, softmax
 cross-entropy, plain SGD (no momentum, no weight decay), on a CPU; and the evaluations, Alg. 2's population pass
-included.
+included. On x86 each kernel call flushes subnormal floats to zero in its threads (saturated sigmoids made millions,
+each a microcode assist: ``FlushDenormals`` in mlp.cpp) and leaves the caller's floating-point mode as it was.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@
 // The arithmetic is the one the torch engine does, in fp32: the binary input layer as sums of weight rows
 // (exactly x @ W), BN with batch mean and biased variance (Alg. 1) and its closed-form gradient, sigmoid
 // (or ReLU), softmax cross-entropy, plain SGD. Only rounding differs (summation order, FMA, a polynomial
-// exp accurate to ~1 ulp); tests/test_native.py checks both engines agree.
+// exp accurate to ~1 ulp), and on x86 subnormal floats (|x| < 1.18e-38) count as 0 (see FlushDenormals);
+// tests/test_native.py and tests/test_native_denormals.py check both engines agree.
 //
 // Layout conventions: row-major matrices; activations are (batch, units). Parameters live in torch's flat
 // tensor; Python passes one pointer per member and tensor (see bnrepro/models/mlp_native.py).
@@ -24,7 +25,55 @@
 #include <thread>
 #include <vector>
 
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
 namespace {
+
+// While a kernel runs, each thread doing its arithmetic flushes subnormal floats to zero: results that would be
+// subnormal (0 < |x| < 1.17549435e-38) become 0 (MXCSR's FTZ, bit 15), and subnormal inputs read as 0 (DAZ,
+// bit 6). On return the calling thread's previous MXCSR is back, so nothing leaks into torch or Python.
+//
+// Why: on x86 an operation with a subnormal operand or result takes a microcode assist, many times the
+// operation's own cost, and a saturated network makes such values by the million. Counted before the flush with
+// an instrumented copy of this kernel (issue 23: the sweep's corner of learning rates 30-100 and initial stds
+// 5-10, 8 models x 2,000 steps): 1.3% of the values training's phases write were subnormal, 0.9-3.6 thousand per
+// model-step: weight gradients (up to 3.9% of them), (1 - y) y times the gradient and BN's backward pass (up to
+// 3.3%), softmax terms and their gradients (1.7-1.9%), sigmoid outputs (0.2-0.3%: inputs in [-88.7, -87.3]). The
+// denormal-operand flag rose in 73-100% of the model-steps of the gemms forward and backward, the sigmoid and its
+// gradient, BN's backward pass and the SGD updates (a third for the output layer's gradient). In the sigmoid the
+// subnormal is vexp's own: its saturation value for inputs in [-104, -87.34] is 1.1754907e-38, just below the
+// smallest normal float, so every unit whose input exceeds +87.34 makes one. At the grid's ordinary point
+// (learning rate 0.3, std 0.1, the same 8 x 2,000) no value was subnormal and neither the denormal-operand nor
+// the underflow flag rose in any phase, training or evaluation: there the flush changes no bit.
+//
+// What changes in the arithmetic: such values are 0 where the torch engine keeps them (sigmoid outputs and softmax
+// probabilities below 1.18e-38, their products in the backward pass). What one would add to a sum lies far below
+// that sum's float32 rounding, unless a factor near 1e38 multiplies it (tests/test_native_denormals.py builds
+// that case). In the corner above too, the flush changed no bit: losses, weights, BN averages, test logits and
+// the sweep's metrics came out the same with and without it (a chaotic run could still carry a last-bit
+// difference on, as it would any rounding difference).
+//
+// Elsewhere (ARM and others) the arithmetic keeps IEEE subnormals: no flush is set, and none was measured there.
+// BNREPRO_KEEP_DENORMALS compiles the flush out so that its effect can be measured (tests/test_native_denormals.py,
+// benchmarks/bench_sweep_corner.py); the package never defines it.
+class FlushDenormals {
+ public:
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__SSE__) && !defined(BNREPRO_KEEP_DENORMALS)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFlushToZero | kDenormalsAreZero); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFlushToZero = 1u << 15, kDenormalsAreZero = 1u << 6;
+  unsigned saved_;
+#else
+  FlushDenormals() {}  // user-provided: a const guard needs one
+#endif
+ public:
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+};
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));  // unaligned access
@@ -59,7 +108,8 @@ inline vw wide(float s) {
 
 // exp(x), Cephes' single-precision polynomial (<1 ulp on [-87.3, 88.0], measured); NaN stays NaN. Beyond
 // that range the result saturates at the edge values, then becomes inf (x > 88.72) or 0 (x < -103.97):
-// only sigmoids deep in saturation and softmax terms below 1e-38 see the difference.
+// only sigmoids deep in saturation and softmax terms below 1e-38 see the difference. The low edge value,
+// 1.1754907e-38, is subnormal: under the kernels' flush (FlushDenormals) it is 0, as is exp below -87.34.
 inline vw vexp(vw x) {
   vw c = x > 88.0296919311f ? wide(88.0296919311f) : x;  // keeps 2^n a normal float
   c = c < -87.3365447505f ? wide(-87.3365447505f) : c;
@@ -582,6 +632,7 @@ void parallel(int64_t threads, int64_t items, F f) {
   }
   std::atomic<bool> failed{false};
   auto share = [&](int64_t t) {  // items t, t + threads, ...; an exception must not leave a thread
+    const FlushDenormals flush;  // every thread sets its own: whether a new one inherits MXCSR is the OS's choice
     try {
       for (int64_t i = t; i < items; i += threads) f(i);
     } catch (...) {
@@ -636,6 +687,7 @@ int bnrepro_mlp_train(int64_t hidden_layers, const int64_t* widths, int64_t w0_s
                       int64_t steps, int64_t batch, const int64_t* examples, const int64_t* offsets,
                       const int32_t* pixels, const int64_t* labels, const float* lrs, float* losses,
                       int64_t threads) {
+  const FlushDenormals flush;  // the calling thread's MXCSR is restored on return
   const Shape s{hidden_layers, widths, w0_stride, activation, bn_eps, bn_momentum};
   if (hidden_layers < 1 || s.min_cols() < 8) return 1;
   try {
@@ -669,6 +721,7 @@ int bnrepro_mlp_train(int64_t hidden_layers, const int64_t* widths, int64_t w0_s
 int bnrepro_mlp_predict(int64_t hidden_layers, const int64_t* widths, int64_t w0_stride, int64_t activation,
                         int64_t members, float** params, int64_t count, const int64_t* offsets,
                         const int32_t* pixels, int64_t probe, float* logits, float* probes, int64_t threads) {
+  const FlushDenormals flush;  // the calling thread's MXCSR is restored on return
   const Shape s{hidden_layers, widths, w0_stride, activation, 0.0f, 0.0f};
   if (hidden_layers < 1 || s.min_cols() < 8) return 1;
   try {
@@ -732,6 +785,7 @@ int bnrepro_mlp_population(int64_t hidden_layers, const int64_t* widths, int64_t
                            float bn_eps, int64_t members, float** params, int64_t batches, int64_t batch,
                            const int64_t* examples, const int64_t* offsets, const int32_t* pixels, double* mean_sums,
                            double* var_sums, int64_t threads) {
+  const FlushDenormals flush;  // the calling thread's MXCSR is restored on return
   const Shape s{hidden_layers, widths, w0_stride, activation, bn_eps, 0.0f};
   if (hidden_layers < 1 || s.min_cols() < 8 || batch < 2) return 1;
   try {
