@@ -2,7 +2,9 @@
 
 The reference is what one would write first: an ``nn.Sequential`` per variant (Linear, [BatchNorm1d],
 Sigmoid) x3 + Linear, SGD, binary MNIST held in memory as float tensors (no DataLoader), the same
-mini-batch order, and a full 10,000-image test evaluation every 500 steps; one model after the other.
+mini-batch order, and a full 10,000-image test evaluation every 500 steps, BN's with Alg. 2's population
+statistics where the recipe's evaluations use them (``population``: 1,000 training mini-batches forward in training
+mode, BN's cumulative averages); one model after the other.
 bnrepro trains every model of the run together: with its native engine (bnrepro/native/mlp.cpp, the default
 on a CPU with a C++ compiler) or, with --engine torch, as one batched torch stack (bnrepro/models/mlp.py).
 bnrepro is timed as a user meets it: the whole ``bnrepro mnist`` command in a fresh process, from start-up
@@ -62,10 +64,29 @@ def plain_loop(data: mnist.MnistArrays, recipe: recipes.MnistRecipe, batch_norm:
         loss.backward()
         optimizer.step()
         if (step + 1) % recipe.eval.every == 0 or step + 1 == steps:
+            if batch_norm and (recipe.eval.statistics == "population" or step + 1 == steps):
+                population(model, train_x, batches, step + 1, recipe.eval.population_batches)
             model.eval()
             with torch.no_grad():
                 accuracy = (model(test_x).argmax(1) == data.test_labels).float().mean().item()
     return accuracy
+
+
+@torch.no_grad()
+def population(model: nn.Module, train_x: torch.Tensor, batches: mnist.EpochBatches, step: int, count: int) -> None:
+    """Alg. 2 as plain PyTorch writes it (the "precise BN" idiom): BN's running statistics reset, then the cumulative
+    average (``momentum=None``) of the batch mean and unbiased variance over the ``count`` training mini-batches
+    that follow ``step``, forward passes in training mode. The same work as bnrepro's pass at each evaluation."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for s in range(step, step + count):
+        model(train_x[batches.indices(s)])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
 
 
 def gemm_gflops() -> float:
