@@ -24,11 +24,12 @@ from torch import Tensor
 from bnrepro import recipes as recipe_io
 from bnrepro.data import mnist
 from bnrepro.engine import checkpoint
+from bnrepro.engine.threads import torch_threads
 from bnrepro.engine.trainer import Schedule, train
 from bnrepro.errors import UserError
 from bnrepro.models.binary import BinaryBatch
 from bnrepro.models.mlp import MLPStack
-from bnrepro.models.mlp_native import BinaryRows, NativeStack, torch_threads, unsupported
+from bnrepro.models.mlp_native import BinaryRows, NativeStack, unsupported
 from bnrepro.recipes import MnistRecipe, Statistics
 from bnrepro.runs import (
     COMPLETE,

@@ -35,6 +35,7 @@ from bnrepro import recipes as recipe_io
 from bnrepro.data import sources
 from bnrepro.engine import checkpoint
 from bnrepro.engine.distributed import SINGLE_PROCESS
+from bnrepro.engine.threads import torch_threads
 from bnrepro.engine.trainer import Interrupted
 from bnrepro.errors import UserError
 from bnrepro.experiments import imagenet
@@ -428,10 +429,9 @@ def estimate(steps: list[Step], profile: str, device: str, val_limit: int | None
     from bnrepro.models.inception import count_flops
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else threads)
     rates: dict[tuple, float] = {}
     seconds = 0.0
-    try:
+    with torch_threads(max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else threads):
         for step in steps:
             if step.state == "done":
                 continue
@@ -446,8 +446,6 @@ def estimate(steps: list[Step], profile: str, device: str, val_limit: int | None
             evaluations = p.steps // p.eval_every + 2
             seconds += p.steps * p.batch_size / rates[key]
             seconds += evaluations * LAPTOP_VAL_IMAGES / (3 * rates[key])  # inference ~3x a training image
-    finally:
-        torch.set_num_threads(threads)
     seconds /= jobs
     ensemble = recipe_io.load(ENSEMBLE)
     crops = sum(ensemble.crops) * len(ensemble.members) * (val_limit or LAPTOP_VAL_IMAGES)

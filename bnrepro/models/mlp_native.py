@@ -11,8 +11,6 @@ each a microcode assist: ``FlushDenormals`` in mlp.cpp) and leaves the caller's 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -63,22 +61,6 @@ def unsupported(stack: MLPStack, device: torch.device, optimizer: torch.optim.Op
     except native.Unavailable as error:
         return str(error)
     return None
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """torch on ``threads`` threads while the block runs, then as before.
-
-    Training on the native engine uses 1: torch's OpenMP workers spin for a while after each parallel operation,
-    on the very cores the kernel's threads need (measured: 0.44 vs 0.34 ms a step, 1 seed, 2 cores), and torch's
-    share of that work is a few small tensors a chunk (Alg. 2's population pass, once a large torch computation
-    here, runs on the kernel too: ``NativeStack.estimate_population``)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 _I, _F, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
