@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import markdown_rows
 
-from bnrepro.report import build, claims, imagenet
+from bnrepro.report import build, claims
+from bnrepro.report.selection import finished_runs, latest_per_recipe, select, target_for
 
 COMPRESSION = 2.5e-4  # a step here stands for 4,000 paper steps
 CLASSES = [f"class-{i}" for i in range(10)]  # chance 10%: Inception-Sigmoid may reach 20%, BN-x5-Sigmoid needs 50%
@@ -117,7 +118,7 @@ ENSEMBLE_HELD = {("m1", 1): {0, 1}, ("m1", 144): {0}, ("m2", 1): {1}, ("m2", 144
 
 
 def verdicts(results: Path, profile: str = "cpu") -> dict[int, claims.Verdict]:
-    rows = imagenet.latest_per_recipe(imagenet.finished_runs(results))[profile]
+    rows = latest_per_recipe(finished_runs(results))[profile]
     found, _ = claims.judge(profile, rows, results)
     return {v.number: v for v in found}
 
@@ -177,7 +178,7 @@ def test_nothing_run_is_not_run(tmp_path):
     assert {n: v.verdict for n, v in found.items()} == {n: "not run" for n in range(1, 8)}
     assert found[3].ours == "no finished run of `bn-x30`"
     assert found[7].ours == "no finished ensemble run at profile `cpu`"
-    s, text = claims.seed_spread(imagenet.latest_per_recipe(imagenet.finished_runs(results))["cpu"])
+    s, text = claims.seed_spread(latest_per_recipe(finished_runs(results))["cpu"])
     assert s == 0 and text.startswith("s = 0: only one seed")
 
 
@@ -328,7 +329,7 @@ def v2_campaign(results: Path, drop: tuple[str, ...] = (), **changes: dict) -> P
 
 
 def verdicts_v2(results: Path, profile: str = "cpu") -> dict[int, claims.Verdict]:
-    rows = imagenet.latest_per_recipe(imagenet.finished_runs(results))[profile]
+    rows = latest_per_recipe(finished_runs(results))[profile]
     found, _ = claims.judge_v2(profile, rows, results)
     return {v.number: v for v in found}
 
@@ -395,9 +396,9 @@ def test_v2_fewer_than_three_seeds_is_inconclusive_where_v1_decided(tmp_path):
 
 def test_v1_keeps_the_lowest_seeds_max_as_its_target_where_v2_and_imagenet_md_take_the_mean(tmp_path):
     results = campaign(tmp_path / "results")  # Inception's seeds: 80% (seed 0), 79% (seed 1)
-    rows = imagenet.latest_per_recipe(imagenet.finished_runs(results))["cpu"]
+    rows = latest_per_recipe(finished_runs(results))["cpu"]
     assert claims.target_v1("cpu", rows) == 0.80 == rows["inception"].max_top1
-    assert claims.target_v2("cpu", rows).level == imagenet.target_for("cpu", rows) == pytest.approx(0.795)
+    assert claims.target_v2("cpu", rows).level == target_for("cpu", rows) == pytest.approx(0.795)
     assert claims.target_v1("paper", rows) == claims.target_v2("paper", rows).level == 0.722
 
 
@@ -535,8 +536,8 @@ def test_claims_judge_only_the_runs_and_ensemble_on_the_profiles_chosen_data(tmp
     new = write_run(results, "cpu-new-inception", "inception", [0, 100], [0.1, 0.3])
     (new / "manifest.json").write_text(json.dumps({**json.loads((new / "manifest.json").read_text()),
                                                    "data_identity": identity}))
-    shown, other = imagenet.select(results)
-    rows = imagenet.latest_per_recipe(shown)["cpu"]
+    shown, other = select(results)
+    rows = latest_per_recipe(shown)["cpu"]
     assert list(rows) == ["inception"] and rows["inception"].max_top1 == 0.3 and len(other) == len(CAMPAIGN)
     assert claims.ensemble_at(results, "cpu") is None  # the ensemble is on "fabricated" data too
     build(results, tmp_path / "report")

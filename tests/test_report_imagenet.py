@@ -15,6 +15,17 @@ from conftest import markdown_rows
 from bnrepro.errors import UserError
 from bnrepro.paper import PAPER
 from bnrepro.report import build, claims, imagenet
+from bnrepro.report.selection import (
+    data_name,
+    finished_runs,
+    latest_per_recipe,
+    same_data,
+    seed_maxes,
+    seed_steps,
+    select,
+    target_for,
+)
+from bnrepro.report.text import markdown_table, paper_steps_text, short_commit, without_paths
 
 NAN = math.nan
 LABELS = {"inception": "Inception", "bn-baseline": "BN-Baseline", "bn-x5": "BN-x5", "bn-x30": "BN-x30",
@@ -106,8 +117,8 @@ def test_steps_to_target_and_speedups_by_hand(results, tmp_path):
     # one Inception seed: the target is its max, as before the mean over seeds
     assert "Target accuracy: 50.0%, the best top-1 of this profile's `inception` run (claims v2's T; as in the " \
         "paper, Inception's maximum)" in md
-    proxy = imagenet.latest_per_recipe(imagenet.finished_runs(results))["proxy"]
-    assert imagenet.target_for("proxy", proxy) == proxy["inception"].max_top1 == 0.5
+    proxy = latest_per_recipe(finished_runs(results))["proxy"]
+    assert target_for("proxy", proxy) == proxy["inception"].max_top1 == 0.5
     assert "target: Inception's max (50.0%)" in (tmp_path / "report" / "fig2_imagenet_proxy.svg").read_text()
 
 
@@ -119,7 +130,7 @@ def test_diverged_run_is_shown_as_diverged(results, tmp_path):
     assert row["Max accuracy"] == "8.0%"  # over the finite evaluations before divergence
     assert row["Speed-up vs Inception"] == "—"
     assert "machine infinity" in md
-    run = {r.recipe: r for r in imagenet.finished_runs(results) if r.profile == "proxy"}["inception-x5"]
+    run = {r.recipe: r for r in finished_runs(results) if r.profile == "proxy"}["inception-x5"]
     assert run.diverged_at == 250 and list(run.curve.step) == [0, 100, 200]  # the line Fig. 2 draws
 
 
@@ -131,7 +142,7 @@ def test_latest_finished_run_per_recipe_and_provenance(results, tmp_path):
     assert "fabricated proxy data for tests" in proxy
     assert "Older finished runs, not shown: `imagenet/z-older-inception`" in proxy
     assert "bn-x30" not in md and "BN-x30" not in table_rows(md, "proxy")  # running/interrupted are ignored
-    chosen = imagenet.latest_per_recipe(imagenet.finished_runs(results))
+    chosen = latest_per_recipe(finished_runs(results))
     assert chosen["proxy"]["inception"].path.name == "b-inception"
     assert list(chosen) == ["paper", "proxy", "smoke"]
 
@@ -152,8 +163,8 @@ def test_paper_columns(results, tmp_path):
 def test_paper_profile_uses_the_papers_target(results, tmp_path):
     imagenet.build(results, tmp_path / "report")
     md = (tmp_path / "report" / "imagenet.md").read_text()
-    chosen = imagenet.latest_per_recipe(imagenet.finished_runs(results))
-    assert imagenet.target_for("paper", chosen["paper"]) == 0.722  # not Inception's 0.73 here
+    chosen = latest_per_recipe(finished_runs(results))
+    assert target_for("paper", chosen["paper"]) == 0.722  # not Inception's 0.73 here
     rows = table_rows(md, "paper")
     assert rows["Inception"]["Steps to target"] == "2,000" and rows["Inception"]["Max accuracy"] == "73.0%"
     assert (rows["BN-x5"]["Steps to target"], rows["BN-x5"]["Speed-up vs Inception"]) == ("500", "4.0x")
@@ -183,7 +194,7 @@ def test_report_build_without_finished_runs_is_a_user_error(tmp_path):
 
 
 def test_markdown_table_escapes_pipes():
-    text = imagenet.markdown_table(pd.DataFrame({"a": ["x|y"], "b": [1]}))
+    text = markdown_table(pd.DataFrame({"a": ["x|y"], "b": [1]}))
     assert text.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
 
 
@@ -202,7 +213,7 @@ def test_seeds_and_overrides_are_rows_of_their_own(tmp_path):
     write_run(root, "f-bn-x5-shards", "bn-x5", "proxy", STEPS, [0.0, 0.4, 0.5, 0.6, 0.7, 0.7],
               started="2026-01-04T00:00:00+00:00",
               extra={"seed": 0, "overrides": ["train.shuffle=shards", "profiles.proxy.steps=500"]})
-    chosen = imagenet.latest_per_recipe(imagenet.finished_runs(root))["proxy"]
+    chosen = latest_per_recipe(finished_runs(root))["proxy"]
     assert list(chosen) == ["inception", "bn-x5", "bn-x5 [train.shuffle=shards]"]
     assert chosen["inception"].path.name == "a-inception" and chosen["inception"].seed == 0
     assert [r.path.name for r in chosen["inception"].others] == ["b-inception-seed1"]
@@ -246,16 +257,16 @@ def test_compressed_profile_counts_paper_equivalent_steps(tmp_path):
     svg = (out / "fig2_imagenet_cpu.svg").read_text()
     assert "paper-equivalent steps" in svg and "4,000 paper steps" in svg
     assert "compression 0.00025 (a step stands for 4,000 paper steps)" in (out / "imagenet.md").read_text()
-    assert imagenet.paper_steps_text(31.0e6) == "31.0e6" and imagenet.paper_steps_text(4000) == "4,000"
+    assert paper_steps_text(31.0e6) == "31.0e6" and paper_steps_text(4000) == "4,000"
 
 
 # --- provenance without the machine's paths, commits with their +dirty, lines told apart --------------------------
 
 
 def test_commits_keep_their_dirty_flag():
-    assert imagenet.short_commit("bc4b6daa9bcf514e3d430eeb8cbb0c79ee266d24+dirty") == "bc4b6daa9bcf+dirty"
-    assert imagenet.short_commit("017d741f6c60fa43984e92015bc6549d5f52d632") == "017d741f6c60"
-    assert imagenet.short_commit(None) == "not recorded"
+    assert short_commit("bc4b6daa9bcf514e3d430eeb8cbb0c79ee266d24+dirty") == "bc4b6daa9bcf+dirty"
+    assert short_commit("017d741f6c60fa43984e92015bc6549d5f52d632") == "017d741f6c60"
+    assert short_commit(None) == "not recorded"
 
 
 def test_the_report_names_the_data_and_its_digest_never_a_folder_of_the_machine(tmp_path):
@@ -275,8 +286,8 @@ def test_the_report_names_the_data_and_its_digest_never_a_folder_of_the_machine(
     assert "Fashion-MNIST idx files (60,000 train, 10,000 val, 10 classes), digest not recorded" in md  # the old run
     assert "Fashion-MNIST idx files (60,000 train, 10,000 val, 10 classes), digest `6401d756d98e`" in md
     assert "commit `bc4b6daa9bcf+dirty`" in md
-    assert imagenet.without_paths("/data/imagenet/train (3 train)") == "…/imagenet/train (3 train)"
-    assert imagenet.without_paths("12 shards in ../packed (5 train)") == "12 shards (5 train)"
+    assert without_paths("/data/imagenet/train (3 train)") == "…/imagenet/train (3 train)"
+    assert without_paths("12 shards in ../packed (5 train)") == "12 shards (5 train)"
 
 
 def test_the_latest_campaign_is_said_with_its_commit_and_runs_whose_manifest_disagrees(results, tmp_path):
@@ -303,7 +314,7 @@ def test_every_line_of_fig_2_differs_in_colour_or_style_however_many_rows(tmp_pa
         LABELS.setdefault(recipe, recipe)
         write_run(root, f"{i:02d}-{recipe}", recipe, "cpu", STEPS, [0.1, 0.2, 0.3, 0.4, 0.5, 0.5 + i / 100])
     write_run(root, "99-variant", "bn-x5", "cpu", STEPS, [0.1] * 6, extra={"overrides": ["train.shuffle=shards"]})
-    chosen = imagenet.latest_per_recipe(imagenet.finished_runs(root))["cpu"]
+    chosen = latest_per_recipe(finished_runs(root))["cpu"]
     styles = imagenet.line_styles(chosen)
     assert len(chosen) == 20 and len(set(styles.values())) == 20
     assert styles["inception"] == ("black", "-") and styles["bn-x5 [train.shuffle=shards]"] == ("tab:orange", "--")
@@ -322,7 +333,7 @@ def test_bn_points_evaluated_with_moving_averages_are_marked_and_said(tmp_path):
         metrics["statistics"] = ["population", "moving", "moving", "moving", "moving", "population"]
         metrics.to_csv(run / "metrics.csv", index=False)
         (run / "recipe.yaml").write_text(f"model:\n  batch_norm: {str(bn).lower()}\n")
-    runs = {r.recipe: r for r in imagenet.finished_runs(tmp_path)}
+    runs = {r.recipe: r for r in finished_runs(tmp_path)}
     assert runs["bn-x5"].lagging.tolist() == [False, True, True, True, True, False]
     assert not runs["inception"].lagging.any()
     imagenet.build(tmp_path, tmp_path / "report")
@@ -371,7 +382,7 @@ def two_campaigns(tmp_path):
 
 def test_a_profile_shows_only_its_latest_campaigns_data(two_campaigns, tmp_path):
     write_campaign(two_campaigns, "cpu", CIFAR, "2026-01-04T00:00:00+00:00")
-    shown, other = imagenet.select(two_campaigns)
+    shown, other = select(two_campaigns)
     assert sorted(r.path.name for r in other) == ["old-bn-x5", "old-inception"]
     assert "p-bn-x5" in [r.path.name for r in shown]  # another profile: untouched
     out = tmp_path / "report"
@@ -396,14 +407,14 @@ def test_without_a_campaign_record_the_latest_runs_data_is_shown(two_campaigns, 
     assert "On other data than the profile's latest run (Fashion-MNIST idx files), not shown:" in cpu
     # a record without data (no data folder given) chooses nothing: the latest run still does
     write_campaign(two_campaigns, "cpu", None, "2026-01-06T00:00:00+00:00")
-    assert sorted(r.path.name for r in imagenet.select(two_campaigns)[1]) == ["old-bn-x5", "old-inception"]
+    assert sorted(r.path.name for r in select(two_campaigns)[1]) == ["old-bn-x5", "old-inception"]
 
 
 def test_the_campaign_chooses_even_against_a_later_run_and_keeps_the_runs_it_lists(two_campaigns, tmp_path):
     # the latest record is on Fashion-MNIST and lists old-bn-x5 as kept: `reproduce` matched it to its data
     fashion = {**CIFAR, "name": "Fashion-MNIST idx files", "train_examples": 60_000, "digest": "f0" * 32}
     write_campaign(two_campaigns, "cpu", fashion, "2026-01-04T12:00:00+00:00", plan=["imagenet/old-bn-x5"])
-    shown, other = imagenet.select(two_campaigns)
+    shown, other = select(two_campaigns)
     assert {r.path.name for r in shown if r.profile == "cpu"} == {"old-inception", "old-bn-x5"}
     assert {r.path.name for r in other} == {"new-inception", "new-bn-x5", "new-bn-x5-seed1"}
     imagenet.build(two_campaigns, tmp_path / "report")
@@ -425,12 +436,12 @@ def test_a_profile_whose_campaign_has_no_finished_run_yet_still_names_the_runs_l
 def test_data_compare_by_digest_else_by_what_the_older_manifest_records():
     legacy = {"dataset": FASHION, "classes": CIFAR["classes"], "train_examples": 60_000}
     identity = {"data_identity": {**CIFAR, "name": "Fashion-MNIST idx files", "train_examples": 60_000}}
-    assert imagenet.data_name(legacy) == "Fashion-MNIST idx files"
-    assert imagenet.same_data(legacy, identity)  # the same name, classes and count: no digest to contradict
-    assert not imagenet.same_data({**legacy, "train_examples": 50_000}, identity)
-    assert not imagenet.same_data(legacy, {"data_identity": CIFAR})
-    assert not imagenet.same_data(identity, {"data_identity": {**identity["data_identity"], "digest": "0" * 64}})
-    assert imagenet.same_data({}, identity)  # a manifest that names no data contradicts nothing
+    assert data_name(legacy) == "Fashion-MNIST idx files"
+    assert same_data(legacy, identity)  # the same name, classes and count: no digest to contradict
+    assert not same_data({**legacy, "train_examples": 50_000}, identity)
+    assert not same_data(legacy, {"data_identity": CIFAR})
+    assert not same_data(identity, {"data_identity": {**identity["data_identity"], "digest": "0" * 64}})
+    assert same_data({}, identity)  # a manifest that names no data contradicts nothing
 
 
 # --- several seeds: Fig. 2's mean line and min-max band, the table's mean and range ----------------------------------
@@ -446,7 +457,7 @@ def three_seeds(root: Path) -> None:
 
 def test_seed_curve_is_the_mean_min_and_max_over_the_finite_seeds_at_the_common_steps(tmp_path):
     three_seeds(tmp_path)
-    row = imagenet.latest_per_recipe(imagenet.finished_runs(tmp_path))["cpu"]["bn-x5"]
+    row = latest_per_recipe(finished_runs(tmp_path))["cpu"]["bn-x5"]
     frame = imagenet.seed_curve(row)
     assert list(frame.index) == [0, 100, 200, 300]  # 150: seed 2's alone
     assert frame["mean"].tolist() == pytest.approx([0.1, 0.4, 0.5, 0.65])  # at 300 seed 2 has diverged: 2 seeds
@@ -460,7 +471,7 @@ def test_fig_2_draws_the_seed_mean_with_its_band_and_says_so(tmp_path, monkeypat
     write_run(tmp_path, "inception", "inception", "cpu", [0, 100, 200, 300], [0.1, 0.2, 0.3, 0.4])
     drawn = {}
     monkeypatch.setattr(imagenet, "save_figure", lambda fig, out, name: drawn.setdefault("fig", fig) and [])
-    rows = imagenet.latest_per_recipe(imagenet.finished_runs(tmp_path))["cpu"]
+    rows = latest_per_recipe(finished_runs(tmp_path))["cpu"]
     imagenet.figure_2("cpu", rows, 0.4, tmp_path)
     ax = drawn["fig"].axes[0]
     lines = {line.get_label(): line for line in ax.lines}
@@ -531,13 +542,13 @@ def test_the_target_is_the_mean_of_inceptions_seeds_max_each_inception_seed_coun
     for seed, top1 in enumerate([[0.1, 0.5, 0.79, 0.79], [0.1, 0.8, 0.8, 0.7], [0.1, 0.5, 0.6, 0.81]]):
         write_run(tmp_path, f"inception-{seed}", "inception", "cpu", steps, top1, extra={"seed": seed})
     write_run(tmp_path, "bn-x5", "bn-x5", "cpu", steps, [0.1, 0.8, 0.9, 0.9])  # 80% at 100: T, less its rounding
-    rows = imagenet.latest_per_recipe(imagenet.finished_runs(tmp_path))["cpu"]
-    target = imagenet.target_for("cpu", rows)
-    assert target == pytest.approx(0.80) and target == float(imagenet.seed_maxes(rows["inception"]).mean())
+    rows = latest_per_recipe(finished_runs(tmp_path))["cpu"]
+    target = target_for("cpu", rows)
+    assert target == pytest.approx(0.80) and target == float(seed_maxes(rows["inception"]).mean())
     # claims v2's T is this one; v1 keeps its own, the lowest seed's max
     assert claims.target_v2("cpu", rows).level == target and claims.target_v1("cpu", rows) == 0.79
-    assert [imagenet.seed_steps(r, target, own_max=True) for r in rows["inception"].seeds] == [200, 100, 300]
-    assert [imagenet.seed_steps(r, target) for r in rows["inception"].seeds] == [None, 100, 300]
+    assert [seed_steps(r, target, own_max=True) for r in rows["inception"].seeds] == [200, 100, 300]
+    assert [seed_steps(r, target) for r in rows["inception"].seeds] == [None, 100, 300]
 
     imagenet.build(tmp_path, tmp_path / "report")
     md = (tmp_path / "report" / "imagenet.md").read_text()

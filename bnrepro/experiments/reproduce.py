@@ -345,7 +345,7 @@ def ensemble(folders: list[Path], profile: str, dataset_dir: Path, results: Path
 
 class Record:
     """The campaign's own record, ``results/campaign/<profile>-<time>/manifest.json`` (a study's in its own
-    ``where``, so that the report's choice of data, ``report.imagenet.data_choices``, reads the paper's campaigns
+    ``where``, so that the report's choice of data, ``report.selection.data_choices``, reads the paper's campaigns
     alone): the commit of the code (``load_code``), the data's identity and folder, the plan, and at the end every run
     folder with the commit its manifest names, so that runs whose manifest disagrees with the campaign's code are on
     file."""

@@ -19,7 +19,7 @@ The rules, fixed before the study's runs (README, "Beyond the paper"):
   ``slower`` resting on one of the run with it, is said ``unclear`` (a lower bound cannot show it).
 - Fewer than two seeds on either side: no band, ``one seed`` (never a ranking).
 The runs are the latest finished run of each seed of each planned run (matched by recipe digest, profile and
-seed) on the data imagenet.md shows at the profile (``imagenet.data_choices``).
+seed) on the data imagenet.md shows at the profile (``selection.data_choices``).
 """
 
 from __future__ import annotations
@@ -41,8 +41,19 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 from bnrepro import recipes as recipe_io  # noqa: E402
 from bnrepro.experiments import changes  # noqa: E402
 from bnrepro.paper import PAPER  # noqa: E402
-from bnrepro.report import claims, imagenet, save_figure  # noqa: E402
-from bnrepro.report.imagenet import Run, markdown_table  # noqa: E402
+from bnrepro.report import claims, save_figure  # noqa: E402
+from bnrepro.report.selection import (  # noqa: E402
+    ROUNDING,
+    Run,
+    data_choices,
+    finished_runs,
+    latest_per_recipe,
+    profile_rank,
+    split_by_data,
+    steps_to,
+    target_for,
+)
+from bnrepro.report.text import markdown_table  # noqa: E402
 from bnrepro.runs import atomic_write, check_writable  # noqa: E402
 
 HELPS, HURTS, FASTER, SLOWER = "helps", "hurts", "faster", "slower"
@@ -66,7 +77,7 @@ class Side:
         there), and how many never do."""
         found, never = [], 0
         for run in self.runs:
-            at = imagenet.steps_to(run, level - imagenet.ROUNDING)
+            at = steps_to(run, level - ROUNDING)
             never += at is None
             found.append(at if at is not None else int(run.curve.step.iloc[-1]) if len(run.curve) else 1)
         return np.maximum(np.array(found, float), 1.0), never
@@ -131,8 +142,8 @@ class Effect:
 def study_runs(results: Path) -> list[Run]:
     """The finished runs the study can use: the campaign's (``results/imagenet``) and its own
     (``results/changes/imagenet``), each named relative to ``results``."""
-    own = [replace(r, rel=f"{changes.HOME}/{r.rel}") for r in imagenet.finished_runs(Path(results) / changes.HOME)]
-    return imagenet.finished_runs(Path(results)) + own
+    own = [replace(r, rel=f"{changes.HOME}/{r.rel}") for r in finished_runs(Path(results) / changes.HOME)]
+    return finished_runs(Path(results)) + own
 
 
 def seeds_of(planned, profile: str, runs: list[Run]) -> Side:
@@ -252,12 +263,12 @@ def summary_lines(found: list[Effect]) -> list[str]:
 
 def study(results: Path) -> dict[str, tuple[float | None, list[Effect]]]:
     """profile -> (T, every effect), for each profile with a finished run of the study's own, on the data
-    imagenet.md shows there (``imagenet.data_choices``)."""
-    choices = imagenet.data_choices(Path(results))
-    runs, _ = imagenet.split_by_data(study_runs(results), choices)
-    rows = imagenet.latest_per_recipe(imagenet.split_by_data(imagenet.finished_runs(Path(results)), choices)[0])
-    profiles = sorted({r.profile for r in runs if r.rel.startswith(f"{changes.HOME}/")}, key=imagenet.profile_rank)
-    targets = {p: imagenet.target_for(p, rows.get(p, {})) for p in profiles}
+    imagenet.md shows there (``selection.data_choices``)."""
+    choices = data_choices(Path(results))
+    runs, _ = split_by_data(study_runs(results), choices)
+    rows = latest_per_recipe(split_by_data(finished_runs(Path(results)), choices)[0])
+    profiles = sorted({r.profile for r in runs if r.rel.startswith(f"{changes.HOME}/")}, key=profile_rank)
+    targets = {p: target_for(p, rows.get(p, {})) for p in profiles}
     return {p: (targets[p], effects(p, runs, targets[p])) for p in profiles}
 
 

@@ -9,12 +9,12 @@ target as intervals, paired McNemar tests for claim 7, and verdicts ``held``, ``
 testable at this scale`` and ``not run``. v1 is kept unchanged in behaviour and printed beside v2, so a reader sees
 what changed and why. The report prints both rule sets word for word, and the code under each follows its text.
 
-The runs are the rows of imagenet.md (``imagenet.select``: at each profile only the runs on its chosen data, then
-``imagenet.latest_per_recipe``: per recipe and overrides, the latest finished run of the lowest seed, with the latest
+The runs are the rows of imagenet.md (``selection.select``: at each profile only the runs on its chosen data, then
+``selection.latest_per_recipe``: per recipe and overrides, the latest finished run of the lowest seed, with the latest
 run of each other seed in ``others``; v1 judges the row's run, v2 all its seeds) and, for the last claim, the latest
 ensemble run at the profile on the same data (``ensemble.select``), its per-image correctness recomputed from its
 cached probabilities (``ensemble.top1_correct``). The target: v1's is the best top-1 of Inception's lowest seed
-(``target_v1``); v2's T, the mean over Inception's seeds of their max, is ``imagenet.target_for``, which imagenet.md
+(``target_v1``); v2's T, the mean over Inception's seeds of their max, is ``selection.target_for``, which imagenet.md
 and its Fig. 2 show as well.
 """
 
@@ -30,14 +30,28 @@ import pandas as pd
 
 from bnrepro.errors import UserError
 from bnrepro.paper import PAPER
-from bnrepro.report import ensemble, imagenet
-from bnrepro.report.imagenet import ROUNDING, Run, markdown_table, paper_steps_text, seed_maxes
+from bnrepro.report import ensemble
+from bnrepro.report.selection import (
+    ROUNDING,
+    Run,
+    comparable,
+    data_name,
+    latest_per_recipe,
+    paper_equivalent,
+    profile_rank,
+    row_key,
+    seed_maxes,
+    select,
+    steps_to,
+    target_for,
+)
+from bnrepro.report.text import markdown_table, paper_steps_text
 from bnrepro.runs import DIVERGED, atomic_write, check_writable
 
 HELD, NOT_HELD, SPREAD, NOT_RUN = "held", "not held", "within seed spread", "not run"
 # The paper's numbers and the runs the claims compare come from bnrepro/paper.yaml; the rules below print them.
 _SHARDS = PAPER.variants["shards-only"]
-SHARDS_ONLY = imagenet.row_key(_SHARDS.stem, tuple(sorted(_SHARDS.overrides)))  # BN-x5 without change 6
+SHARDS_ONLY = row_key(_SHARDS.stem, tuple(sorted(_SHARDS.overrides)))  # BN-x5 without change 6
 SPREAD_RECIPES = PAPER.seed_spread  # v1's seed spread: the recipes the campaign trains a second seed of
 HALF_PAPER_SPEEDUP = PAPER.imagenet.speedup_in_text / 2  # 7: half the text's "14 times" (31.0e6 / 2.1e6 = 14.8x)
 TARGET_TEXT = f"{100 * PAPER.imagenet.target:.1f}%"  # 72.2%, as the rules print it
@@ -141,7 +155,7 @@ def _steps(run: Run, step: float | None) -> str:
     """A step of ``run`` as the report gives it: this profile's, with its paper equivalent where recorded."""
     if step is None:
         return "never"
-    equivalent = imagenet.paper_equivalent(run, step)
+    equivalent = paper_equivalent(run, step)
     return f"{step:,.0f}" + ("" if equivalent is None else f" ({paper_steps_text(equivalent)} paper-equivalent)")
 
 
@@ -181,8 +195,8 @@ def claim_1(rows: dict[str, Run], target: float | None) -> Verdict:
     if (missing := _missing(rows, "inception", "bn-baseline")) or target is None:
         return missing or Verdict(0, "no target", NOT_RUN)
     inception, baseline = rows["inception"], rows["bn-baseline"]
-    si, sb = imagenet.steps_to(inception, target), imagenet.steps_to(baseline, target)
-    ci, cb = imagenet.comparable([inception, baseline], [si, sb])
+    si, sb = steps_to(inception, target), steps_to(baseline, target)
+    ci, cb = comparable([inception, baseline], [si, sb])
     held = cb is not None and (ci is None or cb < ci)
     return Verdict(1, f"BN-Baseline {_steps(baseline, sb)} vs Inception {_steps(inception, si)} steps to "
                       f"{_pct(target)}", HELD if held else NOT_HELD)
@@ -192,10 +206,10 @@ def claim_2(rows: dict[str, Run], target: float | None) -> Verdict:
     if (missing := _missing(rows, "inception", "bn-x5")) or target is None:
         return missing or Verdict(0, "no target", NOT_RUN)
     inception, x5 = rows["inception"], rows["bn-x5"]
-    si, s5 = imagenet.steps_to(inception, target), imagenet.steps_to(x5, target)
+    si, s5 = steps_to(inception, target), steps_to(x5, target)
     bound = si is None  # Inception never reached the paper's target: its last evaluated step stands in
     reference = int(inception.curve.step.max()) if bound and len(inception.curve) else si
-    ci, c5 = imagenet.comparable([inception, x5], [reference, s5])
+    ci, c5 = comparable([inception, x5], [reference, s5])
     if c5 is None or not ci:
         return Verdict(2, f"BN-x5 never reaches {_pct(target)} (Inception: {_steps(inception, si)})", NOT_HELD)
     speedup = ci / c5
@@ -217,8 +231,8 @@ def claim_3(rows: dict[str, Run], target: float | None, s: float) -> Verdict:
     lower_first = f30 is not None and f5 is not None and f30[1] < f5[1]
     s30 = s5 = None
     if target is not None:
-        s30, s5 = imagenet.steps_to(x30, target), imagenet.steps_to(x5, target)
-    c30, c5 = imagenet.comparable([x30, x5], [s30, s5])
+        s30, s5 = steps_to(x30, target), steps_to(x5, target)
+    c30, c5 = comparable([x30, x5], [s30, s5])
     later = c5 is not None and (c30 is None or c30 > c5)
     start = HELD if lower_first or later else NOT_HELD
     first = ("first evaluation after step 0: " + (f"{_pct(f30[1])} at {f30[0]:,}" if f30 else "none") + " vs "
@@ -313,7 +327,7 @@ def claim_7(results: Path, profile: str) -> Verdict:
 def target_v1(profile: str, rows: dict[str, Run]) -> float | None:
     """v1's target, as registered: the paper's 72.2% at profile ``paper``; elsewhere the best top-1 of the row's
     `inception` run, that of Inception's lowest seed (None without one, or without a finite evaluation). imagenet.md
-    showed it until it took v2's T (``imagenet.target_for``), the mean over Inception's seeds."""
+    showed it until it took v2's T (``selection.target_for``), the mean over Inception's seeds."""
     if profile == "paper":
         return PAPER.imagenet.target
     return rows["inception"].max_top1 if "inception" in rows else None
@@ -500,9 +514,9 @@ def combine(*verdicts: str) -> str:
 
 
 def target_v2(profile: str, rows: dict[str, Run]) -> Target | None:
-    """T (``imagenet.target_for``, which imagenet.md and Fig. 2 show too): the paper's 72.2% at profile paper, else the
+    """T (``selection.target_for``, which imagenet.md and Fig. 2 show too): the paper's 72.2% at profile paper, else the
     mean of Inception's seeds' max (None without Inception)."""
-    level = imagenet.target_for(profile, rows)
+    level = target_for(profile, rows)
     if level is None:
         return None
     if profile == "paper":
@@ -822,7 +836,7 @@ def _left_out(profile: str, other: list[Run]) -> list[str]:
     here = [r for r in other if r.profile == profile]
     if not here:
         return []
-    names = "; ".join(sorted({imagenet.data_name(r.manifest) or "not recorded" for r in here}))
+    names = "; ".join(sorted({data_name(r.manifest) or "not recorded" for r in here}))
     runs = f"{len(here)} finished run{'s' * (len(here) > 1)} at this profile on other data ({names})"
     return [f"{runs}: not judged, as imagenet.md leaves {'them' if len(here) > 1 else 'it'} out.", ""]
 
@@ -841,7 +855,7 @@ def markdown(by_profile: dict[str, dict[str, Run]], results: Path, other: list[R
              "of imagenet.md's section of the same profile, all their seeds for v2, on the one data set it shows "
              "there; claim 7's is the latest ensemble run at the profile on that data, as in ensemble.md.", "",
              *_rules_text()]
-    for profile in sorted({*by_profile, *(r.profile for r in other)}, key=imagenet.profile_rank):
+    for profile in sorted({*by_profile, *(r.profile for r in other)}, key=profile_rank):
         lines += [f"## Profile `{profile}`", "", *_left_out(profile, list(other))]
         if profile not in by_profile:
             lines += ["No finished run on this profile's chosen data yet, so no claim is judged here.", ""]
@@ -856,9 +870,9 @@ def markdown(by_profile: dict[str, dict[str, Run]], results: Path, other: list[R
 
 def build(results: Path, out: Path) -> list[Path]:
     """Write claims.md for every profile with finished ImageNet runs; [] when there are none."""
-    runs, other = imagenet.select(Path(results))
+    runs, other = select(Path(results))
     if not runs and not other:
         return []
     check_writable(out)
-    atomic_write(out / "claims.md", markdown(imagenet.latest_per_recipe(runs), Path(results), other))
+    atomic_write(out / "claims.md", markdown(latest_per_recipe(runs), Path(results), other))
     return [out / "claims.md"]

@@ -17,8 +17,8 @@ import yaml
 from bnrepro.evaluate import ensemble as evaluation
 from bnrepro.evaluate.crops import distinct_views
 from bnrepro.paper import PAPER
-from bnrepro.report import imagenet
-from bnrepro.report.imagenet import data_text, deviations_list, markdown_table, short_commit
+from bnrepro.report import selection  # not by name: finished_runs, select and other_data_line are ours too
+from bnrepro.report.text import data_text, deviations_list, markdown_table, short_commit
 from bnrepro.runs import Damaged, atomic_write, check_writable, runs_of, skip
 
 TITLE = "# Ensemble and multi-crop (paper Sec. 4.2.3, Fig. 4)"
@@ -99,17 +99,17 @@ def finished_runs(results: Path) -> list[EnsembleRun]:
 
 
 def select(results: Path) -> tuple[list[EnsembleRun], list[EnsembleRun]]:
-    """The finished ensemble runs on the data imagenet.md shows at their profile (``imagenet.data_choices``; one at a
+    """The finished ensemble runs on the data imagenet.md shows at their profile (``selection.data_choices``; one at a
     profile it does not know is kept), and those on other data; both oldest first. ensemble.md and claims.md's claim 7
     both choose from the first."""
-    return imagenet.split_by_data(finished_runs(Path(results)), imagenet.data_choices(Path(results)))
+    return selection.split_by_data(finished_runs(Path(results)), selection.data_choices(Path(results)))
 
 
 def other_data_line(other: list[EnsembleRun], results: Path) -> str:
-    """The line naming the ensemble runs left out for their data (``imagenet.other_data_line``)."""
+    """The line naming the ensemble runs left out for their data (``selection.other_data_line``)."""
     profiles = {run.profile for run in other}
-    choice = imagenet.data_choices(Path(results)).get(str(profiles.pop())) if len(profiles) == 1 else None
-    return imagenet.other_data_line(other, choice, lambda run: f"`{run.rel}` (profile {run.profile})")
+    choice = selection.data_choices(Path(results)).get(str(profiles.pop())) if len(profiles) == 1 else None
+    return selection.other_data_line(other, choice, lambda run: f"`{run.rel}` (profile {run.profile})")
 
 
 def scores(run: EnsembleRun) -> tuple[pd.DataFrame, int, int]:

@@ -14,7 +14,7 @@ from rich.table import Table  # noqa: E402
 
 from bnrepro.paper import PAPER  # noqa: E402
 from bnrepro.report import save_figure  # noqa: E402
-from bnrepro.report.imagenet import short_commit  # noqa: E402
+from bnrepro.report.text import short_commit  # noqa: E402
 from bnrepro.runs import Damaged, atomic_write, check_writable, read_json, read_table, runs_of, skip  # noqa: E402
 
 # What the paper and the one public reproduction it cites report (shared/paper/README.md, section 2) is data:

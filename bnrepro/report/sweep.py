@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bnrepro.report import save_figure  # noqa: E402
-from bnrepro.report.imagenet import markdown_table, short_commit  # noqa: E402
+from bnrepro.report.text import markdown_table, short_commit  # noqa: E402
 from bnrepro.runs import Damaged, atomic_write, check_writable, read_json, runs_of, skip  # noqa: E402
 
 STABLE_ACCURACY = 0.9

@@ -1,0 +1,66 @@
+"""The small Markdown and text helpers the reports share: a table, a commit, a run's data and deviations, steps as
+the paper writes them, each written one way in every report, and no folder of the machine a run ran on."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+
+
+def short_commit(commit: object) -> str:
+    """A recorded commit as the reports show it: 12 hex digits, keeping ``+dirty`` (code that no commit holds)."""
+    if not commit:
+        return "not recorded"
+    text = str(commit)
+    head, dirty, _ = text.partition("+dirty")
+    return head[:12] + dirty
+
+
+# " in <folder>" of a split's description, and any other absolute path: the reports name no folder of the machine
+# a run ran on (manifest.json keeps it).
+_IN_FOLDER = re.compile(r" in (?=[^\s,;()]*[/\\])[^\s,;()]+")
+_ABSOLUTE = re.compile(r"(?<![\w.~])(?:/|[A-Za-z]:[/\\])[^\s,;()`]*")
+
+
+def without_paths(text: str) -> str:
+    """``text`` without the folders it names: " in <folder>" dropped, any other absolute path cut to its last two
+    parts (``…/imagenet/train``)."""
+    def tail(match: re.Match) -> str:
+        parts = [part for part in re.split(r"[/\\]", match.group(0)) if part and not part.endswith(":")]
+        return "…/" + "/".join(parts[-2:])
+    return _ABSOLUTE.sub(tail, _IN_FOLDER.sub("", text))
+
+
+def data_text(manifest: dict) -> str:
+    """The data a run (or an evaluation) used, by name, counts and digest (its ``data_identity``); for a manifest
+    from before ``data_identity``, its ``dataset`` description without paths, digest not recorded."""
+    identity = manifest.get("data_identity")
+    if identity:
+        return (f"{identity['name']} ({identity['train_examples']:,} train, {identity['val_examples']:,} val, "
+                f"{len(identity['classes'])} classes), digest `{identity['digest'][:12]}`")
+    return f"{without_paths(str(manifest.get('dataset', 'not recorded')))}, digest not recorded"
+
+
+def paper_steps_text(x: float | None) -> str:
+    """Paper(-equivalent) steps as the paper writes them (31.0e6); counts under 1e5 in full."""
+    if x is None:
+        return "—"
+    return f"{x / 1e6:.1f}e6" if x >= 1e5 else f"{x:,.0f}"
+
+
+def deviations_list(found: list[str] | None, what: str, indent: int = 0) -> str:
+    """A run's recorded deviations from the paper, as Markdown: a count, then one indented bullet each."""
+    if found is None:
+        return "deviations from the paper: not recorded"
+    head = f"deviations from the paper{f' ({what})' if what else ''}: " + ("none" if not found else f"{len(found)}")
+    return "\n".join([head, *(f"{' ' * indent}- {text}" for text in found)])
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """GitHub markdown for ``df`` (``DataFrame.to_markdown`` needs tabulate, which is not a dependency)."""
+    def cell(x: object) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
