@@ -538,7 +538,7 @@ def _crossing(run: Run, level: float) -> tuple[int, int] | None:
     return (int(before.iloc[-1]) if len(before) else hi), hi
 
 
-def _seed_steps(row: Run, target: Target | None, paper_equivalent: bool) -> Steps | None:
+def _seed_steps(row: Run, target: Target | None, in_paper_steps: bool) -> Steps | None:
     """Per seed steps to T (``target`` None: each seed's own max, Inception away from profile paper); None if a seed
     never reaches it, unless T is the paper's fixed 72.2% and ``row`` is Inception (then a lower bound)."""
     lo, hi, at = [], [], []
@@ -550,7 +550,7 @@ def _seed_steps(row: Run, target: Target | None, paper_equivalent: bool) -> Step
                 return None
             last = int(run.curve.step.iloc[-1])
             found = (last, None)
-        f = 1 / run.compression if paper_equivalent else 1.0
+        f = 1 / run.compression if in_paper_steps else 1.0
         lo.append(found[0] * f)
         hi.append(math.inf if found[1] is None else found[1] * f)
         at.append((found[1] if found[1] is not None else found[0]) * f)
@@ -604,10 +604,10 @@ def _step_ratio(rows: dict[str, Run], target: Target, num: str, den: str, thresh
                 at_least: bool) -> tuple[str, str]:
     """Verdict and text of a ratio claim on steps to T, row ``num`` over row ``den``, both reaching T."""
     runs = seeds(rows[num]) + seeds(rows[den])
-    paper_equivalent = all(r.compression is not None for r in runs)
+    in_paper_steps = all(r.compression is not None for r in runs)
     own = target if target.maxes is None else None  # Inception counts to its own max away from profile paper
-    a = _seed_steps(rows[num], own if num == "inception" else target, paper_equivalent)
-    b = _seed_steps(rows[den], own if den == "inception" else target, paper_equivalent)
+    a = _seed_steps(rows[num], own if num == "inception" else target, in_paper_steps)
+    b = _seed_steps(rows[den], own if den == "inception" else target, in_paper_steps)
     if a is None or b is None:
         return INCONCLUSIVE, "a seed has no finite evaluation"
     verdict, ratio = _ratio(a, b, threshold, at_least)
