@@ -28,6 +28,13 @@
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__SSE__)
 #include <xmmintrin.h>
 #endif
+#ifdef BNREPRO_PART_TIMES
+#include <chrono>
+#include <utility>
+#if defined(__x86_64__) || defined(__i386__)
+#include <x86intrin.h>
+#endif
+#endif
 
 namespace {
 
@@ -74,6 +81,50 @@ class FlushDenormals {
   FlushDenormals(const FlushDenormals&) = delete;
   FlushDenormals& operator=(const FlushDenormals&) = delete;
 };
+
+// Where a kernel's time goes, for measurement only: benchmarks/bench_kernel_parts.py compiles a copy with
+// BNREPRO_PART_TIMES, and each thread then adds up the time stamp counter's ticks per part of the work. PART(p) ends
+// the part running and starts p; PART_SCOPE(p) starts p and, at the end of its scope, goes back to the part before
+// it (the outermost one adds its thread's counts to the totals bnrepro_mlp_part_times reads). Meant for one thread:
+// with more, the calling thread also counts its wait for the others as setup. The package never defines
+// BNREPRO_PART_TIMES: then both macros are empty and the markers compile to nothing.
+#ifdef BNREPRO_PART_TIMES
+// In the order of PARTS in bench_kernel_parts.py, which says what each covers.
+enum Part { kProducts, kSparse, kFirstLayerUpdate, kBn, kElementwise, kUpdates, kSetup, kParts, kNoPart = -1 };
+std::atomic<uint64_t> part_totals[kParts];
+
+inline uint64_t ticks() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __rdtsc();
+#else
+  return std::chrono::steady_clock::now().time_since_epoch().count();
+#endif
+}
+
+struct PartClock {
+  uint64_t ticks_in[kParts] = {}, since = 0;
+  int part = kNoPart;
+  void to(int next) {
+    const uint64_t now = ticks();
+    if (part != kNoPart) ticks_in[part] += now - since;
+    since = now, part = next;
+    if (next == kNoPart)
+      for (int p = 0; p < kParts; ++p) part_totals[p] += std::exchange(ticks_in[p], 0);
+  }
+};
+thread_local PartClock part_clock;
+
+struct PartScope {
+  const int outer;
+  explicit PartScope(int p) : outer(part_clock.part) { part_clock.to(p); }
+  ~PartScope() { part_clock.to(outer); }
+};
+#define PART(p) part_clock.to(p)
+#define PART_SCOPE(p) const PartScope part_scope(p)
+#else
+#define PART(p)
+#define PART_SCOPE(p)
+#endif
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));  // unaligned access
@@ -508,8 +559,10 @@ float train_step(const Shape& s, const Member& mb, bool bn, int64_t batch, const
     const int64_t n = s.widths[l + 1], k = s.widths[l];
     float* z = w.z.data();  // this layer's x @ W, needed only until BN or the bias has used it
     float* h = w.h.data() + batch * s.units_before(l);
+    PART(l == 0 ? kSparse : kProducts);
     if (l == 0) binary_matmul(batch, examples, offsets, pixels, mb.weight(0), s.w0_stride, n, z);
     else gemm(batch, n, k, w.h.data() + batch * s.units_before(l - 1), k, 1, mb.weight(l), n, z, n);
+    PART(bn ? kBn : kElementwise);
     if (bn) {
       float *gamma = mb.layer(l, 0), *beta = mb.layer(l, 1), *mean_avg = mb.layer(l, 2), *var_avg = mb.layer(l, 3);
       float* xhat = w.xhat.data() + batch * s.units_before(l);
@@ -525,13 +578,16 @@ float train_step(const Shape& s, const Member& mb, bool bn, int64_t batch, const
       for (int64_t i = 0; i < batch; ++i)
         for (int64_t j = 0; j < n; ++j) h[i * n + j] = z[i * n + j] + bias[j];
     }
+    PART(kElementwise);
     map(batch * n, h, h, [&](vw x) { return activate(x, s.activation); });
   }
   // Output layer, softmax cross-entropy, and d(mean loss)/d(logits) = (softmax - onehot) / batch.
   const int64_t last = s.widths[H];
   const float* h_last = w.h.data() + batch * s.units_before(H - 1);
   float* logits = w.logits.data();
+  PART(kProducts);
   gemm(batch, classes, last, h_last, last, 1, mb.weight(H), classes, logits, classes);
+  PART(kElementwise);
   const float* bias_out = mb.bias_out();
   float loss = 0.0f;
   for (int64_t i = 0; i < batch; ++i) {
@@ -564,10 +620,13 @@ float train_step(const Shape& s, const Member& mb, bool bn, int64_t batch, const
     const float* h = w.h.data() + batch * s.units_before(l - 1);
     float* W = mb.weight(l);
     float* wt = w.weight_t.data();  // W^T, so that grad @ W^T is a row-major product
+    PART(kElementwise);
     transpose(k, n, W, wt);
     float* grad_h = w.grad_h.data();
+    PART(kProducts);
     gemm(batch, k, n, grad, n, 1, wt, k, grad_h, k);          // d/dh = grad @ W^T
     gemm(k, n, batch, h, 1, k, grad, n, w.grad_w.data(), n);  // d/dW = h^T @ grad
+    PART(kUpdates);
     for (int64_t a = 0; a < k * n; ++a) W[a] -= lr * w.grad_w[a];
     if (l == H) {
       float* b = mb.bias_out();
@@ -579,8 +638,10 @@ float train_step(const Shape& s, const Member& mb, bool bn, int64_t batch, const
     }
     // Through the nonlinearity and BN (or the bias) of hidden layer l - 1: grad becomes d/dz there.
     const int64_t hl = l - 1;
+    PART(kElementwise);
     map2(batch * k, grad_h, h, grad_h, [&](vw g, vw y) { return activation_grad(g, y, s.activation); });
     float* g_next = w.grad.data();  // becomes d(loss)/d(z) of layer hl, (batch, k)
+    PART(bn ? kBn : kElementwise);
     if (bn) {
       float *gamma = mb.layer(hl, 0), *beta = mb.layer(hl, 1);
       const float* xhat = w.xhat.data() + batch * s.units_before(hl);
@@ -615,6 +676,7 @@ float train_step(const Shape& s, const Member& mb, bool bn, int64_t batch, const
   // First layer: d/dW0 = x^T @ grad, nonzero only in the rows of pixels some example has on.
   const int64_t n = s.widths[1], inputs = s.widths[0];
   float* W0 = mb.weight(0);
+  PART(kFirstLayerUpdate);
   for (int64_t p = 0; p < inputs; ++p) {
     const int64_t first = pixel_offsets[p], count = pixel_offsets[p + 1] - first;
     if (count == 0) continue;  // gradient 0: SGD leaves the row as it is
@@ -690,16 +752,19 @@ int bnrepro_mlp_train(int64_t hidden_layers, const int64_t* widths, int64_t w0_s
   const FlushDenormals flush;  // the calling thread's MXCSR is restored on return
   const Shape s{hidden_layers, widths, w0_stride, activation, bn_eps, bn_momentum};
   if (hidden_layers < 1 || s.min_cols() < 8) return 1;
+  PART_SCOPE(kSetup);  // the chunk's bookkeeping: mini-batches by pixel, private copies of the parameters
   try {
     const int64_t inputs = widths[0];
     // Each step's mini-batch by input feature, shared by all members.
     std::vector<int64_t> feature_offsets(steps * (inputs + 1));
     std::vector<std::vector<int32_t>> feature_rows(steps);
     parallel(threads, steps, [&](int64_t t) {
+      PART_SCOPE(kSetup);
       by_feature(batch, examples + t * batch, offsets, pixels, inputs, feature_offsets.data() + t * (inputs + 1),
                  feature_rows[t]);
     });
     parallel(threads, members, [&](int64_t m) {  // a member's steps one after the other: its weights stay in cache
+      PART_SCOPE(kSetup);
       Scratch w;
       size_scratch(s, batch, w);
       PrivateCopy copy(s, Member{params + m * (5 * hidden_layers + 2), hidden_layers});
@@ -732,6 +797,7 @@ int bnrepro_mlp_predict(int64_t hidden_layers, const int64_t* widths, int64_t w0
     // first weight is copied out contiguously first, as its rows lie a page apart in the flat tensor.
     const int64_t parts = std::max<int64_t>(1, (threads + members - 1) / members), n1 = widths[1];
     parallel(threads, members * parts, [&](int64_t item) {
+      PART_SCOPE(kSetup);
       const int64_t m = item / parts, part = item % parts;
       const Member mb{params + m * (5 * hidden_layers + 2), hidden_layers};
       thread_local std::vector<float> w0, x, y;
@@ -744,8 +810,10 @@ int bnrepro_mlp_predict(int64_t hidden_layers, const int64_t* widths, int64_t w0
         for (int64_t i = 0; i < rows; ++i) examples[i] = first + i;
         for (int64_t l = 0; l < hidden_layers; ++l) {
           const int64_t n = widths[l + 1], k = widths[l];
+          PART(l == 0 ? kSparse : kProducts);
           if (l == 0) binary_matmul(rows, examples.data(), offsets, pixels, w0.data(), n1, n, y.data());
           else gemm(rows, n, k, x.data(), k, 1, mb.weight(l), n, y.data(), n);
+          PART(kElementwise);
           const float *scale = mb.layer(l, 0), *shift = mb.layer(l, 1);
           for (int64_t i = 0; i < rows; ++i)
             for (int64_t j = 0; j < n; ++j) y[i * n + j] = shift[j] + y[i * n + j] * scale[j];
@@ -754,7 +822,9 @@ int bnrepro_mlp_predict(int64_t hidden_layers, const int64_t* widths, int64_t w0
           map(rows * n, y.data(), x.data(), [&](vw v) { return activate(v, s.activation); });
         }
         const int64_t last = widths[hidden_layers];
+        PART(kProducts);
         gemm(rows, classes, last, x.data(), last, 1, mb.weight(hidden_layers), classes, y.data(), classes);
+        PART(kElementwise);
         const float* bias_out = mb.bias_out();
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t c = 0; c < classes; ++c)
@@ -797,6 +867,7 @@ int bnrepro_mlp_population(int64_t hidden_layers, const int64_t* widths, int64_t
     // per work item (run r, member m) at r * members + m: its sums of means, then of variances
     std::vector<double> partial(2 * runs * members * units, 0.0);
     parallel(threads, runs * members, [&](int64_t item) {
+      PART_SCOPE(kSetup);
       const int64_t m = item % members, run = item / members;
       const Member mb{params + m * (5 * hidden_layers + 2), hidden_layers};
       thread_local std::vector<float> w0, x, z, xhat, stats;
@@ -811,14 +882,17 @@ int bnrepro_mlp_population(int64_t hidden_layers, const int64_t* widths, int64_t
       for (int64_t b = run * kPopulationRun; b < std::min(batches, (run + 1) * kPopulationRun); ++b) {
         for (int64_t l = 0; l < hidden_layers; ++l) {
           const int64_t n = widths[l + 1], k = widths[l], at = s.units_before(l);
+          PART(l == 0 ? kSparse : kProducts);
           if (l == 0) binary_matmul(batch, examples + b * batch, offsets, pixels, w0.data(), n1, n, z.data());
           else gemm(batch, n, k, x.data(), k, 1, mb.weight(l), n, z.data(), n);
+          PART(kBn);
           bn_forward(batch, n, z.data(), mb.layer(l, 0), mb.layer(l, 1), bn_eps, mean, var, inv_std, xhat.data(),
                      x.data());
           for (int64_t j = 0; j < n; ++j) {
             mean_acc[at + j] += static_cast<double>(mean[j]);
             var_acc[at + j] += static_cast<double>(var[j]) * unbias;
           }
+          PART(kElementwise);
           if (l + 1 < hidden_layers) map(batch * n, x.data(), x.data(), [&](vw v) { return activate(v, activation); });
         }
       }
@@ -839,5 +913,20 @@ int bnrepro_mlp_population(int64_t hidden_layers, const int64_t* widths, int64_t
   }
   return 0;
 }
+
+#ifdef BNREPRO_PART_TIMES
+// The ticks of the time stamp counter each part took (in the order of enum Part) since the last call, in
+// out[0, min(n, parts)), then set to 0; returns the number of parts. Only in the measuring copy of the kernel.
+int64_t bnrepro_mlp_part_times(double* out, int64_t n) {
+  for (int p = 0; p < kParts; ++p) {
+    const uint64_t total = part_totals[p].exchange(0);
+    if (p < n) out[p] = static_cast<double>(total);
+  }
+  return kParts;
+}
+
+// The time stamp counter now, to convert ticks into seconds.
+uint64_t bnrepro_mlp_ticks() { return ticks(); }
+#endif
 
 }  // extern "C"
