@@ -3,8 +3,8 @@ and the bound this gives for 10 seeds of Fig. 1 (README, "Speed": "Where the tim
 
 What it measures, in one invocation, everything on one thread:
 
-- The parts of a model-step, inside the kernel: a copy of bnrepro/native/mlp.cpp compiled with
-  ``-DBNREPRO_PART_TIMES`` (the package's flags otherwise; its ``PART`` markers then count the time stamp counter's
+- The parts of a model-step, inside the kernel: bnrepro/native/mlp.cpp built with ``-DBNREPRO_PART_TIMES``
+  (through ``native.defined``, the package's flags otherwise; its ``PART`` markers then count the time stamp counter's
   ticks per part) trains the stack ``bnrepro mnist --seeds 10`` builds (both variants, 20 models) on real MNIST for
   ``--steps`` steps, in chunks of the recipe's ``eval.every`` as the trainer calls it. Ticks become microseconds
   per model-step through the counter's rate, measured against ``time.perf_counter`` over the run. Check printed:
@@ -17,7 +17,7 @@ What it measures, in one invocation, everything on one thread:
   the faster of its reference and its measured time. BN, the elementwise work, the other updates and the chunk's
   setup have no reference: the bound counts them as measured.
 - An evaluation, on the package's own build of the kernel: Alg. 2's population pass over ``eval.population_batches``
-  mini-batches and inference on the 10,000 test images (the instrumented copy's split of both is shown too).
+  mini-batches and inference on the 10,000 test images (the instrumented build's split of both is shown too).
 
 The bound is the README's arithmetic: every part at its best rate, summed, x (20 models x ``train.steps``) /
 ``--cores``, plus (``train.steps`` / ``eval.every`` + 1) evaluations / ``--cores``; it assumes the cores scale
@@ -33,12 +33,10 @@ count the time the thread waited for a core in whichever part it was in.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import math
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +48,7 @@ from bnrepro.data import mnist
 from bnrepro.experiments import mnist as experiment
 from bnrepro.models.mlp_native import NativeStack
 
-DEFINE = "#define BNREPRO_PART_TIMES  // bench_kernel_parts.py: ticks per part of the work\n"
+DEFINE = "BNREPRO_PART_TIMES"  # the kernel's build that counts ticks per part of the work
 # enum Part in mlp.cpp, in its order: (name, what it covers)
 PARTS = (
     ("products", "the hidden and output layers' matrix products, forward and backward"),
@@ -61,21 +59,6 @@ PARTS = (
     ("updates", "the other SGD updates (hidden and output weights, output bias)"),
     ("setup", "per chunk: mini-batches by pixel, private copies of the parameters"),
 )
-
-
-@contextlib.contextmanager
-def kernel_sources(folder: Path) -> Iterator[ctypes.CDLL]:
-    """The package's kernel is the one in ``folder`` while the block runs: ``NativeStack`` binds its functions when
-    made, so one made here keeps this build. The package finds its C++ sources through ``native.SOURCES`` only (as
-    tests/test_native_denormals.py and benchmarks/bench_sweep_corner.py use it); the build is cached by source."""
-    before = native.SOURCES
-    native.SOURCES = folder
-    native.library.cache_clear()
-    try:
-        yield native.library("mlp")
-    finally:
-        native.SOURCES = before
-        native.library.cache_clear()
 
 
 class PartClock:
@@ -258,10 +241,9 @@ def main() -> None:
 
     variants = {experiment.variant_name(name): recipes.load(name) for name in experiment.DEFAULT_VARIANTS}
     data = mnist.load(args.data_dir)
-    with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "mlp.cpp").write_text(DEFINE + (native.SOURCES / "mlp.cpp").read_text())
-        with kernel_sources(Path(folder)) as library:
-            setup = experiment.build(variants, list(range(args.seeds)), data, 0, torch.device("cpu"), "native")
+    with native.defined(DEFINE):  # the stack's engine binds the instrumented kernel's functions when made
+        library = native.library("mlp")
+        setup = experiment.build(variants, list(range(args.seeds)), data, 0, torch.device("cpu"), "native")
     if setup.engine != "native":
         raise SystemExit(f"the stack runs on the {setup.engine} engine, not the native one")
     task = setup.task
@@ -313,7 +295,7 @@ def bound(measured: Measured, best: dict[str, float], refs: References, recipe, 
           f"{measured.predict:.3f} s = {per_eval:.3f} s")
     for label, found in (("population pass", measured.population_parts), ("inference", measured.predict_parts)):
         split = ", ".join(f"{name} {ticks / sum(found.values()):.0%}" for name, ticks in found.items() if ticks)
-        print(f"  its {label}, split on the instrumented copy ({sum(found.values()) / rate:.3f} s): {split}")
+        print(f"  its {label}, split on the instrumented build ({sum(found.values()) / rate:.3f} s): {split}")
     evaluations = recipe.train.steps // recipe.eval.every + 1
     per_core = measured.members * recipe.train.steps / cores * 1e-6  # seconds per µs of a model-step
     print(f"\nthe bound: {measured.members} models x {recipe.train.steps:,} steps and {evaluations} evaluations on "

@@ -12,8 +12,9 @@ issue). Both points train 8 models: the corner a 2 x 2 grid of 1 seed with and w
 grid point of 4 seeds.
 
 ``--keep-denormals`` also runs every command on the kernel built with the flush compiled out
-(``BNREPRO_KEEP_DENORMALS``): the speed before the fix on the same machine, and the flush's effect on the results
-(the two builds' metrics.csv compared row by row: equal bits, or the largest difference per column).
+(``BNREPRO_KEEP_DENORMALS``, as ``native.defined`` builds it): the speed before the fix on the same machine, and the
+flush's effect on the results (the two builds' metrics.csv compared row by row: equal bits, or the largest difference
+per column).
 
     python benchmarks/bench_sweep_corner.py --data-dir ../shared/data                  # 3 repeats
     python benchmarks/bench_sweep_corner.py --data-dir ../shared/data --repeats 5 --keep-denormals
@@ -36,11 +37,11 @@ import pandas as pd
 
 from bnrepro import native
 
-# Runs ``bnrepro`` with the kernel source from the folder given first: the package finds its C++ sources through
-# ``native.SOURCES`` only, so this is the same command on another build of the kernel.
-LAUNCH = ("import sys; from pathlib import Path; import bnrepro.native as n; n.SOURCES = Path(sys.argv.pop(1)); "
-          "from bnrepro.cli import run; run()")
-KEEP = "#define BNREPRO_KEEP_DENORMALS  // bench_sweep_corner.py: the kernel without its flush of subnormals\n"
+# Runs ``bnrepro`` on the kernel built with the macros given first (space-separated; "" for the package's build): the
+# same command on another build of the kernel. A fresh process has loaded no kernel yet, so setting ``native.DEFINES``
+# before the command is all that ``native.defined`` would do.
+LAUNCH = "import sys; from bnrepro import cli, native; native.DEFINES = tuple(sys.argv.pop(1).split()); cli.run()"
+BUILDS = {"flush": (), "keep": ("BNREPRO_KEEP_DENORMALS",)}  # the package's kernel; the one without the flush
 
 
 @dataclass(frozen=True)
@@ -62,29 +63,16 @@ POINTS = {
 }
 
 
-def kept_source(folder: Path) -> Path:
-    """A folder holding the package's mlp.cpp with the flush compiled out; built here, so no timing pays for it."""
-    (folder / "mlp.cpp").write_text(KEEP + (native.SOURCES / "mlp.cpp").read_text())
-    build(folder)
-    return folder
-
-
-def build(sources: Path) -> None:
-    """Compile (or find in the cache) the kernel of ``sources``, as the timed commands will load it."""
-    before = native.SOURCES
-    native.SOURCES = sources
-    native.library.cache_clear()
-    try:
+def build(macros: tuple[str, ...]) -> None:
+    """Compile (or find in the cache) the kernel with ``macros`` defined, as the timed commands will load it."""
+    with native.defined(*macros):
         native.library("mlp")
-    finally:
-        native.SOURCES = before
-        native.library.cache_clear()
 
 
-def sweep(point: Point, sources: Path, steps: int, data_dir: Path | None) -> tuple[float, pd.DataFrame]:
-    """One whole ``bnrepro sweep`` command on the kernel in ``sources``: its wall time and its metrics."""
+def sweep(point: Point, macros: tuple[str, ...], steps: int, data_dir: Path | None) -> tuple[float, pd.DataFrame]:
+    """One whole ``bnrepro sweep`` command on the kernel built with ``macros``: its wall time and its metrics."""
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, "-c", LAUNCH, str(sources), "sweep", *point.options, "--steps", str(steps),
+        command = [sys.executable, "-c", LAUNCH, " ".join(macros), "sweep", *point.options, "--steps", str(steps),
                    "--device", "cpu", "--engine", "native", "--out", out, "--no-progress"]
         command += ["--data-dir", str(data_dir)] if data_dir else []
         start = time.perf_counter()
@@ -130,20 +118,18 @@ def main() -> None:
                         help="also run the kernel without its flush of subnormals, and compare the results")
     args = parser.parse_args()
 
-    build(native.SOURCES)  # compiled before any timing
-    with tempfile.TemporaryDirectory() as folder:
-        builds = {"flush": native.SOURCES}
-        if args.keep_denormals:
-            builds["keep"] = kept_source(Path(folder))
-        times: dict[tuple[str, str], list[float]] = {}
-        metrics: dict[tuple[str, str], pd.DataFrame] = {}
-        for repeat in range(args.repeats):
-            for point in args.points:
-                for name, sources in builds.items():
-                    seconds, found = sweep(POINTS[point], sources, args.steps, args.data_dir)
-                    times.setdefault((point, name), []).append(seconds)
-                    metrics.setdefault((point, name), found)  # the first repeat's (every repeat gives the same)
-                    print(f"repeat {repeat + 1}: {POINTS[point].name}, {name}: {seconds:.1f} s", flush=True)
+    builds = {name: macros for name, macros in BUILDS.items() if name == "flush" or args.keep_denormals}
+    for macros in builds.values():
+        build(macros)  # compiled before any timing
+    times: dict[tuple[str, str], list[float]] = {}
+    metrics: dict[tuple[str, str], pd.DataFrame] = {}
+    for repeat in range(args.repeats):
+        for point in args.points:
+            for name, macros in builds.items():
+                seconds, found = sweep(POINTS[point], macros, args.steps, args.data_dir)
+                times.setdefault((point, name), []).append(seconds)
+                metrics.setdefault((point, name), found)  # the first repeat's (every repeat gives the same)
+                print(f"repeat {repeat + 1}: {POINTS[point].name}, {name}: {seconds:.1f} s", flush=True)
 
     print(f"\n`bnrepro sweep`, 8 models x {args.steps:,} steps, whole command (start-up included), median of "
           f"{args.repeats}:\n")

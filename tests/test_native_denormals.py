@@ -6,7 +6,8 @@ threads now flush them to zero (FTZ) and read them as zero (DAZ). Checked here: 
 as it was after every kernel; in the ordinary and in a saturated regime the kernel with the flush gives the same bits
 as the kernel built without it (``BNREPRO_KEEP_DENORMALS``), and results equal to the torch engine's to the
 tolerance tests/test_native.py holds the two engines to; and exactly what the flush does change, where a subnormal
-sigmoid output meets a weight near 1e38.
+sigmoid output meets a weight near 1e38. And ``native.defined``, which builds that variant, leaves the package's own
+build (and its cache key) as it was.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import copy
 import platform
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -45,20 +45,36 @@ def _flushing() -> bool:
 
 
 @pytest.fixture
-def unflushed(tmp_path: Path, monkeypatch) -> Callable[..., NativeStack]:
+def unflushed() -> Callable[..., NativeStack]:
     """A ``NativeStack`` on the kernel built with the flush compiled out: the arithmetic before issue 23."""
-    (tmp_path / "mlp.cpp").write_text("#define BNREPRO_KEEP_DENORMALS\n" + (native.SOURCES / "mlp.cpp").read_text())
 
     def make(stack: MLPStack, threads: int | None = None) -> NativeStack:
-        with monkeypatch.context() as patch:
-            patch.setattr(native, "SOURCES", tmp_path)
-            native.library.cache_clear()
-            try:
-                return NativeStack(stack, threads)  # binds the kernel's functions now
-            finally:
-                native.library.cache_clear()
+        with native.defined("BNREPRO_KEEP_DENORMALS"):
+            return NativeStack(stack, threads)  # binds the kernel's functions now
 
     return make
+
+
+def test_a_defined_variant_is_cached_apart_and_the_package_build_comes_back():
+    """``native.defined`` changes which build ``library`` gives only inside its block, however the block ends; the
+    package's own build keeps its cache key (the libraries cached before ``DEFINES`` existed stay valid)."""
+    compiler, source, package = native.build_paths("mlp")
+    package_library = native.library("mlp")
+    with native.defined("BNREPRO_KEEP_DENORMALS"):
+        assert native.DEFINES == ("BNREPRO_KEEP_DENORMALS",)
+        inside = native.build_paths("mlp")
+        assert inside[:2] == (compiler, source) and inside[2] != package
+        assert native.library("mlp")._name == str(inside[2])
+    assert native.DEFINES == ()
+    assert native.build_paths("mlp") == (compiler, source, package)
+    assert native.library("mlp")._name == package_library._name == str(package)
+    with pytest.raises(KeyError), native.defined("BNREPRO_KEEP_DENORMALS", "BNREPRO_PART_TIMES"):
+        assert native.build_paths("mlp")[2] not in (package, inside[2])
+        raise KeyError("a block that fails")
+    assert native.DEFINES == () and native.build_paths("mlp")[2] == package
+    with pytest.raises(ValueError, match="not a macro"), native.defined("-O0"):
+        pass
+    assert native.DEFINES == ()
 
 
 @pytest.mark.skipif(not X86, reason="the kernel sets no flush outside x86")

@@ -82,7 +82,7 @@ class FlushDenormals {
   FlushDenormals& operator=(const FlushDenormals&) = delete;
 };
 
-// Where a kernel's time goes, for measurement only: benchmarks/bench_kernel_parts.py compiles a copy with
+// Where a kernel's time goes, for measurement only: benchmarks/bench_kernel_parts.py builds a variant with
 // BNREPRO_PART_TIMES, and each thread then adds up the time stamp counter's ticks per part of the work. PART(p) ends
 // the part running and starts p; PART_SCOPE(p) starts p and, at the end of its scope, goes back to the part before
 // it (the outermost one adds its thread's counts to the totals bnrepro_mlp_part_times reads). Meant for one thread:
