@@ -28,6 +28,9 @@
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__SSE__)
 #include <xmmintrin.h>
 #endif
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #ifdef BNREPRO_PART_TIMES
 #include <chrono>
 #include <utility>
@@ -236,11 +239,7 @@ inline void tile(int64_t depth, const float* A, int64_t ars, int64_t acs, const 
     for (int v = 0; v < V; ++v) store(C + r * ldc + 8 * v, acc[r][v]);
 }
 
-#ifdef __AVX512VL__
-constexpr int kWidest = 3;  // 6 x 24 tiles: 18 accumulators need the 32 vector registers AVX-512 brings
-#else
-constexpr int kWidest = 2;  // 6 x 16 tiles fit 16 vector registers
-#endif
+constexpr int kWidest = 2;  // 6 x 16 tiles fit 16 vector registers (CPUs with AVX-512 take gemm512 below)
 
 template <int V>
 void gemm_cols(int64_t rows, int64_t depth, const float* A, int64_t ars, int64_t acs, const float* B, int64_t ldb,
@@ -251,6 +250,89 @@ void gemm_cols(int64_t rows, int64_t depth, const float* A, int64_t ars, int64_t
   for (; m + 4 <= rows; m += 4) tile<4, V>(depth, A + m * ars, ars, acs, B, ldb, C + m * ldc, ldc);
   for (; m < rows; ++m) tile<1, V>(depth, A + m * ars, ars, acs, B, ldb, C + m * ldc, ldc);
 }
+
+#ifdef __AVX512F__
+// The same products in 16-lane vectors, for CPUs with AVX-512. Why (issue 23): on an Intel Xeon (Sapphire Rapids,
+// two 512-bit FMA ports) the 8-lane tiles ran the MNIST network's products at ~98 GFLOP/s, about their peak there
+// (76 us per model-step), these at ~155 (49 us; torch's 1-thread 1024^3 mm: 186): -36%. The rest of a step got ~8
+// us slower with them (likely the lower clock of heavy 512-bit work), the step 160 -> 144 us. An earlier session
+// on an AMD EPYC (Zen: 512-bit operations split in two 256-bit halves) found 512-bit tiles no faster there.
+// Tiles of R rows x V vectors, the last of which, with Masked, covers only the lanes in mask (its loads read
+// nothing and its stores write nothing beyond them, so no column block overlaps another). The lanes cut off
+// compute zeros nobody stores; every C element is the same chain of FMAs in k's order as in the 8-lane tiles:
+// the same bits. The unroll pragmas keep the accumulators in registers (without them GCC 12 left them in memory,
+// stored every k: 1.8x slower); splat16, not wide's loop, which in a tile was no broadcast.
+inline vw splat16(float s) { return vw{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
+
+inline void store_masked(float* p, __mmask16 mask, vw x) {
+  __m512 m;
+  std::memcpy(&m, &x, sizeof m);
+  _mm512_mask_storeu_ps(p, mask, m);
+}
+
+template <int R, int V, bool Masked>
+inline void tile512(int64_t depth, const float* A, int64_t ars, int64_t acs, const float* B, int64_t ldb, float* C,
+                    int64_t ldc, __mmask16 mask) {
+  vw acc[R][V];
+  #pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 32
+    for (int v = 0; v < V; ++v) acc[r][v] = splat16(0.0f);
+  for (int64_t k = 0; k < depth; ++k) {
+    vw b[V];
+    #pragma GCC unroll 32
+    for (int v = 0; v < V - 1; ++v) b[v] = *reinterpret_cast<const vwu*>(B + k * ldb + 16 * v);
+    if constexpr (Masked) b[V - 1] = (vw)_mm512_maskz_loadu_ps(mask, B + k * ldb + 16 * (V - 1));
+    else b[V - 1] = *reinterpret_cast<const vwu*>(B + k * ldb + 16 * (V - 1));
+    #pragma GCC unroll 32
+    for (int r = 0; r < R; ++r) {
+      const vw a = splat16(A[r * ars + k * acs]);
+      #pragma GCC unroll 32
+      for (int v = 0; v < V; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  #pragma GCC unroll 32
+  for (int r = 0; r < R; ++r) {
+    #pragma GCC unroll 32
+    for (int v = 0; v < V - 1; ++v) *reinterpret_cast<vwu*>(C + r * ldc + 16 * v) = acc[r][v];
+    if constexpr (Masked) store_masked(C + r * ldc + 16 * (V - 1), mask, acc[r][V - 1]);
+    else *reinterpret_cast<vwu*>(C + r * ldc + 16 * (V - 1)) = acc[r][V - 1];
+  }
+}
+
+template <int V, bool Masked>
+void cols512(int64_t rows, int64_t depth, const float* A, int64_t ars, int64_t acs, const float* B, int64_t ldb,
+             float* C, int64_t ldc, __mmask16 mask) {
+  constexpr int R = V <= 2 ? 12 : 24 / V;  // up to 24 accumulators: with V loads and a broadcast, within 32 registers
+  int64_t m = 0;
+  for (; m + R <= rows; m += R) tile512<R, V, Masked>(depth, A + m * ars, ars, acs, B, ldb, C + m * ldc, ldc, mask);
+  for (; m + 4 <= rows; m += 4) tile512<4, V, Masked>(depth, A + m * ars, ars, acs, B, ldb, C + m * ldc, ldc, mask);
+  for (; m < rows; ++m) tile512<1, V, Masked>(depth, A + m * ars, ars, acs, B, ldb, C + m * ldc, ldc, mask);
+}
+
+template <int V>
+void cols512(bool masked, int64_t rows, int64_t depth, const float* A, int64_t ars, int64_t acs, const float* B,
+             int64_t ldb, float* C, int64_t ldc, __mmask16 mask) {
+  if (masked) cols512<V, true>(rows, depth, A, ars, acs, B, ldb, C, ldc, mask);
+  else cols512<V, false>(rows, depth, A, ars, acs, B, ldb, C, ldc, mask);
+}
+
+// Column blocks of 3 vectors (48 columns), the last of 1 to 4 with its last vector masked where cols is no
+// multiple of 16: 100 columns are 48 + 52 (3 + 3 1/4 vectors), 10 columns one masked vector.
+void gemm512(int64_t rows, int64_t cols, int64_t depth, const float* A, int64_t ars, int64_t acs, const float* B,
+             int64_t ldb, float* C, int64_t ldc) {
+  int64_t vectors = (cols + 15) / 16, j = 0;
+  for (; vectors > 4; vectors -= 3, j += 48) cols512<3, false>(rows, depth, A, ars, acs, B + j, ldb, C + j, ldc, 0);
+  const bool masked = cols % 16 != 0;
+  const __mmask16 mask = static_cast<__mmask16>((1u << (cols % 16)) - 1);
+  const float* b = B + j;
+  float* c = C + j;
+  if (vectors == 4) cols512<4>(masked, rows, depth, A, ars, acs, b, ldb, c, ldc, mask);
+  else if (vectors == 3) cols512<3>(masked, rows, depth, A, ars, acs, b, ldb, c, ldc, mask);
+  else if (vectors == 2) cols512<2>(masked, rows, depth, A, ars, acs, b, ldb, c, ldc, mask);
+  else cols512<1>(masked, rows, depth, A, ars, acs, b, ldb, c, ldc, mask);
+}
+#endif
 
 void gemm(int64_t rows, int64_t cols, int64_t depth, const float* A, int64_t ars, int64_t acs, const float* B,
           int64_t ldb, float* C, int64_t ldc) {
@@ -263,6 +345,9 @@ void gemm(int64_t rows, int64_t cols, int64_t depth, const float* A, int64_t ars
       }
     return;
   }
+#ifdef __AVX512F__
+  gemm512(rows, cols, depth, A, ars, acs, B, ldb, C, ldc);
+#else
   // Column blocks of 8 V, as wide as the rest allows; the last one overlaps the one before where it must.
   for (int64_t j = 0; j < cols;) {
     int64_t vectors = std::min<int64_t>(kWidest, (cols - j + 7) / 8);
@@ -270,11 +355,11 @@ void gemm(int64_t rows, int64_t cols, int64_t depth, const float* A, int64_t ars
     const int64_t start = std::min(j, cols - 8 * vectors);
     const float* b = B + start;
     float* c = C + start;
-    if (vectors == 3) gemm_cols<kWidest>(rows, depth, A, ars, acs, b, ldb, c, ldc);
-    else if (vectors == 2) gemm_cols<2>(rows, depth, A, ars, acs, b, ldb, c, ldc);
+    if (vectors == 2) gemm_cols<2>(rows, depth, A, ars, acs, b, ldb, c, ldc);
     else gemm_cols<1>(rows, depth, A, ars, acs, b, ldb, c, ldc);
     j = start + 8 * vectors;
   }
+#endif
 }
 
 // Sums of the rows base[r * stride] for r in rows[0, count), over a block of columns: V whole vectors
