@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 from test_claims import write_run
 
 from bnrepro import recipes
@@ -71,17 +72,19 @@ def test_every_verdict_by_hand(tmp_path):
     d, w, verdict = lr_out.accuracy()  # with (BN-x5): 0.65, 0.66, 0.64; without: 0.60, 0.61, 0.59
     assert math.isclose(d, 0.05) and verdict == report.HELPS
     assert lr_out.level == 0.60  # every BN-x5 seed peaks above T
-    r, lw, fast, never_with, never_without = lr_out.speed()  # with: 1000 each; without: 3000, 4000, never (4000)
-    assert (never_with, never_without) == (0, 1)
-    assert math.isclose(r, (3000 * 4000 * 4000) ** (1 / 3) / 1000)
-    assert fast == report.UNCLEAR  # faster, but on a seed that never reaches L: a lower bound
+    speed = lr_out.speed()  # with: (0, 1000] each; without: (2000, 3000], (3000, 4000], never: (4000, inf)
+    assert (speed.never_with, speed.never_without) == (0, 1)
+    assert math.isclose(speed.ratio, (3000 * 4000 * 4000) ** (1 / 3) / 1000)
+    w = 2 * math.sqrt(np.var(np.log([3000, 4000, 4000]), ddof=1) / 3)  # with's seeds all at 1000: no spread
+    assert math.isclose(speed.low, (2000 * 3000 * 4000) ** (1 / 3) / 1000 * math.exp(-w)) and math.isinf(speed.high)
+    assert speed.verdict == report.FASTER  # the never-reaching seed counts as far as its lower bound shows
     dropout = effect(effects, 2, "leave one out")
-    assert dropout.accuracy()[2] == report.NOISE and dropout.speed()[2] == report.NOISE
+    assert dropout.accuracy()[2] == report.NOISE and dropout.speed().verdict == report.NOISE
     lr_in = effect(effects, 1, "add one in")
     assert math.isclose(lr_in.level, 0.54)  # a BN-Baseline seed peaks at 0.54 < T
     assert lr_in.accuracy()[2] == report.HELPS
-    r, _, fast, *_ = lr_in.speed()  # with: 1000 each; without (BN-Baseline): 3000, 4000, 3000
-    assert math.isclose(r, (3000 * 4000 * 3000) ** (1 / 3) / 1000) and fast == report.FASTER
+    speed = lr_in.speed()  # with: 1000 each; without (BN-Baseline): 3000, 4000, 3000
+    assert math.isclose(speed.ratio, (3000 * 4000 * 3000) ** (1 / 3) / 1000) and speed.verdict == report.FASTER
     assert effect(effects, 3, "add one in").accuracy()[2] == report.MISSING
 
 

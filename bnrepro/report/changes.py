@@ -11,12 +11,13 @@ The rules, fixed before the study's runs (README, "Beyond the paper"):
   d > band, ``hurts`` if d < -band, else ``inside the noise``.
 - Steps: to the level L of the direction: T (Inception's max at the profile, imagenet.md's target) or, where a seed
   of the direction's reference (BN-x5; BN-Baseline at BN-x5's budget) peaks below T, the lowest of its seeds'
-  maxes, so that every reference seed reaches L. Per seed, the first evaluation at or above L; a seed that never
-  reaches it counts at its last evaluation, a lower bound (said as "never"). The speed-up is the ratio of the
-  geometric means over seeds (without the change over with it), its band two standard errors of the difference of
-  mean log steps. ``faster`` if the speed-up's interval lies above 1, ``slower`` if below, else ``inside the
-  noise``; a ``faster`` resting on a censored seed of the run without the change, or any verdict other than
-  ``slower`` resting on one of the run with it, is said ``unclear`` (a lower bound cannot show it).
+  maxes, so that every reference seed reaches L. Per seed, the first evaluation at or above L, whose crossing lies
+  after the evaluation before it: the interval (before, first]; a seed that never reaches L counts at its last
+  evaluation, its interval (last, infinity) (said as "never"). The speed-up is the ratio of the geometric means over
+  seeds (without the change over with it); its interval, as claims v2 takes a ratio of steps: from the
+  evaluations' intervals, widened by two standard errors of the difference of mean log steps.
+  ``faster`` if the interval lies above 1, ``slower`` if below, else ``inside the noise``; a seed that never
+  reaches L thus counts only as far as its lower bound shows.
 - Fewer than two seeds on either side: no band, ``one seed`` (never a ranking).
 The runs are the latest finished run of each seed of each planned run (matched by recipe digest, profile and
 seed) on the data imagenet.md shows at the profile (``selection.data_choices``).
@@ -57,9 +58,33 @@ from bnrepro.report.text import markdown_table  # noqa: E402
 from bnrepro.runs import atomic_write, check_writable  # noqa: E402
 
 HELPS, HURTS, FASTER, SLOWER = "helps", "hurts", "faster", "slower"
-NOISE, UNCLEAR, ONE_SEED, MISSING = "inside the noise", "unclear", "one seed", "not run"
+NOISE, ONE_SEED, MISSING = "inside the noise", "one seed", "not run"
 LEAVE, ADD = "leave one out", "add one in"
 MARKERS = {LEAVE: ("o", "tab:blue", "left out of BN-x5"), ADD: ("s", "tab:orange", "added to BN-Baseline")}
+
+
+@dataclass
+class Steps:
+    """One side's steps to L per seed: each crossing's interval (lo, hi] and the step counted (``at``: hi, or the
+    last evaluation of a seed that never reaches L), and how many never do."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    at: np.ndarray
+    never: int
+
+
+@dataclass
+class Speed:
+    """A change's speed-up to L (steps without it over steps with it): the ratio of geometric means, its interval
+    (evaluations and seed band; NaN without seeds), the verdict, and the seeds that never reach L on each side."""
+
+    ratio: float
+    low: float = math.nan
+    high: float = math.nan
+    verdict: str = MISSING
+    never_with: int = 0
+    never_without: int = 0
 
 
 @dataclass
@@ -72,15 +97,21 @@ class Side:
     def maxes(self) -> np.ndarray:
         return np.array([r.max_top1 or 0.0 for r in self.runs])
 
-    def steps(self, level: float) -> tuple[np.ndarray, int]:
-        """Per seed, the first evaluated step at or above ``level`` (the last evaluation where it never gets
-        there), and how many never do."""
-        found, never = [], 0
+    def steps(self, level: float) -> Steps:
+        """Per seed, where its crossing of ``level`` lies: (the evaluation before, the first at or above it], or
+        (its last evaluation, infinity) where it never gets there. Steps below 1 count as 1 (logs are taken)."""
+        lo, hi, at, never = [], [], [], 0
         for run in self.runs:
-            at = steps_to(run, level - ROUNDING)
-            never += at is None
-            found.append(at if at is not None else int(run.curve.step.iloc[-1]) if len(run.curve) else 1)
-        return np.maximum(np.array(found, float), 1.0), never
+            steps = run.curve.step.astype(float)
+            first = steps_to(run, level - ROUNDING)
+            if first is None:
+                never += 1
+                last = float(steps.iloc[-1]) if len(steps) else 1.0
+                lo.append(last), hi.append(math.inf), at.append(last)
+            else:
+                before = steps[steps < first]
+                lo.append(float(before.iloc[-1]) if len(before) else float(first)), hi.append(first), at.append(first)
+        return Steps(*(np.maximum(np.array(x, float), 1.0) for x in (lo, hi, at)), never)
 
     def text(self) -> str:
         values = self.maxes
@@ -123,20 +154,21 @@ class Effect:
         w = claims.band(a, b)
         return d, w, HELPS if d > w else HURTS if d < -w else NOISE
 
-    def speed(self) -> tuple[float, float, str, int, int]:
-        """Speed-up (steps without over steps with, geometric means), its band in log steps, the verdict, and the
-        seeds with and without the change that never reach L."""
+    def speed(self) -> Speed:
+        """The speed-up to L by the module's rule: its interval from the evaluations' intervals (the lowest it can
+        be: without's earliest over with's latest; the highest: the reverse), widened by the seed band of log
+        steps."""
         if not self.measured or self.level is None:
-            return math.nan, math.nan, MISSING, 0, 0
-        (a, never_a), (b, never_b) = self.with_.steps(self.level), self.without.steps(self.level)
-        log_speedup = float(np.log(b).mean() - np.log(a).mean())
+            return Speed(math.nan)
+        a, b = self.with_.steps(self.level), self.without.steps(self.level)
+        ratio = math.exp(float(np.log(b.at).mean() - np.log(a.at).mean()))
         if not self.seeded:
-            return math.exp(log_speedup), math.nan, ONE_SEED, never_a, never_b
-        w = claims.band(np.log(a), np.log(b))
-        verdict = FASTER if log_speedup > w else SLOWER if log_speedup < -w else NOISE
-        if (verdict == FASTER and never_b) or (verdict != SLOWER and never_a):
-            verdict = UNCLEAR  # a censored count is a lower bound on that side's steps
-        return math.exp(log_speedup), w, verdict, never_a, never_b
+            return Speed(ratio, verdict=ONE_SEED, never_with=a.never, never_without=b.never)
+        w = claims.band(np.log(a.at), np.log(b.at))
+        low = math.exp(float(np.log(b.lo).mean() - np.log(a.hi).mean()) - w)
+        high = math.exp(float(np.log(b.hi).mean() - np.log(a.lo).mean()) + w)
+        verdict = FASTER if low > 1 else SLOWER if high < 1 else NOISE
+        return Speed(ratio, low, high, verdict, a.never, b.never)
 
 
 def study_runs(results: Path) -> list[Run]:
@@ -181,13 +213,13 @@ def _points(d: float, w: float) -> str:
     return f"{100 * d:+.2f}" + ("" if math.isnan(w) else f" ± {100 * w:.2f}")
 
 
-def _speedup(r: float, w: float, never_a: int, never_b: int) -> str:
-    if math.isnan(r):
+def _speedup(speed: Speed) -> str:
+    if math.isnan(speed.ratio):
         return "—"
-    text = f"{r:.2f}x" + ("" if math.isnan(w) else f" ({math.exp(-w) * r:.2f}–{math.exp(w) * r:.2f})")
-    nevers = [f"{n} seed{'s' * (n > 1)} {side} never reach L" for n, side in ((never_a, "with"), (never_b, "without"))
-              if n]
-    return text + (f"; {', '.join(nevers)}" if nevers else "")
+    text = f"{speed.ratio:.2f}x" + ("" if math.isnan(speed.low) else f" ({speed.low:.2f}–{speed.high:.2f}x)")
+    nevers = [f"{n} seed{'s' * (n > 1)} {side} never reach L"
+              for n, side in ((speed.never_with, "with"), (speed.never_without, "without")) if n]
+    return text.replace("–infx", "–∞") + (f"; {', '.join(nevers)}" if nevers else "")
 
 
 def table(found: list[Effect]) -> pd.DataFrame:
@@ -195,19 +227,31 @@ def table(found: list[Effect]) -> pd.DataFrame:
     rows = []
     for e in found:
         d, w, acc = e.accuracy()
-        r, lw, fast, never_a, never_b = e.speed()
+        speed = e.speed()
         rows.append({"Change": f"{e.change}. {e.name}", "Measured": e.direction,
                      "Max top-1 with": e.with_.text(), "without": e.without.text(),
                      "Effect on max (points)": _points(d, w), "Max": acc,
                      "L": "—" if e.level is None else f"{100 * e.level:.2f}%",
-                     "Speed-up to L (without / with)": _speedup(r, lw, never_a, never_b), "Steps": fast})
+                     "Speed-up to L (without / with)": _speedup(speed), "Steps": speed.verdict})
     return pd.DataFrame(rows)
 
 
-def _bar(ax: plt.Axes, x: float, y: float, low: float, high: float, e: Effect, solid: bool) -> None:
-    """One effect's marker at (x, y) with its band [low, high] (NaN: none)."""
+SPEED_AXIS = (1 / 16, 16)  # the speed-up panel's range: an interval beyond it is cut there, with an arrow
+
+
+def _bar(ax: plt.Axes, x: float, y: float, low: float, high: float, e: Effect, solid: bool,
+         limits: tuple[float, float] = (-math.inf, math.inf)) -> None:
+    """One effect's marker at (x, y) with its interval [low, high] (NaN: none), cut at ``limits`` with an arrow
+    where it reaches beyond (a seed that never reaches L leaves the interval unbounded)."""
     marker, colour, label = MARKERS[e.direction]
-    err = None if math.isnan(low) else [[x - low], [high - x]]
+    x = min(max(x, limits[0]), limits[1])
+    err = None
+    if not math.isnan(low):
+        shown = max(low, limits[0]), min(high, limits[1])
+        err = [[x - shown[0]], [shown[1] - x]]
+        for end, cut, step in ((shown[0], low < limits[0], 0.8), (shown[1], high > limits[1], 1.25)):
+            if cut:
+                ax.annotate("", (end * step, y), (end, y), arrowprops={"arrowstyle": "->", "color": colour})
     ax.errorbar(x, y, xerr=err, fmt=marker, color=colour, mfc=colour if solid else "white", capsize=3, label=label)
 
 
@@ -220,23 +264,24 @@ def figure(profile: str, found: list[Effect], out: Path) -> list[Path]:
         d, w, acc = e.accuracy()
         if not math.isnan(d):
             _bar(left, 100 * d, y, 100 * (d - w), 100 * (d + w), e, acc in (HELPS, HURTS))
-        r, lw, fast, *_ = e.speed()
-        if not math.isnan(r):
-            _bar(right, r, y, r * math.exp(-lw), r * math.exp(lw), e, fast in (FASTER, SLOWER))
+        speed = e.speed()
+        if not math.isnan(speed.ratio):
+            _bar(right, speed.ratio, y, speed.low, speed.high, e, speed.verdict in (FASTER, SLOWER), SPEED_AXIS)
     left.axvline(0, color="grey", lw=0.8)
     right.axvline(1, color="grey", lw=0.8)
     right.set_xscale("log")
+    right.set_xlim(SPEED_AXIS[0] / 1.5, SPEED_AXIS[1] * 1.5)
     left.set_yticks(range(len(PAPER.changes)), [f"{n}. {c.name}" for n, c in PAPER.changes.items()])
     left.set_ylim(len(PAPER.changes) - 0.5, -0.5)
     left.set_xlabel("effect on max top-1 (points: with the change − without)")
     right.set_xlabel("speed-up in steps to L (without the change / with)")
     right.xaxis.set_major_locator(LogLocator(base=2))
-    right.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))
+    right.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x" if x >= 1 else f"1/{1 / x:g}x"))
     right.xaxis.set_minor_formatter(NullFormatter())
     right.legend([Line2D([], [], marker=m, color=c, ls="none") for m, c, _ in MARKERS.values()],
                  [label for *_, label in MARKERS.values()], fontsize=8)
-    fig.suptitle(f"Sec. 4.2.1's changes one at a time, profile {profile}: mean over seeds, bands 2 s.e.; hollow: "
-                 f"inside the band", fontsize=10)
+    fig.suptitle(f"Sec. 4.2.1's changes one at a time, profile {profile}: mean over seeds; bars: 2 s.e. (steps: "
+                 f"and the evaluations' spacing); hollow: inside them", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out, figure_name(profile))
 
@@ -250,9 +295,9 @@ def summary_lines(found: list[Effect]) -> list[str]:
     def listed(pick) -> str:
         hits = [f"{e.change}. {e.name} ({e.direction}: {what})" for e in found if (what := pick(e))]
         return "; ".join(hits) or "none"
-    outside = listed(lambda e: ", ".join(v for v in (e.accuracy()[2], e.speed()[2]) if v in
+    outside = listed(lambda e: ", ".join(v for v in (e.accuracy()[2], e.speed().verdict) if v in
                                          (HELPS, HURTS, FASTER, SLOWER)))
-    inside = listed(lambda e: "both" if e.accuracy()[2] == NOISE and e.speed()[2] in (NOISE, UNCLEAR) else "")
+    inside = listed(lambda e: "both" if e.accuracy()[2] == NOISE and e.speed().verdict == NOISE else "")
     missing = {d: [str(e.change) for e in found if e.direction == d and not e.seeded] for d in MARKERS}
     missing_text = "; ".join(f"{d}: {', '.join(n)}" for d, n in missing.items() if n) or "none"
     paper = "; ".join(f"change {n} ({c.name}): {c.paper}" for n, c in PAPER.changes.items() if c.paper)
@@ -279,8 +324,10 @@ def markdown(found: dict[str, tuple[float | None, list[Effect]]]) -> str:
              "said as the change's effect (with it against without it). Rules (fixed before the runs, "
              "`bnrepro/report/changes.py`): effects on max top-1 against two standard errors of the difference of "
              "seed means; steps to L (T, Inception's max at the profile, or the lowest max of the direction's "
-             "reference seeds where one peaks below T) as a speed-up of geometric means, against two standard errors "
-             "of the difference of mean log steps. An effect inside its band is reported as such, not ranked.", ""]
+             "reference seeds where one peaks below T) as a speed-up of geometric means, its interval from the "
+             "evaluations' spacing (a crossing lies between two evaluations; a seed that never reaches L, after its "
+             "last) widened by two standard errors of the difference of mean log steps. An effect inside its band "
+             "is reported as such, not ranked.", ""]
     for profile, (target, effects_) in found.items():
         lines += [f"## Profile `{profile}`", "",
                   f"T = {'—' if target is None else f'{100 * target:.2f}%'} (imagenet.md's target at this profile).",
