@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import typer
 from conftest import FILES, write_mnist
 from typer.testing import CliRunner
@@ -96,6 +97,11 @@ def test_the_plan_keeps_finished_runs_resumes_interrupted_ones_and_starts_the_re
     states = {s.run: (s.state, s.folder) for s in steps}
     assert states[runs[0]] == ("done", done) and states[runs[6]] == ("done", diverged)
     assert states[runs[2]] == ("resume", paused)
+    resumed = next(s for s in steps if s.run == runs[2])
+    assert resumed.trained == 0 and resumed.todo == resumed.steps  # its (fake) checkpoint cannot be read
+    torch.save({"step": 3}, paused / "checkpoint.pt")  # the step a run's checkpoint holds, as the trainer saves it
+    resumed = next(s for s in campaign.plan("smoke", tmp_path) if s.run == runs[2])
+    assert (resumed.trained, resumed.todo) == (3, resumed.steps - 3)
     assert states[runs[1]][0] == states[runs[3]][0] == states[runs[4]][0] == "new"
     shards_only = next(r for r in runs if r.overrides)  # bn-x5 with train.shuffle=shards: its own digest
     assert states[shards_only] == ("new", None)

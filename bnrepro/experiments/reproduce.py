@@ -107,6 +107,20 @@ class Step:
     folder: Path | None
     steps: int  # the run's budget at the profile
     other_data: int = 0  # runs of this recipe, profile and seed under results that trained on other data
+    trained: int = 0  # the steps a run to resume has behind it (its checkpoint's step)
+
+    @property
+    def todo(self) -> int:
+        """The steps this invocation trains: none for a kept run, the rest of the budget for one resumed."""
+        return 0 if self.state == "done" else self.steps - self.trained
+
+
+def trained_steps(folder: Path) -> int:
+    """The step an interrupted run's checkpoint holds; 0 where it cannot be read (resuming it then says why)."""
+    try:
+        return int(checkpoint.load(Path(folder) / checkpoint.NAME).get("step", 0))
+    except UserError:
+        return 0
 
 
 def import_package() -> None:
@@ -197,7 +211,8 @@ def plan(profile: str, results: Path, data: dict[str, Any] | None = None,
         paused = [folder for folder, m in mine if (folder / checkpoint.NAME).is_file()
                   and m.get("status") not in FINISHED]
         state, folder = ("done", done[-1]) if done else ("resume", paused[-1]) if paused else ("new", None)
-        steps.append(Step(run, state, folder, recipe.profiles[profile].steps, len(same) - len(mine)))
+        steps.append(Step(run, state, folder, recipe.profiles[profile].steps, len(same) - len(mine),
+                          trained_steps(folder) if state == "resume" else 0))
     return steps
 
 
@@ -210,7 +225,7 @@ def train(steps: list[Step], profile: str, dataset_dir: Path, results: Path, opt
     laptop profile scale poorly across threads, so two 1-thread runs on 2 cores train ~1.4x the images/s of one
     2-thread run (README, "The paper on a laptop"). Ctrl-C asks every running run to stop at its next step
     boundary and save its checkpoint, as it does a single run."""
-    ledger = Ledger(sum(s.steps for s in steps if s.state != "done"), len(steps), say)
+    ledger = Ledger(sum(s.todo for s in steps), len(steps), say)
     if jobs == 1:
         folders = []
         for i, step in enumerate(steps, 1):
@@ -233,12 +248,13 @@ class Ledger:
         elapsed = time.perf_counter() - self.started
         eta = f"{(self.todo - self.trained) * elapsed / self.trained / 60:,.0f} min" if self.trained else \
             "after the first run"
-        what = {"done": "finished earlier, kept", "resume": "resuming", "new": "starting"}[step.state]
+        what = {"done": "finished earlier, kept", "resume": f"resuming at step {step.trained:,}",
+                "new": "starting"}[step.state]
         self.say(f"campaign run {i}/{self.runs}: {step.run.name} ({step.run.why}), {step.steps:,} steps: {what}; "
                  f"{elapsed / 60:,.1f} min so far, ETA {eta}")
 
     def finished(self, step: Step) -> None:
-        self.trained += step.steps if step.state != "done" else 0
+        self.trained += step.todo
 
 
 def train_one(step: Step, profile: str, dataset_dir: Path, results: Path, options: dict) -> Path:
@@ -444,8 +460,9 @@ def estimate(steps: list[Step], profile: str, device: str, val_limit: int | None
                 macs = count_flops(task.model, recipe.profiles[profile].resolution)
             p = recipe.profiles[profile]
             evaluations = p.steps // p.eval_every + 2
-            seconds += p.steps * p.batch_size / rates[key]
-            seconds += evaluations * LAPTOP_VAL_IMAGES / (3 * rates[key])  # inference ~3x a training image
+            share = step.todo / p.steps  # a run to resume has that much of its training and evaluations left
+            seconds += share * p.steps * p.batch_size / rates[key]
+            seconds += share * evaluations * LAPTOP_VAL_IMAGES / (3 * rates[key])  # inference ~3x a training image
     seconds /= jobs
     ensemble = recipe_io.load(ENSEMBLE)
     crops = sum(ensemble.crops) * len(ensemble.members) * (val_limit or LAPTOP_VAL_IMAGES)
@@ -461,7 +478,9 @@ def describe(steps: list[Step]) -> list[str]:
     def other(step: Step) -> str:
         n = step.other_data
         return f"  ({n} run{'s' * (n != 1)} of it on other data, not kept)" if n else ""
-    return [f"{i:2d}. {s.run.name:<45} {s.steps:>7,} steps  {s.state:<6} {'' if s.folder is None else s.folder}"
+    def state(step: Step) -> str:
+        return f"resume at {step.trained:,}" if step.state == "resume" else step.state
+    return [f"{i:2d}. {s.run.name:<45} {s.steps:>7,} steps  {state(s):<6} {'' if s.folder is None else s.folder}"
             + other(s) for i, s in enumerate(steps, 1)]
 
 
