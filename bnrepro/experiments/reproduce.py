@@ -460,9 +460,8 @@ def estimate(steps: list[Step], profile: str, device: str, val_limit: int | None
                 macs = count_flops(task.model, recipe.profiles[profile].resolution)
             p = recipe.profiles[profile]
             evaluations = p.steps // p.eval_every + 2
-            share = step.todo / p.steps  # a run to resume has that much of its training and evaluations left
-            seconds += share * p.steps * p.batch_size / rates[key]
-            seconds += share * evaluations * LAPTOP_VAL_IMAGES / (3 * rates[key])  # inference ~3x a training image
+            seconds += step.todo * p.batch_size / rates[key]  # a run to resume has only the rest of its steps left
+            seconds += step.todo / p.steps * evaluations * LAPTOP_VAL_IMAGES / (3 * rates[key])  # inference ~3x faster
     seconds /= jobs
     ensemble = recipe_io.load(ENSEMBLE)
     crops = sum(ensemble.crops) * len(ensemble.members) * (val_limit or LAPTOP_VAL_IMAGES)

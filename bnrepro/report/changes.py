@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
+from functools import cache
 from pathlib import Path
 
 import matplotlib
@@ -44,14 +45,13 @@ from bnrepro.experiments import changes  # noqa: E402
 from bnrepro.paper import PAPER  # noqa: E402
 from bnrepro.report import claims, save_figure  # noqa: E402
 from bnrepro.report.selection import (  # noqa: E402
-    ROUNDING,
     Run,
+    crossing,
     data_choices,
     finished_runs,
     latest_per_recipe,
     profile_rank,
     split_by_data,
-    steps_to,
     target_for,
 )
 from bnrepro.report.text import markdown_table  # noqa: E402
@@ -100,18 +100,13 @@ class Side:
     def steps(self, level: float) -> Steps:
         """Per seed, where its crossing of ``level`` lies: (the evaluation before, the first at or above it], or
         (its last evaluation, infinity) where it never gets there. Steps below 1 count as 1 (logs are taken)."""
-        lo, hi, at, never = [], [], [], 0
+        spans = []  # (lo, hi, the step counted) per seed
         for run in self.runs:
-            steps = run.curve.step.astype(float)
-            first = steps_to(run, level - ROUNDING)
-            if first is None:
-                never += 1
-                last = float(steps.iloc[-1]) if len(steps) else 1.0
-                lo.append(last), hi.append(math.inf), at.append(last)
-            else:
-                before = steps[steps < first]
-                lo.append(float(before.iloc[-1]) if len(before) else float(first)), hi.append(first), at.append(first)
-        return Steps(*(np.maximum(np.array(x, float), 1.0) for x in (lo, hi, at)), never)
+            found = crossing(run, level)
+            last = float(run.curve.step.iloc[-1]) if len(run.curve) else 1.0
+            spans.append((last, math.inf, last) if found is None else (*found, found[1]))
+        lo, hi, at = (np.maximum(np.array(column, float), 1.0) for column in zip(*spans))
+        return Steps(lo, hi, at, sum(math.isinf(h) for h in hi))
 
     def text(self) -> str:
         values = self.maxes
@@ -178,9 +173,8 @@ def study_runs(results: Path) -> list[Run]:
     return finished_runs(Path(results)) + own
 
 
-def seeds_of(planned, profile: str, runs: list[Run]) -> Side:
-    """The latest finished run of each seed of ``planned`` (recipe and overrides, any seed) at ``profile``."""
-    digest = recipe_io.load(planned.recipe, list(planned.overrides)).digest
+def seeds_of(digest: str, profile: str, runs: list[Run]) -> Side:
+    """The latest finished run of each seed of the recipe with ``digest`` (any seed) at ``profile``."""
     latest: dict[int, Run] = {}
     for run in runs:  # oldest first: a later run of a seed replaces an earlier one
         if run.profile == profile and run.manifest.get("recipe_digest") == digest:
@@ -197,11 +191,15 @@ def level_for(reference: Side, target: float | None) -> float | None:
 
 def effects(profile: str, runs: list[Run], target: float | None) -> list[Effect]:
     """Every change's effect both ways at ``profile``, from ``runs`` (those on the profile's chosen data)."""
+    @cache
+    def side(recipe: str, overrides: tuple[str, ...]) -> Side:  # each reference serves 7 variants: loaded once
+        return seeds_of(recipe_io.load(recipe, list(overrides)).digest, profile, runs)
+
     found = []
     for variant in changes.variants(profile, seeds=1):  # the design; seeds are matched across the runs
         if variant.direction == "reference":
             continue
-        ours, theirs = seeds_of(variant.run, profile, runs), seeds_of(variant.reference, profile, runs)
+        ours, theirs = (side(r.recipe, r.overrides) for r in (variant.run, variant.reference))
         with_, without = (theirs, ours) if variant.direction == LEAVE else (ours, theirs)
         found.append(Effect(variant.change, variant.direction, with_, without, level_for(theirs, target)))
     return found

@@ -32,9 +32,9 @@ from bnrepro.errors import UserError
 from bnrepro.paper import PAPER
 from bnrepro.report import ensemble
 from bnrepro.report.selection import (
-    ROUNDING,
     Run,
     comparable,
+    crossing,
     data_name,
     latest_per_recipe,
     paper_equivalent,
@@ -527,24 +527,13 @@ def target_v2(profile: str, rows: dict[str, Run]) -> Target | None:
                                  f"seeds: {'/'.join(_pct2(v) for v in values)} (seeds {which})")
 
 
-def _crossing(run: Run, level: float) -> tuple[int, int] | None:
-    """(the evaluation before, the first evaluation at or above ``level``); None if none is."""
-    curve = run.curve
-    reached = curve.step[curve.top1 >= level - ROUNDING]
-    if not len(reached):
-        return None
-    hi = int(reached.iloc[0])
-    before = curve.step[curve.step < hi]
-    return (int(before.iloc[-1]) if len(before) else hi), hi
-
-
 def _seed_steps(row: Run, target: Target | None, in_paper_steps: bool) -> Steps | None:
     """Per seed steps to T (``target`` None: each seed's own max, Inception away from profile paper); None if a seed
     never reaches it, unless T is the paper's fixed 72.2% and ``row`` is Inception (then a lower bound)."""
     lo, hi, at = [], [], []
     for run in seeds(row):
         level = (run.max_top1 if run.max_top1 is not None else math.inf) if target is None else target.level
-        found = _crossing(run, level)
+        found = crossing(run, level)
         if found is None:
             if target is None or target.maxes is not None or row.recipe != "inception" or not len(run.curve):
                 return None
@@ -580,7 +569,7 @@ def _ratio(num: Steps, den: Steps, threshold: float, at_least: bool) -> tuple[st
 def _reach(row: Run, target: Target, name: str) -> tuple[str, str]:
     """"all" if every seed reaches T; else "below" (seed-mean max under T by more than the band) or "unclear"."""
     values = seed_maxes(row)
-    reached = sum(_crossing(r, target.level) is not None for r in seeds(row))
+    reached = sum(crossing(r, target.level) is not None for r in seeds(row))
     if reached == len(values):
         return "all", ""
     d, w = values.mean() - target.level, band(values, target.maxes)
@@ -594,7 +583,7 @@ def _steps_shown(rows: dict[str, Run], target: Target, *keys: str) -> str:
     parts = []
     for key in keys:
         runs, own = seeds(rows[key]), key == "inception" and target.maxes is not None
-        found = [_crossing(r, (r.max_top1 or math.inf) if own else target.level) for r in runs]
+        found = [crossing(r, (r.max_top1 or math.inf) if own else target.level) for r in runs]
         parts.append(f"{rows[key].label} {'/'.join('never' if f is None else f'{f[1]:,}' for f in found)} (seed"
                      f"{'s' * (len(runs) > 1)} {'/'.join(str(r.seed) for r in runs)})")
     return f"steps to T {_pct2(target.level)}: " + " vs ".join(parts)

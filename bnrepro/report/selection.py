@@ -336,6 +336,19 @@ def steps_to(run: Run, target: float) -> int | None:
     return int(reached.step.iloc[0]) if len(reached) else None
 
 
+def crossing(run: Run, level: float) -> tuple[int, int] | None:
+    """Where ``run`` first reaches ``level`` (``ROUNDING`` under it counting as at it): (the evaluation before, the
+    first evaluation at or above it), the interval its crossing lies in, as claims v2 and the changes study count
+    steps; None if no evaluation does."""
+    curve = run.curve
+    reached = curve.step[curve.top1 >= level - ROUNDING]
+    if not len(reached):
+        return None
+    hi = int(reached.iloc[0])
+    before = curve.step[curve.step < hi]
+    return (int(before.iloc[-1]) if len(before) else hi), hi
+
+
 def seed_steps(run: Run, target: float | None, own_max: bool = False) -> int | None:
     """One seed's steps to target as imagenet.md and claims v2 count them: its first evaluation at or above
     ``target`` (``ROUNDING`` under it counting as at it), or, ``own_max`` (``counts_own_max``), the first evaluation
