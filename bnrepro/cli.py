@@ -56,8 +56,22 @@ def _with_flag(overrides: list[str], flag: str, key: str, value: object) -> list
     return [*overrides, f"{key}={value}"]
 
 
+def _refuse_setup_on_resume(ctx: typer.Context, resume: Path | None, options: tuple[str, ...]) -> None:
+    """A resume continues a run exactly as its folder records it was set up; an option that sets a run up, given
+    beside --resume, would be silently ignored, so it is an error. "Given" is the parser's own record of where a
+    value came from, so an option repeated at its default value counts too."""
+    if resume is None:
+        return
+    flags = {param.name: "/".join(param.opts[:1] + param.secondary_opts) for param in ctx.command.params}
+    given = [flags[name] for name in options if ctx.get_parameter_source(name).name != "DEFAULT"]
+    if given:
+        raise UserError(f"--resume continues a run exactly as it was set up; drop {', '.join(given)} (start a new "
+                        f"run to change them)")
+
+
 @app.command()
 def mnist(
+    ctx: typer.Context,
     recipe: Annotated[list[str], typer.Option(help="Variants to train together.")] = None,
     seeds: Annotated[int, typer.Option(help="Seeds per variant (initial weights).")] = 1,
     data_seed: Annotated[int, typer.Option(help="Seed of the mini-batch order, shared by all models.")] = 0,
@@ -73,6 +87,7 @@ def mnist(
     """The MNIST diagnostic (Fig. 1): a 3x100 sigmoid network with and without BN."""
     from bnrepro.experiments import mnist as experiment
 
+    _refuse_setup_on_resume(ctx, resume, ("recipe", "seeds", "data_seed", "steps", "out", "set_"))
     try:
         if resume is not None:
             run_dir = experiment.resume(resume, device, data_dir, show_progress=progress, engine=engine)
@@ -92,6 +107,7 @@ def mnist(
 
 @app.command()
 def sweep(
+    ctx: typer.Context,
     lr_min: Annotated[float, typer.Option(help="Smallest learning rate of the grid.")] = 0.01,
     lr_max: Annotated[float, typer.Option(help="Largest learning rate.")] = 100.0,
     lrs: Annotated[int, typer.Option(help="Learning rates, log-spaced.")] = 8,
@@ -114,6 +130,8 @@ def sweep(
     from bnrepro.experiments import mnist as experiment
     from bnrepro.experiments.sweep import log_grid
 
+    _refuse_setup_on_resume(ctx, resume, ("lr_min", "lr_max", "lrs", "init_min", "init_max", "inits", "seeds",
+                                          "steps", "data_seed", "out", "set_"))
     for name, low, high, count in (("--lr", lr_min, lr_max, lrs), ("--init", init_min, init_max, inits)):
         if not (0 < low <= high and math.isfinite(high)) or count < 1:
             raise UserError(f"{name}-min and {name}-max must be positive and finite with min <= max, and the count "
@@ -158,6 +176,7 @@ def _stopped(stop: Interrupted, command: str, data_dir: Path | None, device: str
 
 @app.command()
 def imagenet(
+    ctx: typer.Context,
     recipe: Annotated[str | None, typer.Option(help="Recipe to train, e.g. bn-x30 (`bnrepro recipes list`).")] = None,
     profile: Annotated[str, typer.Option(
         help="paper (ImageNet), proxy (small data, one GPU), cpu (CIFAR-10 on a laptop) or smoke.")] = "paper",
@@ -199,10 +218,8 @@ def imagenet(
         raise UserError(f"--workers must be 0 or more, not {workers}")
     if not 0 <= seed < SEEDS:  # the augmentation's per-example seeds are built from it (data.order.example_seed)
         raise UserError(f"--seed must be between 0 and {SEEDS - 1}, not {seed}")
-    if resume is not None and (recipe is not None or steps is not None or set_ or seed or profile != "paper"
-                               or deterministic):
-        raise UserError("--resume continues a run exactly as it was set up; drop --recipe, --profile, --steps, "
-                        "--seed, --set and --deterministic (start a new run to change them)")
+    _refuse_setup_on_resume(ctx, resume, ("recipe", "profile", "steps", "seed", "set_", "deterministic", "resident",
+                                          "out"))
     overrides = _with_flag(list(set_ or []), "--steps", f"profiles.{profile}.steps", steps)
     how = dict(device=device, workers=workers, compile=compile, gpu_decode=gpu_decode, show_progress=progress)
     replicas = Replicas.from_environment("nccl" if device != "cpu" and torch.cuda.is_available() else "gloo")

@@ -285,6 +285,10 @@ ERRORS = {
     "resume-complete": (["--resume", "{root}/complete-run"], ["already complete"]),
     "resume-not-a-run": (["--resume", "{root}/data"], ["not an MNIST run folder"]),
     "resume-other-data": (["--resume", "{root}/other-data-run"], ["other data", "{root}/data/mnist/raw"]),
+    # a setup option beside --resume would be ignored (the run's folder says how it was set up): an error, even at
+    # the option's default value
+    "resume-with-setup": (["--resume", "{root}/other-data-run", "--seeds", "1", "--set", "train.lr=1"],
+                          ["drop --seeds, --set"]),
     "batch-larger-than-data": (["--set", "train.batch_size=601"], ["601", "600"]),
     "probe-unit-out-of-range": (["--set", "eval.probe_unit=100"], ["probe_unit"]),
     "percentile-out-of-range": (["--set", "eval.percentiles=[150]"], ["percentiles"]),
@@ -325,13 +329,19 @@ def quick(tmp_path_factory):
                                                  "--set", "profiles.smoke.steps=7"],
                 "resume-no-checkpoint": ["mnist", "--resume", str(root / "no-checkpoint-run"), "--data-dir", str(data),
                                          "--no-progress", "--device", "cpu"],
-                "sweep-resume-of-an-mnist-run": ["sweep", "--resume", str(root / "complete-run"), "--no-progress"]}
+                "sweep-resume-of-an-mnist-run": ["sweep", "--resume", str(root / "complete-run"), "--no-progress"],
+                "sweep-resume-with-a-grid": ["sweep", "--resume", str(root / "complete-run"), "--lrs", "3",
+                                             "--out", str(root / "elsewhere")],
+                "imagenet-resume-with-setup": ["imagenet", "--resume", str(root / "complete-run"), "--seed", "0",
+                                               "--no-resident"]}
     for name, (args, _) in ERRORS.items():
         args = [a.format(root=root) for a in args]
-        out = [] if "--out" in args else ["--out", str(root / name / "out")]
+        setup = "--resume" not in args  # a resume takes no setup options (resume-with-setup)
+        out = ["--out", str(root / name / "out")] if setup and "--out" not in args else []
         data_dir = [] if "--data-dir" in args else ["--data-dir", str(data)]
         device = [] if "--device" in args else ["--device", "cpu"]
-        steps = [] if any("steps" in a for a in args) else ["--steps", "5"]  # --steps and a --set of train.steps clash
+        # --steps and a --set of train.steps clash
+        steps = ["--steps", "5"] if setup and not any("steps" in a for a in args) else []
         commands[name] = ["mnist", "--no-progress", *steps, *out, *data_dir, *device, *args]
     return SimpleNamespace(root=root, results=run_many(commands, env))
 
@@ -433,6 +443,14 @@ def test_sweep_resume_of_an_mnist_run_names_the_command_that_continues_it(quick)
     result = quick.results["sweep-resume-of-an-mnist-run"]
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
     assert f"bnrepro mnist --resume {quick.root / 'complete-run'}" in result.stderr
+
+
+@pytest.mark.parametrize("name, flags", [("sweep-resume-with-a-grid", "drop --lrs, --out"),
+                                         ("imagenet-resume-with-setup", "drop --seed, --resident/--no-resident")])
+def test_a_setup_option_beside_resume_is_refused_not_ignored(quick, name, flags):
+    result = quick.results[name]
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: --resume continues a run exactly as it was set up; " + flags)
 
 
 def test_ctrl_c_in_a_sweep_prints_the_sweeps_own_resume_command(tmp_path):

@@ -467,7 +467,7 @@ def test_the_report_draws_fig2_and_the_fig3_table(smoke):
 @pytest.mark.parametrize(("name", "message"), [
     ("no-data", "no 'train' data"), ("bad-profile", "no profile 'huge'"), ("mnist-recipe", "not an ImageNet"),
     ("bad-key", "train.lrr"), ("no-recipe", "--recipe"), ("pack-nothing", "nothing to pack"),
-    ("resume-with-steps", "drop --recipe"), ("bracketed-path", "[/x]")])
+    ("resume-with-steps", "drop --steps"), ("bracketed-path", "[/x]")])
 def test_bad_input_is_one_line_and_exit_code_2(smoke, name, message):
     result = smoke[1][name]
     assert result.returncode == 2, result.stderr
