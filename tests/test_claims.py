@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import markdown_rows
 
-from bnrepro.report import build, claims
+from bnrepro.report import build
+from bnrepro.report.claims import common, v1, v2
 from bnrepro.report.selection import finished_runs, latest_per_recipe, select, target_for
 
 COMPRESSION = 2.5e-4  # a step here stands for 4,000 paper steps
@@ -117,9 +118,9 @@ def write_ensemble(results: Path, folder: str, bad: dict[tuple[str, int], set[in
 ENSEMBLE_HELD = {("m1", 1): {0, 1}, ("m1", 144): {0}, ("m2", 1): {1}, ("m2", 144): {1}}
 
 
-def verdicts(results: Path, profile: str = "cpu") -> dict[int, claims.Verdict]:
+def verdicts(results: Path, profile: str = "cpu") -> dict[int, common.Verdict]:
     rows = latest_per_recipe(finished_runs(results))[profile]
-    found, _ = claims.judge(profile, rows, results)
+    found, _ = v1.judge(profile, rows, results)
     return {v.number: v for v in found}
 
 
@@ -136,7 +137,7 @@ def test_every_claim_held_and_the_report(tmp_path):
     out = tmp_path / "report"
     assert out / "claims.md" in build(results, out)
     md = (out / "claims.md").read_text()
-    for text in [*claims.COMMON, *claims.RULES.values()]:
+    for text in [*v1.COMMON, *v1.RULES.values()]:
         assert text in md  # the rules, as the module states them
     assert ("v1's seed spread: s = 2.0 points (inception seeds 0: 80.0%, 1: 79.0%; bn-x5 seeds 0: 85.0%, 1: 83.0%)."
             in md)
@@ -146,28 +147,28 @@ def test_every_claim_held_and_the_report(tmp_path):
     # v2 beside it: two seeds of Inception and BN-x5, one of the rest, 4 images: nothing it can call
     assert [row["v2 verdict"] for row in table.values()] == ["inconclusive"] * 7
     assert table["1"]["This scale (v2)"].startswith("fewer than 3 seeds: INCEPTION has 2, BN-BASELINE has 1")
-    for text in [*claims.COMMON_V2, *claims.RULES_V2.values(), *claims.CHANGES_V2]:
+    for text in [*v2.COMMON, *v2.RULES.values(), *v2.CHANGES]:
         assert text in md
-    order = ["## Rules v2", claims.COMMON_V2[0], "## Rules v1", claims.COMMON[0], "## Profile `cpu`"]
+    order = ["## Rules v2", v2.COMMON[0], "## Rules v1", v1.COMMON[0], "## Profile `cpu`"]
     assert [md.index(text) for text in order] == sorted(md.index(text) for text in order)  # v2's rules first
 
 
 def test_the_papers_column_and_the_rules_give_the_papers_numbers():
     """The figures come from bnrepro/paper.yaml; these are the words they gave when they were written out here."""
-    assert {n: paper for n, (_, paper) in claims.CLAIMS.items()} == {
+    assert {n: paper for n, (_, paper) in common.CLAIMS.items()} == {
         1: "13.3e6 vs 31.0e6 steps to 72.2% (2.3x)", 2: "2.1e6 steps, 14.8x fewer",
         3: "2.7e6 vs 2.1e6 steps to 72.2%; max 74.8% vs 73.0%", 4: "parameters reach \"machine infinity\"",
         5: "Inception-Sigmoid never above chance (1/1000); BN-x5-Sigmoid 69.8%", 6: "about +1%",
         7: "top-1 error 25.2% (1 crop), 21.99% (144 crops), 20.1% (6-model ensemble, 144 crops)"}
-    assert claims.CLAIMS[2][0] == "BN-x5 reaches it in about 14 times fewer steps than Inception"
-    assert claims.CLAIMS[6][0] == "Within-shard shuffling (change 6) adds about 1% accuracy"
-    assert claims.CLAIMS[7][0] == "Multicrop lowers the error; the 6-model ensemble lowers it further"
-    assert claims.HALF_PAPER_SPEEDUP == 7 and round(claims.PAPER_BN_X5_EPOCHS) == 52
-    assert claims.SHARDS_ONLY == "bn-x5 [train.shuffle=shards]" and claims.SPREAD_RECIPES == ("inception", "bn-x5")
-    assert "at least 7x (half the paper's 14.8x)" in claims.RULES[2]
-    assert "at or above 7x (half the paper's 14.8x); not held if it lies below 7x" in claims.RULES_V2[2]
-    assert "(the paper's BN-x5 took 2.1e6 x 32 / 1.28e6 = 52 epochs to reach 72.2%)" in claims.RULES_V2[6]
-    assert "over `inception` and `bn-x5`; s = 0" in claims.COMMON[1]
+    assert common.CLAIMS[2][0] == "BN-x5 reaches it in about 14 times fewer steps than Inception"
+    assert common.CLAIMS[6][0] == "Within-shard shuffling (change 6) adds about 1% accuracy"
+    assert common.CLAIMS[7][0] == "Multicrop lowers the error; the 6-model ensemble lowers it further"
+    assert common.HALF_PAPER_SPEEDUP == 7 and round(v2.PAPER_BN_X5_EPOCHS) == 52
+    assert common.SHARDS_ONLY == "bn-x5 [train.shuffle=shards]" and v1.SPREAD_RECIPES == ("inception", "bn-x5")
+    assert "at least 7x (half the paper's 14.8x)" in v1.RULES[2]
+    assert "at or above 7x (half the paper's 14.8x); not held if it lies below 7x" in v2.RULES[2]
+    assert "(the paper's BN-x5 took 2.1e6 x 32 / 1.28e6 = 52 epochs to reach 72.2%)" in v2.RULES[6]
+    assert "over `inception` and `bn-x5`; s = 0" in v1.COMMON[1]
 
 
 def test_nothing_run_is_not_run(tmp_path):
@@ -178,7 +179,7 @@ def test_nothing_run_is_not_run(tmp_path):
     assert {n: v.verdict for n, v in found.items()} == {n: "not run" for n in range(1, 8)}
     assert found[3].ours == "no finished run of `bn-x30`"
     assert found[7].ours == "no finished ensemble run at profile `cpu`"
-    s, text = claims.seed_spread(latest_per_recipe(finished_runs(results))["cpu"])
+    s, text = v1.seed_spread(latest_per_recipe(finished_runs(results))["cpu"])
     assert s == 0 and text.startswith("s = 0: only one seed")
 
 
@@ -328,9 +329,9 @@ def v2_campaign(results: Path, drop: tuple[str, ...] = (), **changes: dict) -> P
     return campaign(results, drop, runs=CAMPAIGN_V2, **changes)
 
 
-def verdicts_v2(results: Path, profile: str = "cpu") -> dict[int, claims.Verdict]:
+def verdicts_v2(results: Path, profile: str = "cpu") -> dict[int, common.Verdict]:
     rows = latest_per_recipe(finished_runs(results))[profile]
-    found, _ = claims.judge_v2(profile, rows, results)
+    found, _ = v2.judge(profile, rows, results)
     return {v.number: v for v in found}
 
 
@@ -339,21 +340,21 @@ def log_mean(*steps: float) -> float:
 
 
 def test_mcnemar_against_a_hand_computation():
-    assert claims.mcnemar(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)  # 0.0386
-    assert claims.mcnemar(2, 10) == claims.mcnemar(10, 2)
-    assert claims.mcnemar(0, 0) == 1.0 and claims.mcnemar(3, 3) == 1.0  # 2 * 42 / 64 > 1: capped
-    assert claims.mcnemar(12, 0) == pytest.approx(2 / 4096)
-    assert 0 < claims.mcnemar(700, 500) < 1e-8 and claims.mcnemar(1000, 1000) == 1.0  # no underflow past 1,074
+    assert v2.mcnemar(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)  # 0.0386
+    assert v2.mcnemar(2, 10) == v2.mcnemar(10, 2)
+    assert v2.mcnemar(0, 0) == 1.0 and v2.mcnemar(3, 3) == 1.0  # 2 * 42 / 64 > 1: capped
+    assert v2.mcnemar(12, 0) == pytest.approx(2 / 4096)
+    assert 0 < v2.mcnemar(700, 500) < 1e-8 and v2.mcnemar(1000, 1000) == 1.0  # no underflow past 1,074
     x = pd.Series([True, True, False, False, True], index=[0, 1, 2, 3, 9])
     y = pd.Series([False, True, True, False], index=[0, 1, 2, 3])  # image 9 has no pair: left out
-    assert claims.paired(x, y) == (1, 1, 4, 1.0)
+    assert v2.paired(x, y) == (1, 1, 4, 1.0)
 
 
 def test_band_against_a_hand_computation():
     a, b = np.array([0.90, 0.88, 0.86]), np.array([0.85, 0.83, 0.84, 0.82])
     # sA^2 = (0.02^2 + 0 + 0.02^2) / 2 = 4e-4; sB^2 = (0.015^2 + 0.005^2 + 0.005^2 + 0.015^2) / 3 = 5e-4 / 3
-    assert claims.band(a, b) == pytest.approx(2 * math.sqrt(4e-4 / 3 + 5e-4 / 3 / 4))
-    assert claims.band(np.array([0.60, 0.62, 0.58])) == pytest.approx(2 * 0.02 / math.sqrt(3))  # against a number
+    assert v2.band(a, b) == pytest.approx(2 * math.sqrt(4e-4 / 3 + 5e-4 / 3 / 4))
+    assert v2.band(np.array([0.60, 0.62, 0.58])) == pytest.approx(2 * 0.02 / math.sqrt(3))  # against a number
 
 
 def test_v2_every_claim_held_and_its_figures(tmp_path):
@@ -366,7 +367,7 @@ def test_v2_every_claim_held_and_its_figures(tmp_path):
     point = math.exp(log_mean(*inception) - log_mean(*x5))
     low, high = math.exp(log_mean(1300, 1200, 1300) - log_mean(*x5)), math.exp(log_mean(*inception) - log_mean(130,
                                                                                                               140, 130))
-    w = claims.band(np.log(inception), np.log(x5))
+    w = v2.band(np.log(inception), np.log(x5))
     assert w == pytest.approx(2 * math.sqrt(math.log(1400 / 1300) ** 2 / 9 + math.log(150 / 140) ** 2 / 9))
     assert (f"= {point:.2f}x (evaluations: {low:.2f}x to {high:.2f}x; with the seed band ±{w:.2f} in log steps: "
             f"{low * math.exp(-w):.2f}x to {high * math.exp(w):.2f}x; threshold at least 7x)") in found[2].ours
@@ -397,9 +398,9 @@ def test_v2_fewer_than_three_seeds_is_inconclusive_where_v1_decided(tmp_path):
 def test_v1_keeps_the_lowest_seeds_max_as_its_target_where_v2_and_imagenet_md_take_the_mean(tmp_path):
     results = campaign(tmp_path / "results")  # Inception's seeds: 80% (seed 0), 79% (seed 1)
     rows = latest_per_recipe(finished_runs(results))["cpu"]
-    assert claims.target_v1("cpu", rows) == 0.80 == rows["inception"].max_top1
-    assert claims.target_v2("cpu", rows).level == target_for("cpu", rows) == pytest.approx(0.795)
-    assert claims.target_v1("paper", rows) == claims.target_v2("paper", rows).level == 0.722
+    assert v1.target("cpu", rows) == 0.80 == rows["inception"].max_top1
+    assert v2.target("cpu", rows).level == target_for("cpu", rows) == pytest.approx(0.795)
+    assert v1.target("paper", rows) == v2.target("paper", rows).level == 0.722
 
 
 def test_v2_claim_2_missed_by_less_than_the_noise_is_inconclusive(tmp_path):
@@ -539,7 +540,7 @@ def test_claims_judge_only_the_runs_and_ensemble_on_the_profiles_chosen_data(tmp
     shown, other = select(results)
     rows = latest_per_recipe(shown)["cpu"]
     assert list(rows) == ["inception"] and rows["inception"].max_top1 == 0.3 and len(other) == len(CAMPAIGN)
-    assert claims.ensemble_at(results, "cpu") is None  # the ensemble is on "fabricated" data too
+    assert common.ensemble_at(results, "cpu") is None  # the ensemble is on "fabricated" data too
     build(results, tmp_path / "report")
     md = (tmp_path / "report" / "claims.md").read_text()
     cpu = md.split("## Profile `cpu`")[1]

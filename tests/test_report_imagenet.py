@@ -14,7 +14,8 @@ from conftest import markdown_rows
 
 from bnrepro.errors import UserError
 from bnrepro.paper import PAPER
-from bnrepro.report import build, claims, imagenet
+from bnrepro.report import build, imagenet
+from bnrepro.report.claims import v1, v2
 from bnrepro.report.selection import (
     data_name,
     finished_runs,
@@ -546,7 +547,7 @@ def test_the_target_is_the_mean_of_inceptions_seeds_max_each_inception_seed_coun
     target = target_for("cpu", rows)
     assert target == pytest.approx(0.80) and target == float(seed_maxes(rows["inception"]).mean())
     # claims v2's T is this one; v1 keeps its own, the lowest seed's max
-    assert claims.target_v2("cpu", rows).level == target and claims.target_v1("cpu", rows) == 0.79
+    assert v2.target("cpu", rows).level == target and v1.target("cpu", rows) == 0.79
     assert [seed_steps(r, target, own_max=True) for r in rows["inception"].seeds] == [200, 100, 300]
     assert [seed_steps(r, target) for r in rows["inception"].seeds] == [None, 100, 300]
 

@@ -7,7 +7,7 @@ accuracy difference and a speed-up above 1 mean the change helps, whichever way 
 
 The rules, fixed before the study's runs (README, "Beyond the paper"):
 - Max top-1: per seed, the run's best single-crop evaluation; the effect d is the difference of seed means (with the
-  change minus without), its noise band two standard errors of that difference (``claims.band``). ``helps`` if
+  change minus without), its noise band two standard errors of that difference (``claims.v2.band``). ``helps`` if
   d > band, ``hurts`` if d < -band, else ``inside the noise``.
 - Steps: to the level L of the direction: T (Inception's max at the profile, imagenet.md's target) or, where a seed
   of the direction's reference (BN-x5; BN-Baseline at BN-x5's budget) peaks below T, the lowest of its seeds'
@@ -43,7 +43,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 from bnrepro import recipes as recipe_io  # noqa: E402
 from bnrepro.experiments import changes  # noqa: E402
 from bnrepro.paper import PAPER  # noqa: E402
-from bnrepro.report import claims, save_figure  # noqa: E402
+from bnrepro.report import save_figure  # noqa: E402
+from bnrepro.report.claims.v2 import band  # noqa: E402
 from bnrepro.report.selection import (  # noqa: E402
     Run,
     crossing,
@@ -146,7 +147,7 @@ class Effect:
         d = float(a.mean() - b.mean())
         if not self.seeded:
             return d, math.nan, ONE_SEED
-        w = claims.band(a, b)
+        w = band(a, b)
         return d, w, HELPS if d > w else HURTS if d < -w else NOISE
 
     def speed(self) -> Speed:
@@ -159,7 +160,7 @@ class Effect:
         ratio = math.exp(float(np.log(b.at).mean() - np.log(a.at).mean()))
         if not self.seeded:
             return Speed(ratio, verdict=ONE_SEED, never_with=a.never, never_without=b.never)
-        w = claims.band(np.log(a.at), np.log(b.at))
+        w = band(np.log(a.at), np.log(b.at))
         low = math.exp(float(np.log(b.lo).mean() - np.log(a.hi).mean()) - w)
         high = math.exp(float(np.log(b.hi).mean() - np.log(a.lo).mean()) + w)
         verdict = FASTER if low > 1 else SLOWER if high < 1 else NOISE

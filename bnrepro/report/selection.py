@@ -314,10 +314,10 @@ def seed_maxes(run: Run) -> np.ndarray:
 
 
 def target_for(profile: str, runs: dict[str, Run]) -> float | None:
-    """The target T of imagenet.md, Fig. 2 and claims v2 (``claims.target_v2``): the paper's 72.2% at profile
+    """The target T of imagenet.md, Fig. 2 and claims v2 (``claims.v2.target``): the paper's 72.2% at profile
     ``paper``; elsewhere Inception's maximum accuracy, as the paper defines the target, estimated over seeds: the
     mean over Inception's seeds of their max single-crop top-1 (``seed_maxes``; with one seed, its max). None without
-    an Inception run. Claims v1 keep their own target, the lowest seed's max (``claims.target_v1``)."""
+    an Inception run. Claims v1 keep their own target, the lowest seed's max (``claims.v1.target``)."""
     if profile == "paper":
         return PAPER.imagenet.target
     return float(seed_maxes(runs["inception"]).mean()) if "inception" in runs else None

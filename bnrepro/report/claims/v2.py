@@ -1,22 +1,9 @@
-"""The claims of Sec. 4.2, one table per profile, judged twice: by rules v2 and by rules v1.
-
-Each claim has the paper's figure, this scale's figure and a verdict. Rules v1 (``RULES``, ``COMMON``) were written
-before any run at profile ``cpu`` existed; a review of the first campaign found them too easily swayed by one seed
-(a "seed spread" of two seeds as the only noise, one run per recipe, a tie on 1,000 images deciding claim 7). Rules v2
-(``RULES_V2``, ``COMMON_V2``) were written after that review and before the next campaign's runs existed, from first
-principles, not fitted to any numbers: a noise band for every comparison from at least 3 seeds per recipe, steps to
-target as intervals, paired McNemar tests for claim 7, and verdicts ``held``, ``not held``, ``inconclusive``, ``not
-testable at this scale`` and ``not run``. v1 is kept unchanged in behaviour and printed beside v2, so a reader sees
-what changed and why. The report prints both rule sets word for word, and the code under each follows its text.
-
-The runs are the rows of imagenet.md (``selection.select``: at each profile only the runs on its chosen data, then
-``selection.latest_per_recipe``: per recipe and overrides, the latest finished run of the lowest seed, with the latest
-run of each other seed in ``others``; v1 judges the row's run, v2 all its seeds) and, for the last claim, the latest
-ensemble run at the profile on the same data (``ensemble.select``), its per-image correctness recomputed from its
-cached probabilities (``ensemble.top1_correct``). The target: v1's is the best top-1 of Inception's lowest seed
-(``target_v1``); v2's T, the mean over Inception's seeds of their max, is ``selection.target_for``, which imagenet.md
-and its Fig. 2 show as well.
-"""
+"""Claims rules v2: written after a review of v1 on the first campaign and before the next campaign's runs existed,
+from first principles, not fitted to any numbers: a noise band for every comparison from at least 3 seeds per recipe,
+steps to target as intervals, paired McNemar tests for claim 7, and verdicts ``held``, ``not held``,
+``inconclusive``, ``not testable at this scale`` and ``not run``. The rules' text (``COMMON``, ``RULES``, and what
+changed from v1, ``CHANGES``) is printed in claims.md word for word, and the code under each follows it. ``band`` is
+the noise band other studies of the report use too (changes.md)."""
 
 from __future__ import annotations
 
@@ -31,322 +18,22 @@ import pandas as pd
 from bnrepro.errors import UserError
 from bnrepro.paper import PAPER
 from bnrepro.report import ensemble
-from bnrepro.report.selection import (
-    Run,
-    comparable,
-    crossing,
-    data_name,
-    latest_per_recipe,
-    paper_equivalent,
-    profile_rank,
-    row_key,
-    seed_maxes,
-    select,
-    steps_to,
-    target_for,
+from bnrepro.report.claims.common import (
+    HALF_PAPER_SPEEDUP,
+    HELD,
+    NOT_HELD,
+    NOT_RUN,
+    SHARDS,
+    SHARDS_ONLY,
+    SPEEDUP_TEXT,
+    TARGET_TEXT,
+    Verdict,
+    ensemble_for_claim_7,
+    fig3_steps,
+    missing_runs,
 )
-from bnrepro.report.text import markdown_table, paper_steps_text
-from bnrepro.runs import DIVERGED, atomic_write, check_writable
-
-HELD, NOT_HELD, SPREAD, NOT_RUN = "held", "not held", "within seed spread", "not run"
-# The paper's numbers and the runs the claims compare come from bnrepro/paper.yaml; the rules below print them.
-_SHARDS = PAPER.variants["shards-only"]
-SHARDS_ONLY = row_key(_SHARDS.stem, tuple(sorted(_SHARDS.overrides)))  # BN-x5 without change 6
-SPREAD_RECIPES = PAPER.seed_spread  # v1's seed spread: the recipes the campaign trains a second seed of
-HALF_PAPER_SPEEDUP = PAPER.imagenet.speedup_in_text / 2  # 7: half the text's "14 times" (31.0e6 / 2.1e6 = 14.8x)
-TARGET_TEXT = f"{100 * PAPER.imagenet.target:.1f}%"  # 72.2%, as the rules print it
-SPEEDUP_TEXT = f"{PAPER.speedup('bn-x5'):.1f}x"  # BN-x5's 14.8x of Fig. 3
-_SPREAD_NAMES = " and ".join(f"`{name}`" for name in SPREAD_RECIPES)
-
-# Rules v1 (registered before the first campaign; kept unchanged in behaviour) ---------------------------------------
-
-COMMON = [
-    f"The target is imagenet.md's: the best top-1 of this profile's `inception` run (the paper's {TARGET_TEXT} at "
-    "profile "
-    "`paper`). A recipe's max is its best single-crop validation top-1 over its finite evaluations; its steps to "
-    "target are its first evaluated step at or above the target. Steps of two runs are compared as paper-equivalent "
-    "steps (step / compression) where both manifests carry `compression`, else as this profile's steps.",
-    "Seed spread s: the largest |difference of max top-1| between two seeds of the same recipe, over "
-    f"{_SPREAD_NAMES}; s = 0 when neither has a second seed (then any nonzero difference decides).",
-    "A claim whose runs are missing is `not run`.",
-]
-RULES = {
-    1: "Held if BN-Baseline reaches the target at an earlier step than Inception does (at a profile other than "
-       "`paper`, Inception's step of its max; an Inception that never reaches the target is later than any step); "
-       "not held otherwise, also if BN-Baseline never reaches it.",
-    2: f"Speed-up = Inception's steps to target / BN-x5's. Held if it is at least {HALF_PAPER_SPEEDUP:g}x (half the "
-       f"paper's {SPEEDUP_TEXT}); not "
-       "held otherwise, also if BN-x5 never reaches the target. If Inception never reaches the target (possible only "
-       "at profile `paper`), its last evaluated step stands in, a lower bound on the speed-up.",
-    3: "Two parts. (a) Starts slower: held if BN-x30's top-1 at its first evaluation after step 0 is lower than "
-       "BN-x5's at its first, or BN-x30 reaches the target later than BN-x5 (or never, while BN-x5 does); not held "
-       "otherwise. (b) Ends higher: d = BN-x30's max - BN-x5's max; held if d > s, within seed spread if |d| <= s, "
-       "not held if d < -s. The claim is not held if a part is not held, else within seed spread if a part is, "
-       "else held.",
-    4: "Held if the `inception-x5` run's status is diverged; not held if it completed.",
-    5: "Chance = 1 / the number of classes (the manifest's `classes`). Held if Inception-Sigmoid's max <= 2 x chance "
-       "and BN-x5-Sigmoid's max >= 5 x chance (a run without a finite evaluation counts as 0%); not held otherwise; "
-       "not run if neither manifest records `classes`.",
-    6: f"d = BN-x5's max - the max of BN-x5 with `--set {' '.join(_SHARDS.overrides)}` (shards only, no change 6). "
-       "Held if "
-       "d > s and d > 0; within seed spread if |d| <= s; not held if d < -s.",
-    7: "From the latest ensemble run at this profile: held if its first member's 144-crop top-1 error is lower than "
-       "its 1-crop top-1 error and the ensemble's 144-crop top-1 error is lower than every member's 144-crop top-1 "
-       "error; not held otherwise; not run without an ensemble of two or more members evaluated at 1 and 144 crops.",
-}
-
-
-def _fig3_steps(name: str) -> str:
-    return paper_steps_text(PAPER.fig3(name).steps)
-
-
-def _fig3_max(name: str) -> str:
-    return f"{100 * PAPER.fig3(name).max_top1:.1f}%"
-
-
-def _fig4_top1(model: str) -> str:
-    return f"{PAPER.ensemble.fig4_row(model).top1_error:g}%"
-
-
-def paper_claims() -> dict[int, tuple[str, str]]:
-    """Each claim of Sec. 4.2 and the paper's figure for it, the numbers from paper.yaml."""
-    models = PAPER.ensemble.fig4_row("BN-Inception ensemble").models
-    return {
-        1: ("BN-Baseline reaches Inception's maximum accuracy in fewer steps",
-            f"{_fig3_steps('bn-baseline')} vs {_fig3_steps('inception')} steps to {TARGET_TEXT} "
-            f"({PAPER.speedup('bn-baseline'):.1f}x)"),
-        2: (f"BN-x5 reaches it in about {PAPER.imagenet.speedup_in_text:g} times fewer steps than Inception",
-            f"{_fig3_steps('bn-x5')} steps, {SPEEDUP_TEXT} fewer"),
-        3: ("BN-x30 starts slower than BN-x5 but ends higher",
-            f"{_fig3_steps('bn-x30')} vs {_fig3_steps('bn-x5')} steps to {TARGET_TEXT}; max {_fig3_max('bn-x30')} "
-            f"vs {_fig3_max('bn-x5')}"),
-        4: ("Inception at 5x the learning rate (0.0075) diverges",
-            "parameters reach \"machine infinity\""),
-        5: ("Inception-Sigmoid never leaves chance; BN-x5-Sigmoid trains",
-            f"Inception-Sigmoid never above chance (1/{PAPER.imagenet.classes}); BN-x5-Sigmoid "
-            f"{_fig3_max('bn-x5-sigmoid')}"),
-        6: (f"Within-shard shuffling (change 6) adds about {PAPER.imagenet.change_6_gain:.0%} accuracy",
-            f"about {PAPER.imagenet.change_6_gain:+.0%}"),
-        7: (f"Multicrop lowers the error; the {models}-model ensemble lowers it further",
-            f"top-1 error {_fig4_top1('BN-Inception single crop')} (1 crop), {_fig4_top1('BN-Inception multicrop')} "
-            f"(144 crops), {_fig4_top1('BN-Inception ensemble')} ({models}-model ensemble, 144 crops)"),
-    }
-
-
-CLAIMS = paper_claims()
-
-
-@dataclass
-class Verdict:
-    number: int
-    ours: str  # this scale's figure
-    verdict: str
-
-
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}%"
-
-
-def _pts(d: float) -> str:
-    return f"{100 * d:+.1f} points"
-
-
-def _steps(run: Run, step: float | None) -> str:
-    """A step of ``run`` as the report gives it: this profile's, with its paper equivalent where recorded."""
-    if step is None:
-        return "never"
-    equivalent = paper_equivalent(run, step)
-    return f"{step:,.0f}" + ("" if equivalent is None else f" ({paper_steps_text(equivalent)} paper-equivalent)")
-
-
-def _three_way(d: float, s: float) -> str:
-    """held if d > s (and d > 0), within seed spread if |d| <= s, not held if d < -s."""
-    if abs(d) <= s:
-        return SPREAD
-    return HELD if d > s and d > 0 else NOT_HELD
-
-
-def seed_spread(rows: dict[str, Run]) -> tuple[float, str]:
-    """s, and a sentence saying where it comes from."""
-    s, parts = 0.0, []
-    for recipe in SPREAD_RECIPES:
-        row = rows.get(recipe)
-        if row is None:
-            continue
-        found = [(r.seed, r.max_top1) for r in (row, *row.others) if r.max_top1 is not None]
-        if len(found) > 1:
-            values = [m for _, m in found]
-            s = max(s, max(values) - min(values))
-            parts.append(f"{recipe} seeds " + ", ".join(f"{seed}: {_pct(m)}" for seed, m in found))
-    if not parts:
-        only = " and of ".join(f"`{name}`" for name in SPREAD_RECIPES)
-        return 0.0, (f"s = 0: only one seed of {only} (or neither run), so the seed spread is "
-                     "unknown and any nonzero difference decides.")
-    return s, f"s = {100 * s:.1f} points ({'; '.join(parts)})."
-
-
-def _missing(rows: dict[str, Run], *keys: str) -> Verdict | None:
-    """None when every row is there, else the not-run ``Verdict`` (number filled in by the caller)."""
-    absent = [k for k in keys if k not in rows]
-    return Verdict(0, "no finished run of " + ", ".join(f"`{k}`" for k in absent), NOT_RUN) if absent else None
-
-
-def claim_1(rows: dict[str, Run], target: float | None) -> Verdict:
-    if (missing := _missing(rows, "inception", "bn-baseline")) or target is None:
-        return missing or Verdict(0, "no target", NOT_RUN)
-    inception, baseline = rows["inception"], rows["bn-baseline"]
-    si, sb = steps_to(inception, target), steps_to(baseline, target)
-    ci, cb = comparable([inception, baseline], [si, sb])
-    held = cb is not None and (ci is None or cb < ci)
-    return Verdict(1, f"BN-Baseline {_steps(baseline, sb)} vs Inception {_steps(inception, si)} steps to "
-                      f"{_pct(target)}", HELD if held else NOT_HELD)
-
-
-def claim_2(rows: dict[str, Run], target: float | None) -> Verdict:
-    if (missing := _missing(rows, "inception", "bn-x5")) or target is None:
-        return missing or Verdict(0, "no target", NOT_RUN)
-    inception, x5 = rows["inception"], rows["bn-x5"]
-    si, s5 = steps_to(inception, target), steps_to(x5, target)
-    bound = si is None  # Inception never reached the paper's target: its last evaluated step stands in
-    reference = int(inception.curve.step.max()) if bound and len(inception.curve) else si
-    ci, c5 = comparable([inception, x5], [reference, s5])
-    if c5 is None or not ci:
-        return Verdict(2, f"BN-x5 never reaches {_pct(target)} (Inception: {_steps(inception, si)})", NOT_HELD)
-    speedup = ci / c5
-    return Verdict(2, f"BN-x5 {_steps(x5, s5)} vs Inception {_steps(inception, si)} steps to {_pct(target)}: "
-                      f"{'at least ' if bound else ''}{speedup:,.1f}x",
-                   HELD if speedup >= HALF_PAPER_SPEEDUP else NOT_HELD)
-
-
-def _first_after_zero(run: Run) -> tuple[int, float] | None:
-    later = run.curve[run.curve.step > 0]
-    return (int(later.step.iloc[0]), float(later.top1.iloc[0])) if len(later) else None
-
-
-def claim_3(rows: dict[str, Run], target: float | None, s: float) -> Verdict:
-    if missing := _missing(rows, "bn-x30", "bn-x5"):
-        return missing
-    x30, x5 = rows["bn-x30"], rows["bn-x5"]
-    f30, f5 = _first_after_zero(x30), _first_after_zero(x5)
-    lower_first = f30 is not None and f5 is not None and f30[1] < f5[1]
-    s30 = s5 = None
-    if target is not None:
-        s30, s5 = steps_to(x30, target), steps_to(x5, target)
-    c30, c5 = comparable([x30, x5], [s30, s5])
-    later = c5 is not None and (c30 is None or c30 > c5)
-    start = HELD if lower_first or later else NOT_HELD
-    first = ("first evaluation after step 0: " + (f"{_pct(f30[1])} at {f30[0]:,}" if f30 else "none") + " vs "
-             + (f"{_pct(f5[1])} at {f5[0]:,}" if f5 else "none"))
-    to_target = "" if target is None else f"; steps to {_pct(target)}: {_steps(x30, s30)} vs {_steps(x5, s5)}"
-    if x30.max_top1 is None or x5.max_top1 is None:
-        end, ends = NOT_HELD, "max: " + _pct(x30.max_top1) + " vs " + _pct(x5.max_top1)
-    else:
-        d = x30.max_top1 - x5.max_top1
-        end, ends = _three_way(d, s), f"max {_pct(x30.max_top1)} vs {_pct(x5.max_top1)} ({_pts(d)})"
-    verdict = NOT_HELD if NOT_HELD in (start, end) else SPREAD if SPREAD in (start, end) else HELD
-    return Verdict(3, f"(a) starts slower: {start} (BN-x30 vs BN-x5 {first}{to_target}); "
-                      f"(b) ends higher: {end} ({ends})", verdict)
-
-
-def claim_4(rows: dict[str, Run]) -> Verdict:
-    if missing := _missing(rows, "inception-x5"):
-        return missing
-    run = rows["inception-x5"]
-    if run.manifest.get("status") == DIVERGED:
-        return Verdict(4, f"diverged at step {_steps(run, run.diverged_at)}", HELD)
-    return Verdict(4, f"{run.manifest.get('status')}, max {_pct(run.max_top1)}", NOT_HELD)
-
-
-def claim_5(rows: dict[str, Run]) -> Verdict:
-    if missing := _missing(rows, "inception-sigmoid", "bn-x5-sigmoid"):
-        return missing
-    isig, bsig = rows["inception-sigmoid"], rows["bn-x5-sigmoid"]
-    classes = isig.manifest.get("classes") or bsig.manifest.get("classes")
-    if not classes:
-        return Verdict(5, "the manifests record no `classes`, so chance is unknown", NOT_RUN)
-    chance = 1 / len(classes)
-    i_max, b_max = isig.max_top1 or 0.0, bsig.max_top1 or 0.0  # a run without a finite evaluation: 0%
-    held = i_max <= 2 * chance and b_max >= 5 * chance
-    return Verdict(5, f"chance {_pct(chance)} ({len(classes)} classes); Inception-Sigmoid max {_pct(i_max)} "
-                      f"(limit {_pct(2 * chance)}); BN-x5-Sigmoid max {_pct(b_max)} (at least {_pct(5 * chance)})",
-                   HELD if held else NOT_HELD)
-
-
-def claim_6(rows: dict[str, Run], s: float) -> Verdict:
-    if missing := _missing(rows, "bn-x5", SHARDS_ONLY):
-        return missing
-    x5, shards = rows["bn-x5"], rows[SHARDS_ONLY]
-    if x5.max_top1 is None or shards.max_top1 is None:
-        return Verdict(6, f"max {_pct(x5.max_top1)} vs {_pct(shards.max_top1)}", NOT_HELD)
-    d = x5.max_top1 - shards.max_top1
-    return Verdict(6, f"BN-x5 {_pct(x5.max_top1)} vs shards only {_pct(shards.max_top1)}: d = {_pts(d)}",
-                   _three_way(d, s))
-
-
-def ensemble_at(results: Path, profile: str) -> ensemble.EnsembleRun | None:
-    """The latest finished ensemble run whose members were trained at ``profile``, on the data imagenet.md shows
-    there (``ensemble.select``, as ensemble.md)."""
-    found = [run for run in ensemble.select(Path(results))[0] if run.profile == profile]
-    return found[-1] if found else None
-
-
-def _top1_error(run: ensemble.EnsembleRun, members: list[str], crops: int) -> float:
-    """The top-1 error ensemble.md gives (the same ranking of the same cached probabilities)."""
-    return 1.0 - float(ensemble.top1_correct(run, members, crops).mean())
-
-
-def ensemble_for_claim_7(results: Path, profile: str) -> ensemble.EnsembleRun | Verdict:
-    """The latest ensemble run at ``profile`` if it can judge claim 7 (two or more members, 1 and 144 crops),
-    else the ``not run`` verdict saying why: both rule sets start from it."""
-    run = ensemble_at(results, profile)
-    if run is None:
-        return Verdict(7, f"no finished ensemble run at profile `{profile}`", NOT_RUN)
-    if len(run.members) < 2 or not {1, 144} <= set(run.crops):
-        return Verdict(7, f"`{run.rel}` has {len(run.members)} member(s) and crops "
-                          f"{'/'.join(map(str, run.crops))}: no ensemble at 1 and 144 crops", NOT_RUN)
-    return run
-
-
-def claim_7(results: Path, profile: str) -> Verdict:
-    run = ensemble_for_claim_7(results, profile)
-    if isinstance(run, Verdict):
-        return run
-    first = run.members[0]
-    try:
-        one, many = _top1_error(run, [first], 1), _top1_error(run, [first], 144)
-        members = {m: _top1_error(run, [m], 144) for m in run.members}
-        together = _top1_error(run, run.members, 144)
-    except UserError as err:
-        return Verdict(7, f"`{run.rel}`: {err}", NOT_RUN)
-    held = many < one and all(together < e for e in members.values())
-    return Verdict(7, f"`{run.rel}`, top-1 error: {first} {one:.2%} (1 crop) -> {many:.2%} (144 crops); ensemble of "
-                      f"{len(run.members)} {together:.2%} vs members' 144-crop {min(members.values()):.2%} (best) to "
-                      f"{max(members.values()):.2%}", HELD if held else NOT_HELD)
-
-
-def target_v1(profile: str, rows: dict[str, Run]) -> float | None:
-    """v1's target, as registered: the paper's 72.2% at profile ``paper``; elsewhere the best top-1 of the row's
-    `inception` run, that of Inception's lowest seed (None without one, or without a finite evaluation). imagenet.md
-    showed it until it took v2's T (``selection.target_for``), the mean over Inception's seeds."""
-    if profile == "paper":
-        return PAPER.imagenet.target
-    return rows["inception"].max_top1 if "inception" in rows else None
-
-
-def judge(profile: str, rows: dict[str, Run], results: Path) -> tuple[list[Verdict], str]:
-    """Every claim's verdict at ``profile``, and the seed spread's sentence."""
-    target = target_v1(profile, rows)
-    s, spread = seed_spread(rows)
-    verdicts = [claim_1(rows, target), claim_2(rows, target), claim_3(rows, target, s), claim_4(rows),
-                claim_5(rows), claim_6(rows, s), claim_7(results, profile)]
-    for number, verdict in enumerate(verdicts, start=1):
-        verdict.number = number
-    return verdicts, spread
-
-
-
-
-# Rules v2 ------------------------------------------------------------------------------------------------------------
+from bnrepro.report.selection import Run, crossing, seed_maxes, target_for
+from bnrepro.runs import DIVERGED
 
 INCONCLUSIVE, NOT_TESTABLE = "inconclusive", "not testable at this scale"
 MIN_SEEDS = 3  # two seeds give a standard deviation with one degree of freedom: too loose to be a noise estimate
@@ -354,11 +41,11 @@ ALPHA = 0.05
 MIN_EPOCHS_CHANGE_6 = 3.0
 # The paper's BN-x5 reached 72.2% after 2.1e6 steps of 32 images, ~52 epochs of ImageNet's 1.28e6 training images.
 PAPER_BN_X5_EPOCHS = PAPER.fig3("bn-x5").steps * PAPER.imagenet.batch_size / PAPER.imagenet.train_images
-_BN_X5_EPOCHS_TEXT = (f"{_fig3_steps('bn-x5')} x {PAPER.imagenet.batch_size} / "
+_BN_X5_EPOCHS_TEXT = (f"{fig3_steps('bn-x5')} x {PAPER.imagenet.batch_size} / "
                       f"{PAPER.imagenet.train_images / 1e6:.2f}e6 = {PAPER_BN_X5_EPOCHS:.0f} epochs")
 COMBINE_ORDER = (NOT_HELD, INCONCLUSIVE, NOT_TESTABLE, NOT_RUN, HELD)  # a two-part claim takes its first found
 
-COMMON_V2 = [
+COMMON = [
     "Seeds. Each recipe (a row of imagenet.md) is judged over all its seeds, the latest finished run of each; a "
     "recipe's figure is the mean over its seeds. A seed without a finite evaluation has max top-1 0%.",
     "Noise band. A difference d of two recipes' seed means counts only beyond band = 2 * sqrt(sA^2/nA + sB^2/nB), "
@@ -393,7 +80,7 @@ COMMON_V2 = [
     "reach T if its seed-mean max is below T by more than the band (against Inception's seeds; 2 * s / sqrt(n) "
     f"against the fixed {TARGET_TEXT}), and whether it reaches T is inconclusive otherwise.",
 ]
-RULES_V2 = {
+RULES = {
     1: "Ratio Inception / BN-Baseline of steps to T. Held if the widened interval lies above 1x; not held if it lies "
        "at or below 1x, or if BN-Baseline does not reach T; inconclusive otherwise, also when whether BN-Baseline "
        "reaches T is.",
@@ -420,7 +107,7 @@ RULES_V2 = {
        "`global_batch` / its `train_examples`; inconclusive if these are not recorded): change 6 acts only when "
        "examples come back, keeping those that shared a mini-batch from sharing one again, and under 3 epochs an "
        f"example comes back at most twice (the paper's BN-x5 took {_BN_X5_EPOCHS_TEXT} to reach {TARGET_TEXT}). "
-       f"Else d = BN-x5's seed-mean max - that of BN-x5 with `--set {' '.join(_SHARDS.overrides)}` (shards only); "
+       f"Else d = BN-x5's seed-mean max - that of BN-x5 with `--set {' '.join(SHARDS.overrides)}` (shards only); "
        "held if "
        "d > band, not held if d < -band, inconclusive if |d| <= band.",
     7: "Paired exact McNemar tests on the same images: every image the latest ensemble run at this profile evaluated "
@@ -433,7 +120,7 @@ RULES_V2 = {
        "(lowest top-1 error, the first on a tie): held if p < 0.05 and b > c, not held if p < 0.05 and b < c, "
        "inconclusive otherwise. Not run without an ensemble of two or more members evaluated at 1 and 144 crops.",
 }
-CHANGES_V2 = [
+CHANGES = [
     "Noise: v1's seed spread, the range of two seeds of two recipes applied to claims 3(b) and 6 only, becomes a "
     "band for every comparison from the compared recipes' own seeds (at least 3): a range of two values is a poor "
     "estimate of noise, and v1's other claims had none.",
@@ -513,7 +200,7 @@ def combine(*verdicts: str) -> str:
     return next(v for v in COMBINE_ORDER if v in verdicts)
 
 
-def target_v2(profile: str, rows: dict[str, Run]) -> Target | None:
+def target(profile: str, rows: dict[str, Run]) -> Target | None:
     """T (``selection.target_for``, which imagenet.md and Fig. 2 show too): the paper's 72.2% at profile paper, else the
     mean of Inception's seeds' max (None without Inception)."""
     level = target_for(profile, rows)
@@ -606,7 +293,7 @@ def _step_ratio(rows: dict[str, Run], target: Target, num: str, den: str, thresh
 def _faster_than_inception(rows: dict[str, Run], target: Target | None, key: str, threshold: float,
                            at_least: bool) -> tuple[str, str]:
     """Claims 1 and 2: Inception's steps to T over ``key``'s, against ``threshold``."""
-    if missing := _missing(rows, "inception", key):
+    if missing := missing_runs(rows, "inception", key):
         return NOT_RUN, missing.ours
     if target is None:
         return NOT_RUN, "no target"
@@ -618,12 +305,12 @@ def _faster_than_inception(rows: dict[str, Run], target: Target | None, key: str
     return _step_ratio(rows, target, "inception", key, threshold, at_least)
 
 
-def claim_1_v2(rows: dict[str, Run], target: Target | None) -> Verdict:
+def claim_1(rows: dict[str, Run], target: Target | None) -> Verdict:
     verdict, text = _faster_than_inception(rows, target, "bn-baseline", 1.0, at_least=False)
     return Verdict(1, text, verdict)
 
 
-def claim_2_v2(rows: dict[str, Run], target: Target | None) -> Verdict:
+def claim_2(rows: dict[str, Run], target: Target | None) -> Verdict:
     verdict, text = _faster_than_inception(rows, target, "bn-x5", HALF_PAPER_SPEEDUP, at_least=True)
     return Verdict(2, text, verdict)
 
@@ -656,16 +343,16 @@ def _starts_slower(rows: dict[str, Run], target: Target | None) -> tuple[str, st
     return _step_ratio(rows, target, "bn-x30", "bn-x5", 1.0, at_least=False)
 
 
-def claim_3_v2(rows: dict[str, Run], target: Target | None) -> Verdict:
-    if missing := _missing(rows, "bn-x30", "bn-x5"):
+def claim_3(rows: dict[str, Run], target: Target | None) -> Verdict:
+    if missing := missing_runs(rows, "bn-x30", "bn-x5"):
         return Verdict(3, missing.ours, NOT_RUN)
     start, starts = _starts_slower(rows, target)
     end, ends = _max_difference(rows, "bn-x30", "bn-x5")
     return Verdict(3, f"(a) starts slower: {start} ({starts}); (b) ends higher: {end} ({ends})", combine(start, end))
 
 
-def claim_4_v2(rows: dict[str, Run]) -> Verdict:
-    if missing := _missing(rows, "inception-x5"):
+def claim_4(rows: dict[str, Run]) -> Verdict:
+    if missing := missing_runs(rows, "inception-x5"):
         return Verdict(4, missing.ours, NOT_RUN)
     runs = seeds(rows["inception-x5"])
     found = ", ".join(f"seed {r.seed} {r.manifest.get('status')}" + ("" if r.diverged_at is None else
@@ -685,8 +372,8 @@ def _against(values: np.ndarray, limit: float, above: bool) -> str:
     return HELD if m + w <= limit else NOT_HELD if m - w > limit else INCONCLUSIVE
 
 
-def claim_5_v2(rows: dict[str, Run]) -> Verdict:
-    if missing := _missing(rows, "inception-sigmoid", "bn-x5-sigmoid"):
+def claim_5(rows: dict[str, Run]) -> Verdict:
+    if missing := missing_runs(rows, "inception-sigmoid", "bn-x5-sigmoid"):
         return Verdict(5, missing.ours, NOT_RUN)
     isig, bsig = rows["inception-sigmoid"], rows["bn-x5-sigmoid"]
     classes = next((r.manifest["classes"] for r in seeds(isig) + seeds(bsig) if r.manifest.get("classes")), None)
@@ -709,8 +396,8 @@ def epochs(run: Run) -> float | None:
     return steps * batch / examples if steps and batch and examples else None
 
 
-def claim_6_v2(rows: dict[str, Run]) -> Verdict:
-    if missing := _missing(rows, "bn-x5", SHARDS_ONLY):
+def claim_6(rows: dict[str, Run]) -> Verdict:
+    if missing := missing_runs(rows, "bn-x5", SHARDS_ONLY):
         return Verdict(6, missing.ours, NOT_RUN)
     x5 = rows["bn-x5"]
     budget = epochs(x5)
@@ -766,7 +453,7 @@ def _ensemble_gain(run: ensemble.EnsembleRun, correct: dict[tuple[str, int], pd.
                      f"member {best} {_pct2(1 - correct[(best, 144)].mean())} (b {b}, c {c}, {_p(p)})")
 
 
-def claim_7_v2(results: Path, profile: str) -> Verdict:
+def claim_7(results: Path, profile: str) -> Verdict:
     run = ensemble_for_claim_7(results, profile)
     if isinstance(run, Verdict):
         return run
@@ -781,87 +468,9 @@ def claim_7_v2(results: Path, profile: str) -> Verdict:
                       f"({multis}); (b) ensemble: {gain} ({gains})", combine(multi, gain))
 
 
-def judge_v2(profile: str, rows: dict[str, Run], results: Path) -> tuple[list[Verdict], str]:
+def judge(profile: str, rows: dict[str, Run], results: Path) -> tuple[list[Verdict], str]:
     """Every claim's v2 verdict at ``profile``, and T's sentence."""
-    target = target_v2(profile, rows)
-    verdicts = [claim_1_v2(rows, target), claim_2_v2(rows, target), claim_3_v2(rows, target), claim_4_v2(rows),
-                claim_5_v2(rows), claim_6_v2(rows), claim_7_v2(results, profile)]
-    return verdicts, (target.text if target else "none: no finished `inception` run at this profile")
-
-
-# The report ----------------------------------------------------------------------------------------------------------
-
-def claims_table(v2: list[Verdict], v1: list[Verdict]) -> pd.DataFrame:
-    """The claims with v2's figure and both verdicts, side by side."""
-    old = {v.number: v.verdict for v in v1}
-    return pd.DataFrame([{"#": v.number, "Claim (Sec. 4.2)": CLAIMS[v.number][0], "Paper": CLAIMS[v.number][1],
-                          "This scale (v2)": v.ours, "v2 verdict": v.verdict, "v1 verdict": old.get(v.number, "—")}
-                         for v in v2])
-
-
-def v1_table(v1: list[Verdict]) -> pd.DataFrame:
-    """v1's own figures, for a reader who wants to see what its verdicts rested on."""
-    return pd.DataFrame([{"#": v.number, "This scale (v1)": v.ours, "v1 verdict": v.verdict} for v in v1])
-
-
-def _rules_text() -> list[str]:
-    """Both rule sets, v2 first, word for word."""
-    return ["## Rules v2", "",
-            "Written after a review of v1 on the first campaign and before the next campaign's runs existed, from "
-            "first principles (no number of any run chose them). What changed, and why:", "",
-            *(f"- {text}" for text in CHANGES_V2), "",
-            "The rules:", "",
-            *(f"- {text}" for text in COMMON_V2), "",
-            *(f"{n}. {CLAIMS[n][0]}: {RULES_V2[n]}" for n in sorted(RULES_V2)), "",
-            "## Rules v1", "",
-            "Registered before the first campaign's runs existed; kept unchanged so that their verdicts stand beside "
-            "v2's. Verdicts `held`, `not held`, `within seed spread` or `not run`.", "",
-            *(f"- {text}" for text in COMMON), "",
-            *(f"{n}. {CLAIMS[n][0]}: {RULES[n]}" for n in sorted(RULES)), ""]
-
-
-def _left_out(profile: str, other: list[Run]) -> list[str]:
-    """The sentence saying how many of the profile's runs are on other data, so not judged; [] where none is."""
-    here = [r for r in other if r.profile == profile]
-    if not here:
-        return []
-    names = "; ".join(sorted({data_name(r.manifest) or "not recorded" for r in here}))
-    runs = f"{len(here)} finished run{'s' * (len(here) > 1)} at this profile on other data ({names})"
-    return [f"{runs}: not judged, as imagenet.md leaves {'them' if len(here) > 1 else 'it'} out.", ""]
-
-
-def markdown(by_profile: dict[str, dict[str, Run]], results: Path, other: list[Run] = ()) -> str:
-    """claims.md: both rule sets, then each profile's claims on the runs of imagenet.md (``by_profile``), saying how
-    many runs on other data (``other``) are left out."""
-    lines = ["# Claims of Sec. 4.2, judged at each profile", "",
-             "Each claim of the paper's Sec. 4.2 with the paper's figure, this scale's and two verdicts: by rules v2, "
-             "`held`, `not held`, `inconclusive` (the difference lies within the noise band), `not testable at this "
-             "scale` (the runs cannot exercise the claim) or `not run`; and by rules v1, those of the first campaign. "
-             "Both rule sets are fixed in `bnrepro/report/claims.py` and applied as written below. imagenet.md now "
-             "shows v2's target T, the mean over Inception's seeds of their max; where the rules, written before, "
-             "call imagenet.md's target the best top-1 of Inception's (lowest seed's) run, that is v1's target, which "
-             "v1 keeps. The runs are those "
-             "of imagenet.md's section of the same profile, all their seeds for v2, on the one data set it shows "
-             "there; claim 7's is the latest ensemble run at the profile on that data, as in ensemble.md.", "",
-             *_rules_text()]
-    for profile in sorted({*by_profile, *(r.profile for r in other)}, key=profile_rank):
-        lines += [f"## Profile `{profile}`", "", *_left_out(profile, list(other))]
-        if profile not in by_profile:
-            lines += ["No finished run on this profile's chosen data yet, so no claim is judged here.", ""]
-            continue
-        rows = by_profile[profile]
-        v2, target = judge_v2(profile, rows, results)
-        v1, spread = judge(profile, rows, results)
-        lines += [f"v2's target T: {target}.", "", f"v1's seed spread: {spread}", "",
-                  markdown_table(claims_table(v2, v1)), "", "v1's figures:", "", markdown_table(v1_table(v1)), ""]
-    return "\n".join(lines).rstrip("\n") + "\n"
-
-
-def build(results: Path, out: Path) -> list[Path]:
-    """Write claims.md for every profile with finished ImageNet runs; [] when there are none."""
-    runs, other = select(Path(results))
-    if not runs and not other:
-        return []
-    check_writable(out)
-    atomic_write(out / "claims.md", markdown(latest_per_recipe(runs), Path(results), other))
-    return [out / "claims.md"]
+    t = target(profile, rows)
+    verdicts = [claim_1(rows, t), claim_2(rows, t), claim_3(rows, t), claim_4(rows), claim_5(rows), claim_6(rows),
+                claim_7(results, profile)]
+    return verdicts, (t.text if t else "none: no finished `inception` run at this profile")
