@@ -86,6 +86,31 @@ def test_results_depend_on_neither_threads_nor_chunks():
         assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("widths", [(784, 100, 100, 100, 10), (50, 300, 19, 10), (40, 16, 12), (30, 8, 8)])
+def test_the_first_layer_by_feature_gives_the_bits_of_by_example(widths):
+    """The first layer (training, Alg. 2's population pass, inference) sums weight rows example by example, or adds
+    each weight row to the examples that have its feature on (BNREPRO_BY_FEATURE; by default the kernel picks by the
+    CPU): for every example the same additions in the same order, so the same bits. Widths: the paper's, several
+    column blocks of 128 with a ragged last one, a whole number of 16-lane vectors, the narrowest the kernel takes;
+    300 examples are inference blocks of 128, 128 and 44."""
+    bits, labels = _data(widths[0], widths[-1])
+    rows = BinaryRows.of(bits)
+    examples = torch.stack([torch.randperm(len(bits), generator=torch.Generator().manual_seed(s))[:60]
+                            for s in range(15)])
+    results = []
+    for by_feature in (0, 1):
+        stack = _stack(widths)
+        with native.defined(f"BNREPRO_BY_FEATURE={by_feature}"):
+            engine = NativeStack(stack)  # binds this build's functions
+        losses = engine.train_steps(examples, rows, labels, [0.5] * len(examples))
+        engine.estimate_population(examples[:5], rows)  # Alg. 2's pass, into the BN buffers
+        stack.statistics = "population"
+        results.append([losses, stack.flat.detach().clone(), *[b.clone() for b in stack.buffers()],
+                        *engine.predict(rows, probe_unit=3)])
+    assert results[0][0].isfinite().all()
+    assert all(torch.equal(a, b) for a, b in zip(*results))  # losses, weights, BN buffers, logits, probe
+
+
 def test_a_diverging_member_turns_nan_alone():
     stack = _stack(batch_norm=(True, False))
     bits, labels = _data(784, 10)
