@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import math
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from bnrepro import native, recipes
 from bnrepro.data import mnist
 from bnrepro.experiments import mnist as experiment
 from bnrepro.models.mlp_native import NativeStack
+from bnrepro.runs import git_commit, now
 
 DEFINE = "BNREPRO_PART_TIMES"  # the kernel's build that counts ticks per part of the work
 # enum Part in mlp.cpp, in its order: (name, what it covers)
@@ -250,6 +252,7 @@ def main() -> None:
     measured = measure(args, task, PartClock(library))
     sizes = batch_sizes(task, range(args.warmup, args.warmup + args.steps))
     refs = references(list(task.model.widths), task.recipe.train.batch_size, sizes, task.recipe.train.lr)
+    print(f"bnrepro {git_commit()}, {now()}, {platform.processor() or platform.machine()}")
     print(f"{args.steps:,} steps x {measured.members} models ({measured.bn_members} with BN), 1 thread; time stamp "
           f"counter {measured.rate / 1e9:.3f} GHz; torch {torch.__version__}")
     counted, rate = sum(measured.train.values()), measured.rate

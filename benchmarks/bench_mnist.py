@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,7 @@ from torch import nn
 
 from bnrepro import recipes
 from bnrepro.data import mnist
+from bnrepro.runs import git_commit, now
 
 
 def plain_loop(data: mnist.MnistArrays, recipe: recipes.MnistRecipe, batch_norm: bool, seed: int, steps: int) -> float:
@@ -124,6 +126,7 @@ def main() -> None:
     density = mnist.binarize(data.train_images, recipe.data.binarize_threshold).float().mean().item()
     dense, sparse = step_flops(recipe, density)
     rate = gemm_gflops()
+    print(f"bnrepro {git_commit()}, {now()}, torch {torch.__version__}, {platform.processor() or platform.machine()}")
     print(f"machine: {torch.get_num_threads()} threads, fp32 GEMM {rate:.0f} GFLOP/s (1024^3)")
     print(f"one model-step: {dense / 1e6:.1f} MFLOP dense, {sparse / 1e6:.1f} MFLOP with the sparse binary input "
           f"(density {density:.3f}); {args.steps:,} steps of 2 models = {2 * args.steps * sparse / rate / 1e9:.1f} s "
