@@ -722,8 +722,8 @@ inline float lerp(float start, float end, float w) {
 
 // Alg. 1 on z (batch x n), as the torch engine computes it: the batch mean, the biased variance about it (not
 // E[z^2] - E[z]^2), inv_std = 1 / sqrt(var + eps), xhat = (z - mean) inv_std and h = beta + gamma xhat. Training
-// and Alg. 2's population pass both normalize through here, so the population pass sees exactly the inputs
-// training saw. Loops over units innermost: they vectorize.
+// normalizes through here, Alg. 2's population pass through bn_statistics (the same operations in the same order),
+// so the population pass sees exactly the inputs training saw. Loops over units innermost: they vectorize.
 void bn_forward(int64_t batch, int64_t n, const float* z, const float* gamma, const float* beta, float eps,
                 float* mean, float* var, float* inv_std, float* xhat, float* h) {
   std::fill(mean, mean + n, 0.0f);
@@ -746,6 +746,31 @@ void bn_forward(int64_t batch, int64_t n, const float* z, const float* gamma, co
       xhat[i * n + j] *= inv_std[j];
       h[i * n + j] = beta[j] + gamma[j] * xhat[i * n + j];
     }
+}
+
+// Alg. 2's population pass needs less of Alg. 1 than training: the batch mean and biased variance, and the
+// normalized output h only where a next layer reads it (h null: not computed), never xhat, which only the backward
+// pass reads. The same operations as bn_forward in the same order: the same bits. Why (issue 23): BN was 19% of the
+// population pass, a third of it writing and reading xhat.
+void bn_statistics(int64_t batch, int64_t n, const float* z, const float* gamma, const float* beta, float eps,
+                   float* mean, float* var, float* inv_std, float* h) {
+  std::fill(mean, mean + n, 0.0f);
+  std::fill(var, var + n, 0.0f);
+  for (int64_t i = 0; i < batch; ++i)
+    for (int64_t j = 0; j < n; ++j) mean[j] += z[i * n + j];
+  for (int64_t j = 0; j < n; ++j) mean[j] /= batch;
+  for (int64_t i = 0; i < batch; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      const float c = z[i * n + j] - mean[j];
+      var[j] += c * c;
+    }
+  for (int64_t j = 0; j < n; ++j) {
+    var[j] /= batch;
+    inv_std[j] = 1.0f / std::sqrt(var[j] + eps);
+  }
+  if (h == nullptr) return;
+  for (int64_t i = 0; i < batch; ++i)
+    for (int64_t j = 0; j < n; ++j) h[i * n + j] = beta[j] + gamma[j] * ((z[i * n + j] - mean[j]) * inv_std[j]);
 }
 
 struct Scratch {
@@ -1105,9 +1130,8 @@ int bnrepro_mlp_population(int64_t hidden_layers, const int64_t* widths, int64_t
       PART_SCOPE(kSetup);
       const int64_t m = item % members, run = item / members;
       const Member mb{params + m * (5 * hidden_layers + 2), hidden_layers};
-      thread_local std::vector<float> w0, x, z, xhat, stats;
-      w0.resize(widths[0] * n1), x.resize(batch * widest), z.resize(batch * widest), xhat.resize(batch * widest);
-      stats.resize(3 * widest);
+      thread_local std::vector<float> w0, x, z, stats;
+      w0.resize(widths[0] * n1), x.resize(batch * widest), z.resize(batch * widest), stats.resize(3 * widest);
       // the member's first weight copied out contiguously first, as in inference: its rows lie a page apart
       for (int64_t p = 0; p < widths[0]; ++p)
         std::memcpy(&w0[p * n1], mb.weight(0) + p * w0_stride, n1 * sizeof(float));
@@ -1124,8 +1148,8 @@ int bnrepro_mlp_population(int64_t hidden_layers, const int64_t* widths, int64_t
           else if (l == 0) binary_matmul(batch, examples + b * batch, offsets, pixels, w0.data(), n1, n, z.data());
           else gemm(batch, n, k, x.data(), k, 1, mb.weight(l), n, z.data(), n);
           PART(kBn);
-          bn_forward(batch, n, z.data(), mb.layer(l, 0), mb.layer(l, 1), bn_eps, mean, var, inv_std, xhat.data(),
-                     x.data());
+          bn_statistics(batch, n, z.data(), mb.layer(l, 0), mb.layer(l, 1), bn_eps, mean, var, inv_std,
+                        l + 1 < hidden_layers ? x.data() : nullptr);  // the last layer's output: not needed
           for (int64_t j = 0; j < n; ++j) {
             mean_acc[at + j] += static_cast<double>(mean[j]);
             var_acc[at + j] += static_cast<double>(var[j]) * unbias;
