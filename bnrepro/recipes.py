@@ -86,8 +86,20 @@ class RecipeBase(Strict):
 
     @property
     def digest(self) -> str:
-        """A short hash of the resolved recipe: two runs with equal digests trained the same thing."""
+        """A short hash of the whole resolved recipe, prose included: a run folder's recipe.yaml must still have the
+        one its manifest recorded (a resume refuses an edited one)."""
         return _digest_of(self.model_dump(mode="json"))
+
+    @property
+    def training_digest(self) -> str:
+        """A short hash of what the recipe trains or evaluates: all of it but its prose (``PROSE``). Runs are
+        matched to a recipe by this one (``bnrepro reproduce`` keeping finished runs, the reports finding them), so
+        that rewording a description or an assumption's source does not make finished runs look like another
+        experiment: two runs with equal training digests trained the same thing."""
+        return _digest_of(self.model_dump(mode="json", exclude=PROSE))
+
+
+PROSE = frozenset({"label", "description", "paper", "assumptions"})  # what a recipe says about itself
 
 
 def _digest_of(tree: dict[str, Any]) -> str:
@@ -247,6 +259,19 @@ def recorded_digest(recipe: RecipeBase, tree: dict[str, Any]) -> str:
     if isinstance(recipe, ImagenetRecipe) and isinstance(tree, dict) and "eval" not in tree:
         return _digest_of(recipe.model_dump(mode="json", exclude={"eval"}))
     return recipe.digest
+
+
+def recorded_training_digest(folder: Path, manifest: dict[str, Any]) -> str | None:
+    """What the run (or ensemble) in ``folder`` trained, as ``RecipeBase.training_digest``: its manifest's
+    ``recipe_training_digest``; for a run recorded before manifests carried it, that of its own recipe.yaml (the
+    resolved recipe it ran), or None where that file is missing or no longer a valid recipe. A recipe.yaml from
+    before ImageNet recipes had ``eval`` loads with the default (``MOVING_BETWEEN``), what such a run did."""
+    if "recipe_training_digest" in manifest:
+        return manifest["recipe_training_digest"]
+    try:
+        return _RECIPE.validate_python(yaml.safe_load((Path(folder) / "recipe.yaml").read_text())).training_digest
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: pydantic's ValidationError too
+        return None
 
 
 def learning_rate(recipe: ImagenetRecipe, profile: Profile, train_examples: int,

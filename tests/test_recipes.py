@@ -187,6 +187,18 @@ def test_open_values_of_the_paper_are_listed_as_assumptions(name):
     assert all(key in keys for key in recipe.assumptions)
 
 
+def test_the_training_digest_leaves_out_the_prose_and_nothing_else():
+    """Runs are matched by what a recipe trains: rewording its label, description, paper reference or an
+    assumption's source keeps the training digest (the whole-recipe digest changes); any trained value changes it."""
+    recipe = recipes.load("imagenet/bn-x5")
+    reworded = recipe.model_copy(update={"label": "x", "description": "x", "paper": "x",
+                                         "assumptions": {key: "x" for key in recipe.assumptions}})
+    assert reworded.training_digest == recipe.training_digest and reworded.digest != recipe.digest
+    assert {"label", "description", "paper", "assumptions"} == recipes.PROSE
+    for text in ("train.lr=0.01", "model.dropout=0.1", "profiles.cpu.steps=7", "data.crop_min_area=0.5"):
+        assert recipes.load("imagenet/bn-x5", [text]).training_digest != recipe.training_digest, text
+
+
 def test_to_yaml_round_trips():
     recipe = recipes.load("mnist/bn", ["train.lr=0.1"])
     again = type(recipe).model_validate(yaml.safe_load(recipes.to_yaml(recipe)))

@@ -31,13 +31,14 @@ def planned(direction: str, change: int = 0, reference: bool = False) -> reprodu
 
 
 def write(results: Path, run: reproduce.Planned, curves: list[list[float]], name: str) -> None:
-    """Each seed of ``run`` as a finished run in its study home, its manifest carrying the planned digest."""
-    digest = recipes.load(run.recipe, list(run.overrides)).digest
+    """Each seed of ``run`` as a finished run in its study home, its manifest carrying the planned digests."""
+    recipe = recipes.load(run.recipe, list(run.overrides))
+    digests = {"recipe_digest": recipe.digest, "recipe_training_digest": recipe.training_digest}
     home = results / run.home if run.home else results
     for seed, top1 in enumerate(curves):
         folder = write_run(home, f"{name}-{seed}", Path(run.recipe).stem, STEPS, top1, seed=seed,
                            overrides=list(run.overrides))
-        for file, extra in (("manifest.json", {"recipe_digest": digest}), ("summary.json", {"label": run.name})):
+        for file, extra in (("manifest.json", digests), ("summary.json", {"label": run.name})):
             recorded = json.loads((folder / file).read_text())
             (folder / file).write_text(json.dumps({**recorded, **extra}))
 

@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import pickle
+import shutil
 import signal
 import sys
 import time
@@ -17,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 import typer
+import yaml
 from conftest import FILES, write_mnist
 from typer.testing import CliRunner
 
@@ -65,15 +67,20 @@ def test_the_ensemble_takes_every_validation_image_unless_told_or_the_campaign_n
 
 
 def _fake_run(results: Path, planned: campaign.Planned, profile: str, status: str, checkpoint: bool = False,
-              data: dict | None = None) -> Path:
-    """A run folder as `bnrepro imagenet` leaves it; ``data``: more manifest keys (its data's identity...)."""
+              data: dict | None = None, legacy: bool = False) -> Path:
+    """A run folder as `bnrepro imagenet` leaves it; ``data``: more manifest keys (its data's identity...);
+    ``legacy``: as runs recorded before manifests carried the training digest (their recipe.yaml says it)."""
     recipe = recipes.load(planned.recipe, list(planned.overrides))
     folder = results / "imagenet" / f"{Path(planned.recipe).stem}-{len(list(results.glob('imagenet/*')))}"
     folder.mkdir(parents=True)
     started = f"2026-12-01T00:00:{len(list(results.glob('*/*'))):02d}"  # in the order they were made
     manifest = {"experiment": "imagenet", "status": status, "recipe": Path(planned.recipe).stem,
-                "recipe_digest": recipe.digest, "profile": profile, "seed": planned.seed,
-                "overrides": list(planned.overrides), "started": started, "git_commit": "01d", **(data or {})}
+                "recipe_digest": recipe.digest, "recipe_training_digest": recipe.training_digest, "profile": profile,
+                "seed": planned.seed, "overrides": list(planned.overrides), "started": started, "git_commit": "01d",
+                **(data or {})}
+    if legacy:
+        del manifest["recipe_training_digest"]
+    (folder / "recipe.yaml").write_text(recipes.to_yaml(recipe))
     (folder / "manifest.json").write_text(json.dumps(manifest))
     if status in ("complete", "diverged"):  # what a finished run also holds (the plan keeps only readable ones)
         (folder / "summary.json").write_text(json.dumps({"label": recipe.label, "max_top1": 0.5, "diverged_at": None}))
@@ -106,6 +113,32 @@ def test_the_plan_keeps_finished_runs_resumes_interrupted_ones_and_starts_the_re
     shards_only = next(r for r in runs if r.overrides)  # bn-x5 with train.shuffle=shards: its own digest
     assert states[shards_only] == ("new", None)
     assert all(s.steps == recipes.load(s.run.recipe).profiles["smoke"].steps for s in steps)
+
+
+def test_rewording_a_recipe_keeps_its_finished_runs_and_changing_what_it_trains_does_not(tmp_path, monkeypatch):
+    """Runs match a recipe by its training digest: all of the resolved recipe but its prose. Rewording the base
+    recipe's description and every assumption's source (all seven recipes extend it) keeps their finished runs, those
+    that record the training digest and those from before it (read from their recipe.yaml); changing a trained
+    value does not."""
+    runs = campaign.campaign()
+    recorded = _fake_run(tmp_path, runs[0], "smoke", "complete")
+    legacy = _fake_run(tmp_path, runs[1], "smoke", "complete", legacy=True)
+    edited = tmp_path / "recipes"
+    shutil.copytree(recipes.RECIPES_DIR, edited)
+    base = edited / "imagenet" / "inception.yaml"
+    tree = yaml.safe_load(base.read_text())
+    tree["description"] = "reworded: " + tree["description"]
+    tree["assumptions"] = {key: "reworded" for key in tree["assumptions"]}
+    base.write_text(yaml.safe_dump(tree, sort_keys=False))
+    monkeypatch.setattr(recipes, "RECIPES_DIR", edited)
+    assert recipes.load(runs[0].recipe).digest != json.loads((recorded / "manifest.json").read_text())["recipe_digest"]
+    states = {s.run: (s.state, s.folder) for s in campaign.plan("smoke", tmp_path)}
+    assert states[runs[0]] == ("done", recorded) and states[runs[1]] == ("done", legacy)
+    child = edited / "imagenet" / "bn-baseline.yaml"  # what BN-Baseline trains, not Inception
+    child.write_text(child.read_text() + "\ntrain:\n  lr: 0.002\n")
+    states = {s.run: (s.state, s.folder) for s in campaign.plan("smoke", tmp_path)}
+    assert runs[1].recipe.endswith("bn-baseline")
+    assert states[runs[0]] == ("done", recorded) and states[runs[1]] == ("new", None)
 
 
 def test_a_changed_recipe_is_trained_again(tmp_path, monkeypatch):

@@ -19,8 +19,8 @@ The rules, fixed before the study's runs (README, "Beyond the paper"):
   ``faster`` if the interval lies above 1, ``slower`` if below, else ``inside the noise``; a seed that never
   reaches L thus counts only as far as its lower bound shows.
 - Fewer than two seeds on either side: no band, ``one seed`` (never a ranking).
-The runs are the latest finished run of each seed of each planned run (matched by recipe digest, profile and
-seed) on the data imagenet.md shows at the profile (``selection.data_choices``).
+The runs are the latest finished run of each seed of each planned run (matched by the recipe's training digest,
+profile and seed) on the data imagenet.md shows at the profile (``selection.data_choices``).
 """
 
 from __future__ import annotations
@@ -175,10 +175,11 @@ def study_runs(results: Path) -> list[Run]:
 
 
 def seeds_of(digest: str, profile: str, runs: list[Run]) -> Side:
-    """The latest finished run of each seed of the recipe with ``digest`` (any seed) at ``profile``."""
+    """The latest finished run of each seed of the recipe with training digest ``digest`` (any seed) at
+    ``profile``."""
     latest: dict[int, Run] = {}
     for run in runs:  # oldest first: a later run of a seed replaces an earlier one
-        if run.profile == profile and run.manifest.get("recipe_digest") == digest:
+        if run.profile == profile and recipe_io.recorded_training_digest(run.path, run.manifest) == digest:
             latest[run.seed] = run
     return Side([latest[s] for s in sorted(latest)])
 
@@ -194,7 +195,7 @@ def effects(profile: str, runs: list[Run], target: float | None) -> list[Effect]
     """Every change's effect both ways at ``profile``, from ``runs`` (those on the profile's chosen data)."""
     @cache
     def side(recipe: str, overrides: tuple[str, ...]) -> Side:  # each reference serves 7 variants: loaded once
-        return seeds_of(recipe_io.load(recipe, list(overrides)).digest, profile, runs)
+        return seeds_of(recipe_io.load(recipe, list(overrides)).training_digest, profile, runs)
 
     found = []
     for variant in changes.variants(profile, seeds=1):  # the design; seeds are matched across the runs
