@@ -59,11 +59,11 @@ def _with_flag(overrides: list[str], flag: str, key: str, value: object) -> list
 def _refuse_setup_on_resume(ctx: typer.Context, resume: Path | None, options: tuple[str, ...]) -> None:
     """A resume continues a run exactly as its folder records it was set up; an option that sets a run up, given
     beside --resume, would be silently ignored, so it is an error. "Given" is the parser's own record of where a
-    value came from, so an option repeated at its default value counts too."""
+    value came from (the command line), so an option repeated at its default value counts too."""
     if resume is None:
         return
     flags = {param.name: "/".join(param.opts[:1] + param.secondary_opts) for param in ctx.command.params}
-    given = [flags[name] for name in options if ctx.get_parameter_source(name).name != "DEFAULT"]
+    given = [flags[name] for name in options if ctx.get_parameter_source(name).name == "COMMANDLINE"]
     if given:
         raise UserError(f"--resume continues a run exactly as it was set up; drop {', '.join(given)} (start a new "
                         f"run to change them)")
@@ -211,6 +211,8 @@ def imagenet(
     from bnrepro.experiments import imagenet as experiment
     from bnrepro.runs import default_workers
 
+    _refuse_setup_on_resume(ctx, resume, ("recipe", "profile", "steps", "seed", "set_", "deterministic", "resident",
+                                          "out"))
     if steps is not None and steps < 1:  # a run of 0 steps keeps no checkpoint: no ensemble could use it
         raise UserError(f"--steps must be 1 or more, not {steps}")
     workers = default_workers() if workers is None else workers
@@ -218,8 +220,6 @@ def imagenet(
         raise UserError(f"--workers must be 0 or more, not {workers}")
     if not 0 <= seed < SEEDS:  # the augmentation's per-example seeds are built from it (data.order.example_seed)
         raise UserError(f"--seed must be between 0 and {SEEDS - 1}, not {seed}")
-    _refuse_setup_on_resume(ctx, resume, ("recipe", "profile", "steps", "seed", "set_", "deterministic", "resident",
-                                          "out"))
     overrides = _with_flag(list(set_ or []), "--steps", f"profiles.{profile}.steps", steps)
     how = dict(device=device, workers=workers, compile=compile, gpu_decode=gpu_decode, show_progress=progress)
     replicas = Replicas.from_environment("nccl" if device != "cpu" and torch.cuda.is_available() else "gloo")

@@ -14,6 +14,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -95,7 +96,9 @@ class RecipeBase(Strict):
         """A short hash of what the recipe trains or evaluates: all of it but its prose (``PROSE``). Runs are
         matched to a recipe by this one (``bnrepro reproduce`` keeping finished runs, the reports finding them), so
         that rewording a description or an assumption's source does not make finished runs look like another
-        experiment: two runs with equal training digests trained the same thing."""
+        experiment: two runs with equal training digests trained the same thing. It is coarse the other way: it
+        counts every profile's settings and those that change no number (``checkpoint_every``, an ensemble's
+        ``batch_crops``), so editing them still makes finished runs look new."""
         return _digest_of(self.model_dump(mode="json", exclude=PROSE))
 
 
@@ -261,17 +264,39 @@ def recorded_digest(recipe: RecipeBase, tree: dict[str, Any]) -> str:
     return recipe.digest
 
 
-def recorded_training_digest(folder: Path, manifest: dict[str, Any]) -> str | None:
-    """What the run (or ensemble) in ``folder`` trained, as ``RecipeBase.training_digest``: its manifest's
-    ``recipe_training_digest``; for a run recorded before manifests carried it, that of its own recipe.yaml (the
-    resolved recipe it ran), or None where that file is missing or no longer a valid recipe. A recipe.yaml from
-    before ImageNet recipes had ``eval`` loads with the default (``MOVING_BETWEEN``), what such a run did."""
-    if "recipe_training_digest" in manifest:
-        return manifest["recipe_training_digest"]
+@dataclass(frozen=True)
+class Recorded:
+    """What a run (or ensemble) folder says it trained: a training digest (``RecipeBase.training_digest``) and its
+    manifest's whole-recipe digest; either may be unknown."""
+
+    training: str | None
+    whole: str | None
+
+    def trained(self, recipe: RecipeBase) -> bool:
+        """Whether the run trained ``recipe``: by training digest where it is known, else by the whole recipe's
+        (equal whole digests imply equal training digests)."""
+        if self.training is not None:
+            return self.training == recipe.training_digest
+        return self.whole is not None and self.whole == recipe.digest
+
+
+def recorded(folder: Path, manifest: dict[str, Any]) -> Recorded:
+    """What the run in ``folder`` trained, as ``Recorded``. Its training digest is recomputed from its own
+    recipe.yaml (the resolved recipe it ran) rather than read from the manifest, so a field a recipe section gains
+    later, with a default, counts as it does for today's recipes (a recipe.yaml from before ImageNet recipes had
+    ``eval`` loads with ``MOVING_BETWEEN``, what such a run did); the manifest's ``recipe_training_digest`` stands in
+    only where recipe.yaml is missing or no longer a valid recipe. A recipe.yaml edited since the run (its digest, as
+    the run computed it, no longer the manifest's ``recipe_digest``) says nothing: such a run matches no recipe, as a
+    resume refuses it."""
+    whole = manifest.get("recipe_digest")
     try:
-        return _RECIPE.validate_python(yaml.safe_load((Path(folder) / "recipe.yaml").read_text())).training_digest
+        tree = yaml.safe_load((Path(folder) / "recipe.yaml").read_text())
+        recipe = _RECIPE.validate_python(tree)
     except (OSError, ValueError, yaml.YAMLError):  # ValueError: pydantic's ValidationError too
-        return None
+        return Recorded(manifest.get("recipe_training_digest"), whole)
+    if whole is not None and recorded_digest(recipe, tree) != whole:
+        return Recorded(None, None)
+    return Recorded(recipe.training_digest, whole)
 
 
 def learning_rate(recipe: ImagenetRecipe, profile: Profile, train_examples: int,

@@ -86,12 +86,14 @@ def test_results_depend_on_neither_threads_nor_chunks():
         assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("widths", [(784, 100, 100, 100, 10), (50, 300, 19, 10), (40, 16, 12), (30, 8, 8)])
+@pytest.mark.parametrize("widths", [(784, 100, 100, 100, 10), (50, 300, 19, 10), (60, 256, 16, 10), (40, 16, 12),
+                                    (30, 8, 8)])
 def test_the_first_layer_by_feature_gives_the_bits_of_by_example(widths):
     """The first layer (training, Alg. 2's population pass, inference) sums weight rows example by example, or adds
     each weight row to the examples that have its feature on (BNREPRO_BY_FEATURE; by default the kernel picks by the
     CPU): for every example the same additions in the same order, so the same bits. Widths: the paper's, several
-    column blocks of 128 with a ragged last one, a whole number of 16-lane vectors, the narrowest the kernel takes;
+    column blocks of 128 with a ragged last one and with whole ones, a whole number of 16-lane vectors, the
+    narrowest the kernel takes;
     300 examples are inference blocks of 128, 128 and 44."""
     bits, labels = _data(widths[0], widths[-1])
     rows = BinaryRows.of(bits)

@@ -90,6 +90,38 @@ def _fake_run(results: Path, planned: campaign.Planned, profile: str, status: st
     return folder
 
 
+def test_a_run_counts_by_its_own_recipe_yaml_checked_against_its_manifest(tmp_path):
+    """A run's training digest comes from its recipe.yaml, checked against the manifest's whole-recipe digest: an
+    edited recipe.yaml counts for nothing (as a resume refuses it); a recipe.yaml from before ImageNet recipes had
+    ``eval`` is a run that evaluated with the moving averages, not today's recipe; without a recipe.yaml the
+    manifest's training digest decides, and without either its whole-recipe digest."""
+    runs = campaign.campaign()
+    edited, pre_eval, no_yaml, bare = (_fake_run(tmp_path, runs[i], "smoke", "complete") for i in range(4))
+    yaml_file = edited / "recipe.yaml"
+    yaml_file.write_text(yaml_file.read_text().replace("description: ", "description: edited ", 1))
+    tree = yaml.safe_load((pre_eval / "recipe.yaml").read_text())
+    del tree["eval"]
+    (pre_eval / "recipe.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    old = recipes.ImagenetRecipe.model_validate(tree)
+    manifest = json.loads((pre_eval / "manifest.json").read_text())
+    manifest.pop("recipe_training_digest")
+    manifest["recipe_digest"] = recipes.recorded_digest(old, tree)  # as such a run computed it: without eval
+    (pre_eval / "manifest.json").write_text(json.dumps(manifest))
+    (no_yaml / "recipe.yaml").unlink()
+    (bare / "recipe.yaml").unlink()
+    manifest = json.loads((bare / "manifest.json").read_text())
+    manifest.pop("recipe_training_digest")
+    (bare / "manifest.json").write_text(json.dumps(manifest))
+    found = {folder: recipes.recorded(folder, json.loads((folder / "manifest.json").read_text()))
+             for folder in (edited, pre_eval, no_yaml, bare)}
+    assert found[edited] == recipes.Recorded(None, None)
+    assert found[pre_eval].training == old.training_digest != recipes.load(runs[1].recipe).training_digest
+    assert found[no_yaml].training == recipes.load(runs[2].recipe).training_digest
+    assert found[bare].training is None and found[bare].trained(recipes.load(runs[3].recipe))
+    states = {s.run: (s.state, s.folder) for s in campaign.plan("smoke", tmp_path)}
+    assert [states[r] for r in runs[:4]] == [("new", None), ("new", None), ("done", no_yaml), ("done", bare)]
+
+
 def test_the_plan_keeps_finished_runs_resumes_interrupted_ones_and_starts_the_rest(tmp_path):
     runs = campaign.campaign()
     done = _fake_run(tmp_path, runs[0], "smoke", "complete")

@@ -198,14 +198,14 @@ def plan(profile: str, results: Path, data: dict[str, Any] | None = None,
     homes = sorted({"", *(run.home for run in runs)})
     found = [found for home in homes for found in runs_of(Path(results) / home, "imagenet",
                                                           (*FINISHED, INTERRUPTED, RUNNING))]
-    trained = {folder: recipe_io.recorded_training_digest(folder, m) for folder, m in found}
+    recorded = {folder: recipe_io.recorded(folder, m) for folder, m in found}
     identity_of = identity_reader()
     steps = []
     for run in runs:
         recipe = recipe_io.load(run.recipe, list(run.overrides))
         if profile not in recipe.profiles:
             raise UserError(f"recipe '{run.recipe}' has no profile '{profile}'")
-        same = [(folder, m) for folder, m in found if trained[folder] == recipe.training_digest
+        same = [(folder, m) for folder, m in found if recorded[folder].trained(recipe)
                 and m.get("profile") == profile and m.get("seed") == run.seed
                 and list(m.get("overrides", [])) == list(run.overrides)]
         mine = [(folder, m) for folder, m in same if same_data(m, data, identity_of)]
@@ -354,7 +354,7 @@ def ensemble(folders: list[Path], profile: str, dataset_dir: Path, results: Path
     for folder, manifest in reversed(runs_of(results, "ensemble")):
         recorded = manifest.get("data_identity")
         runs = sorted(str(m.get("run")) for m in manifest.get("members") or [] if isinstance(m, dict))
-        if recipe_io.recorded_training_digest(folder, manifest) == recipe.training_digest and runs == wanted \
+        if recipe_io.recorded(folder, manifest).trained(recipe) and runs == wanted \
                 and (data is None or not recorded or recorded.get("digest") == data["digest"]):
             return folder
     return evaluation.run(ENSEMBLE, overrides, results, dataset_dir, results, device, workers, members,
