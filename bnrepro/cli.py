@@ -440,7 +440,7 @@ def recipes_list() -> None:
 def recipes_show(name: str, set_: Overrides = None) -> None:
     """The fully resolved recipe (after extends: and --set)."""
     recipe = recipes.load(name, set_ or [])
-    console.print(f"# {name}  (digest {recipe.digest}, training digest {recipe.training_digest})", highlight=False)
+    console.print(f"# {name}  (digest {recipe.digest}, training digest {recipe.training_digest()})", highlight=False)
     console.print(recipes.to_yaml(recipe), highlight=False, markup=False)
     if isinstance(recipe, recipes.ImagenetRecipe):
         for line in _profile_epochs(recipe):

@@ -91,15 +91,18 @@ class RecipeBase(Strict):
         one its manifest recorded (a resume refuses an edited one)."""
         return _digest_of(self.model_dump(mode="json"))
 
-    @property
-    def training_digest(self) -> str:
-        """A short hash of what the recipe trains or evaluates: all of it but its prose (``PROSE``). Runs are
-        matched to a recipe by this one (``bnrepro reproduce`` keeping finished runs, the reports finding them), so
-        that rewording a description or an assumption's source does not make finished runs look like another
-        experiment: two runs with equal training digests trained the same thing. It is coarse the other way: it
-        counts every profile's settings and those that change no number (``checkpoint_every``, an ensemble's
-        ``batch_crops``), so editing them still makes finished runs look new."""
-        return _digest_of(self.model_dump(mode="json", exclude=PROSE))
+    def training_digest(self, profile: str | None = None) -> str:
+        """A short hash of what the recipe trains or evaluates at ``profile`` (None: at every profile it has): all of
+        it but its prose (``PROSE``) and its other profiles' settings. Runs are matched to a recipe by this one
+        (``bnrepro reproduce`` keeping finished runs, the reports finding them), so that rewording a description or
+        an assumption's source, or changing another profile, does not make finished runs look like another
+        experiment: two runs at a profile with equal training digests trained the same thing. It is coarse the
+        other way: settings that change no number (``checkpoint_every``, an ensemble's ``batch_crops``) count, so
+        editing them still makes finished runs look new."""
+        tree = self.model_dump(mode="json", exclude=PROSE)
+        if profile is not None and "profiles" in tree:
+            tree["profiles"] = {profile: tree["profiles"].get(profile)}
+        return _digest_of(tree)
 
 
 PROSE = frozenset({"label", "description", "paper", "assumptions"})  # what a recipe says about itself
@@ -265,38 +268,39 @@ def recorded_digest(recipe: RecipeBase, tree: dict[str, Any]) -> str:
 
 
 @dataclass(frozen=True)
-class Recorded:
-    """What a run (or ensemble) folder says it trained: a training digest (``RecipeBase.training_digest``) and its
-    manifest's whole-recipe digest; either may be unknown."""
+class Trained:
+    """What a run (or ensemble) folder says it trained: its training digest at its profile
+    (``RecipeBase.training_digest``) and its manifest's whole-recipe digest, either of which may be unknown."""
 
-    training: str | None
+    digest: str | None
     whole: str | None
+    profile: str | None
 
-    def trained(self, recipe: RecipeBase) -> bool:
+    def matches(self, recipe: RecipeBase) -> bool:
         """Whether the run trained ``recipe``: by training digest where it is known, else by the whole recipe's
         (equal whole digests imply equal training digests)."""
-        if self.training is not None:
-            return self.training == recipe.training_digest
+        if self.digest is not None:
+            return self.digest == recipe.training_digest(self.profile)
         return self.whole is not None and self.whole == recipe.digest
 
 
-def recorded(folder: Path, manifest: dict[str, Any]) -> Recorded:
-    """What the run in ``folder`` trained, as ``Recorded``. Its training digest is recomputed from its own
+def trained(folder: Path, manifest: dict[str, Any]) -> Trained:
+    """What the run in ``folder`` trained, as ``Trained``. Its training digest is recomputed from its own
     recipe.yaml (the resolved recipe it ran) rather than read from the manifest, so a field a recipe section gains
     later, with a default, counts as it does for today's recipes (a recipe.yaml from before ImageNet recipes had
     ``eval`` loads with ``MOVING_BETWEEN``, what such a run did); the manifest's ``recipe_training_digest`` stands in
     only where recipe.yaml is missing or no longer a valid recipe. A recipe.yaml edited since the run (its digest, as
     the run computed it, no longer the manifest's ``recipe_digest``) says nothing: such a run matches no recipe, as a
     resume refuses it."""
-    whole = manifest.get("recipe_digest")
+    whole, profile = manifest.get("recipe_digest"), manifest.get("profile")
     try:
         tree = yaml.safe_load((Path(folder) / "recipe.yaml").read_text())
         recipe = _RECIPE.validate_python(tree)
     except (OSError, ValueError, yaml.YAMLError):  # ValueError: pydantic's ValidationError too
-        return Recorded(manifest.get("recipe_training_digest"), whole)
+        return Trained(manifest.get("recipe_training_digest"), whole, profile)
     if whole is not None and recorded_digest(recipe, tree) != whole:
-        return Recorded(None, None)
-    return Recorded(recipe.training_digest, whole)
+        return Trained(None, None, profile)
+    return Trained(recipe.training_digest(profile), whole, profile)
 
 
 def learning_rate(recipe: ImagenetRecipe, profile: Profile, train_examples: int,

@@ -187,16 +187,24 @@ def test_open_values_of_the_paper_are_listed_as_assumptions(name):
     assert all(key in keys for key in recipe.assumptions)
 
 
-def test_the_training_digest_leaves_out_the_prose_and_nothing_else():
-    """Runs are matched by what a recipe trains: rewording its label, description, paper reference or an
-    assumption's source keeps the training digest (the whole-recipe digest changes); any trained value changes it."""
+def test_the_training_digest_leaves_out_the_prose_and_other_profiles_and_nothing_else():
+    """Runs are matched by what a recipe trains at their profile: rewording its label, description, paper reference
+    or an assumption's source keeps the training digest (the whole-recipe digest changes), and so does changing
+    another profile; any trained value at the profile changes it."""
     recipe = recipes.load("imagenet/bn-x5")
     reworded = recipe.model_copy(update={"label": "x", "description": "x", "paper": "x",
                                          "assumptions": {key: "x" for key in recipe.assumptions}})
-    assert reworded.training_digest == recipe.training_digest and reworded.digest != recipe.digest
+    assert reworded.training_digest("cpu") == recipe.training_digest("cpu") and reworded.digest != recipe.digest
+    assert reworded.training_digest() == recipe.training_digest()
     assert {"label", "description", "paper", "assumptions"} == recipes.PROSE
+    other = recipes.load("imagenet/bn-x5", ["profiles.paper.steps=7"])
+    assert other.training_digest("cpu") == recipe.training_digest("cpu")
+    assert other.training_digest("paper") != recipe.training_digest("paper")
+    assert other.training_digest() != recipe.training_digest()
     for text in ("train.lr=0.01", "model.dropout=0.1", "profiles.cpu.steps=7", "data.crop_min_area=0.5"):
-        assert recipes.load("imagenet/bn-x5", [text]).training_digest != recipe.training_digest, text
+        assert recipes.load("imagenet/bn-x5", [text]).training_digest("cpu") != recipe.training_digest("cpu"), text
+    mnist = recipes.load("mnist/bn")  # no profiles: the profile changes nothing
+    assert mnist.training_digest("cpu") == mnist.training_digest()
 
 
 def test_to_yaml_round_trips():

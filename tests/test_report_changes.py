@@ -33,7 +33,7 @@ def planned(direction: str, change: int = 0, reference: bool = False) -> reprodu
 def write(results: Path, run: reproduce.Planned, curves: list[list[float]], name: str) -> None:
     """Each seed of ``run`` as a finished run in its study home, its manifest carrying the planned digests."""
     recipe = recipes.load(run.recipe, list(run.overrides))
-    digests = {"recipe_digest": recipe.digest, "recipe_training_digest": recipe.training_digest}
+    digests = {"recipe_digest": recipe.digest, "recipe_training_digest": recipe.training_digest("cpu")}
     home = results / run.home if run.home else results
     for seed, top1 in enumerate(curves):
         folder = write_run(home, f"{name}-{seed}", Path(run.recipe).stem, STEPS, top1, seed=seed,

@@ -75,9 +75,9 @@ def _fake_run(results: Path, planned: campaign.Planned, profile: str, status: st
     folder.mkdir(parents=True)
     started = f"2026-12-01T00:00:{len(list(results.glob('*/*'))):02d}"  # in the order they were made
     manifest = {"experiment": "imagenet", "status": status, "recipe": Path(planned.recipe).stem,
-                "recipe_digest": recipe.digest, "recipe_training_digest": recipe.training_digest, "profile": profile,
-                "seed": planned.seed, "overrides": list(planned.overrides), "started": started, "git_commit": "01d",
-                **(data or {})}
+                "recipe_digest": recipe.digest, "recipe_training_digest": recipe.training_digest(profile),
+                "profile": profile, "seed": planned.seed, "overrides": list(planned.overrides), "started": started,
+                "git_commit": "01d", **(data or {})}
     if legacy:
         del manifest["recipe_training_digest"]
     (folder / "recipe.yaml").write_text(recipes.to_yaml(recipe))
@@ -112,12 +112,13 @@ def test_a_run_counts_by_its_own_recipe_yaml_checked_against_its_manifest(tmp_pa
     manifest = json.loads((bare / "manifest.json").read_text())
     manifest.pop("recipe_training_digest")
     (bare / "manifest.json").write_text(json.dumps(manifest))
-    found = {folder: recipes.recorded(folder, json.loads((folder / "manifest.json").read_text()))
+    found = {folder: recipes.trained(folder, json.loads((folder / "manifest.json").read_text()))
              for folder in (edited, pre_eval, no_yaml, bare)}
-    assert found[edited] == recipes.Recorded(None, None)
-    assert found[pre_eval].training == old.training_digest != recipes.load(runs[1].recipe).training_digest
-    assert found[no_yaml].training == recipes.load(runs[2].recipe).training_digest
-    assert found[bare].training is None and found[bare].trained(recipes.load(runs[3].recipe))
+    assert found[edited] == recipes.Trained(None, None, "smoke")
+    today = recipes.load(runs[1].recipe).training_digest("smoke")
+    assert found[pre_eval].digest == old.training_digest("smoke") != today
+    assert found[no_yaml].digest == recipes.load(runs[2].recipe).training_digest("smoke")
+    assert found[bare].digest is None and found[bare].matches(recipes.load(runs[3].recipe))
     states = {s.run: (s.state, s.folder) for s in campaign.plan("smoke", tmp_path)}
     assert [states[r] for r in runs[:4]] == [("new", None), ("new", None), ("done", no_yaml), ("done", bare)]
 

@@ -269,7 +269,7 @@ def run(recipe_name: str, overrides: list[str], results: Path, dataset_dir: Path
     atomic_write(run_dir / "recipe.yaml", recipe_io.to_yaml(recipe))
     manifest = manifest_start("ensemble", device, {
         "recipe": Path(recipe_name).stem,
-        "label": recipe.label, "recipe_digest": recipe.digest, "recipe_training_digest": recipe.training_digest,
+        "label": recipe.label, "recipe_digest": recipe.digest, "recipe_training_digest": recipe.training_digest(),
         "overrides": list(overrides),
         "members": [{"name": m.name, "label": m.recipe.label, "run": str(m.run), "recipe_digest": m.recipe.digest,
                      "git_commit": m.manifest.get("git_commit"), "replicas": m.manifest.get("replicas", 1),

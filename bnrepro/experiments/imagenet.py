@@ -404,7 +404,7 @@ def run(recipe_name: str, profile_name: str, overrides: list[str], options: Opti
     identity = sources.data_identity(options.dataset_dir, task.train_split, task.val_split)
     manifest = manifest_start("imagenet", task.device, {
         "recipe": short, "label": recipe.label, "recipe_digest": recipe.digest,
-        "recipe_training_digest": recipe.training_digest, "overrides": list(overrides),
+        "recipe_training_digest": recipe.training_digest(profile_name), "overrides": list(overrides),
         "profile": profile_name, "dataset": f"{task.train_split.where} ({len(task.train_split):,} train, "
                                             f"{len(task.val_split):,} val, {len(task.train_split.classes)} classes)",
         "dataset_dir": str(Path(options.dataset_dir).resolve()), "classes": task.train_split.classes,

@@ -1,11 +1,12 @@
 """The whole of Sec. 4.2 at one profile: every run of Figs. 2-4 in order, then the ensemble, then the report.
 
 A campaign is a plan of ImageNet runs (recipe, seed, overrides) and the ensemble of Fig. 4. Each planned run is
-matched against the run folders under ``results/imagenet`` by the recipe's training digest (the resolved recipe,
-overrides included, without its prose: ``RecipeBase.training_digest``), profile, seed and data (``same_data``: the
-data set's identity, ``sources.data_identity``): a finished one is kept, an interrupted one is resumed from its
-checkpoint, a missing one is started. Interrupting the campaign
-(Ctrl-C) is always safe: the run in progress saves its checkpoint, and the same command continues from there.
+matched against the run folders under ``results/imagenet`` by the recipe's training digest at the profile (the
+resolved recipe, overrides included, without its prose and other profiles: ``RecipeBase.training_digest``, each
+folder's from its own recipe.yaml: ``recipes.trained``), profile, seed and data (``same_data``: the data set's
+identity, ``sources.data_identity``): a finished one is kept, an interrupted one is resumed from its checkpoint, a
+missing one is started. Interrupting the campaign (Ctrl-C) is always safe: the run in progress saves its
+checkpoint, and the same command continues from there.
 
 A campaign runs the code of one commit: ``load_code`` imports the whole package, then reads the commit once, and
 refuses a checkout with uncommitted changes unless they are allowed (``--allow-dirty``). The campaign's own record,
@@ -198,14 +199,14 @@ def plan(profile: str, results: Path, data: dict[str, Any] | None = None,
     homes = sorted({"", *(run.home for run in runs)})
     found = [found for home in homes for found in runs_of(Path(results) / home, "imagenet",
                                                           (*FINISHED, INTERRUPTED, RUNNING))]
-    recorded = {folder: recipe_io.recorded(folder, m) for folder, m in found}
+    trained = {folder: recipe_io.trained(folder, m) for folder, m in found}
     identity_of = identity_reader()
     steps = []
     for run in runs:
         recipe = recipe_io.load(run.recipe, list(run.overrides))
         if profile not in recipe.profiles:
             raise UserError(f"recipe '{run.recipe}' has no profile '{profile}'")
-        same = [(folder, m) for folder, m in found if recorded[folder].trained(recipe)
+        same = [(folder, m) for folder, m in found if trained[folder].matches(recipe)
                 and m.get("profile") == profile and m.get("seed") == run.seed
                 and list(m.get("overrides", [])) == list(run.overrides)]
         mine = [(folder, m) for folder, m in same if same_data(m, data, identity_of)]
@@ -354,7 +355,7 @@ def ensemble(folders: list[Path], profile: str, dataset_dir: Path, results: Path
     for folder, manifest in reversed(runs_of(results, "ensemble")):
         recorded = manifest.get("data_identity")
         runs = sorted(str(m.get("run")) for m in manifest.get("members") or [] if isinstance(m, dict))
-        if recipe_io.recorded(folder, manifest).trained(recipe) and runs == wanted \
+        if recipe_io.trained(folder, manifest).matches(recipe) and runs == wanted \
                 and (data is None or not recorded or recorded.get("digest") == data["digest"]):
             return folder
     return evaluation.run(ENSEMBLE, overrides, results, dataset_dir, results, device, workers, members,

@@ -174,12 +174,12 @@ def study_runs(results: Path) -> list[Run]:
     return finished_runs(Path(results)) + own
 
 
-def seeds_of(recipe: recipe_io.RecipeBase, profile: str, runs: list[tuple[Run, recipe_io.Recorded]]) -> Side:
+def seeds_of(recipe: recipe_io.RecipeBase, profile: str, runs: list[tuple[Run, recipe_io.Trained]]) -> Side:
     """The latest finished run of each seed of ``recipe`` (any seed) at ``profile``, among ``runs`` with what each
-    recorded it trained (``recipes.recorded``)."""
+    says it trained (``recipes.trained``)."""
     latest: dict[int, Run] = {}
-    for run, recorded in runs:  # oldest first: a later run of a seed replaces an earlier one
-        if run.profile == profile and recorded.trained(recipe):
+    for run, trained in runs:  # oldest first: a later run of a seed replaces an earlier one
+        if run.profile == profile and trained.matches(recipe):
             latest[run.seed] = run
     return Side([latest[s] for s in sorted(latest)])
 
@@ -193,11 +193,11 @@ def level_for(reference: Side, target: float | None) -> float | None:
 
 def effects(profile: str, runs: list[Run], target: float | None) -> list[Effect]:
     """Every change's effect both ways at ``profile``, from ``runs`` (those on the profile's chosen data)."""
-    recorded = [(run, recipe_io.recorded(run.path, run.manifest)) for run in runs]  # each recipe.yaml read once
+    trained = [(run, recipe_io.trained(run.path, run.manifest)) for run in runs]  # each recipe.yaml read once
 
     @cache
     def side(recipe: str, overrides: tuple[str, ...]) -> Side:  # each reference serves 7 variants: loaded once
-        return seeds_of(recipe_io.load(recipe, list(overrides)), profile, recorded)
+        return seeds_of(recipe_io.load(recipe, list(overrides)), profile, trained)
 
     found = []
     for variant in changes.variants(profile, seeds=1):  # the design; seeds are matched across the runs
