@@ -720,38 +720,10 @@ inline float lerp(float start, float end, float w) {
   return w < 0.5f ? start + w * (end - start) : end - (end - start) * (1.0f - w);
 }
 
-// Alg. 1 on z (batch x n), as the torch engine computes it: the batch mean, the biased variance about it (not
-// E[z^2] - E[z]^2), inv_std = 1 / sqrt(var + eps), xhat = (z - mean) inv_std and h = beta + gamma xhat. Training
-// normalizes through here, Alg. 2's population pass through bn_statistics (the same operations in the same order),
-// so the population pass sees exactly the inputs training saw. Loops over units innermost: they vectorize.
-void bn_forward(int64_t batch, int64_t n, const float* z, const float* gamma, const float* beta, float eps,
-                float* mean, float* var, float* inv_std, float* xhat, float* h) {
-  std::fill(mean, mean + n, 0.0f);
-  std::fill(var, var + n, 0.0f);
-  for (int64_t i = 0; i < batch; ++i)
-    for (int64_t j = 0; j < n; ++j) mean[j] += z[i * n + j];
-  for (int64_t j = 0; j < n; ++j) mean[j] /= batch;
-  for (int64_t i = 0; i < batch; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      const float c = z[i * n + j] - mean[j];
-      xhat[i * n + j] = c;
-      var[j] += c * c;
-    }
-  for (int64_t j = 0; j < n; ++j) {
-    var[j] /= batch;
-    inv_std[j] = 1.0f / std::sqrt(var[j] + eps);
-  }
-  for (int64_t i = 0; i < batch; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      xhat[i * n + j] *= inv_std[j];
-      h[i * n + j] = beta[j] + gamma[j] * xhat[i * n + j];
-    }
-}
-
-// Alg. 2's population pass needs less of Alg. 1 than training: the batch mean and biased variance, and the
-// normalized output h only where a next layer reads it (h null: not computed), never xhat, which only the backward
-// pass reads. The same operations as bn_forward in the same order: the same bits. Why (issue 23): BN was 19% of the
-// population pass, a third of it writing and reading xhat.
+// Alg. 1's statistics of z (batch x n), as the torch engine computes them: the batch mean, the biased variance
+// about it (not E[z^2] - E[z]^2), inv_std = 1 / sqrt(var + eps); and, where h is given, the normalized output
+// h = beta + gamma (z - mean) inv_std. Alg. 2's population pass needs no more (h only where a next layer reads it);
+// training's bn_forward adds xhat, which its backward pass reads. Loops over units innermost: they vectorize.
 void bn_statistics(int64_t batch, int64_t n, const float* z, const float* gamma, const float* beta, float eps,
                    float* mean, float* var, float* inv_std, float* h) {
   std::fill(mean, mean + n, 0.0f);
@@ -771,6 +743,19 @@ void bn_statistics(int64_t batch, int64_t n, const float* z, const float* gamma,
   if (h == nullptr) return;
   for (int64_t i = 0; i < batch; ++i)
     for (int64_t j = 0; j < n; ++j) h[i * n + j] = beta[j] + gamma[j] * ((z[i * n + j] - mean[j]) * inv_std[j]);
+}
+
+// Alg. 1 for training: bn_statistics, and xhat = (z - mean) inv_std and h = beta + gamma xhat, both kept for the
+// backward pass. The population pass (bn_statistics alone) thus sees exactly the inputs training saw. Why (issue
+// 23): the population pass was 19% BN, a third of it writing and reading xhat, which it never needs.
+void bn_forward(int64_t batch, int64_t n, const float* z, const float* gamma, const float* beta, float eps,
+                float* mean, float* var, float* inv_std, float* xhat, float* h) {
+  bn_statistics(batch, n, z, gamma, beta, eps, mean, var, inv_std, nullptr);
+  for (int64_t i = 0; i < batch; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      xhat[i * n + j] = (z[i * n + j] - mean[j]) * inv_std[j];
+      h[i * n + j] = beta[j] + gamma[j] * xhat[i * n + j];
+    }
 }
 
 struct Scratch {
