@@ -235,11 +235,11 @@ def damaged_results(w, case_dir: Path) -> Path:
     """results/imagenet with a good run and three copies, each with one damaged file, all four what the campaign
     plans at the smoke profile (the width override taken out of their manifests)."""
     results = case_dir / "results"
-    digest = recipes.load("imagenet/bn-x5").digest
+    recipe = recipes.load("imagenet/bn-x5")
     for name in ("good", "bad-summary", "bad-manifest", "bad-metrics"):
         run = Path(shutil.copytree(w.done, results / "imagenet" / f"bn-x5-{name}"))
         manifest = json.loads((run / "manifest.json").read_text())
-        (run / "manifest.json").write_text(json.dumps({**manifest, "recipe_digest": digest, "overrides": []}))
+        (run / "manifest.json").write_text(json.dumps({**manifest, "recipe_digest": recipe.digest, "overrides": []}))
     (results / "imagenet" / "bn-x5-bad-summary" / "summary.json").write_text('{"label": "BN-x5", ')
     (results / "imagenet" / "bn-x5-bad-manifest" / "manifest.json").write_text("")
     metrics = results / "imagenet" / "bn-x5-bad-metrics" / "metrics.csv"
@@ -276,6 +276,8 @@ def ensemble_with_damaged_runs(w, case_dir: Path) -> Case:
 
 def reproduce_with_damaged_runs(w, case_dir: Path) -> Case:
     results = damaged_results(w, case_dir)
+    for run in (results / "imagenet").iterdir():  # the plan matches a run by its recipe.yaml: that of the plan too
+        (run / "recipe.yaml").write_text(recipes.to_yaml(recipes.load("imagenet/bn-x5")))
     return Case([["reproduce", "--profile", "smoke", "--dry-run", "--results", str(results)]], code=0,
                 warnings=tuple(str(results / BAD[k]) for k in ("manifest", "metrics", "summary")), watch=case_dir)
 
