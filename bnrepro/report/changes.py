@@ -44,7 +44,7 @@ from bnrepro import recipes as recipe_io  # noqa: E402
 from bnrepro.experiments import changes  # noqa: E402
 from bnrepro.paper import PAPER  # noqa: E402
 from bnrepro.report import save_figure  # noqa: E402
-from bnrepro.report.claims.v2 import band  # noqa: E402
+from bnrepro.report.claims.v2 import Steps, band, ratio_of  # noqa: E402
 from bnrepro.report.selection import (  # noqa: E402
     Run,
     crossing,
@@ -62,17 +62,6 @@ HELPS, HURTS, FASTER, SLOWER = "helps", "hurts", "faster", "slower"
 NOISE, ONE_SEED, MISSING = "inside the noise", "one seed", "not run"
 LEAVE, ADD = "leave one out", "add one in"
 MARKERS = {LEAVE: ("o", "tab:blue", "left out of BN-x5"), ADD: ("s", "tab:orange", "added to BN-Baseline")}
-
-
-@dataclass
-class Steps:
-    """One side's steps to L per seed: each crossing's interval (lo, hi] and the step counted (``at``: hi, or the
-    last evaluation of a seed that never reaches L), and how many never do."""
-
-    lo: np.ndarray
-    hi: np.ndarray
-    at: np.ndarray
-    never: int
 
 
 @dataclass
@@ -107,7 +96,7 @@ class Side:
             last = float(run.curve.step.iloc[-1]) if len(run.curve) else 1.0
             spans.append((last, math.inf, last) if found is None else (*found, found[1]))
         lo, hi, at = (np.maximum(np.array(column, float), 1.0) for column in zip(*spans))
-        return Steps(lo, hi, at, sum(math.isinf(h) for h in hi))
+        return Steps(lo, hi, at)
 
     def text(self) -> str:
         values = self.maxes
@@ -157,14 +146,13 @@ class Effect:
         if not self.measured or self.level is None:
             return Speed(math.nan)
         a, b = self.with_.steps(self.level), self.without.steps(self.level)
-        ratio = math.exp(float(np.log(b.at).mean() - np.log(a.at).mean()))
+        never = int(np.isinf(a.hi).sum()), int(np.isinf(b.hi).sum())  # seeds with and without that never reach L
+        r = ratio_of(b, a)  # without over with
+        ratio = math.exp(r.point)
         if not self.seeded:
-            return Speed(ratio, verdict=ONE_SEED, never_with=a.never, never_without=b.never)
-        w = band(np.log(a.at), np.log(b.at))
-        low = math.exp(float(np.log(b.lo).mean() - np.log(a.hi).mean()) - w)
-        high = math.exp(float(np.log(b.hi).mean() - np.log(a.lo).mean()) + w)
-        verdict = FASTER if low > 1 else SLOWER if high < 1 else NOISE
-        return Speed(ratio, low, high, verdict, a.never, b.never)
+            return Speed(ratio, verdict=ONE_SEED, never_with=never[0], never_without=never[1])
+        verdict = FASTER if r.lower > 1 else SLOWER if r.upper < 1 else NOISE
+        return Speed(ratio, r.lower, r.upper, verdict, *never)
 
 
 def study_runs(results: Path) -> list[Run]:

@@ -146,7 +146,8 @@ class Target:
 
 @dataclass
 class Steps:
-    """One recipe's steps to T, per seed: the interval (lo, hi] its crossing lies in, and the step counted."""
+    """One recipe's steps to T (to L in the changes study), per seed: the interval (lo, hi] its crossing lies in,
+    and the step counted."""
 
     lo: np.ndarray  # comparable units (paper-equivalent where recorded)
     hi: np.ndarray  # inf: never reached (an Inception seed at profile paper)
@@ -233,24 +234,44 @@ def _seed_steps(row: Run, target: Target | None, in_paper_steps: bool) -> Steps 
     return Steps(np.array(lo, float), np.array(hi, float), np.array(at, float))
 
 
-def _ratio(num: Steps, den: Steps, threshold: float, at_least: bool) -> tuple[str, str]:
-    """num / den as a ratio of geometric means over seeds, its interval from the evaluations widened by the seed band
-    of log steps, and the verdict against ``threshold`` (reached ``at_least``, or exceeded)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        point = np.log(num.at).mean() - np.log(den.at).mean()
-        low = np.log(num.lo).mean() - np.log(den.hi).mean()
-        high = np.log(num.hi).mean() - np.log(den.lo).mean()
+@dataclass
+class Ratio:
+    """A ratio num / den of steps over seeds, as these rules take it: the ratio of geometric means (``point``, in
+    log steps), the bounds the evaluations' intervals allow (``low``, ``high``, log steps), the seed band of log
+    steps, and the interval it widens them to (``lower``, ``upper``, as ratios). The changes study takes its
+    speed-ups the same way."""
+
+    point: float
+    low: float
+    high: float
+    band: float
+    lower: float
+    upper: float
+
+
+def ratio_of(num: Steps, den: Steps) -> Ratio:
+    """num / den: the difference of mean log steps, its bounds from each seed's interval (num's earliest over den's
+    latest, and the reverse), widened by two standard errors of the difference (``band``)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        point = float(np.log(num.at).mean() - np.log(den.at).mean())
+        low = float(np.log(num.lo).mean() - np.log(den.hi).mean())
+        high = float(np.log(num.hi).mean() - np.log(den.lo).mean())
         w = band(np.log(num.at), np.log(den.at))
-        lower, upper = float(np.exp(low - w)), float(np.exp(high + w))
-    if lower >= threshold if at_least else lower > threshold:
+        return Ratio(point, low, high, w, float(np.exp(low - w)), float(np.exp(high + w)))
+
+
+def _ratio(num: Steps, den: Steps, threshold: float, at_least: bool) -> tuple[str, str]:
+    """num / den (``ratio_of``) and the verdict against ``threshold`` (reached ``at_least``, or exceeded)."""
+    r = ratio_of(num, den)
+    if r.lower >= threshold if at_least else r.lower > threshold:
         verdict = HELD
-    elif upper < threshold if at_least else upper <= threshold:
+    elif r.upper < threshold if at_least else r.upper <= threshold:
         verdict = NOT_HELD
     else:
         verdict = INCONCLUSIVE
-    return verdict, (f"{_x(float(np.exp(point)))} (evaluations: {_x(float(np.exp(low)))} to {_x(float(np.exp(high)))}; "
-                     f"with the seed band ±{w:.2f} in log steps: {_x(lower)} to {_x(upper)}; threshold "
-                     f"{'at least ' if at_least else 'above '}{threshold:g}x)")
+    return verdict, (f"{_x(float(np.exp(r.point)))} (evaluations: {_x(float(np.exp(r.low)))} to "
+                     f"{_x(float(np.exp(r.high)))}; with the seed band ±{r.band:.2f} in log steps: {_x(r.lower)} to "
+                     f"{_x(r.upper)}; threshold {'at least ' if at_least else 'above '}{threshold:g}x)")
 
 
 def _reach(row: Run, target: Target, name: str) -> tuple[str, str]:
