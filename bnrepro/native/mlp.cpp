@@ -935,6 +935,28 @@ void parallel(int64_t threads, int64_t items, F f) {
   if (failed) throw std::runtime_error("a worker failed");
 }
 
+// Mini-batches laid out by input feature (by_feature), built once, in parallel, and shared by every member:
+// batch b is examples[b * stride, + min(stride, total - b * stride)). count 0 builds nothing (evaluations where the
+// first layer goes by example need no layout).
+struct FeatureLayouts {
+  FeatureLayouts(int64_t threads, int64_t count, int64_t stride, int64_t total, const int64_t* examples,
+                 const int64_t* ex_offsets, const int32_t* features, int64_t inputs)
+      : inputs_(inputs), offsets_(count * (inputs + 1)), rows_(count) {
+    parallel(threads, count, [&](int64_t b) {
+      PART_SCOPE(kSetup);
+      by_feature(std::min(stride, total - b * stride), examples + b * stride, ex_offsets, features, inputs,
+                 offsets_.data() + b * (inputs + 1), rows_[b]);
+    });
+  }
+  const int64_t* offsets(int64_t b) const { return offsets_.data() + b * (inputs_ + 1); }
+  const int32_t* rows(int64_t b) const { return rows_[b].data(); }
+
+ private:
+  int64_t inputs_;
+  std::vector<int64_t> offsets_;
+  std::vector<std::vector<int32_t>> rows_;
+};
+
 void size_scratch(const Shape& s, int64_t batch, Scratch& w) {
   int64_t total = 0, widest = 0;
   for (int64_t l = 1; l <= s.hidden_layers; ++l) total += s.widths[l];
@@ -975,15 +997,7 @@ int bnrepro_mlp_train(int64_t hidden_layers, const int64_t* widths, int64_t w0_s
   if (hidden_layers < 1 || s.min_cols() < 8) return 1;
   PART_SCOPE(kSetup);  // the chunk's bookkeeping: mini-batches by pixel, private copies of the parameters
   try {
-    const int64_t inputs = widths[0];
-    // Each step's mini-batch by input feature, shared by all members.
-    std::vector<int64_t> feature_offsets(steps * (inputs + 1));
-    std::vector<std::vector<int32_t>> feature_rows(steps);
-    parallel(threads, steps, [&](int64_t t) {
-      PART_SCOPE(kSetup);
-      by_feature(batch, examples + t * batch, offsets, pixels, inputs, feature_offsets.data() + t * (inputs + 1),
-                 feature_rows[t]);
-    });
+    const FeatureLayouts layouts(threads, steps, batch, steps * batch, examples, offsets, pixels, widths[0]);
     parallel(threads, members, [&](int64_t m) {  // a member's steps one after the other: its weights stay in cache
       PART_SCOPE(kSetup);
       Scratch w;
@@ -992,7 +1006,7 @@ int bnrepro_mlp_train(int64_t hidden_layers, const int64_t* widths, int64_t w0_s
       const Member mb = copy.member();
       for (int64_t t = 0; t < steps; ++t)
         losses[t * members + m] = train_step(copy.shape(), mb, bn[m] != 0, batch, examples + t * batch, offsets,
-                                             pixels, feature_offsets.data() + t * (inputs + 1), feature_rows[t].data(),
+                                             pixels, layouts.offsets(t), layouts.rows(t),
                                              labels, lrs[t * members + m], w);
     });
   } catch (...) {  // out of memory, or no threads: Python raises
@@ -1015,16 +1029,10 @@ int bnrepro_mlp_predict(int64_t hidden_layers, const int64_t* widths, int64_t w0
     int64_t widest = 0;
     for (int64_t l = 1; l <= hidden_layers + 1; ++l) widest = std::max(widest, widths[l]);
     // Each block by input feature, shared by all members, where the first layer goes by feature (as training)
-    const int64_t inputs = widths[0];
-    std::vector<int64_t> everyone(kByFeature ? count : 0), feature_offsets(kByFeature ? blocks * (inputs + 1) : 0);
-    std::vector<std::vector<int32_t>> feature_rows(kByFeature ? blocks : 0);
+    std::vector<int64_t> everyone(kByFeature ? count : 0);
     for (int64_t i = 0; i < static_cast<int64_t>(everyone.size()); ++i) everyone[i] = i;
-    if (kByFeature)
-      parallel(threads, blocks, [&](int64_t b) {
-        PART_SCOPE(kSetup);
-        by_feature(std::min(block, count - b * block), everyone.data() + b * block, offsets, pixels, inputs,
-                   feature_offsets.data() + b * (inputs + 1), feature_rows[b]);
-      });
+    const FeatureLayouts layouts(threads, kByFeature ? blocks : 0, block, count, everyone.data(), offsets, pixels,
+                                 widths[0]);
     // Each work item is one member over a run of blocks (the whole set when there are enough members): its
     // first weight is copied out contiguously first, as its rows lie a page apart in the flat tensor.
     const int64_t parts = std::max<int64_t>(1, (threads + members - 1) / members), n1 = widths[1];
@@ -1044,8 +1052,7 @@ int bnrepro_mlp_predict(int64_t hidden_layers, const int64_t* widths, int64_t w0
           const int64_t n = widths[l + 1], k = widths[l];
           PART(l == 0 ? kSparse : kProducts);
           if (l == 0 && kByFeature)
-            binary_matmul_by_feature(rows, k, feature_offsets.data() + b * (k + 1), feature_rows[b].data(),
-                                     w0.data(), n1, n, y.data());
+            binary_matmul_by_feature(rows, k, layouts.offsets(b), layouts.rows(b), w0.data(), n1, n, y.data());
           else if (l == 0) binary_matmul(rows, examples.data(), offsets, pixels, w0.data(), n1, n, y.data());
           else gemm(rows, n, k, x.data(), k, 1, mb.weight(l), n, y.data(), n);
           PART(kElementwise);
@@ -1102,15 +1109,8 @@ int bnrepro_mlp_population(int64_t hidden_layers, const int64_t* widths, int64_t
     // per work item (run r, member m) at r * members + m: its sums of means, then of variances
     std::vector<double> partial(2 * runs * members * units, 0.0);
     // Each mini-batch by input feature, shared by all members, where the first layer goes by feature (as training)
-    const int64_t inputs = widths[0];
-    std::vector<int64_t> feature_offsets(kByFeature ? batches * (inputs + 1) : 0);
-    std::vector<std::vector<int32_t>> feature_rows(kByFeature ? batches : 0);
-    if (kByFeature)
-      parallel(threads, batches, [&](int64_t b) {
-        PART_SCOPE(kSetup);
-        by_feature(batch, examples + b * batch, offsets, pixels, inputs, feature_offsets.data() + b * (inputs + 1),
-                   feature_rows[b]);
-      });
+    const FeatureLayouts layouts(threads, kByFeature ? batches : 0, batch, batches * batch, examples, offsets, pixels,
+                                 widths[0]);
     parallel(threads, runs * members, [&](int64_t item) {
       PART_SCOPE(kSetup);
       const int64_t m = item % members, run = item / members;
@@ -1128,8 +1128,7 @@ int bnrepro_mlp_population(int64_t hidden_layers, const int64_t* widths, int64_t
           const int64_t n = widths[l + 1], k = widths[l], at = s.units_before(l);
           PART(l == 0 ? kSparse : kProducts);
           if (l == 0 && kByFeature)
-            binary_matmul_by_feature(batch, k, feature_offsets.data() + b * (k + 1), feature_rows[b].data(),
-                                     w0.data(), n1, n, z.data());
+            binary_matmul_by_feature(batch, k, layouts.offsets(b), layouts.rows(b), w0.data(), n1, n, z.data());
           else if (l == 0) binary_matmul(batch, examples + b * batch, offsets, pixels, w0.data(), n1, n, z.data());
           else gemm(batch, n, k, x.data(), k, 1, mb.weight(l), n, z.data(), n);
           PART(kBn);
