@@ -569,3 +569,20 @@ def test_the_target_is_the_mean_of_inceptions_seeds_max_each_inception_seed_coun
     plt.close(drawn["fig"])
     assert list(lines["target: mean of Inception's 3 seeds' max (80.0%)"].get_ydata()) == pytest.approx([0.8, 0.8])
     assert "The dotted grey line is the target: the mean over Inception's seeds" in imagenet.figure_caption("cpu", rows)
+
+
+def test_cifar10_from_image_files_is_said_to_be_a_re_encoding_and_the_original_batches_are_not(tmp_path):
+    """Issue 21: every report on CIFAR-10 read from a folder copy (shared/data/cifar10's JPEGs) says its accuracies are
+    not comparable with published CIFAR-10 figures; on the original batches, or on other data, nothing is said."""
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    folders = {**CIFAR, "name": "class folders 'cifar10'", "format": "folders", "classes": classes}
+    for name, identity, said in [("folders", folders, True), ("batches", {**CIFAR, "classes": classes}, False),
+                                 ("other", {**folders, "train_examples": 49_000}, False)]:
+        root = tmp_path / name / "results"
+        for recipe in ("inception", "bn-x5"):
+            write_run(root, recipe, recipe, "cpu", STEPS, [0.1, 0.5, 0.6, 0.6, 0.6, 0.6],
+                      extra={"data_identity": identity})
+        build(root, tmp_path / name / "report")
+        for page in ("imagenet.md", "claims.md"):
+            md = (tmp_path / name / "report" / page).read_text()
+            assert ("not comparable with published CIFAR-10 figures" in md) is said, (name, page)

@@ -18,7 +18,7 @@ from bnrepro.evaluate import ensemble as evaluation
 from bnrepro.evaluate.crops import distinct_views
 from bnrepro.paper import PAPER
 from bnrepro.report import selection  # not by name: finished_runs, select and other_data_line are ours too
-from bnrepro.report.text import data_text, deviations_list, markdown_table, short_commit
+from bnrepro.report.text import data_caveat, data_text, deviations_list, markdown_table, short_commit
 from bnrepro.runs import Damaged, atomic_write, check_writable, runs_of, skip
 
 TITLE = "# Ensemble and multi-crop (paper Sec. 4.2.3, Fig. 4)"
@@ -297,9 +297,9 @@ def markdown(run: EnsembleRun, results: Path, superseded: list[EnsembleRun], oth
              f"Profile {run.profile or 'not recorded'}. "
              f"Members: {members}. Ensemble run `{run.rel}`, commit `{short_commit(m.get('git_commit'))}`.",
              ""]
-    note = comparability(classes, images)
-    if note:
-        lines += [f"**{note}**", ""]
+    for note in (comparability(classes, images), data_caveat(m)):
+        if note:
+            lines += [f"**{note}**", ""]
     beside = [f"*{subset}*", ""] if subset else []  # said again beside each table
     lines += [deviations_list(m.get("deviations"), "this evaluation and its members"), ""]
     lines += [" ".join(view_notes(m)), ""]

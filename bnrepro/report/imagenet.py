@@ -39,6 +39,7 @@ from bnrepro.report.selection import (  # noqa: E402
     target_for,
 )
 from bnrepro.report.text import (  # noqa: E402
+    data_caveat,
     data_text,
     deviations_list,
     markdown_table,
@@ -411,8 +412,11 @@ def _data_line(runs: dict[str, Run], choice: DataChoice | None) -> str:
     if not datasets and choice is not None:
         datasets = [data_text(choice.reference)]
     source = f" ({choice.source})" if choice is not None else ""
+    manifests = [r.manifest for row in runs.values() for r in row.seeds] or ([choice.reference] if choice else [])
+    caveats = sorted({c for m in manifests if (c := data_caveat(m))})
     return (f"- Data: {'; '.join(datasets)}{source}"
-            + (" (**the runs used different data**)" if len(datasets) > 1 else ""))
+            + (" (**the runs used different data**)" if len(datasets) > 1 else "")
+            + "".join(f". {c}" for c in caveats))
 
 
 def figure_caption(profile: str, runs: dict[str, Run]) -> str:

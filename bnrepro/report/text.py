@@ -42,6 +42,23 @@ def data_text(manifest: dict) -> str:
     return f"{without_paths(str(manifest.get('dataset', 'not recorded')))}, digest not recorded"
 
 
+# CIFAR-10's classes, in its batches.meta's order (the folders of a copy sort the same way)
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def data_caveat(manifest: dict) -> str | None:
+    """The sentence a result on CIFAR-10 read from image files needs (None for any other data): CIFAR-10 is
+    distributed only as pickled pixel arrays, so a folder or shard copy of it is a re-encoding, and a lossy one (the
+    JPEGs of shared/data/cifar10) moves every accuracy a little: such numbers are not CIFAR-10's published ones."""
+    identity = manifest.get("data_identity") or {}
+    if identity.get("format") not in ("folders", "shards") or identity.get("classes") != CIFAR10_CLASSES \
+            or (identity.get("train_examples"), identity.get("val_examples")) != (50_000, 10_000):
+        return None
+    return ("These are CIFAR-10's images read from image files, not from its original python batches: a "
+            "re-encoding (shared/data/cifar10's copy is JPEG, quality 75, 4:2:0), not the original pixels, so "
+            "accuracies on it are not comparable with published CIFAR-10 figures.")
+
+
 def paper_steps_text(x: float | None) -> str:
     """Paper(-equivalent) steps as the paper writes them (31.0e6); counts under 1e5 in full."""
     if x is None:
