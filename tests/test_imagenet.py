@@ -353,6 +353,7 @@ def test_k_steps_then_resume_then_the_rest_equals_n_steps(shards, tmp_path, monk
 
     a, b = (torch.load(run / "checkpoint.pt", weights_only=True) for run in (straight, resumed))
     assert a["step"] == b["step"] == n
+    assert set(a) == set(b) == {"step", "model"}  # finished: only what evaluation reads is kept
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
     pd.testing.assert_frame_equal(pd.read_csv(straight / "metrics.csv"), pd.read_csv(resumed / "metrics.csv"))

@@ -18,6 +18,18 @@ def save(path: Path, state: dict[str, Any]) -> None:
     atomic_torch_save(path, state)
 
 
+def keep_for_evaluation(path: Path) -> None:
+    """Rewrite a finished run's checkpoint (atomically) with what evaluation reads, its step and the model's state
+    (weights, BN's population statistics). A finished run cannot be resumed, so the optimizer's state, the data
+    stream's position and the random generators' states serve nothing, and SGD's momentum alone is as large as the
+    weights: half the bytes every kept checkpoint (an ensemble member's) would carry."""
+    if not Path(path).is_file():  # a run that saved none
+        return
+    state = load(path, "the run's checkpoint cannot be rewritten")
+    if set(state) != {"step", "model"}:
+        save(path, {"step": state["step"], "model": state["model"]})
+
+
 RESUME = "that run cannot be resumed; start a new run"
 
 

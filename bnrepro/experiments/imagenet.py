@@ -610,6 +610,7 @@ def _train(run_dir: Path, recipe: ImagenetRecipe, manifest: dict[str, Any], task
     write_json(run_dir / "summary.json", summary)
     manifest.update(status=DIVERGED if summary["diverged_at"] else COMPLETE, finished=now())
     write_json(run_dir / "manifest.json", manifest)
+    checkpoint.keep_for_evaluation(run_dir / checkpoint.NAME)  # finished, so never resumed (after the manifest says so)
     return run_dir
 
 
