@@ -271,7 +271,7 @@ def figure(profile: str, found: list[Effect], out: Path) -> list[Path]:
     right.legend([Line2D([], [], marker=m, color=c, ls="none") for m, c, _ in MARKERS.values()],
                  [label for *_, label in MARKERS.values()], fontsize=8)
     fig.suptitle(f"Sec. 4.2.1's changes one at a time, profile {profile}: mean over seeds; bars: 2 s.e. (steps: "
-                 f"and the evaluations' spacing); hollow: inside them", fontsize=10)
+                 f"and the evaluations' spacing); hollow: inside them, or one seed (no bars)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out, figure_name(profile))
 
