@@ -141,6 +141,9 @@ def test_deterministic_kernels_are_recorded_and_kept_by_a_resume(tmp_path, monke
 
     data = write_images(tmp_path / "data", ["cat", "dog"], {"train": 4, "val": 2})
     options = imagenet.Options(data, device="cpu", workers=0, show_progress=False, deterministic=True)
+    # the run is made "interrupted" below: keep its whole checkpoint, as an interrupted run has (a finished one keeps
+    # only what evaluation reads)
+    monkeypatch.setattr(imagenet.checkpoint, "keep_for_evaluation", lambda path: None)
     run = imagenet.run("bn-x5", "smoke", ["profiles.smoke.steps=2"], options, tmp_path / "out", SINGLE_PROCESS)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["deterministic"] is True and not torch.are_deterministic_algorithms_enabled()
