@@ -23,7 +23,7 @@ def keep_for_evaluation(path: Path) -> None:
     (weights, BN's population statistics). A finished run cannot be resumed, so the optimizer's state, the data
     stream's position and the random generators' states serve nothing, and SGD's momentum alone is as large as the
     weights: half the bytes every kept checkpoint (an ensemble member's) would carry."""
-    if not Path(path).is_file():  # a run that saved none
+    if not path.is_file():  # a run that saved none
         return
     state = load(path, "the run's checkpoint cannot be rewritten")
     if set(state) != {"step", "model"}:

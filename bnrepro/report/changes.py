@@ -55,7 +55,7 @@ from bnrepro.report.selection import (  # noqa: E402
     split_by_data,
     target_for,
 )
-from bnrepro.report.text import data_caveat, markdown_table  # noqa: E402
+from bnrepro.report.text import data_caveats, markdown_table  # noqa: E402
 from bnrepro.runs import atomic_write, check_writable  # noqa: E402
 
 HELPS, HURTS, FASTER, SLOWER = "helps", "hurts", "faster", "slower"
@@ -319,8 +319,7 @@ def markdown(found: dict[str, tuple[float | None, list[Effect]]]) -> str:
              "last) widened by two standard errors of the difference of mean log steps. An effect inside its band "
              "is reported as such, not ranked.", ""]
     for profile, (target, effects_) in found.items():
-        runs = [r for e in effects_ for side in (e.with_, e.without) for r in side.runs]
-        caveats = sorted({c for r in runs if (c := data_caveat(r.manifest))})
+        caveats = data_caveats(r.manifest for e in effects_ for side in (e.with_, e.without) for r in side.runs)
         lines += [f"## Profile `{profile}`", "", *(f"{c}\n" for c in caveats),
                   f"T = {'—' if target is None else f'{100 * target:.2f}%'} (imagenet.md's target at this profile).",
                   "", f"![changes]({figure_name(profile)}.png)", "",

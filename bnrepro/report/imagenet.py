@@ -39,7 +39,7 @@ from bnrepro.report.selection import (  # noqa: E402
     target_for,
 )
 from bnrepro.report.text import (  # noqa: E402
-    data_caveat,
+    data_caveats,
     data_text,
     deviations_list,
     markdown_table,
@@ -413,10 +413,9 @@ def _data_line(runs: dict[str, Run], choice: DataChoice | None) -> str:
         datasets = [data_text(choice.reference)]
     source = f" ({choice.source})" if choice is not None else ""
     manifests = [r.manifest for row in runs.values() for r in row.seeds] or ([choice.reference] if choice else [])
-    caveats = sorted({c for m in manifests if (c := data_caveat(m))})
     return (f"- Data: {'; '.join(datasets)}{source}"
             + (" (**the runs used different data**)" if len(datasets) > 1 else "")
-            + "".join(f". {c}" for c in caveats))
+            + "".join(f". {c}" for c in data_caveats(manifests)))
 
 
 def figure_caption(profile: str, runs: dict[str, Run]) -> str:

@@ -4,6 +4,7 @@ the paper writes them, each written one way in every report, and no folder of th
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import pandas as pd
 
@@ -57,6 +58,11 @@ def data_caveat(manifest: dict) -> str | None:
     return ("These are CIFAR-10's images read from image files, not from its original python batches: a "
             "re-encoding (shared/data/cifar10's copy is JPEG, quality 75, 4:2:0), not the original pixels, so "
             "accuracies on it are not comparable with published CIFAR-10 figures.")
+
+
+def data_caveats(manifests: Iterable[dict]) -> list[str]:
+    """The distinct ``data_caveat`` sentences of several runs' data, sorted: what a page showing them all must say."""
+    return sorted({caveat for manifest in manifests if (caveat := data_caveat(manifest))})
 
 
 def paper_steps_text(x: float | None) -> str:

@@ -22,7 +22,7 @@ import pandas as pd
 from bnrepro.report.claims import v1, v2
 from bnrepro.report.claims.common import CLAIMS, Verdict
 from bnrepro.report.selection import Run, data_name, latest_per_recipe, profile_rank, select
-from bnrepro.report.text import data_caveat, markdown_table
+from bnrepro.report.text import data_caveats, markdown_table
 from bnrepro.runs import atomic_write, check_writable
 
 
@@ -86,7 +86,7 @@ def markdown(by_profile: dict[str, dict[str, Run]], results: Path, other: list[R
             lines += ["No finished run on this profile's chosen data yet, so no claim is judged here.", ""]
             continue
         rows = by_profile[profile]
-        caveats = sorted({c for row in rows.values() for r in row.seeds if (c := data_caveat(r.manifest))})
+        caveats = data_caveats(r.manifest for row in rows.values() for r in row.seeds)
         lines += [*caveats, ""] if caveats else []
         new, target = v2.judge(profile, rows, results)
         old, spread = v1.judge(profile, rows, results)
