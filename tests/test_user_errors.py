@@ -548,8 +548,8 @@ def test_two_resumes_started_together_train_the_run_once(world):
     first, second = world.race.results
     assert sorted([first.returncode, second.returncode]) == [0, 2], (first.stderr, second.stderr)
     loser = first if first.returncode == 2 else second
-    assert_one_error_line(loser, ("being trained by process",) if "being trained" in loser.stderr
-                          else ("already complete",))
+    # the winner may hold the lock before it has written its pid, so the loser names "process N" or "another process"
+    assert_one_error_line(loser, ("being trained by",) if "being trained" in loser.stderr else ("already complete",))
     run = world.race.run
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "complete" and len(manifest["resumed"]) == 1
