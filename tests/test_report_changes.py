@@ -99,6 +99,8 @@ def test_the_report_shows_the_study_apart_from_fig_2(tmp_path):
     lr = [r for r in rows if r["Change"] == "1. learning rate x5"]
     assert [r["Measured"] for r in lr] == ["leave one out", "add one in"]
     assert lr[0]["Max"] == report.HELPS and lr[1]["Steps"] == report.FASTER
+    speed = lr[0]["Speed-up to L (without / with)"]  # a seed without that never reaches L: no upper end
+    assert speed.endswith("x–∞); 1 seed without never reach L") and "inf" not in speed, speed
     imagenet_md = (tmp_path / "report" / "imagenet.md").read_text()
     assert "train.lr=0.0015" not in imagenet_md and "train.lr=0.0075" not in imagenet_md  # not in Fig. 2/3
 

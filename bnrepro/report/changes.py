@@ -206,10 +206,12 @@ def _points(d: float, w: float) -> str:
 def _speedup(speed: Speed) -> str:
     if math.isnan(speed.ratio):
         return "—"
-    text = f"{speed.ratio:.2f}x" + ("" if math.isnan(speed.low) else f" ({speed.low:.2f}–{speed.high:.2f}x)")
+    def end(x: float) -> str:  # a seed that never reaches L leaves an end of the interval at 0 or infinity
+        return "∞" if math.isinf(x) else "0" if x == 0 else f"{x:.2f}x"
+    text = f"{speed.ratio:.2f}x" + ("" if math.isnan(speed.low) else f" ({end(speed.low)}–{end(speed.high)})")
     nevers = [f"{n} seed{'s' * (n > 1)} {side} never reach L"
               for n, side in ((speed.never_with, "with"), (speed.never_without, "without")) if n]
-    return text.replace("–infx", "–∞") + (f"; {', '.join(nevers)}" if nevers else "")
+    return text + (f"; {', '.join(nevers)}" if nevers else "")
 
 
 def table(found: list[Effect]) -> pd.DataFrame:
@@ -270,8 +272,9 @@ def figure(profile: str, found: list[Effect], out: Path) -> list[Path]:
     right.xaxis.set_minor_formatter(NullFormatter())
     right.legend([Line2D([], [], marker=m, color=c, ls="none") for m, c, _ in MARKERS.values()],
                  [label for *_, label in MARKERS.values()], fontsize=8)
-    fig.suptitle(f"Sec. 4.2.1's changes one at a time, profile {profile}: mean over seeds; bars: 2 s.e. (steps: "
-                 f"and the evaluations' spacing); hollow: inside them, or one seed (no bars)", fontsize=10)
+    fig.suptitle(f"Sec. 4.2.1's changes one at a time, profile {profile}: mean over seeds\n"
+                 f"bars: 2 s.e. (steps: and the evaluations' spacing); hollow: inside them, or one seed (no bars)",
+                 fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out, figure_name(profile))
 
