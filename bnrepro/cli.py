@@ -389,6 +389,9 @@ def reproduce(
         console.print(line, markup=False, highlight=False)
     if dry_run:
         guess = campaign.estimate(steps, profile, device, limit, jobs=jobs, with_ensemble=paper)
+        if not guess["images_per_second"]:  # nothing measured: every planned run is done
+            console.print("estimate: no run left to train; only the report would be written", markup=False)
+            return
         rates = ", ".join(f"{rate:,.0f}" for rate in guess["images_per_second"].values())
         ensemble = f"ensemble {guess['ensemble_s'] / 60:,.0f} min, " if paper else ""
         console.print(f"estimate from a short measurement here (training images/s: {rates}): training and evaluation "

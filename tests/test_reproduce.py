@@ -302,6 +302,8 @@ def test_a_two_run_campaign_through_the_cli_trains_evaluates_reports_and_then_ke
     assert sorted((results / "imagenet").iterdir()) == folders and len(list((results / "ensemble").iterdir())) == 1
     latest = json.loads((sorted((results / "campaign").iterdir())[-1] / "manifest.json").read_text())
     assert [r["state"] for r in latest["runs"]] == ["kept", "kept"] and latest["other_commits"] == []
+    dry = CliRunner().invoke(app, [*args, "--dry-run"])  # nothing left: no measurement, no "0 min"
+    assert dry.exit_code == 0 and "no run left to train" in dry.output and "images/s" not in dry.output, dry.output
 
 
 def test_dry_run_prints_the_plan_and_an_estimate_and_trains_nothing(two_runs, tmp_path):
