@@ -550,6 +550,8 @@ def test_two_resumes_started_together_train_the_run_once(world):
     loser = first if first.returncode == 2 else second
     # the winner may hold the lock before it has written its pid, so the loser names "process N" or "another process"
     assert_one_error_line(loser, ("being trained by",) if "being trained" in loser.stderr else ("already complete",))
+    assert "being trained" not in loser.stderr or re.search(r"beingtrainedby(process\d+|anotherprocess);",
+                                                            squeeze(loser.stderr)), loser.stderr
     run = world.race.run
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "complete" and len(manifest["resumed"]) == 1
