@@ -388,12 +388,13 @@ def reproduce(
     for line in campaign.describe(steps):
         console.print(line, markup=False, highlight=False)
     if dry_run:
-        guess = campaign.estimate(steps, profile, device, limit, jobs=jobs, with_ensemble=paper)
-        if not guess["images_per_second"]:  # nothing measured: every planned run is done
+        left = paper and campaign.ensemble_left(steps, profile, results, limit, data)
+        guess = campaign.estimate(steps, profile, device, limit, jobs=jobs, with_ensemble=left)
+        if not guess["images_per_second"]:  # nothing measured: every planned run is done, the ensemble kept
             console.print("estimate: no run left to train; only the report would be written", markup=False)
             return
         rates = ", ".join(f"{rate:,.0f}" for rate in guess["images_per_second"].values())
-        ensemble = f"ensemble {guess['ensemble_s'] / 60:,.0f} min, " if paper else ""
+        ensemble = f"ensemble {guess['ensemble_s'] / 60:,.0f} min, " if left else ""
         console.print(f"estimate from a short measurement here (training images/s: {rates}): training and evaluation "
                       f"{guess['training_and_evaluation_s'] / 60:,.0f} min, {ensemble}in all about "
                       f"{guess['total_s'] / 60:,.0f} min", markup=False)

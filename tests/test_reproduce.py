@@ -302,8 +302,27 @@ def test_a_two_run_campaign_through_the_cli_trains_evaluates_reports_and_then_ke
     assert sorted((results / "imagenet").iterdir()) == folders and len(list((results / "ensemble").iterdir())) == 1
     latest = json.loads((sorted((results / "campaign").iterdir())[-1] / "manifest.json").read_text())
     assert [r["state"] for r in latest["runs"]] == ["kept", "kept"] and latest["other_commits"] == []
-    dry = CliRunner().invoke(app, [*args, "--dry-run"])  # nothing left: no measurement, no "0 min"
+    dry = CliRunner().invoke(app, [*args, "--dry-run"])  # nothing left, the ensemble kept: no measurement, no "0 min"
     assert dry.exit_code == 0 and "no run left to train" in dry.output and "images/s" not in dry.output, dry.output
+    shutil.rmtree(ensemble)  # every run done but no ensemble: its time is measured and counted, not "0 min"
+    dry = CliRunner().invoke(app, [*args, "--dry-run"])
+    assert dry.exit_code == 0 and "training and evaluation 0 min, ensemble " in dry.output, dry.output
+
+
+def test_the_estimate_measures_the_ensembles_rate_when_no_run_is_left_and_nothing_for_a_study():
+    guess = campaign.estimate([], "smoke", "cpu", 8, updates=1)
+    assert guess["training_and_evaluation_s"] == 0 and guess["ensemble_s"] > 0 and len(guess["images_per_second"]) == 1
+    guess = campaign.estimate([], "smoke", "cpu", 8, updates=1, with_ensemble=False)
+    assert guess["total_s"] == 0 and guess["images_per_second"] == {} and guess["multiply_adds"] is None
+
+
+def test_a_dry_run_of_a_finished_study_says_no_run_is_left(monkeypatch, tmp_path):
+    from bnrepro.experiments import changes
+    monkeypatch.setattr(changes, "runs", lambda profile, seeds: [])  # every planned run done, as far as it knows
+    result = CliRunner().invoke(app, ["reproduce", "--study", "changes", "--profile", "smoke", "--results",
+                                      str(tmp_path), "--dry-run", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "no run left to train; only the report would be written" in result.output and "images/s" not in result.output
 
 
 def test_dry_run_prints_the_plan_and_an_estimate_and_trains_nothing(two_runs, tmp_path):

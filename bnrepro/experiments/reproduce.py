@@ -348,18 +348,40 @@ def ensemble(folders: list[Path], profile: str, dataset_dir: Path, results: Path
     kept on its members alone, which ``plan`` matched to the data)."""
     from bnrepro.evaluate import ensemble as evaluation
 
-    overrides = [f"profile={profile}"] + ([f"val_limit={val_limit}"] if val_limit else [])
-    recipe = recipe_io.load(ENSEMBLE, overrides)
-    members = folders[-len(recipe.members):]
-    wanted = sorted(str(Path(m)) for m in members)
+    kept = kept_ensemble(folders, profile, results, val_limit, data)
+    if kept is not None:
+        return kept
+    overrides = _ensemble_overrides(profile, val_limit)
+    members = folders[-len(recipe_io.load(ENSEMBLE, overrides).members):]
+    return evaluation.run(ENSEMBLE, overrides, results, dataset_dir, results, device, workers, members,
+                          show_progress=show_progress)
+
+
+def _ensemble_overrides(profile: str, val_limit: int | None) -> list[str]:
+    return [f"profile={profile}"] + ([f"val_limit={val_limit}"] if val_limit else [])
+
+
+def kept_ensemble(folders: list[Path], profile: str, results: Path, val_limit: int | None,
+                  data: dict[str, Any] | None = None) -> Path | None:
+    """A finished evaluation of exactly the members among ``folders`` (the campaign's last runs) with the ensemble
+    recipe at ``profile``, on ``data`` where its manifest records its data's identity; None where there is none."""
+    recipe = recipe_io.load(ENSEMBLE, _ensemble_overrides(profile, val_limit))
+    wanted = sorted(str(Path(m)) for m in folders[-len(recipe.members):])
     for folder, manifest in reversed(runs_of(results, "ensemble")):
         recorded = manifest.get("data_identity")
         runs = sorted(str(m.get("run")) for m in manifest.get("members") or [] if isinstance(m, dict))
         if recipe_io.trained(folder, manifest).matches(recipe) and runs == wanted \
                 and (data is None or not recorded or recorded.get("digest") == data["digest"]):
             return folder
-    return evaluation.run(ENSEMBLE, overrides, results, dataset_dir, results, device, workers, members,
-                          show_progress=show_progress)
+    return None
+
+
+def ensemble_left(steps: list[Step], profile: str, results: Path, val_limit: int | None,
+                  data: dict[str, Any] | None = None) -> bool:
+    """Whether ``execute`` would evaluate the ensemble: yes unless every run is done and ``kept_ensemble`` finds
+    an evaluation of them (what a dry run's estimate must count)."""
+    done = all(step.state == "done" for step in steps)
+    return not (done and kept_ensemble([step.folder for step in steps], profile, results, val_limit, data))
 
 
 class Record:
@@ -449,30 +471,39 @@ def estimate(steps: list[Step], profile: str, device: str, val_limit: int | None
 
     threads = torch.get_num_threads()
     rates: dict[tuple, float] = {}
+    macs = None
+
+    def rate(recipe) -> float:
+        """Training images/s of ``recipe``'s cost class (what differs in cost between recipes), measured once."""
+        nonlocal macs
+        key = (recipe.model.batch_norm, recipe.model.lrn, recipe.model.nonlinearity, recipe.train.distortions)
+        if key not in rates:
+            options = imagenet.Options(Path("."), device=device, show_progress=False)
+            task, optimizer, _ = imagenet.build(recipe, profile, options, SINGLE_PROCESS, synthetic=True)
+            rates[key] = imagenet.time_training(task, optimizer, updates, 2)
+            macs = count_flops(task.model, recipe.profiles[profile].resolution)
+        return rates[key]
+
     seconds = 0.0
+    ensemble = recipe_io.load(ENSEMBLE)
     with torch_threads(max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else threads):
         for step in steps:
             if step.state == "done":
                 continue
             recipe = recipe_io.load(step.run.recipe, list(step.run.overrides))
-            key = (recipe.model.batch_norm, recipe.model.lrn, recipe.model.nonlinearity, recipe.train.distortions)
-            if key not in rates:  # the costs that differ between recipes
-                options = imagenet.Options(Path("."), device=device, show_progress=False)
-                task, optimizer, _ = imagenet.build(recipe, profile, options, SINGLE_PROCESS, synthetic=True)
-                rates[key] = imagenet.time_training(task, optimizer, updates, 2)
-                macs = count_flops(task.model, recipe.profiles[profile].resolution)
             p = recipe.profiles[profile]
             evaluations = p.steps // p.eval_every + 2
-            seconds += step.todo * p.batch_size / rates[key]  # a run to resume has only the rest of its steps left
-            seconds += step.todo / p.steps * evaluations * LAPTOP_VAL_IMAGES / (3 * rates[key])  # inference ~3x faster
+            seconds += step.todo * p.batch_size / rate(recipe)  # a run to resume has only the rest of its steps left
+            seconds += step.todo / p.steps * evaluations * LAPTOP_VAL_IMAGES / (3 * rate(recipe))  # inference ~3x
+        if with_ensemble and not rates:  # no run left to train: the ensemble still evaluates its members
+            rate(recipe_io.load(ensemble.members[0]))
     seconds /= jobs
-    ensemble = recipe_io.load(ENSEMBLE)
     crops = sum(ensemble.crops) * len(ensemble.members) * (val_limit or LAPTOP_VAL_IMAGES)
-    inference = 3 * max(rates.values()) * jobs if rates else None  # the ensemble runs on all threads
-    ensemble_seconds = crops / inference if inference and with_ensemble else 0.0
+    inference = 3 * max(rates.values()) * jobs if with_ensemble else None  # the ensemble runs on all threads
+    ensemble_seconds = crops / inference if inference else 0.0
     return {"training_and_evaluation_s": seconds, "ensemble_s": ensemble_seconds,
             "total_s": seconds + ensemble_seconds, "images_per_second": rates, "threads": threads,
-            "multiply_adds": macs if rates else None}
+            "multiply_adds": macs}
 
 
 def describe(steps: list[Step]) -> list[str]:
